@@ -1,0 +1,60 @@
+"""The documented public functions."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+from torch import Tensor
+
+from . import dispatch
+from .problem import make_problem
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same arguments and semantics: inputs ``(N..., L, E)``, ``scale`` defaults to
+    ``1/sqrt(E)``, ``is_causal`` is aligned upper-left, ``attn_mask`` may be a boolean
+    (True = may attend) or additive float tensor broadcastable to ``(N..., L, S)``, or a
+    ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
+    grouped-query attention with ``enable_gqa=True``.
+
+    The fused kernels run causal masks and CausalBias without building any mask; a
+    boolean or float mask tensor, or ``dropout_p > 0``, runs on the reference backend
+    (O(L*S) memory) under automatic choice and is refused by an explicit kernel backend.
+
+    Difference from torch: a query row that sees no key at all (a fully masked row, or
+    ``causal_lower_right`` with L > S) outputs zeros and gets zero gradients, as
+    FlashAttention does, where torch's math path can give NaN.
+
+    ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic;
+    see :func:`fused_attn.use_backend` and the ``FUSED_ATTN_BACKEND`` environment variable).
+    """
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out, lse = dispatch.choose(p, backend).run(p)
+    return p.restore(out, lse)[0]
+
+
+def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
+                       *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Attention that also returns the softmax log-sum-exp.
+
+    Arguments as :func:`scaled_dot_product_attention` (no dropout). Returns
+    ``(out, lse)``: ``out`` as there, ``lse`` float32 of shape ``(N..., Hq, L)``, the natural
+    log of each query row's sum of ``exp(scale * q.k + mask)`` over the keys it sees
+    (``-inf`` for a row that sees none). Both are differentiable. Two attentions over
+    disjoint key sets combine exactly as ``out = w1 * out1 + w2 * out2`` with
+    ``w_i = exp(lse_i - logaddexp(lse1, lse2))``.
+    """
+    p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+    return p.restore(*dispatch.choose(p, backend).run(p))
+
+
+def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                     dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                     enable_gqa: bool = False) -> Dict[str, Optional[str]]:
+    """For each backend, in automatic-choice order, why it would refuse this call (None: it can run it)."""
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return dispatch.refusals(p)

@@ -1,0 +1,133 @@
+"""The one place that decides which backend runs an attention call.
+
+Backends are tried in ``ORDER``; each answers :meth:`refusal` with ``None`` (it
+can run the problem) or a short reason it cannot. The requested backend comes
+from, in this order: the ``backend=`` argument, the innermost
+:func:`use_backend` context, the ``FUSED_ATTN_BACKEND`` environment variable
+(read at every call), else automatic choice. An explicit backend that cannot run
+the problem raises with its reason; automatic choice takes the first backend
+that can and, when that is the reference, says once why the others refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from . import reference
+from .autograd import FusedAttention
+from .problem import Problem
+
+ENV_VAR = "FUSED_ATTN_BACKEND"
+_requested: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fused_attn_backend", default=None)
+_said: set = set()
+
+MAX_KERNEL_HEAD_DIM = 256
+
+
+class KernelBackend:
+    """A fused kernel backend whose ops live in ``fused_attn.ops.<module>``."""
+
+    def __init__(self, name: str, module: str):
+        self.name, self.module = name, module
+
+    def ops(self):
+        return importlib.import_module(f"fused_attn.ops.{self.module}")
+
+    def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
+        if p.mask is not None:
+            return f"a {'boolean' if p.mask.dtype == torch.bool else 'float'} attn_mask tensor is not supported (only causal masks and CausalBias)"
+        if p.dropout_p > 0.0:
+            return f"dropout_p > 0 is not supported (got {p.dropout_p})"
+        if max(p.head_dim, p.head_dim_v) > MAX_KERNEL_HEAD_DIM:
+            return f"head dims up to {MAX_KERNEL_HEAD_DIM} are supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
+        try:
+            ops = self.ops()
+        except ImportError as e:
+            return f"not available in this install ({e})"
+        return ops.why_not(p, explicit)
+
+    def run(self, p: Problem):
+        return FusedAttention.apply(p.q, p.k, p.v, self.ops(), p.causal, p.scale)
+
+
+class ReferenceBackend:
+    """Naive PyTorch (fused_attn.reference), computed in fp32 for 16-bit inputs."""
+
+    name = "reference"
+
+    def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
+        return None
+
+    def run(self, p: Problem):
+        dt = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.dropout_p, p.causal, p.scale,
+                                       compute_dtype=dt)
+        return out.to(p.dtype), lse.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+
+
+BACKENDS = {
+    "triton": KernelBackend("triton", "triton_attention"),
+    "cuda": KernelBackend("cuda", "cuda"),
+    "cpu": KernelBackend("cpu", "cpu"),
+    "reference": ReferenceBackend(),
+}
+# Automatic choice: fastest first. CPU tensors skip triton and cuda (their CPU
+# execution paths are test vehicles and refuse unless asked for by name).
+ORDER = ("triton", "cuda", "cpu", "reference")
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fused_attn backend {name!r}; choose one of {', '.join(ORDER)} or None for automatic")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Run the attention calls inside the block on backend ``name`` (None: automatic)."""
+    token = _requested.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def requested_backend(backend: Optional[str] = None) -> Optional[str]:
+    """The backend asked for by argument, context or environment; None for automatic."""
+    name = backend or _requested.get() or os.environ.get(ENV_VAR) or None
+    if name in (None, "auto"):
+        return None
+    return _check_name(name)
+
+
+def refusals(p: Problem, explicit: bool = False) -> Dict[str, Optional[str]]:
+    """Each backend's reason for refusing ``p`` (None where it can run it), in ORDER."""
+    return {name: BACKENDS[name].refusal(p, explicit) for name in ORDER}
+
+
+def choose(p: Problem, backend: Optional[str] = None):
+    name = requested_backend(backend)
+    if name is not None:
+        why = BACKENDS[name].refusal(p, explicit=True)
+        if why is not None:
+            raise RuntimeError(f"fused_attn backend {name!r} cannot run this call: {why}")
+        return BACKENDS[name]
+    reasons = {}
+    for name in ORDER:
+        why = BACKENDS[name].refusal(p, explicit=False)
+        if why is None:
+            if name == "reference" and reasons:
+                msg = "fused_attn: running naive PyTorch attention (O(L*S) memory) because " + "; ".join(
+                    f"{n}: {r}" for n, r in reasons.items())
+                if msg not in _said:
+                    _said.add(msg)
+                    warnings.warn(msg, stacklevel=4)
+            return BACKENDS[name]
+        reasons[name] = why
+    raise AssertionError("the reference backend refuses nothing")

@@ -1,0 +1,97 @@
+"""The naive PyTorch attention that every kernel is checked against.
+
+This is the project's single oracle: tests, benchmarks, the ``"reference"``
+backend and the models' fallback all call :func:`attention`; nobody rewrites it.
+
+It materialises the full ``(B, H, L, S)`` score matrix on purpose. Numerics:
+
+* computes in ``compute_dtype`` (default: the inputs' dtype); pass
+  ``torch.float64`` for an oracle, ``torch.float32`` for an accurate fallback;
+* a query row that sees no key at all (a fully masked row, or lower-right causal
+  with ``L > S``) gets a zero output, a log-sum-exp of ``-inf`` and zero
+  gradients, as FlashAttention does (torch's math path gives NaN for some of
+  these);
+* the log-sum-exp is the natural log of the row's sum of ``exp(scale * q.k)``
+  over the keys it sees, and is differentiable.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class CausalMode(IntEnum):
+    """Which key a query may see. ``offset`` below is what the kernels take."""
+
+    NONE = 0
+    UPPER_LEFT = 1   # query i sees keys j <= i (torch's ``is_causal=True``)
+    LOWER_RIGHT = 2  # query i sees keys j <= i + (S - L) (FlashAttention's, KV-cache decoding)
+
+    def offset(self, L: int, S: int) -> int:
+        """Query i sees key j iff ``j <= i + offset`` (meaningless for NONE)."""
+        return S - L if self is CausalMode.LOWER_RIGHT else 0
+
+
+def causal_mask(L: int, S: int, mode: CausalMode, device=None) -> Optional[Tensor]:
+    """Boolean ``(L, S)`` mask, True where a query may attend; None when not causal."""
+    if mode is CausalMode.NONE:
+        return None
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + mode.offset(L, S)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    causal: CausalMode = CausalMode.NONE,
+    scale: Optional[float] = None,
+    *,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Naive attention on canonical inputs.
+
+    q: (B, Hq, L, E); k: (B, Hk, S, E); v: (B, Hk, S, Ev) with ``Hq % Hk == 0``
+    (head i of q uses kv head ``i // (Hq // Hk)``). ``attn_mask``: boolean (True =
+    may attend) or additive float, broadcastable to (B, Hq, L, S); it combines
+    with ``causal``. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
+    ``compute_dtype``.
+    """
+    dt = compute_dtype or q.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    L, S = q.shape[-2], k.shape[-2]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
+    allowed = causal_mask(L, S, causal, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask if allowed is None else attn_mask & allowed
+        else:
+            s = s + attn_mask.to(dt)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    # A constant shift per row leaves softmax and lse unchanged; detaching it keeps
+    # the graph free of the inf - inf of rows that see nothing.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    seen = denom > 0
+    safe = torch.where(seen, denom, torch.ones_like(denom))
+    p = e / safe
+    lse = torch.where(seen, torch.log(safe) + m, torch.full_like(m, float("-inf")))
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    out = torch.matmul(p, v)
+    return out, lse.squeeze(-1)
