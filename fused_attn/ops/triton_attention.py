@@ -1,0 +1,509 @@
+"""Triton fused attention, forward and backward (FlashAttention-2 algorithm).
+
+Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit
+stride on the last dim; out (B, Hq, L, Ev); lse (B, Hq, L) fp32, natural log.
+GQA/MQA: q head h reads kv head h // (Hq // Hk).
+dtypes fp16, bf16, fp32 (fp32 dots are IEEE unless the user allowed TF32).
+Head dims 1..256, padded inside the kernel to a power of two >= 16 by masked loads.
+
+Forward: one program per (query block, batch * head) walks the key blocks with an
+online softmax in fp32 (exp2, the scale folded into log2(e)), never forming L x S.
+Key blocks split into a run every row sees in full (no mask work) and a masked
+run (the causal diagonal and the ragged tail); blocks above the diagonal are never
+visited. Saved for backward: out and lse.
+
+Causal: query i sees key j iff j <= i + offset, offset 0 (upper-left, torch's
+is_causal) or S - L (lower-right, FlashAttention's). A row that sees no key gets
+out = 0 and lse = -inf; its gradients are 0.
+
+Backward: delta = rowsum(dO * O) - dlse (the lse gradient enters here, since
+d lse / d s = P); a dK/dV kernel per key block loops over the query blocks of
+every q head in its group (so GQA sums need no atomics), and a dQ kernel per query
+block loops over key blocks; both recompute P = exp2(s * log2e - lse * log2e).
+Deterministic: no atomics anywhere.
+
+Under the Triton interpreter (CPU tensors, TRITON_INTERPRET=1) bf16 dot operands
+are upcast to fp32 first, because the interpreter's bf16 tl.dot is wrong
+(triton-lang/triton#11584); bf16 values are exact in fp32, so the results match
+a bf16 tensor-core dot with fp32 accumulation. Compiled kernels never take it.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import CausalMode
+from ._common import allow_tf32, last_dim_contiguous, new_output
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)  # TRITON_INTERPRET=1 was set before import
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset,
+               qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_row = tl.cast(start_n, tl.int64)
+        kt_ptrs = k_base + kv_row * stride_kn + tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + kv_row * stride_vn + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < S), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < S
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                H, GROUP, L, S, causal_offset, qk_scale, L_BUCKET, S_BUCKET,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_base = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if CAUSAL:
+        # keys that some row of the block sees end at hi; keys every row sees end at full
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), S)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full, S,
+                               causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                               False, CAUSAL, DOT_FP32, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, full, hi, S,
+                               causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                               True, CAUSAL, DOT_FP32, PRECISION)
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
+    tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_DLSE: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ids = bh.to(tl.int64) * L + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_ids, mask=offs_m < L, other=0.0)
+    tl.store(DELTA + row_ids, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n, lo, hi, L,
+                    causal_offset, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + rows
+        row0 = tl.cast(start_m, tl.int64)
+        in_l = offs_m < L
+        qt = tl.load(q_base + row0 * stride_qm + rows[None, :] * stride_qm + offs_d[:, None],
+                     mask=(offs_d[:, None] < HEAD_DIM) & in_l[None, :], other=0.0)
+        do = tl.load(do_base + row0 * stride_dom + rows[:, None] * stride_dom + offs_dv[None, :],
+                     mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=in_l, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=in_l, other=0.0)
+        # Rows past L load q = dO = 0, so they add nothing to dK or dV; keys past S are never stored.
+        st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASKED:
+            pt = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, pt, 0.0)
+        dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
+        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_FP32, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                     HK, GROUP, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // HK).to(tl.int64)
+    hk = (bhk % HK).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row0 = tl.cast(start_n, tl.int64)
+    in_s = offs_n < S
+    k = tl.load(K + b * stride_kb + hk * stride_kh + row0 * stride_kn + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + row0 * stride_vn + cols[:, None] * stride_vn + offs_dv[None, :],
+                mask=in_s[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if CAUSAL:
+        # query rows that see some key of this block start at lo; rows that see all of it at full
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.maximum(tl.cdiv(start_n + BLOCK_N - 1 - causal_offset, BLOCK_M) * BLOCK_M, lo), L)
+        lo = tl.minimum(lo, L)
+    else:
+        lo = 0
+        full = 0
+    H = HK * GROUP
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + bh * L
+        delta_base = DELTA + bh * L
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                                 start_n, lo, full, L, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                 BLOCK_DV, BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                                 start_n, full, L, L, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                 BLOCK_DV, BLOCK_M, BLOCK_N, False, DOT_FP32, PRECISION)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + row0 * stride_dkn + cols[:, None] * stride_dkn + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + row0 * stride_dvn + cols[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=in_s[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset,
+                  qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + cols
+        row0 = tl.cast(start_n, tl.int64)
+        if MASKED:
+            in_s = offs_n < S
+            kt = tl.load(k_base + row0 * stride_kn + cols[None, :] * stride_kn + offs_d[:, None],
+                         mask=(offs_d[:, None] < HEAD_DIM) & in_s[None, :], other=0.0)
+            vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
+                         mask=(offs_dv[:, None] < HEAD_DIM_V) & in_s[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + row0 * stride_kn + cols[None, :] * stride_kn + offs_d[:, None],
+                         mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
+                         mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
+        s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = offs_n[None, :] < S
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_FP32, PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   H, GROUP, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row0 = tl.cast(start_m, tl.int64)
+    in_l = offs_m < L
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row0 * stride_qm + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dom + rows[:, None] * stride_dom
+                 + offs_dv[None, :], mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    row_ids = bh.to(tl.int64) * L + offs_m
+    lse = tl.load(LSE + row_ids, mask=in_l, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_ids, mask=in_l, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), S)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full, S,
+                       causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
+                       DOT_FP32, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, full, hi, S,
+                       causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
+                       DOT_FP32, PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning: every config the kernels may run with, and the one rule that prunes them
+# ---------------------------------------------------------------------------------------------
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+FWD_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
+               _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2)]
+BWD_DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2)]
+BWD_DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2)]
+# The interpreter runs one small config, so small test shapes still cross many blocks.
+INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# fp32 values one thread may keep live for its tiles before ptxas starts to spill
+REGISTER_BUDGET = 160
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int) -> bool:
+    """Rough shared-memory and register estimates; the ahead-of-time compile test checks them."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    threads = 32 * cfg.num_warps
+    if kind == "fwd":  # q tile in registers, k/v tiles streamed; acc and s live in registers
+        smem = (bm * d + cfg.num_stages * bn * (d + dv)) * elem
+        regs = (bm * dv + bm * bn + bm * d * elem / 4) / threads
+    elif kind == "dkdv":  # k, v, dk, dv live in registers; q/do tiles streamed
+        smem = cfg.num_stages * bm * (d + dv) * elem + bn * (d + dv) * elem
+        regs = (bn * (d + dv) * (1 + elem / 4) + 2 * bn * bm) / threads
+    else:  # dq: q, do, dq in registers; k/v tiles streamed
+        smem = cfg.num_stages * bn * (d + dv) * elem + bm * (d + dv) * elem
+        regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
+    return smem <= SMEM_LIMIT.get(arch, SMEM_LIMIT[86]) and regs <= REGISTER_BUDGET
+
+
+def prune_configs(kind: str, configs: List[triton.Config], head_dim: int, head_dim_v: int, elem_bytes: int,
+                  arch: int) -> List[triton.Config]:
+    """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype and arch."""
+    d, dv = block_d(head_dim), block_d(head_dim_v)
+    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch)]
+    if not kept:  # never empty: fall back to the smallest tiles
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return kept
+
+
+def _device_arch() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def _autotuned(kind: str, kernel, configs):
+    def prune(configs, named_args, **kwargs):
+        elem = named_args["Q"].element_size()
+        return prune_configs(kind, configs, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], elem, _device_arch())
+    key = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "PRECISION", "GROUP"]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+if INTERPRETED:
+    _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+else:
+    _fwd = _autotuned("fwd", _fwd_kernel, FWD_CONFIGS)
+    _dkdv = _autotuned("dkdv", _bwd_dkdv_kernel, BWD_DKDV_CONFIGS)
+    _dq = _autotuned("dq", _bwd_dq_kernel, BWD_DQ_CONFIGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: own every grid, stride and block-size decision
+# ---------------------------------------------------------------------------------------------
+
+def _modes(dtype: torch.dtype):
+    """(DOT_FP32, PRECISION) constexprs for this dtype."""
+    dot_fp32 = INTERPRETED and dtype == torch.bfloat16
+    precision = "tf32" if dtype == torch.float32 and allow_tf32() else "ieee"
+    return dot_fp32, precision
+
+
+def _blocks() -> dict:
+    return dict(INTERPRETER_BLOCKS) if INTERPRETED else {}
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, H, L, E = q.shape
+    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    out = new_output((B, H, L, EV), q.dtype, q.device)
+    lse = new_output((B, H, L), torch.float32, q.device)
+    dot_fp32, precision = _modes(q.dtype)
+    mode = CausalMode(causal)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
+    _fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+               H, H // HK, L, S, mode.offset(L, S), scale * LOG2E, _bucket(L), _bucket(S),
+               HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
+               CAUSAL=mode is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision, **_blocks())
+    return out, lse
+
+
+def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    B, H, L, E = q.shape
+    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    lse = lse.contiguous()
+    delta = new_output((B, H, L), torch.float32, q.device)
+    pre_block = 64 if not INTERPRETED else 32
+    _bwd_preprocess[(triton.cdiv(L, pre_block), B * H)](
+        out, dout, dlse.contiguous() if dlse is not None else lse, delta, *out.stride()[:3], *dout.stride()[:3],
+        H, L, HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), BLOCK_M=pre_block, HAS_DLSE=dlse is not None)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    dot_fp32, precision = _modes(q.dtype)
+    mode = CausalMode(causal)
+    common = dict(HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
+                  CAUSAL=mode is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision, **_blocks())
+    offset, qk_scale = mode.offset(L, S), scale * LOG2E
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    _dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * HK)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        HK, H // HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S), **common)
+    _dq[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3],
+        H, H // HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S), **common)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops and the dispatcher's interface
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_attn::triton_fwd", mutates_args=())
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, causal, scale)
+
+
+@forward.register_fake
+def _(q, k, v, causal, scale):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attn::triton_bwd", mutates_args=())
+def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
+
+
+@backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def why_not(p, explicit: bool) -> Optional[str]:
+    """Why the Triton kernels cannot run problem ``p`` (None: they can)."""
+    if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {p.dtype} is not supported (float16, bfloat16, float32)"
+    if p.device.type == "cuda":
+        if INTERPRETED:
+            return "TRITON_INTERPRET=1 is set, so the kernels can only run on CPU tensors"
+        return None
+    if p.device.type != "cpu":
+        return f"tensors on {p.device.type} are not supported (cuda, or cpu under the Triton interpreter)"
+    if not INTERPRETED:
+        return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set before import)"
+    if not explicit:
+        return "the Triton interpreter is a test vehicle: ask for backend='triton' by name to use it"
+    return None

@@ -1,0 +1,110 @@
+"""The Triton kernels, executed on the CPU by Triton's interpreter (see conftest.py),
+against the fp64 reference under the 2x-PyTorch-error rule: out, lse, dq, dk, dv."""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn.ops import triton_attention as T
+from fused_attn.reference import CausalMode
+
+from attn_cases import CAUSAL_MODES, check_backend, make_inputs
+
+pytestmark = pytest.mark.skipif(not T.INTERPRETED and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
+
+
+# L against S: single rows and keys, a partial block, L > S and L < S, several blocks with ragged tails.
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("L", [1, 17, 113])
+@pytest.mark.parametrize("S", [1, 64, 203])
+def test_causal_and_lengths(device, mode, L, S):
+    q, k, v = make_inputs(1, 2, 2, L, S, 64, 64, torch.float16, device)
+    check_backend("triton", q, k, v, mode)
+
+
+# every head-dim bucket, powers of two and not (masked inside the kernel), and Ev != E
+@pytest.mark.parametrize("E,Ev", [(16, 16), (40, 40), (64, 64), (72, 72), (111, 111), (128, 128), (256, 256),
+                                  (8, 8), (72, 40), (32, 128)])
+def test_head_dims(device, E, Ev):
+    q, k, v = make_inputs(1, 2, 2, 45, 70, E, Ev, torch.float16, device)
+    check_backend("triton", q, k, v, CausalMode.LOWER_RIGHT)
+
+
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("Hk", [1, 2, 3])
+def test_gqa(device, mode, Hk):
+    q, k, v = make_inputs(2, 6, Hk, 50, 77, 32, 32, torch.float16, device)
+    check_backend("triton", q, k, v, mode)
+
+
+# fp32 (IEEE dots) and bf16 (dot operands upcast under the interpreter only, see the kernel header)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("L,S", [(97, 203), (203, 97)])
+def test_dtypes(device, dtype, mode, L, S):
+    q, k, v = make_inputs(1, 2, 1, L, S, 64, 64, dtype, device)
+    check_backend("triton", q, k, v, mode)
+
+
+@pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast"])
+@pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.UPPER_LEFT], ids=lambda m: m.name.lower())
+def test_strided_inputs(device, layout, mode):
+    q, k, v = make_inputs(2, 4, 2, 66, 90, 48, 48, torch.float16, device, layout=layout)
+    assert not q.is_contiguous() or not k.is_contiguous()
+    check_backend("triton", q, k, v, mode)
+
+
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
+def test_lse_gradient(device, mode):
+    """The lse output is differentiable (its gradient enters the backward as delta - dlse)."""
+    q, k, v = make_inputs(1, 2, 2, 70, 45, 32, 32, torch.float32, device)
+    check_backend("triton", q, k, v, mode, with_lse_grad=True)
+
+
+def test_custom_scale(device):
+    q, k, v = make_inputs(1, 2, 2, 33, 65, 64, 64, torch.float16, device)
+    check_backend("triton", q, k, v, CausalMode.UPPER_LEFT, scale=0.3)
+
+
+def test_rows_that_see_no_key_are_zero(device):
+    """Lower-right with L > S: the first L - S rows see nothing: out 0, lse -inf, dq 0."""
+    L, S = 80, 30
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 2, L, S, 32, 32, torch.float16, device))
+    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=torch.nn.attention.bias.causal_lower_right(L, S),
+                                             backend="triton")
+    assert torch.all(out[:, :, : L - S] == 0) and torch.all(torch.isneginf(lse[:, :, : L - S]))
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, L - S:]).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :, : L - S] == 0) and torch.isfinite(q.grad).all()
+
+
+def test_public_shapes(device):
+    """3-D and 5-D inputs reach the kernels through the same canonical form."""
+    for shape in [(3, 40, 32), (2, 2, 3, 40, 32)]:
+        q, k, v = (torch.randn(shape, device=device, dtype=torch.float16) for _ in range(3))
+        got = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+        want = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="reference")
+        assert got.shape == want.shape == shape
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_backward_is_deterministic(device):
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 6, 2, 90, 75, 40, 40, torch.float16, device))
+    grads = []
+    for _ in range(2):
+        out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend="triton")
+        grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 16), (16, 64), (64, 16)])
+def test_other_block_shapes(device, monkeypatch, bm, bn):
+    """Unequal blocks move where the causal diagonal and the ragged tails fall."""
+    if not T.INTERPRETED:
+        pytest.skip("block shapes are chosen by the autotuner when compiled")
+    monkeypatch.setattr(T, "INTERPRETER_BLOCKS", {"BLOCK_M": bm, "BLOCK_N": bn})
+    for mode in (CausalMode.UPPER_LEFT, CausalMode.LOWER_RIGHT):
+        for L, S in ((75, 50), (50, 75)):
+            q, k, v = make_inputs(1, 2, 1, L, S, 32, 32, torch.float16, device)
+            check_backend("triton", q, k, v, mode)
