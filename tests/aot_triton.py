@@ -1,0 +1,128 @@
+"""Compile every Triton kernel config ahead of time for sm_80 and sm_90, no GPU needed.
+
+For each kernel, each arch, each representative (head dim, dtype, causal) and every
+config the prune rule keeps for it: registers, spill bytes and shared memory from
+the cubin (cuobjdump --dump-resource-usage, shipped inside the triton package).
+Prints the table; exits non-zero on a spill, shared memory over the arch limit, a
+missing wgmma in the sm_90 forward, or a TF32 instruction in an IEEE fp32 kernel.
+
+Run with TRITON_INTERPRET unset:  python tests/aot_triton.py [--jobs N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from fused_attn.ops import triton_attention as T  # noqa: E402
+
+ARCHS = (80, 90)
+# (head_dim, dtype, causal): the shapes that stress registers (256), the common ones, fp32 IEEE
+REPRESENTATIVE = [(64, torch.float16, True), (128, torch.bfloat16, False), (128, torch.float16, True),
+                  (256, torch.bfloat16, True), (96, torch.float32, False)]
+QUICK = [(128, torch.bfloat16, False), (256, torch.float16, True)]
+KERNELS = {"fwd": (T._fwd_kernel, T.FWD_CONFIGS), "dkdv": (T._bwd_dkdv_kernel, T.BWD_DKDV_CONFIGS),
+           "dq": (T._bwd_dq_kernel, T.BWD_DQ_CONFIGS)}
+TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DLSE", "DELTA", "DQ", "DK", "DV"}
+FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
+FLOAT_SCALARS = {"qk_scale", "sm_scale"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _signature(fn, dtype, constexprs):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = "*fp32" if name in FP32_POINTERS else "*" + TYPE[dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_one(job):
+    kind, arch, head_dim, dtype, causal, cfg_index = job
+    fn, configs = KERNELS[kind]
+    cfg = configs[cfg_index]
+    precision = "ieee"
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=T.block_d(head_dim),
+                      BLOCK_DV=T.block_d(head_dim), CAUSAL=causal, DOT_FP32=False, PRECISION=precision,
+                      **cfg.kwargs)
+    sig, attrs = _signature(fn, dtype, constexprs)
+    src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    res = {key: int(val) for key, val in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    ptx = k.asm["ptx"]
+    return dict(kind=kind, arch=arch, head_dim=head_dim, dtype=TYPE[dtype], causal=causal,
+                config=f"M{cfg.kwargs['BLOCK_M']}/N{cfg.kwargs['BLOCK_N']}/w{cfg.num_warps}/s{cfg.num_stages}",
+                regs=res.get("REG", -1), spill=res.get("LOCAL", 0) + res.get("STACK", 0),
+                smem=k.metadata.shared, wgmma="wgmma.mma_async" in ptx, tf32=".tf32" in ptx)
+
+
+def jobs(reps):
+    out = []
+    for kind, (fn, configs) in KERNELS.items():
+        for arch in ARCHS:
+            for head_dim, dtype, causal in reps:
+                kept = T.prune_configs(kind, configs, head_dim, head_dim, torch.tensor([], dtype=dtype).element_size(),
+                                       arch)
+                out += [(kind, arch, head_dim, dtype, causal, configs.index(c)) for c in kept]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--quick", action="store_true", help="two representative shapes only")
+    args = ap.parse_args(argv)
+    todo = jobs(QUICK if args.quick else REPRESENTATIVE)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(compile_one, todo))
+    problems = []
+    print(f"{'kernel':6} {'arch':5} {'D':>4} {'dtype':5} {'causal':6} {'config':16} {'regs':>4} {'spill':>5} "
+          f"{'smem':>7} wgmma")
+    for r in rows:
+        print(f"{r['kind']:6} sm_{r['arch']:<2} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
+              f"{r['config']:16} {r['regs']:>4} {r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
+        where = f"{r['kind']} sm_{r['arch']} D={r['head_dim']} {r['dtype']} {r['config']}"
+        if r["spill"]:
+            problems.append(f"{where}: {r['spill']} bytes of local memory (spills)")
+        if r["smem"] > T.SMEM_LIMIT[r["arch"]]:
+            problems.append(f"{where}: {r['smem']} bytes of shared memory > {T.SMEM_LIMIT[r['arch']]}")
+        if r["regs"] > 255:
+            problems.append(f"{where}: {r['regs']} registers")
+        if r["kind"] == "fwd" and r["arch"] == 90 and r["dtype"] != "fp32" and not r["wgmma"]:
+            problems.append(f"{where}: the sm_90 forward does not use wgmma")
+        if r["dtype"] == "fp32" and r["tf32"]:
+            problems.append(f"{where}: IEEE fp32 kernel contains TF32 instructions")
+    print(f"{len(rows)} compiles, {len(problems)} problems")
+    for p in problems:
+        print("PROBLEM:", p)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

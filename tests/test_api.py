@@ -1,0 +1,217 @@
+"""The public API: torch SDPA semantics case by case, input errors, the dispatch point,
+and the reference oracle itself against torch's math path in fp64."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fused_attn
+from fused_attn import dispatch, reference
+from fused_attn.reference import CausalMode
+
+
+def torch_math(*args, **kwargs):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# (q shape, k shape, v shape, kwargs): each a torch SDPA feature
+SEMANTICS = {
+    "2d": ((7, 16), (9, 16), (9, 16), {}),
+    "3d": ((3, 7, 16), (3, 9, 16), (3, 9, 16), {}),
+    "4d": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {}),
+    "5d": ((2, 2, 3, 7, 16), (2, 2, 3, 9, 16), (2, 2, 3, 9, 16), {}),
+    "scale": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {"scale": 0.77}),
+    "causal_L<S": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {"is_causal": True}),
+    "causal_L>S": ((2, 3, 12, 16), (2, 3, 5, 16), (2, 3, 5, 16), {"is_causal": True}),
+    "upper_left_bias": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {"attn_mask": causal_upper_left(7, 9)}),
+    "lower_right_bias": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {"attn_mask": causal_lower_right(7, 9)}),
+    "gqa": ((2, 6, 7, 16), (2, 2, 9, 16), (2, 2, 9, 16), {"enable_gqa": True}),
+    "gqa_3d": ((6, 7, 16), (3, 9, 16), (3, 9, 16), {"enable_gqa": True}),
+    "broadcast_batch": ((2, 3, 7, 16), (1, 3, 9, 16), (1, 3, 9, 16), {}),
+    "value_dim": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 24), {}),
+    "bool_mask": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {"attn_mask": "bool"}),
+    "float_mask": ((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 16), {"attn_mask": "float"}),
+}
+
+
+def _resolve(kwargs, L, S, dtype):
+    kwargs = dict(kwargs)
+    if kwargs.get("attn_mask") == "bool":
+        kwargs["attn_mask"] = torch.rand(3, L, S) > 0.3  # broadcasts over batch
+    elif kwargs.get("attn_mask") == "float":
+        kwargs["attn_mask"] = torch.randn(L, S, dtype=dtype)
+    return kwargs
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+@pytest.mark.parametrize("case", list(SEMANTICS))
+def test_matches_torch_sdpa(case, backend):
+    qs, ks, vs, kwargs = SEMANTICS[case]
+    q, k, v = (rand(*s).requires_grad_() for s in (qs, ks, vs))
+    kwargs = _resolve(kwargs, qs[-2], ks[-2], q.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # automatic choice says it fell back to the reference
+        got = fused_attn.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+    want = torch_math(q, k, v, **kwargs)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))
+
+
+def test_dropout_matches_torch_math_with_same_seed():
+    q, k, v = rand(2, 3, 7, 16), rand(2, 3, 9, 16), rand(2, 3, 9, 16)
+    torch.manual_seed(5)
+    got = fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="reference")
+    torch.manual_seed(5)
+    want = torch_math(q, k, v, dropout_p=0.3)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, fused_attn.scaled_dot_product_attention(q, k, v, backend="reference"))
+
+
+def test_reference_against_torch_math_fp64():
+    """The oracle itself: all three causal modes and GQA, output and gradients, in fp64."""
+    for mode, L, S in [(CausalMode.NONE, 11, 13), (CausalMode.UPPER_LEFT, 13, 11), (CausalMode.LOWER_RIGHT, 11, 13)]:
+        q, k, v = rand(2, 4, L, 8).requires_grad_(), rand(2, 2, S, 8).requires_grad_(), rand(2, 2, S, 8).requires_grad_()
+        out, lse = reference.attention(q, k, v, causal=mode, compute_dtype=torch.float64)
+        mask = reference.causal_mask(L, S, mode)
+        want = torch_math(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(out, want)
+        s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))
+
+
+def test_lse_combines_partial_attentions():
+    """Attention over keys [0, 40) and [40, 97) combined through the lse equals attention over all."""
+    q, k, v = rand(1, 2, 30, 16, dtype=torch.float32), rand(1, 2, 97, 16, dtype=torch.float32), rand(1, 2, 97, 16, dtype=torch.float32)
+    o1, l1 = fused_attn.attention_with_lse(q, k[:, :, :40], v[:, :, :40], backend="triton")
+    o2, l2 = fused_attn.attention_with_lse(q, k[:, :, 40:], v[:, :, 40:], backend="triton")
+    o, l = fused_attn.attention_with_lse(q, k, v, backend="triton")
+    lse = torch.logaddexp(l1, l2)
+    combined = torch.exp(l1 - lse)[..., None] * o1 + torch.exp(l2 - lse)[..., None] * o2
+    torch.testing.assert_close(lse, l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(combined, o, atol=1e-5, rtol=1e-5)
+
+
+BAD_INPUTS = [
+    ("dtype", lambda: (rand(2, 3, 4, 8), rand(2, 3, 4, 8, dtype=torch.float32), rand(2, 3, 4, 8)), {},
+     "one dtype, got torch.float64, torch.float32, torch.float64"),
+    ("int dtype", lambda: tuple(torch.ones(2, 3, 4, 8, dtype=torch.int32) for _ in range(3)), {},
+     "dtype torch.int32 is not supported"),
+    ("rank", lambda: (rand(2, 3, 4, 8), rand(3, 4, 8), rand(3, 4, 8)), {}, "same number of dimensions"),
+    ("1-D", lambda: (rand(8), rand(8), rand(8)), {}, "at least 2-D"),
+    ("head dim", lambda: (rand(2, 3, 4, 8), rand(2, 3, 4, 16), rand(2, 3, 4, 8)), {}, "same head dim E"),
+    ("kv length", lambda: (rand(2, 3, 4, 8), rand(2, 3, 5, 8), rand(2, 3, 6, 8)), {}, "same length S"),
+    ("gqa off", lambda: (rand(2, 6, 4, 8), rand(2, 3, 4, 8), rand(2, 3, 4, 8)), {}, "needs enable_gqa=True"),
+    ("gqa ratio", lambda: (rand(2, 6, 4, 8), rand(2, 4, 4, 8), rand(2, 4, 4, 8)), {"enable_gqa": True},
+     "divisible by key/value heads, got 6 and 4"),
+    ("kv heads", lambda: (rand(2, 6, 4, 8), rand(2, 3, 4, 8), rand(2, 2, 4, 8)), {"enable_gqa": True},
+     "same number of heads"),
+    ("empty", lambda: (rand(2, 3, 0, 8), rand(2, 3, 4, 8), rand(2, 3, 4, 8)), {}, "query has an empty dimension"),
+    ("batch", lambda: (rand(2, 3, 4, 8), rand(3, 3, 4, 8), rand(3, 3, 4, 8)), {}, "must broadcast"),
+    ("mask and causal", lambda: (rand(2, 3, 4, 8),) * 3, {"attn_mask": torch.ones(4, 4, dtype=torch.bool),
+                                                        "is_causal": True}, "pass one of them"),
+    ("mask shape", lambda: (rand(2, 3, 4, 8),) * 3, {"attn_mask": torch.ones(5, 4, dtype=torch.bool)},
+     "does not broadcast to (2, 3, 4, 4)"),
+    ("mask dtype", lambda: (rand(2, 3, 4, 8),) * 3, {"attn_mask": torch.ones(4, 4, dtype=torch.float32)},
+     "bool or have the query's dtype"),
+    ("bias lengths", lambda: (rand(2, 3, 4, 8),) * 3, {"attn_mask": causal_lower_right(5, 4)},
+     "CausalBias for (L, S) = (5, 4)"),
+    ("dropout", lambda: (rand(2, 3, 4, 8),) * 3, {"dropout_p": 1.0}, "dropout_p must be in [0, 1)"),
+    ("not a tensor", lambda: ([1.0], rand(2, 3, 4, 8), rand(2, 3, 4, 8)), {}, "query must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,make,kwargs,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise_with_message(name, make, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        fused_attn.scaled_dot_product_attention(*make(), **kwargs)
+
+
+def test_unknown_backend():
+    q = rand(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="unknown fused_attn backend 'flash'"):
+        fused_attn.scaled_dot_product_attention(q, q, q, backend="flash")
+    with pytest.raises(ValueError, match="unknown fused_attn backend"):
+        with fused_attn.use_backend("nope"):
+            pass
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"attn_mask": "float"}, "float attn_mask tensor is not supported"),
+    ({"attn_mask": "bool"}, "boolean attn_mask tensor is not supported"),
+    ({"dropout_p": 0.1}, "dropout_p > 0 is not supported"),
+])
+def test_explicit_kernel_backend_refuses_with_reason(kwargs, reason):
+    q = rand(1, 3, 4, 8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=f"backend 'triton' cannot run this call: .*{reason}"):
+        fused_attn.scaled_dot_product_attention(q, q, q, backend="triton", **_resolve(kwargs, 4, 4, q.dtype))
+
+
+def test_explicit_backend_unsupported_dtype_and_head_dim():
+    q = rand(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="dtype torch.float64 is not supported"):
+        fused_attn.scaled_dot_product_attention(q, q, q, backend="triton")
+    q = rand(1, 1, 4, 300, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dims up to 256 are supported, got E = 300"):
+        fused_attn.scaled_dot_product_attention(q, q, q, backend="triton")
+
+
+def _spy(monkeypatch):
+    ran = []
+    for name, b in dispatch.BACKENDS.items():
+        monkeypatch.setattr(b, "run", (lambda f, n: lambda p: (ran.append(n), f(p))[1])(b.run, name))
+    return ran
+
+
+def test_requested_backend_precedence(monkeypatch):
+    ran = _spy(monkeypatch)
+    q = rand(1, 2, 5, 8, dtype=torch.float16)
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    fused_attn.scaled_dot_product_attention(q, q, q)
+    with fused_attn.use_backend("triton"):
+        fused_attn.scaled_dot_product_attention(q, q, q)
+        fused_attn.scaled_dot_product_attention(q, q, q, backend="reference")
+        with fused_attn.use_backend(None):
+            fused_attn.scaled_dot_product_attention(q, q, q)  # back to the environment's choice
+    assert ran == ["reference", "triton", "reference", "reference"]
+
+
+def test_automatic_choice_falls_back_and_says_so_once(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_said", set())
+    ran = _spy(monkeypatch)
+    q = rand(1, 2, 5, 8, dtype=torch.float32)
+    mask = torch.rand(5, 5) > 0.5
+    with pytest.warns(UserWarning, match="triton: a boolean attn_mask tensor is not supported"):
+        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert ran[-2:] == ["reference", "reference"]
+    reasons = fused_attn.explain_dispatch(q, q, q, attn_mask=mask)
+    assert list(reasons) == list(dispatch.ORDER) and reasons["reference"] is None
+    assert "ask for backend='triton' by name" in fused_attn.explain_dispatch(q, q, q)["triton"]
+
+
+def test_fully_masked_rows_are_zero_with_zero_grad():
+    q, k, v = (rand(1, 2, 4, 8).requires_grad_() for _ in range(3))
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[2] = False
+    out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference")
+    assert torch.all(out[:, :, 2] == 0) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :, 2] == 0) and torch.isfinite(k.grad).all()
