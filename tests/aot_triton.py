@@ -29,11 +29,10 @@ from fused_attn.ops import triton_attention as T  # noqa: E402
 
 ARCHS = (80, 90)
 # (head_dim, dtype, causal): the shapes that stress registers (256), the common ones, fp32 IEEE
-REPRESENTATIVE = [(64, torch.float16, True), (128, torch.bfloat16, False), (128, torch.float16, True),
-                  (256, torch.bfloat16, True), (96, torch.float32, False)]
+REPRESENTATIVE = [(64, torch.float16, True), (128, torch.bfloat16, False), (256, torch.bfloat16, True),
+                  (96, torch.float32, False), (256, torch.float32, True)]
 QUICK = [(128, torch.bfloat16, False), (256, torch.float16, True)]
-KERNELS = {"fwd": (T._fwd_kernel, T.FWD_CONFIGS), "dkdv": (T._bwd_dkdv_kernel, T.BWD_DKDV_CONFIGS),
-           "dq": (T._bwd_dq_kernel, T.BWD_DQ_CONFIGS)}
+KERNELS = {"fwd": T._fwd_kernel, "dkdv": T._bwd_dkdv_kernel, "dq": T._bwd_dq_kernel}
 TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DLSE", "DELTA", "DQ", "DK", "DV"}
 FP32_POINTERS = {"LSE", "DELTA", "DLSE"}
@@ -60,8 +59,9 @@ def _signature(fn, dtype, constexprs):
 
 def compile_one(job):
     kind, arch, head_dim, dtype, causal, cfg_index = job
-    fn, configs = KERNELS[kind]
-    cfg = configs[cfg_index]
+    fn = KERNELS[kind]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    cfg = T.CONFIGS[kind][elem][cfg_index]
     precision = "ieee"
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=T.block_d(head_dim),
                       BLOCK_DV=T.block_d(head_dim), CAUSAL=causal, DOT_FP32=False, PRECISION=precision,
@@ -84,11 +84,12 @@ def compile_one(job):
 
 def jobs(reps):
     out = []
-    for kind, (fn, configs) in KERNELS.items():
+    for kind in KERNELS:
         for arch in ARCHS:
             for head_dim, dtype, causal in reps:
-                kept = T.prune_configs(kind, configs, head_dim, head_dim, torch.tensor([], dtype=dtype).element_size(),
-                                       arch)
+                elem = torch.tensor([], dtype=dtype).element_size()
+                configs = T.CONFIGS[kind][elem]
+                kept = T.prune_configs(kind, head_dim, head_dim, elem, arch)
                 out += [(kind, arch, head_dim, dtype, causal, configs.index(c)) for c in kept]
     return out
 

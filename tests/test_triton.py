@@ -108,3 +108,32 @@ def test_other_block_shapes(device, monkeypatch, bm, bn):
         for L, S in ((75, 50), (50, 75)):
             q, k, v = make_inputs(1, 2, 1, L, S, 32, 32, torch.float16, device)
             check_backend("triton", q, k, v, mode)
+
+
+def test_config_pruning():
+    """Every (kernel, head dim, dtype, arch) keeps a config; short sequences drop long blocks;
+    the sm_90 forward keeps only wgmma-sized blocks."""
+    for kind in ("fwd", "dkdv", "dq"):
+        for d in (16, 64, 128, 256):
+            for elem in (2, 4):
+                for arch in (80, 86, 90):
+                    kept = T.prune_configs(kind, d, d, elem, arch)
+                    assert kept and all(c in T.CONFIGS[kind][elem] for c in kept)
+        tiled = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+        fitting = T.prune_configs(kind, 64, 64, 2, 90)
+        short = T.prune_configs(kind, 64, 64, 2, 90, length=1)
+        smallest = min(c.kwargs[tiled] for c in fitting)
+        assert short and all(c in fitting for c in short)
+        assert max(c.kwargs[tiled] for c in short) <= max(16, smallest)
+    assert all(c.kwargs["BLOCK_M"] >= T.WGMMA_MIN_BLOCK_M for c in T.prune_configs("fwd", 128, 128, 2, 90))
+    big = T.prune_configs("fwd", 128, 128, 2, 90, length=8192)
+    assert any(c.kwargs["BLOCK_M"] == 128 for c in big)
+
+
+def test_fp32_precision_follows_torch_setting(monkeypatch):
+    monkeypatch.setattr(T, "allow_tf32", lambda: False)
+    assert T._modes(torch.float32)[1] == "ieee"
+    monkeypatch.setattr(T, "allow_tf32", lambda: True)
+    assert T._modes(torch.float32)[1] == "tf32"
+    assert T._modes(torch.float16)[1] == "ieee"
+    assert T._modes(torch.bfloat16)[0] == T.INTERPRETED  # the interpreter-only bf16 upcast

@@ -340,15 +340,30 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-FWD_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
-               _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2)]
-BWD_DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2)]
-BWD_DQ_CONFIGS = [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3), _cfg(64, 16, 4, 2)]
+# Configs by element size: 2 = fp16/bf16 on tensor cores, 4 = fp32 (IEEE fp32 dots run on FMA
+# units and want small tiles). Each list was checked in the compile table (tests/aot_triton.py).
+FWD_CONFIGS = {
+    2: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3),
+        _cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2)],
+    4: [_cfg(32, 16, 4, 2), _cfg(16, 16, 4, 2)],
+}
+BWD_DKDV_CONFIGS = {
+    2: [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2), _cfg(16, 64, 8, 2), _cfg(16, 32, 8, 2)],
+    4: [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 1)],
+}
+BWD_DQ_CONFIGS = {
+    2: [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2), _cfg(32, 16, 8, 2),
+        _cfg(32, 16, 4, 2)],
+    4: [_cfg(32, 16, 8, 2), _cfg(16, 16, 4, 2)],
+}
+CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
 # The interpreter runs one small config, so small test shapes still cross many blocks.
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-# fp32 values one thread may keep live for its tiles before ptxas starts to spill
-REGISTER_BUDGET = 160
+# Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
+REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 100,
+                   ("dq", 4): 100}
+WGMMA_MIN_BLOCK_M = 64  # sm_90 forward: one warpgroup's wgmma covers 64 rows
 
 
 def block_d(head_dim: int) -> int:
@@ -356,28 +371,36 @@ def block_d(head_dim: int) -> int:
 
 
 def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int) -> bool:
-    """Rough shared-memory and register estimates; the ahead-of-time compile test checks them."""
+    """Rough shared-memory and register estimates, calibrated on the compile table."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     threads = 32 * cfg.num_warps
     if kind == "fwd":  # q tile in registers, k/v tiles streamed; acc and s live in registers
         smem = (bm * d + cfg.num_stages * bn * (d + dv)) * elem
         regs = (bm * dv + bm * bn + bm * d * elem / 4) / threads
+        if arch >= 90 and elem == 2 and bm < WGMMA_MIN_BLOCK_M:
+            return False
     elif kind == "dkdv":  # k, v, dk, dv live in registers; q/do tiles streamed
         smem = cfg.num_stages * bm * (d + dv) * elem + bn * (d + dv) * elem
         regs = (bn * (d + dv) * (1 + elem / 4) + 2 * bn * bm) / threads
     else:  # dq: q, do, dq in registers; k/v tiles streamed
         smem = cfg.num_stages * bn * (d + dv) * elem + bm * (d + dv) * elem
         regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
-    return smem <= SMEM_LIMIT.get(arch, SMEM_LIMIT[86]) and regs <= REGISTER_BUDGET
+    return smem <= SMEM_LIMIT.get(arch, SMEM_LIMIT[86]) and regs <= REGISTER_BUDGET[kind, elem]
 
 
-def prune_configs(kind: str, configs: List[triton.Config], head_dim: int, head_dim_v: int, elem_bytes: int,
-                  arch: int) -> List[triton.Config]:
-    """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype and arch."""
+def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int,
+                  length: Optional[int] = None) -> List[triton.Config]:
+    """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype and arch,
+    and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than it."""
+    configs = CONFIGS[kind][elem_bytes]
     d, dv = block_d(head_dim), block_d(head_dim_v)
     kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch)]
     if not kept:  # never empty: fall back to the smallest tiles
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    if length is not None:
+        tiled = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+        short = [c for c in kept if c.kwargs[tiled] <= max(16, triton.next_power_of_2(length))]
+        kept = short or [min(kept, key=lambda c: c.kwargs[tiled])]
     return kept
 
 
@@ -386,20 +409,22 @@ def _device_arch() -> int:
     return 10 * major + minor
 
 
-def _autotuned(kind: str, kernel, configs):
+def _autotuned(kind: str, kernel):
     def prune(configs, named_args, **kwargs):
         elem = named_args["Q"].element_size()
-        return prune_configs(kind, configs, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], elem, _device_arch())
+        length = named_args["S_BUCKET" if kind == "dkdv" else "L_BUCKET"]
+        return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], elem, _device_arch(), length)
     key = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "PRECISION", "GROUP"]
+    configs = [c for by_size in CONFIGS[kind].values() for c in by_size]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 if INTERPRETED:
     _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 else:
-    _fwd = _autotuned("fwd", _fwd_kernel, FWD_CONFIGS)
-    _dkdv = _autotuned("dkdv", _bwd_dkdv_kernel, BWD_DKDV_CONFIGS)
-    _dq = _autotuned("dq", _bwd_dq_kernel, BWD_DQ_CONFIGS)
+    _fwd = _autotuned("fwd", _fwd_kernel)
+    _dkdv = _autotuned("dkdv", _bwd_dkdv_kernel)
+    _dq = _autotuned("dq", _bwd_dq_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
