@@ -1,0 +1,352 @@
+"""A readable reference Transformer whose attention runs on fused_attn's kernels.
+
+Three models built from the same blocks:
+
+* :class:`EncoderDecoder`: "Attention Is All You Need" (post-LN, ``norm_first=False``)
+  or its pre-LN variant (``norm_first=True``);
+* :class:`GPT`: decoder-only, masked self-attention;
+* :class:`BERT`: encoder-only, bidirectional self-attention with a token-prediction head.
+
+Notation in shape comments: B batch, L query length, S key length, H heads, D head dim,
+C model dim (``d_model``), V vocabulary size.
+
+The attention implementation is chosen in one place, ``TransformerConfig.backend``,
+which is passed as ``backend=`` to :func:`fused_attn.scaled_dot_product_attention`:
+a fused backend name (``"triton"``, ``"cuda"``, ``"cpu"``), ``"reference"`` (naive
+PyTorch) or None (the fastest one that can run each call). Causal self-attention
+reaches the kernels as a causal flag (lower-right aligned while decoding with a KV
+cache), never as a mask tensor; a padding mask or attention dropout is a mask tensor /
+dropout that only the reference backend runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
+
+from ..api import scaled_dot_product_attention
+from ..reference import CausalMode, causal_mask
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 64  # shared by source and target
+    d_model: int = 64  # C
+    n_heads: int = 4  # H; head dim D = d_model // n_heads
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    d_ff: int = 256  # hidden size of the position-wise feed-forward network
+    max_len: int = 256  # longest sequence (learned positions need it; sinusoids are precomputed to it)
+    dropout: float = 0.1  # on embeddings, residual branches and inside the FFN
+    attn_dropout: float = 0.0  # on attention probabilities; > 0 runs attention on the reference backend
+    activation: str = "relu"  # "relu" (the paper) or "gelu" (GPT, BERT)
+    norm_first: bool = False  # False: post-LN, as the paper; True: pre-LN (GPT-2 and later)
+    positions: str = "sinusoidal"  # "sinusoidal" or "learned"
+    tie_weights: bool = True  # output projection shares the (target) token embedding matrix
+    bias: bool = True
+    backend: Optional[str] = None  # fused_attn backend, "reference", or None for automatic
+
+
+@dataclass
+class KV:
+    """Keys and values of one attention layer kept between decoding steps."""
+
+    k: Optional[Tensor] = None  # (B, H, S, D)
+    v: Optional[Tensor] = None  # (B, H, S, D)
+
+
+@dataclass
+class KVCache:
+    """Everything incremental decoding keeps: per decoder layer the self-attention keys/values
+    of the tokens decoded so far and the cross-attention keys/values of the encoder output."""
+
+    n_layers: int
+    memory: Optional[Tensor] = None  # (B, S, C) encoder output, for encoder-decoder models
+    memory_padding_mask: Optional[Tensor] = None  # (B, S), True = padding
+    self_kv: List[KV] = field(init=False)  # one per decoder layer
+    cross_kv: List[KV] = field(init=False)
+
+    def __post_init__(self):
+        self.self_kv = [KV() for _ in range(self.n_layers)]
+        self.cross_kv = [KV() for _ in range(self.n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Number of target positions decoded so far."""
+        k = self.self_kv[0].k
+        return 0 if k is None else k.shape[2]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search: each beam continues some earlier beam)."""
+        for kv in self.self_kv + self.cross_kv:
+            if kv.k is not None:
+                kv.k, kv.v = kv.k.index_select(0, index), kv.v.index_select(0, index)
+        if self.memory is not None:
+            self.memory = self.memory.index_select(0, index)
+        if self.memory_padding_mask is not None:
+            self.memory_padding_mask = self.memory_padding_mask.index_select(0, index)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (``x`` attends to ``x``) or cross-attention (``x`` attends to ``context``).
+
+    Set ``save_weights = True`` to keep the last call's attention probabilities in
+    ``weights`` (B, H, L, S), e.g. for plots; that costs an extra O(L*S) computation.
+    """
+
+    def __init__(self, cfg: TransformerConfig, cross: bool):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, got {cfg.d_model} and {cfg.n_heads}")
+        self.cross, self.n_heads, self.d_model = cross, cfg.n_heads, cfg.d_model
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.attn_dropout = cfg.attn_dropout
+        self.backend = cfg.backend
+        self.save_weights = False
+        self.weights: Optional[Tensor] = None
+
+    def _heads(self, t: Tensor) -> Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.d_model // self.n_heads).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, causal: bool = False,
+                key_padding_mask: Optional[Tensor] = None, kv: Optional[KV] = None) -> Tensor:
+        """x (B, L, C); context (B, S, C) or None; key_padding_mask (B, S), True = padding.
+
+        With ``kv`` (decoding): self-attention appends this call's keys/values to it and
+        attends to all of them; cross-attention computes the context's once and reuses them.
+        """
+        B, L, C = x.shape
+        q = self._heads(self.q_proj(x))  # (B, H, L, D)
+        if self.cross and kv is not None and kv.k is not None:
+            k, v = kv.k, kv.v  # (B, H, S, D), the encoder output's, from the first step
+        else:
+            k, v = self.kv_proj(x if context is None else context).split(C, dim=2)
+            k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
+            if kv is not None:
+                if not self.cross and kv.k is not None:
+                    k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)
+                kv.k, kv.v = k, v
+        S = k.shape[2]
+
+        # New queries are the last L of S positions: lower-right causal alignment, which
+        # is torch's upper-left ``is_causal`` when L == S.
+        mask, is_causal = None, False
+        if key_padding_mask is not None:
+            mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S), True = may attend
+            if causal:
+                mask = mask & causal_mask(L, S, CausalMode.LOWER_RIGHT, x.device)
+        elif causal and L == S:
+            is_causal = True
+        elif causal:
+            mask = causal_lower_right(L, S)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         backend=self.backend)  # (B, H, L, D)
+        if self.save_weights:
+            self.weights = self._probabilities(q, k, mask, is_causal).detach()
+        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
+        return self.out_proj(y)
+
+    @staticmethod
+    def _probabilities(q: Tensor, k: Tensor, mask, is_causal: bool) -> Tensor:
+        """softmax(q k^T / sqrt(D) + mask): (B, H, L, S). Only for inspection."""
+        L, S = q.shape[2], k.shape[2]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, S)
+        if is_causal or (mask is not None and not isinstance(mask, Tensor)):
+            mask = causal_mask(L, S, CausalMode.LOWER_RIGHT, q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: Linear(C, d_ff) -> ReLU/GELU -> dropout -> Linear(d_ff, C)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {cfg.activation!r}")
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Self-attention (causal or not), optional cross-attention, FFN; each a residual branch with LayerNorm.
+
+    Post-LN (the paper): ``x = LN(x + f(x))``. Pre-LN: ``x = x + f(LN(x))``.
+    """
+
+    def __init__(self, cfg: TransformerConfig, causal: bool, cross: bool):
+        super().__init__()
+        self.causal, self.norm_first = causal, cfg.norm_first
+        self.self_attn = Attention(cfg, cross=False)
+        self.ln_self = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = Attention(cfg, cross=True) if cross else None
+        self.ln_cross = nn.LayerNorm(cfg.d_model) if cross else None
+        self.ffn = FeedForward(cfg)
+        self.ln_ffn = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: Tensor, ln: nn.LayerNorm, f) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(f(ln(x)))
+        return ln(x + self.dropout(f(x)))
+
+    def forward(self, x: Tensor, memory: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None,
+                memory_padding_mask: Optional[Tensor] = None, self_kv: Optional[KV] = None,
+                cross_kv: Optional[KV] = None) -> Tensor:
+        """x (B, L, C); memory (B, S, C) for cross-attention; masks (B, L) / (B, S), True = padding."""
+        x = self._residual(x, self.ln_self, lambda h: self.self_attn(
+            h, causal=self.causal, key_padding_mask=padding_mask, kv=self_kv))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.ln_cross, lambda h: self.cross_attn(
+                h, memory, key_padding_mask=memory_padding_mask, kv=cross_kv))
+        return self._residual(x, self.ln_ffn, self.ffn)
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
+    """The paper's PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(...): (max_len, C)."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(max_len, d_model)
+    pe[:, 0::2] = torch.sin(pos * inv_freq)
+    pe[:, 1::2] = torch.cos(pos * inv_freq)[:, : d_model // 2]
+    return pe
+
+
+class Stack(nn.Module):
+    """Token embedding (scaled by sqrt(C)) + positions, then ``n_layers`` Blocks (+ a final LN when pre-LN)."""
+
+    def __init__(self, cfg: TransformerConfig, n_layers: int, causal: bool, cross: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
+        else:
+            raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {cfg.positions!r}")
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, causal, cross) for _ in range(n_layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+
+    def forward(self, idx: Tensor, memory: Optional[Tensor] = None, padding_mask: Optional[Tensor] = None,
+                memory_padding_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
+        """idx (B, L) token ids -> hidden states (B, L, C). With ``cache``, idx are the next L positions."""
+        B, L = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + L > self.cfg.max_len:
+            raise ValueError(f"sequence of {start + L} positions is longer than max_len = {self.cfg.max_len}")
+        pos = torch.arange(start, start + L, device=idx.device)
+        p = self.pos_emb(pos) if self.cfg.positions == "learned" else self.pos_table[pos].to(self.tok_emb.weight.dtype)
+        x = self.dropout(self.tok_emb(idx) * math.sqrt(self.cfg.d_model) + p)  # (B, L, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, memory, padding_mask, memory_padding_mask,
+                      None if cache is None else cache.self_kv[i], None if cache is None else cache.cross_kv[i])
+        return self.ln_final(x)
+
+
+def _init_weights(model: nn.Module, d_model: int) -> None:
+    """Linear: N(0, 0.02); embeddings: N(0, 1/sqrt(C)), so scaled by sqrt(C) they are N(0, 1)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=d_model ** -0.5)
+
+
+class EncoderDecoder(nn.Module):
+    """The paper's Transformer: ``forward(src, tgt)`` gives next-token logits for every target position."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Stack(cfg, cfg.n_encoder_layers, causal=False, cross=False)
+        self.decoder = Stack(cfg, cfg.n_decoder_layers, causal=True, cross=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        _init_weights(self, cfg.d_model)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.decoder.tok_emb.weight
+
+    def encode(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """src (B, S) -> memory (B, S, C). src_padding_mask (B, S): True = padding."""
+        return self.encoder(src, padding_mask=src_padding_mask)
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Optional[Tensor] = None,
+               cache: Optional[KVCache] = None) -> Tensor:
+        """tgt (B, L) -> logits (B, L, V), each position seeing the target up to itself and all of memory."""
+        return self.lm_head(self.decoder(tgt, memory, memory_padding_mask=src_padding_mask, cache=cache))
+
+    def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Optional[Tensor] = None) -> Tensor:
+        return self.decode(tgt, self.encode(src, src_padding_mask), src_padding_mask)
+
+    def init_cache(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> KVCache:
+        """Encode ``src`` once; the cache then serves :meth:`decode_step`."""
+        return KVCache(self.cfg.n_decoder_layers, self.encode(src, src_padding_mask), src_padding_mask)
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """The next target tokens (B, L) -> their logits (B, L, V); appends them to ``cache``."""
+        return self.decode(tokens, cache.memory, cache.memory_padding_mask, cache)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model: ``forward(idx)`` gives next-token logits (B, L, V)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Stack(cfg, cfg.n_decoder_layers, causal=True, cross=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        _init_weights(self, cfg.d_model)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.decoder.tok_emb.weight
+
+    def forward(self, idx: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """Right-padded batches need no padding mask: causal attention never looks right."""
+        return self.lm_head(self.decoder(idx, cache=cache))
+
+    def init_cache(self, src: Optional[Tensor] = None) -> KVCache:
+        if src is not None:
+            raise ValueError("GPT has no encoder: pass the prompt to decode_step, not src")
+        return KVCache(self.cfg.n_decoder_layers)
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        return self(tokens, cache)
+
+
+class BERT(nn.Module):
+    """Encoder-only: bidirectional self-attention and a token-prediction head, logits (B, L, V)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Stack(cfg, cfg.n_encoder_layers, causal=False, cross=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        _init_weights(self, cfg.d_model)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.encoder.tok_emb.weight
+
+    def forward(self, idx: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """idx (B, L); padding_mask (B, L), True = padding (a mask tensor: reference backend)."""
+        return self.lm_head(self.encoder(idx, padding_mask=padding_mask))
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """Mean token cross-entropy of logits (B, L, V) against targets (B, L), skipping ``ignore_index``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
