@@ -30,7 +30,8 @@ def _kernel_statements():
         src, start = inspect.getsourcelines(fn)
         tree = ast.parse("".join(src))
         for node in ast.walk(tree):
-            if isinstance(node, ast.stmt) and not isinstance(node, ast.FunctionDef):
+            docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            if isinstance(node, ast.stmt) and not isinstance(node, ast.FunctionDef) and not docstring:
                 lines[node.lineno + start - 1] = fn.__name__
     return lines
 

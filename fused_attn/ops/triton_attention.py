@@ -59,6 +59,26 @@ INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)  # TRITON_INTERPR
 
 
 @triton.jit
+def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's first query row, batch, q head and kv head (grid: query blocks x B * H)."""
+    bh = tl.program_id(1)
+    h = bh % H
+    return tl.program_id(0) * BLOCK_M, (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+
+
+@triton.jit
+def _key_range(start_m, causal_offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full, hi): every row of the query block sees keys [0, full); some row sees keys [full, hi)."""
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), S)
+        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
+    else:
+        hi = S
+        full = S // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset,
                qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -103,12 +123,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    start_m, b, h, hk = _query_block(H, GROUP, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -122,13 +137,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if CAUSAL:
-        # keys that some row of the block sees end at hi; keys every row sees end at full
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), S)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
+    full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full, S,
                                causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
                                False, CAUSAL, DOT_FP32, PRECISION)
@@ -142,7 +151,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
     tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+    tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=offs_m < L)
 
 
 @triton.jit
@@ -294,12 +303,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    start_m, b, h, hk = _query_block(H, GROUP, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -310,18 +314,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                 mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dom + rows[:, None] * stride_dom
                  + offs_dv[None, :], mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    row_ids = bh.to(tl.int64) * L + offs_m
+    row_ids = (b * H + h) * L + offs_m
     lse = tl.load(LSE + row_ids, mask=in_l, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_ids, mask=in_l, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), S)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
-    else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
+    full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full, S,
                        causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
                        DOT_FP32, PRECISION)
