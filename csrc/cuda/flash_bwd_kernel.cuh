@@ -1,0 +1,419 @@
+// FlashAttention-2 backward on tensor cores (mma.sync m16n8k16, fp32 accumulation).
+//
+// Three kernels, no atomics (gradients are bitwise reproducible run to run):
+//  1. flash_bwd_preprocess_kernel: delta = rowsum(dO * O) - dlse (fp32). The lse gradient
+//     enters here, since d lse / d s = P: dS = P * (dP - (delta - dlse)).
+//  2. flash_bwd_dkdv_kernel: one block per (key block, kv head, batch). K and V stay in
+//     shared memory; the block walks the query tiles of every q head of its GQA group (so
+//     the group sum of dK/dV needs no atomics), Q / dO / lse / delta through a cp.async
+//     pipeline. Phase A: S^T = K Q^T and dP^T = V dO^T per warp tile, P^T = exp2(S^T *
+//     scale * LOG2E - lse * LOG2E) recomputed from the saved lse, dS^T = P^T * (dP^T -
+//     delta); both rounded to the input dtype into shared memory. Phase B: dV += P^T dO,
+//     dK += dS^T Q (dO and Q through ldmatrix.trans), accumulators spread over all warps.
+//     dK is scaled by the softmax scale once at the end.
+//  3. flash_bwd_dq_kernel: one block per (query block, q head, batch), the forward's
+//     layout: each warp owns 16 query rows, walks the visible key tiles, recomputes P and
+//     dS = P * (dO V^T - delta) in registers and accumulates dQ += dS K (dS taken straight
+//     from the accumulators as the A operand, K through ldmatrix.trans).
+//
+// Layout and coverage as the forward (cuda/flash_fwd_kernel.cuh): any int64 strides with a
+// unit last dim and 16-byte rows; lse and delta (B, Hq, L) contiguous fp32; fp16 / bf16;
+// head dims in buckets (cuda/flash_bwd_traits.h); GQA: q head h belongs to kv head
+// h / (Hq / Hk). Causal: query i sees key j iff j <= i + offset; tiles wholly above the
+// diagonal are skipped, only tiles crossing it are masked. A row that sees no key has
+// lse = -inf; it is treated as lse = +inf here, so its P, and all its gradients, are 0.
+#pragma once
+
+#include "cuda/flash_bwd_traits.h"
+#include "cuda/flash_fwd_kernel.cuh"
+
+namespace fa {
+
+template <class T>
+struct BwdParams {
+  GPtr<const T> q, k, v, o, dout;
+  GPtr<const float> lse, dlse;  // dlse: read only when has_dlse
+  GPtr<float> delta;            // written by the preprocess kernel, read by the others
+  GPtr<T> dq, dk, dv;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+  int batch, heads_q, heads_kv, len_q, len_k, head_dim, head_dim_v;
+  int causal;             // 0: none; otherwise key j visible to query i iff j <= i + causal_offset
+  int64_t causal_offset;  // 0 (upper-left) or len_k - len_q (lower-right)
+  int has_dlse;
+  float scale;       // softmax scale (dQ, dK = scale * dS K, scale * dS^T Q)
+  float scale_log2;  // scale * LOG2E
+};
+
+// lse in log2 units for P = exp2(s * scale_log2 - lse2); rows past L and rows that see no
+// key (lse = -inf) get +inf, so their P is exactly 0.
+FA_DEVICE float bwd_lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// ---- 1. delta = rowsum(dO * O) - dlse: one warp per row ----------------------------------
+template <class T>
+__global__ void __launch_bounds__(BwdPreTraits::kThreads) flash_bwd_preprocess_kernel(const BwdParams<T> p) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int row = blockIdx.x * BwdPreTraits::kRowsPerBlock + warp, h = blockIdx.y, b = blockIdx.z;
+  if (row >= p.len_q) return;  // the whole warp leaves together
+  const int64_t o_off = b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
+  const int64_t do_off = b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
+  float acc = 0.f;
+  for (int c = 2 * lane; c < p.head_dim_v; c += 2 * kWarpSize) {  // head_dim_v is a multiple of 8
+    const uint32_t o2 = p.o.template load_vec<uint32_t>(o_off + c);
+    const uint32_t d2 = p.dout.template load_vec<uint32_t>(do_off + c);
+    acc += unpack_lo<T>(o2) * unpack_lo<T>(d2) + unpack_hi<T>(o2) * unpack_hi<T>(d2);
+  }
+#pragma unroll
+  for (int m = kWarpSize / 2; m >= 1; m >>= 1) acc += shfl_xor(kFullMask, acc, m);
+  if (lane == 0) {
+    const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
+    p.delta.store(idx, p.has_dlse ? acc - p.dlse.load(idx) : acc);
+  }
+}
+
+// ---- 2. dK, dV: one block per (key block, kv head, batch) ----------------------------------
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
+    flash_bwd_dkdv_kernel(const BwdParams<typename Kt::Elem> p) {
+  using T = typename Kt::Elem;
+  constexpr int kM = Kt::kBlockM, kN = Kt::kBlockN, kD = Kt::kHeadDim, kRS = Kt::kRowStride;
+  constexpr int kPS = Kt::kPRowStride, kStages = Kt::kStages;
+  constexpr int kColsA = Kt::kColsA, kColsB = Kt::kColsB;
+  FA_DYNAMIC_SMEM(smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kN * kRS;
+  T* sP = sV + kN * kRS;            // P^T: kN keys x kM queries
+  T* sdS = sP + kN * kPS;           // dS^T
+  T* sQ = sdS + kN * kPS;           // stage s at sQ + s * kM * kRS
+  T* sdO = sQ + kStages * kM * kRS;  // stage s at sdO + s * kM * kRS
+  float* sLse = reinterpret_cast<float*>(sdO + kStages * kM * kRS);  // stage s at sLse + s * kM
+  float* sDelta = sLse + kStages * kM;
+
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int g = lane >> 2, t = lane & 3;
+  const int slab = warp % Kt::kSlabs, grp = warp / Kt::kSlabs;  // 16-key slab; column group
+  const int n0 = blockIdx.x * kN, hk = blockIdx.y, b = blockIdx.z;
+  const int group = p.heads_q / p.heads_kv;
+  const int64_t k_base = b * p.k_batch_stride + hk * p.k_head_stride;
+  const int64_t v_base = b * p.v_batch_stride + hk * p.v_head_stride;
+
+  // Query rows that see a key of this block start at `first` (causal); tiles of kM rows from
+  // first / kM * kM to L, for each q head of the group: n_iters = group * tiles.
+  const int64_t first = p.causal ? (n0 - p.causal_offset > 0 ? n0 - p.causal_offset : 0) : 0;
+  const int m_begin = first < p.len_q ? static_cast<int>(first / kM * kM) : p.len_q;
+  const int tiles = (p.len_q - m_begin + kM - 1) / kM;
+  const int n_iters = group * tiles;
+
+  auto load_q = [&](int it, int st) {
+    const int h = hk * group + it / tiles, m0 = m_begin + (it % tiles) * kM;
+    load_tile<Kt, kM>(sQ + st * kM * kRS, p.q, b * p.q_batch_stride + h * p.q_head_stride, p.q_row_stride, m0,
+                      p.len_q, p.head_dim, tid);
+    load_tile<Kt, kM>(sdO + st * kM * kRS, p.dout, b * p.do_batch_stride + h * p.do_head_stride, p.do_row_stride, m0,
+                      p.len_q, p.head_dim_v, tid);
+    for (int i = tid; i < kM; i += Kt::kThreads) {  // plain stores: visible after the next barrier
+      const int row = m0 + i;
+      const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
+      sLse[st * kM + i] = row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
+      sDelta[st * kM + i] = row < p.len_q ? p.delta.load(idx) : 0.f;
+    }
+  };
+
+  load_tile<Kt, kN>(sK, p.k, k_base, p.k_row_stride, n0, p.len_k, p.head_dim, tid);
+  load_tile<Kt, kN>(sV, p.v, v_base, p.v_row_stride, n0, p.len_k, p.head_dim_v, tid);
+  if (kStages == 2 && n_iters > 0) load_q(0, 0);
+  cp_async_commit();
+
+  float acc_dk[kColsB / 8][4], acc_dv[kColsB / 8][4];
+#pragma unroll
+  for (int i = 0; i < kColsB / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+  const int qc0 = grp * kColsA;  // phase A: this warp's first query column in the tile
+  const int dc0 = grp * kColsB;  // phase B: this warp's first head-dim column
+  for (int it = 0; it < n_iters; ++it) {
+    const int st = kStages == 2 ? it % 2 : 0;
+    if (kStages == 1) {
+      load_q(it, 0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();  // this query tile (and K, V) landed for this thread ...
+    __syncthreads();     // ... and for every thread; the other stage is no longer read
+    if (kStages == 2) {
+      if (it + 1 < n_iters) load_q(it + 1, (it + 1) % 2);
+      cp_async_commit();
+    }
+    const T* tQ = sQ + st * kM * kRS;
+    const T* tdO = sdO + st * kM * kRS;
+    const float* tLse = sLse + st * kM;
+    const float* tDelta = sDelta + st * kM;
+    const int m0 = m_begin + (it % tiles) * kM;
+
+    // ---- phase A: S^T = K Q^T and dP^T = V dO^T for 16 keys x kColsA queries ----
+    float acc_s[kColsA / 8][4], acc_dp[kColsA / 8][4];
+#pragma unroll
+    for (int i = 0; i < kColsA / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks * 16 >= p.head_dim) break;
+      uint32_t a[4];  // K rows of the slab (the forward's Q fragment)
+      ldmatrix<4>(a, sK + (16 * slab + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < kColsA / 16; ++np) {
+        uint32_t bq[4];  // Q rows as the "col" B operand (the forward's K fragment)
+        ldmatrix<4>(bq, tQ + (qc0 + 16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma_m16n8k16<T>(acc_s[2 * np], a, b0, acc_s[2 * np]);
+        mma_m16n8k16<T>(acc_s[2 * np + 1], a, b1, acc_s[2 * np + 1]);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks * 16 >= p.head_dim_v) break;
+      uint32_t a[4];
+      ldmatrix<4>(a, sV + (16 * slab + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < kColsA / 16; ++np) {
+        uint32_t bo[4];
+        ldmatrix<4>(bo, tdO + (qc0 + 16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bo[0], bo[1]}, b1[2] = {bo[2], bo[3]};
+        mma_m16n8k16<T>(acc_dp[2 * np], a, b0, acc_dp[2 * np]);
+        mma_m16n8k16<T>(acc_dp[2 * np + 1], a, b1, acc_dp[2 * np + 1]);
+      }
+    }
+
+    // P^T and dS^T, masked where the tile crosses the causal diagonal, into shared memory.
+    const bool masked = p.causal && n0 + kN - 1 > m0 + p.causal_offset;
+    const int key_lo = n0 + 16 * slab + g;  // key of elements 0, 1; elements 2, 3: key_lo + 8
+#pragma unroll
+    for (int nt = 0; nt < kColsA / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int qc = qc0 + nt * 8 + 2 * t + (i & 1);
+        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - tLse[qc]);
+        if (masked && key_lo + 8 * (i >> 1) > m0 + qc + p.causal_offset) pv = 0.f;
+        acc_s[nt][i] = pv;
+        acc_dp[nt][i] = pv * (acc_dp[nt][i] - tDelta[qc]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int off = (16 * slab + g + 8 * r) * kPS + qc0 + nt * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(sP + off) = pack2<T>(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(sdS + off) = pack2<T>(acc_dp[nt][2 * r], acc_dp[nt][2 * r + 1]);
+      }
+    }
+    __syncthreads();
+
+    // ---- phase B: dV += P^T dO, dK += dS^T Q for 16 keys x kColsB head-dim columns ----
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) {
+      uint32_t ap[4], ads[4];
+      ldmatrix<4>(ap, sP + (16 * slab + (lane & 15)) * kPS + 16 * kk + (lane >> 4) * 8);
+      ldmatrix<4>(ads, sdS + (16 * slab + (lane & 15)) * kPS + 16 * kk + (lane >> 4) * 8);
+      const int trow = 16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8;  // .trans: queries x 8 columns
+#pragma unroll
+      for (int dp = 0; dp < kColsB / 16; ++dp) {
+        const int col = dc0 + 16 * dp;
+        if (col < p.head_dim_v) {
+          uint32_t bo[4];
+          ldmatrix<4, true>(bo, tdO + trow * kRS + col + (lane >> 4) * 8);
+          const uint32_t b0[2] = {bo[0], bo[1]}, b1[2] = {bo[2], bo[3]};
+          mma_m16n8k16<T>(acc_dv[2 * dp], ap, b0, acc_dv[2 * dp]);
+          mma_m16n8k16<T>(acc_dv[2 * dp + 1], ap, b1, acc_dv[2 * dp + 1]);
+        }
+        if (col < p.head_dim) {
+          uint32_t bq[4];
+          ldmatrix<4, true>(bq, tQ + trow * kRS + col + (lane >> 4) * 8);
+          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+          mma_m16n8k16<T>(acc_dk[2 * dp], ads, b0, acc_dk[2 * dp]);
+          mma_m16n8k16<T>(acc_dk[2 * dp + 1], ads, b1, acc_dk[2 * dp + 1]);
+        }
+      }
+    }
+    if (kStages == 1) __syncthreads();  // the next tile overwrites Q, dO, lse and delta
+  }
+  cp_async_wait<0>();  // no copy may outlive the block
+
+  // ---- epilogue: dK * scale, dV (keys that no query sees get zeros) ----
+  const int64_t dk_base = b * p.dk_batch_stride + hk * p.dk_head_stride;
+  const int64_t dv_base = b * p.dv_batch_stride + hk * p.dv_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + 16 * slab + g + 8 * r;
+    if (key >= p.len_k) continue;
+#pragma unroll
+    for (int nt = 0; nt < kColsB / 8; ++nt) {
+      const int col = dc0 + nt * 8 + 2 * t;
+      if (col < p.head_dim)
+        p.dk.template store_vec<uint32_t>(dk_base + key * p.dk_row_stride + col,
+                                          pack2<T>(acc_dk[nt][2 * r] * p.scale, acc_dk[nt][2 * r + 1] * p.scale));
+      if (col < p.head_dim_v)
+        p.dv.template store_vec<uint32_t>(dv_base + key * p.dv_row_stride + col,
+                                          pack2<T>(acc_dv[nt][2 * r], acc_dv[nt][2 * r + 1]));
+    }
+  }
+}
+
+// ---- 3. dQ: one block per (query block, q head, batch) -----------------------------------
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
+    flash_bwd_dq_kernel(const BwdParams<typename Kt::Elem> p) {
+  using T = typename Kt::Elem;
+  constexpr int kM = Kt::kBlockM, kN = Kt::kBlockN, kD = Kt::kHeadDim, kRS = Kt::kRowStride;
+  constexpr int kStages = Kt::kStages;
+  FA_DYNAMIC_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kM * kRS;
+  T* sK = sdO + kM * kRS;           // stage s at sK + s * kN * kRS
+  T* sV = sK + kStages * kN * kRS;  // stage s at sV + s * kN * kRS
+
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int64_t q_base = b * p.q_batch_stride + h * p.q_head_stride;
+  const int64_t do_base = b * p.do_batch_stride + h * p.do_head_stride;
+  const int64_t k_base = b * p.k_batch_stride + hk * p.k_head_stride;
+  const int64_t v_base = b * p.v_batch_stride + hk * p.v_head_stride;
+
+  int64_t n_end = p.len_k;  // keys this query block sees: [0, n_end)
+  if (p.causal) n_end = n_end < m0 + kM + p.causal_offset ? n_end : m0 + kM + p.causal_offset;
+  const int n_blocks = n_end > 0 ? static_cast<int>((n_end + kN - 1) / kN) : 0;
+
+  const int row_lo = m0 + 16 * warp + g;  // row of accumulator elements 0, 1; 2, 3: row_lo + 8
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_lo + 8 * r;
+    const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
+    lse2[r] = row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
+    delta[r] = row < p.len_q ? p.delta.load(idx) : 0.f;
+  }
+
+  auto load_kv = [&](int j, int st) {
+    load_tile<Kt, kN>(sK + st * kN * kRS, p.k, k_base, p.k_row_stride, j * kN, p.len_k, p.head_dim, tid);
+    load_tile<Kt, kN>(sV + st * kN * kRS, p.v, v_base, p.v_row_stride, j * kN, p.len_k, p.head_dim_v, tid);
+  };
+  if (n_blocks > 0) {
+    load_tile<Kt, kM>(sQ, p.q, q_base, p.q_row_stride, m0, p.len_q, p.head_dim, tid);
+    load_tile<Kt, kM>(sdO, p.dout, do_base, p.do_row_stride, m0, p.len_q, p.head_dim_v, tid);
+    if (kStages == 2) load_kv(0, 0);
+    cp_async_commit();
+  }
+
+  float acc_dq[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
+
+  for (int j = 0; j < n_blocks; ++j) {
+    const int st = kStages == 2 ? j % 2 : 0;
+    if (kStages == 1) {
+      if (j > 0) __syncthreads();  // tile j - 1 is no longer read
+      load_kv(j, 0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (kStages == 2) {
+      if (j + 1 < n_blocks) load_kv(j + 1, (j + 1) % 2);
+      cp_async_commit();
+    }
+    const T* tK = sK + st * kN * kRS;
+    const T* tV = sV + st * kN * kRS;
+
+    // ---- S = Q K^T and dP = dO V^T for this warp's 16 rows x kN keys ----
+    float acc_s[kN / 8][4], acc_dp[kN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks * 16 >= p.head_dim) break;
+      uint32_t a[4];
+      ldmatrix<4>(a, sQ + (16 * warp + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t bk[4];
+        ldmatrix<4>(bk, tK + (16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+        mma_m16n8k16<T>(acc_s[2 * np], a, b0, acc_s[2 * np]);
+        mma_m16n8k16<T>(acc_s[2 * np + 1], a, b1, acc_s[2 * np + 1]);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks * 16 >= p.head_dim_v) break;
+      uint32_t a[4];
+      ldmatrix<4>(a, sdO + (16 * warp + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t bv[4];
+        ldmatrix<4>(bv, tV + (16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+        mma_m16n8k16<T>(acc_dp[2 * np], a, b0, acc_dp[2 * np]);
+        mma_m16n8k16<T>(acc_dp[2 * np + 1], a, b1, acc_dp[2 * np + 1]);
+      }
+    }
+
+    // ---- P = exp2(S * scale_log2 - lse2), masked; dS = P * (dP - delta) (into acc_s) ----
+    const int n0 = j * kN;
+    const bool masked = n0 + kN > p.len_k || (p.causal && n0 + kN - 1 > m0 + p.causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2[i >> 1]);
+        if (masked) {
+          const int col = n0 + nt * 8 + 2 * t + (i & 1);
+          const int64_t row = row_lo + 8 * (i >> 1);
+          if (col >= p.len_k || (p.causal && col > row + p.causal_offset)) pv = 0.f;
+        }
+        acc_s[nt][i] = pv * (acc_dp[nt][i] - delta[i >> 1]);
+      }
+    }
+
+    // ---- dQ += dS K: dS from the accumulators as the A fragment, K through ldmatrix.trans ----
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]), pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                             pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                             pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        if (dp * 16 >= p.head_dim) break;
+        uint32_t bk[4];
+        ldmatrix<4, true>(bk, tK + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRS + 16 * dp + (lane >> 4) * 8);
+        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+        mma_m16n8k16<T>(acc_dq[2 * dp], a, b0, acc_dq[2 * dp]);
+        mma_m16n8k16<T>(acc_dq[2 * dp + 1], a, b1, acc_dq[2 * dp + 1]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: dQ * scale (rows that see no key get zeros) ----
+  const int64_t dq_base = b * p.dq_batch_stride + h * p.dq_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_lo + 8 * r;
+    if (row >= p.len_q) continue;
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      const int col = dt * 8 + 2 * t;
+      if (col < p.head_dim)
+        p.dq.template store_vec<uint32_t>(dq_base + row * p.dq_row_stride + col,
+                                          pack2<T>(acc_dq[dt][2 * r] * p.scale, acc_dq[dt][2 * r + 1] * p.scale));
+    }
+  }
+}
+
+}  // namespace fa

@@ -1,0 +1,221 @@
+// FlashAttention-2 forward on tensor cores (mma.sync m16n8k16, fp32 accumulation).
+//
+// Algorithm: one block per (query block of kBlockM rows, query head, batch). The Q tile
+// stays in shared memory; K/V tiles of kBlockN keys stream through a kStages-deep
+// cp.async pipeline. Each warp owns 16 query rows: S = Q K^T (A = Q via ldmatrix, B = K
+// via ldmatrix), scale and mask, online softmax in registers (row max / sum reduced over
+// the 4 lanes of a quad with shuffles, exp2 with the scale folded into LOG2E), then
+// O += P V with P taken straight from the S accumulators as the A operand and V through
+// ldmatrix.trans. Finally O /= l and lse = m * ln 2 + ln l (natural log, fp32).
+//
+// Layout: q (B, Hq, L, d), k (B, Hk, S, d), v (B, Hk, S, dv), out (B, Hq, L, dv): any
+// int64 strides, unit stride on the last dim, rows 16-byte aligned (strides and base
+// multiples of 8 elements); lse (B, Hq, L) contiguous fp32. d, dv <= kHeadDim and
+// multiples of 8. GQA: query head h reads kv head h / (Hq / Hk).
+// Dtypes: fp16, bf16 (Traits::Elem). Causal: query i sees key j iff j <= i + offset
+// (offset 0: upper-left, S - L: lower-right); key blocks past the diagonal are skipped,
+// only blocks crossing it (or the ragged end of S) are masked. A row that sees no key
+// gets out = 0 and lse = -inf.
+#pragma once
+
+#include "cuda/flash_fwd_traits.h"
+#include "cuda/primitives.cuh"
+
+namespace fa {
+
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * LOG2E)
+constexpr float kLn2 = 0.6931471805599453f;     // ln(2)
+
+template <class T>
+struct FwdParams {
+  GPtr<const T> q, k, v;
+  GPtr<T> o;
+  GPtr<float> lse;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  int batch, heads_q, heads_kv, len_q, len_k, head_dim, head_dim_v;
+  int causal;             // 0: none; otherwise key j visible to query i iff j <= i + causal_offset
+  int64_t causal_offset;  // 0 (upper-left) or len_k - len_q (lower-right)
+  float scale_log2;       // softmax scale * LOG2E
+};
+
+// Copies rows [row0, row0 + kRows) x the first `cols` columns of a global tile into a
+// padded shared tile with 16-byte cp.async; rows >= nrows and columns >= cols are
+// zero-filled (src-size 0, the source address then stays at the tile's base).
+template <class Kt, int kRows>
+FA_DEVICE void load_tile(typename Kt::Elem* dst, const GPtr<const typename Kt::Elem>& src, int64_t base,
+                         int64_t row_stride, int row0, int nrows, int cols, int tid) {
+  constexpr int kC = Kt::kChunks, kTotal = kRows * kC;
+  constexpr int kPerThread = (kTotal + Kt::kThreads - 1) / Kt::kThreads;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int idx = tid + i * Kt::kThreads;
+    if (kTotal % Kt::kThreads == 0 || idx < kTotal) {
+      const int r = idx / kC, c = idx % kC;
+      const bool valid = row0 + r < nrows && c * 8 < cols;
+      cp_async_cg16(dst + r * Kt::kRowStride + c * 8, src, valid ? base + (row0 + r) * row_stride + c * 8 : base,
+                    valid ? 16 : 0);
+    }
+  }
+}
+
+template <class Kt>
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams<typename Kt::Elem> p) {
+  using T = typename Kt::Elem;
+  constexpr int kM = Kt::kBlockM, kN = Kt::kBlockN, kD = Kt::kHeadDim, kRS = Kt::kRowStride;
+  constexpr int kStages = Kt::kStages;
+  FA_DYNAMIC_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kM * kRS;                  // stage s at sK + s * kN * kRS
+  T* sV = sK + kStages * kN * kRS;        // stage s at sV + s * kN * kRS
+
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int g = lane >> 2, t = lane & 3;  // mma groupID / thread in group
+  const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int64_t q_base = b * p.q_batch_stride + h * p.q_head_stride;
+  const int64_t k_base = b * p.k_batch_stride + hk * p.k_head_stride;
+  const int64_t v_base = b * p.v_batch_stride + hk * p.v_head_stride;
+  const int64_t o_base = b * p.o_batch_stride + h * p.o_head_stride;
+
+  // Keys this query block sees: [0, n_end); blocks past the causal diagonal are skipped.
+  int64_t n_end = p.len_k;
+  if (p.causal) n_end = n_end < m0 + kM + p.causal_offset ? n_end : m0 + kM + p.causal_offset;
+  const int n_blocks = n_end > 0 ? static_cast<int>((n_end + kN - 1) / kN) : 0;
+
+  float acc_o[kD / 8][4];
+#pragma unroll
+  for (int i = 0; i < kD / 8; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // running max of scaled scores (log2 units), rows g and g + 8
+  float row_sum[2] = {0.f, 0.f};              // this lane's part of the running sum of exp2
+
+  auto load_kv = [&](int j) {
+    const int st = j % kStages;
+    load_tile<Kt, kN>(sK + st * kN * kRS, p.k, k_base, p.k_row_stride, j * kN, p.len_k, p.head_dim, tid);
+    load_tile<Kt, kN>(sV + st * kN * kRS, p.v, v_base, p.v_row_stride, j * kN, p.len_k, p.head_dim_v, tid);
+  };
+
+  if (n_blocks > 0) {
+    // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile.
+    load_tile<Kt, kM>(sQ, p.q, q_base, p.q_row_stride, m0, p.len_q, p.head_dim, tid);
+#pragma unroll
+    for (int j = 0; j < kStages - 1; ++j) {
+      if (j < n_blocks) load_kv(j);
+      cp_async_commit();
+    }
+  }
+
+  for (int j = 0; j < n_blocks; ++j) {
+    cp_async_wait<kStages - 2>();  // tile j (and Q) landed for this thread ...
+    __syncthreads();               // ... and for every thread; tile j - 1 is no longer read
+    if (j + kStages - 1 < n_blocks) load_kv(j + kStages - 1);
+    cp_async_commit();
+    const T* tK = sK + (j % kStages) * kN * kRS;
+    const T* tV = sV + (j % kStages) * kN * kRS;
+
+    // ---- S = Q K^T for this warp's 16 rows x kN keys ----
+    float acc_s[kN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kN / 8; ++i) acc_s[i][0] = acc_s[i][1] = acc_s[i][2] = acc_s[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      if (ks * 16 >= p.head_dim) break;
+      uint32_t a[4];  // matrices: rows 0-7 / 8-15 x cols 0-7, then x cols 8-15
+      ldmatrix<4>(a, sQ + (16 * warp + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t bk[4];  // matrices: keys 0-7 x d 0-7, 0-7 x 8-15, 8-15 x 0-7, 8-15 x 8-15
+        ldmatrix<4>(bk, tK + (16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
+        mma_m16n8k16<T>(acc_s[2 * np], a, b0, acc_s[2 * np]);
+        mma_m16n8k16<T>(acc_s[2 * np + 1], a, b1, acc_s[2 * np + 1]);
+      }
+    }
+
+    // ---- scale into log2 units, mask, online softmax ----
+    const int n0 = j * kN;
+    const int row_lo = m0 + 16 * warp + g;  // row of elements 0, 1; elements 2, 3 are row_lo + 8
+    const bool masked = n0 + kN > p.len_k || (p.causal && n0 + kN - 1 > m0 + p.causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc_s[nt][i] *= p.scale_log2;
+        if (masked) {
+          const int col = n0 + nt * 8 + 2 * t + (i & 1);
+          const int64_t row = row_lo + 8 * (i >> 1);
+          if (col >= p.len_k || (p.causal && col > row + p.causal_offset)) acc_s[nt][i] = -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]));
+      mx = fmaxf(mx, shfl_xor(kFullMask, mx, 1));  // the 4 lanes of a quad share the row
+      mx = fmaxf(mx, shfl_xor(kFullMask, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet: p = 0, no NaN
+      const float correction = exp2_approx(row_max[r] - m_use);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = exp2_approx(acc_s[nt][2 * r + e] - m_use);
+          acc_s[nt][2 * r + e] = pv;
+          sum += pv;
+        }
+      }
+      row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+      for (int dt = 0; dt < kD / 8; ++dt) {
+        acc_o[dt][2 * r] *= correction;
+        acc_o[dt][2 * r + 1] *= correction;
+      }
+    }
+
+    // ---- O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment ----
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]), pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                             pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                             pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        if (dp * 16 >= p.head_dim_v) break;
+        uint32_t bv[4];  // .trans matrices: keys 0-7 / 8-15 x d 0-7, then x d 8-15
+        ldmatrix<4, true>(bv, tV + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRS + 16 * dp + (lane >> 4) * 8);
+        const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
+        mma_m16n8k16<T>(acc_o[2 * dp], a, b0, acc_o[2 * dp]);
+        mma_m16n8k16<T>(acc_o[2 * dp + 1], a, b1, acc_o[2 * dp + 1]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may outlive the block (the last commit groups are empty)
+
+  // ---- epilogue: O /= l, lse ----
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += shfl_xor(kFullMask, l, 1);
+    l += shfl_xor(kFullMask, l, 2);
+    const int row = m0 + 16 * warp + g + 8 * r;
+    if (row >= p.len_q) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      const int col = dt * 8 + 2 * t;
+      if (col < p.head_dim_v)
+        p.o.template store_vec<uint32_t>(o_base + row * p.o_row_stride + col,
+                                         pack2<T>(acc_o[dt][2 * r] * inv, acc_o[dt][2 * r + 1] * inv));
+    }
+    if (t == 0)
+      p.lse.store((int64_t(b) * p.heads_q + h) * p.len_q + row, l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY);
+  }
+}
+
+}  // namespace fa

@@ -1,0 +1,107 @@
+"""Fused attention in CUDA C++ on tensor cores (``csrc/cuda/``).
+
+Algorithm (see ``csrc/cuda/flash_fwd_kernel.cuh``): FlashAttention-2 forward, one block
+per (query block, head, batch), warps own 16 query rows, ``mma.sync.m16n8k16`` with fp32
+accumulation, ``ldmatrix`` (``.trans`` for V), a 2-stage ``cp.async`` K/V pipeline in
+padded shared memory, online softmax in exp2, fp32 log-sum-exp. Dtypes fp16 and bf16;
+head dims up to 256 in buckets of 32 (other multiples of 8 run in the next bucket up,
+others are zero-padded to a multiple of 8 here, which copies). Causal: query i sees key
+j iff j <= i + offset (0 upper-left, S - L lower-right); a row that sees no key outputs
+0 with lse = -inf.
+
+Where it runs:
+* CUDA tensors (compute capability >= 8.0) through the extension ``fused_attn._C_cuda``
+  (``csrc/cuda/binding/flash_api.cu``, op ``torch.ops.fused_attn.cuda_fwd_out``) when it
+  was built; otherwise the dispatcher says why and uses another backend.
+* CPU tensors, through the CPU emulator of the same kernel source (``fused_attn._emu``),
+  when ``FUSED_ATTN_CUDA_EMULATE=1`` and backend ``"cuda"`` is asked for by name: a test
+  vehicle (every global access bounds-checked), orders of magnitude slower than a GPU.
+Backward: not yet (issue 4); training falls back to another backend.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import new_output
+
+try:
+    from .. import _C_cuda  # noqa: F401  (importing registers torch.ops.fused_attn.cuda_fwd_out)
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # no nvcc / CUDA torch at install time, or a broken build
+    _C_cuda = None
+    _IMPORT_ERROR = f"the CUDA extension fused_attn._C_cuda is not available ({e})"
+
+EMULATE_ENV = "FUSED_ATTN_CUDA_EMULATE"
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+NO_BACKWARD = ("the CUDA backend has no backward kernel yet (issue 4); train with backend 'triton' or 'cpu', "
+               "or call it under torch.no_grad()")
+
+
+def why_not(p, explicit: bool) -> Optional[str]:
+    """None if this backend can run problem ``p``, else the reason it cannot."""
+    if p.dtype not in DTYPES:
+        return f"the CUDA kernels take float16 or bfloat16, got {p.dtype}"
+    if p.needs_grad:
+        return NO_BACKWARD
+    if p.device.type == "cuda":
+        if _C_cuda is None:
+            return _IMPORT_ERROR
+        if torch.cuda.get_device_capability(p.device)[0] < 8:
+            return "the CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper)"
+        return None
+    if p.device.type != "cpu":
+        return f"tensors on {p.device} are not supported"
+    if os.environ.get(EMULATE_ENV) != "1":
+        return f"CPU tensors run the CUDA kernels only under emulation: set {EMULATE_ENV}=1 and ask for backend 'cuda'"
+    if not explicit:
+        return "the CUDA emulator is a test vehicle: it runs only when backend 'cuda' is asked for by name"
+    return None
+
+
+def _operand(t: Tensor) -> Tensor:
+    """Unit stride on the head dim, head dim a multiple of 8 (zero-padded), 16-byte rows."""
+    d = t.shape[-1]
+    if d % 8:
+        t = F.pad(t, (0, 8 - d % 8))
+    aligned = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(3))
+    return t if aligned else t.contiguous()
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    B, H, L, _ = q.shape
+    ev = v.shape[-1]
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    out = new_output((B, H, L, v.shape[-1]), q.dtype, q.device)
+    lse = new_output((B, H, L), torch.float32, q.device)
+    if q.is_cuda:
+        if _C_cuda is None:
+            raise RuntimeError(_IMPORT_ERROR)
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        torch.ops.fused_attn.cuda_fwd_out(q, k, v, out, lse, int(causal), float(scale), stream)
+    else:
+        from .. import _emu
+
+        _emu.load().flash_fwd(q, k, v, out, lse, int(causal), float(scale))
+    return (out if out.shape[-1] == ev else out[..., :ev].contiguous()), lse
+
+
+@torch.library.custom_op("fused_attn::cuda_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, causal, scale)
+
+
+@forward.register_fake
+def _(q, k, v, causal, scale):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+def backward(dout, dlse, q, k, v, out, lse, causal, scale):
+    raise NotImplementedError(NO_BACKWARD)

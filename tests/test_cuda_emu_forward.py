@@ -1,0 +1,145 @@
+"""The CUDA forward kernel (csrc/cuda/flash_fwd_kernel.cuh) run through the CPU emulator.
+
+The same kernel source nvcc compiles runs here as C++ with every global access
+bounds-checked (fused_attn/_emu.py). Results go through the public API with backend
+"cuda" and FUSED_ATTN_CUDA_EMULATE=1, and are checked against the fp64 reference under
+the one tolerance rule (fused_attn.testing.assert_close: at most 2x plain PyTorch's
+error in the same dtype). Outputs are NaN-poisoned first, so a missed write fails.
+"""
+import math
+
+import pytest
+import torch
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fused_attn
+from fused_attn import _emu, reference
+from fused_attn.ops import cuda
+from fused_attn.problem import make_problem
+from fused_attn.reference import CausalMode
+from fused_attn.testing import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
+
+DTYPES = [torch.float16, torch.bfloat16]
+CAUSAL = list(CausalMode)
+
+
+@pytest.fixture(autouse=True)
+def _emulate(monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    monkeypatch.setenv("FUSED_ATTN_POISON", "1")
+
+
+def _mask(mode, L, S):
+    return {CausalMode.NONE: None, CausalMode.UPPER_LEFT: causal_upper_left(L, S),
+            CausalMode.LOWER_RIGHT: causal_lower_right(L, S)}[mode]
+
+
+def _qkv(B, Hq, Hk, L, S, E, Ev, dtype):
+    return (torch.randn(B, Hq, L, E, dtype=dtype), torch.randn(B, Hk, S, E, dtype=dtype),
+            torch.randn(B, Hk, S, Ev, dtype=dtype))
+
+
+def check_forward(q, k, v, mode: CausalMode, scale=None):
+    """out and lse of backend "cuda" (emulated) vs. the fp64 reference; returns the worst ratio."""
+    L, S = q.shape[2], k.shape[2]
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=mode, scale=scale)
+    base = reference.attention(q, k, v, causal=mode, scale=scale)  # plain PyTorch in the inputs' dtype
+    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=_mask(mode, L, S), scale=scale, enable_gqa=True,
+                                             backend="cuda")
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    return max(assert_close(g, r, b, name=n, dtype=q.dtype) for g, r, b, n in zip((out, lse), ref, base, ("out", "lse")))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 64), (113, 203), (203, 97)])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_seqlens_causal_dtypes(mode, L, S, dtype):
+    check_forward(*_qkv(2, 2, 2, L, S, 40, 40, dtype), mode)
+
+
+# Every head-dim bucket (32 ... 256), a dim inside a bucket (72 -> 96), one that is not a
+# multiple of 8 (111: zero-padded to 112 -> bucket 128), and E != Ev.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (72, 72), (128, 128), (160, 160), (192, 192), (224, 224),
+                                  (256, 256), (111, 111), (72, 40), (16, 256)])
+def test_head_dims(E, Ev, dtype):
+    check_forward(*_qkv(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hk", [1, 2, 3])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_gqa(mode, Hk, dtype):
+    check_forward(*_qkv(2, 6, Hk, 113, 150, 64, 64, dtype), mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_inputs(dtype):
+    B, H, L, S, E = 2, 3, 113, 203, 72
+    q = torch.randn(B, L, H, E, dtype=dtype).transpose(1, 2)           # (B, H, L, E) view of (B, L, H, E)
+    k = torch.randn(B, S, 2 * E, H, dtype=dtype)[:, :, ::2].permute(0, 3, 1, 2)  # last-dim stride 2: copied
+    v = torch.randn(B, 1, S, E, dtype=dtype).expand(B, H, S, E)          # stride-0 heads
+    assert not q.is_contiguous() and k.stride(-1) != 1 and v.stride(1) == 0
+    check_forward(q, k, v, CausalMode.UPPER_LEFT)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2.5])
+def test_unusual_scales(scale):
+    """Masking happens after scaling: a negative scale must not turn -inf into +inf."""
+    check_forward(*_qkv(1, 2, 2, 70, 90, 64, 64, torch.float16), CausalMode.UPPER_LEFT, scale=scale)
+
+
+def test_rows_that_see_no_key():
+    """Lower-right causal with L > S: the first L - S rows see nothing: zeros and lse = -inf."""
+    q, k, v = _qkv(1, 2, 2, 203, 64, 40, 40, torch.float16)
+    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=causal_lower_right(203, 64), backend="cuda")
+    assert torch.equal(out[:, :, :139], torch.zeros_like(out[:, :, :139]))
+    assert torch.isneginf(lse[:, :, :139]).all() and torch.isfinite(lse[:, :, 139:]).all()
+
+
+def test_sdpa_entry_point_and_3d_inputs():
+    q, k, v = (torch.randn(4, 33, 64, dtype=torch.bfloat16) for _ in range(3))
+    got = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    base = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(got, ref, base)
+
+
+# ---- dispatch ----------------------------------------------------------------------------
+
+def _problem(dtype=torch.float16, requires_grad=False):
+    q, k, v = _qkv(1, 2, 2, 16, 16, 32, 32, dtype)
+    if requires_grad:
+        q.requires_grad_()
+    return make_problem(q, k, v)
+
+
+def test_refusals_say_why(monkeypatch):
+    assert cuda.why_not(_problem(), explicit=True) is None
+    assert "asked for by name" in cuda.why_not(_problem(), explicit=False)
+    assert "float16 or bfloat16" in cuda.why_not(_problem(torch.float32), explicit=True)
+    assert "no backward" in cuda.why_not(_problem(requires_grad=True), explicit=True)
+    monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE")
+    assert "FUSED_ATTN_CUDA_EMULATE=1" in cuda.why_not(_problem(), explicit=True)
+
+
+def test_training_through_cuda_raises_with_the_reason():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 16, 16, 32, 32, torch.float16))
+    with pytest.raises(RuntimeError, match="no backward kernel yet"):
+        fused_attn.scaled_dot_product_attention(q, k, v, backend="cuda")
+    with pytest.raises(NotImplementedError, match="issue 4"):
+        cuda.backward(None, None, q, k, v, None, None, 0, 1.0)
+
+
+def test_emulator_speed_is_reported(capsys):
+    """Not a benchmark: prints the emulator's throughput at a test shape for the record."""
+    q, k, v = _qkv(1, 4, 4, 256, 256, 128, 128, torch.float16)
+    fused_attn.attention_with_lse(q, k, v, backend="cuda")
+    seconds, blocks, threads, switches = _emu.load().last_launch_stats()
+    flops = 4 * 4 * 256 * 256 * 128
+    with capsys.disabled():
+        print(f"\nemulated flash_fwd (1, 4, 256, 256, d=128) fp16: {seconds * 1e3:.0f} ms, {blocks} blocks, "
+              f"{switches} fiber switches, {flops / seconds / 1e9:.2f} GFLOP/s emulated")
+    assert blocks == 4 * math.ceil(256 / 128)
