@@ -137,3 +137,16 @@ def test_fp32_precision_follows_torch_setting(monkeypatch):
     assert T._modes(torch.float32)[1] == "tf32"
     assert T._modes(torch.float16)[1] == "ieee"
     assert T._modes(torch.bfloat16)[0] == T.INTERPRETED  # the interpreter-only bf16 upcast
+
+
+def test_int64_offsets(device):
+    """Batch 2's rows start past element 2**31 of q's storage; int32 offset arithmetic would wrap.
+    The storage is 4 GiB of address space, but only the rows written here are ever touched."""
+    L, E = 40, 32
+    stride_b = 2 ** 30 + 64  # an i32 stride whose product with b = 2 does not fit in i32
+    storage = torch.empty(2 * stride_b + L * E, dtype=torch.float16, device=device)
+    q = storage.as_strided((3, 1, L, E), (stride_b, L * E, E, 1))
+    with torch.no_grad():
+        q.copy_(torch.randn(3, 1, L, E, device=device))
+    k, v = (torch.randn(3, 1, 50, E, dtype=torch.float16, device=device) for _ in range(2))
+    check_backend("triton", q, k, v, CausalMode.UPPER_LEFT)
