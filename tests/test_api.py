@@ -215,3 +215,17 @@ def test_fully_masked_rows_are_zero_with_zero_grad():
     assert torch.all(out[:, :, 2] == 0) and torch.isfinite(out).all()
     out.sum().backward()
     assert torch.all(q.grad[:, :, 2] == 0) and torch.isfinite(k.grad).all()
+
+
+def test_fake_kernels_trace_shapes():
+    """The ops' fake implementations give the real ops' shapes (what torch.compile traces with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fused_attn.ops.triton_attention  # noqa: F401  (registers the ops)
+    q, k, v = rand(2, 6, 7, 16, dtype=torch.float16), rand(2, 2, 9, 16, dtype=torch.float16), rand(2, 2, 9, 24, dtype=torch.float16)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        out, lse = torch.ops.fused_attn.triton_fwd(fq, fk, fv, 1, 0.25)
+        dq, dk, dv = torch.ops.fused_attn.triton_bwd(out, None, fq, fk, fv, out, lse, 1, 0.25)
+    assert out.shape == (2, 6, 7, 24) and lse.shape == (2, 6, 7) and lse.dtype == torch.float32
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)

@@ -33,3 +33,14 @@ def allow_tf32() -> bool:
             return torch.get_float32_matmul_precision() != "highest"
         except RuntimeError:
             return False
+
+
+def fake_forward(q, k, v, causal, scale):
+    """Shapes of a backend's forward op (out (B, H, L, Ev), lse (B, H, L) fp32), for torch.compile."""
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+def fake_backward(dout, dlse, q, k, v, out, lse, causal, scale):
+    """Shapes of a backend's backward op (dq, dk, dv), for torch.compile."""
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

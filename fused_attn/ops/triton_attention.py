@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import CausalMode
-from ._common import allow_tf32, last_dim_contiguous, new_output
+from ._common import allow_tf32, fake_backward, fake_forward, last_dim_contiguous, new_output
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -499,10 +499,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple
     return _forward(q, k, v, causal, scale)
 
 
-@forward.register_fake
-def _(q, k, v, causal, scale):
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
+forward.register_fake(fake_forward)
 
 
 @torch.library.custom_op("fused_attn::triton_bwd", mutates_args=())
@@ -511,9 +508,7 @@ def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tens
     return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
 
 
-@backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+backward.register_fake(fake_backward)
 
 
 def why_not(p, explicit: bool) -> Optional[str]:
