@@ -30,7 +30,8 @@ def make_inputs(B, Hq, Hk, L, S, E, Ev, dtype, device="cpu", layout="contiguous"
 
     layout "blhe": views of (B, L, H, E) tensors (the layout after a linear projection);
     "sliced": k and v are column slices of one wider tensor (strided rows);
-    "broadcast": k and v have batch 1 expanded to B (stride 0).
+    "broadcast": k and v have batch 1 expanded to B (stride 0);
+    "transposed": the head dim is not the unit-stride dim (the kernels' launchers copy).
     """
     def rnd(*shape):
         return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
@@ -45,6 +46,8 @@ def make_inputs(B, Hq, Hk, L, S, E, Ev, dtype, device="cpu", layout="contiguous"
     elif layout == "broadcast":
         q = rnd(B, Hq, L, E)
         k, v = rnd(1, Hk, S, E).expand(B, -1, -1, -1), rnd(1, Hk, S, Ev).expand(B, -1, -1, -1)
+    elif layout == "transposed":
+        q, k, v = (rnd(B, H, d, n).transpose(-1, -2) for n, H, d in ((L, Hq, E), (S, Hk, E), (S, Hk, Ev)))
     else:
         raise ValueError(layout)
     return q, k, v

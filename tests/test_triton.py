@@ -46,7 +46,7 @@ def test_dtypes(device, dtype, mode, L, S):
     check_backend("triton", q, k, v, mode)
 
 
-@pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast"])
+@pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast", "transposed"])
 @pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.UPPER_LEFT], ids=lambda m: m.name.lower())
 def test_strided_inputs(device, layout, mode):
     q, k, v = make_inputs(2, 4, 2, 66, 90, 48, 48, torch.float16, device, layout=layout)
