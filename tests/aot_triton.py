@@ -40,11 +40,14 @@ FLOAT_SCALARS = {"qk_scale", "sm_scale"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _signature(fn, dtype, constexprs):
+def _signature(fn, dtype, constexprs, descriptors=None):
+    """Triton signature and divisibility hints; ``descriptors`` maps arg names to tile shapes."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif descriptors and name in descriptors:
+            sig[name] = f"tensordesc<{TYPE[dtype]}[{','.join(str(n) for n in descriptors[name])}]>"
         elif name in POINTERS:
             sig[name] = "*fp32" if name in FP32_POINTERS else "*" + TYPE[dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -58,15 +61,20 @@ def _signature(fn, dtype, constexprs):
 
 
 def compile_one(job):
-    kind, arch, head_dim, dtype, causal, cfg_index = job
+    kind, arch, head_dim, dtype, causal, cfg_index, tma = job
     fn = KERNELS[kind]
     elem = torch.tensor([], dtype=dtype).element_size()
     cfg = T.CONFIGS[kind][elem][cfg_index]
     precision = "ieee"
-    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=T.block_d(head_dim),
-                      BLOCK_DV=T.block_d(head_dim), CAUSAL=causal, DOT_FP32=False, PRECISION=precision,
-                      **cfg.kwargs)
-    sig, attrs = _signature(fn, dtype, constexprs)
+    bd = T.block_d(head_dim)
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=bd, BLOCK_DV=bd, CAUSAL=causal,
+                      DOT_FP32=False, PRECISION=precision, **cfg.kwargs)
+    descriptors = None
+    if kind == "fwd":
+        constexprs["TMA"] = tma
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        descriptors = {"Q": [1, 1, bm, bd], "K": [1, 1, bn, bd], "V": [1, 1, bn, bd], "O": [1, 1, bm, bd]} if tma else None
+    sig, attrs = _signature(fn, dtype, constexprs, descriptors)
     src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -79,7 +87,8 @@ def compile_one(job):
     return dict(kind=kind, arch=arch, head_dim=head_dim, dtype=TYPE[dtype], causal=causal,
                 config=f"M{cfg.kwargs['BLOCK_M']}/N{cfg.kwargs['BLOCK_N']}/w{cfg.num_warps}/s{cfg.num_stages}",
                 regs=res.get("REG", -1), spill=res.get("LOCAL", 0) + res.get("STACK", 0),
-                smem=k.metadata.shared, wgmma="wgmma.mma_async" in ptx, tf32=".tf32" in ptx)
+                smem=k.metadata.shared, wgmma="wgmma.mma_async" in ptx, tf32=".tf32" in ptx, tma=tma,
+                tma_ptx="cp.async.bulk.tensor" in ptx)
 
 
 def jobs(reps):
@@ -90,7 +99,9 @@ def jobs(reps):
                 elem = torch.tensor([], dtype=dtype).element_size()
                 configs = T.CONFIGS[kind][elem]
                 kept = T.prune_configs(kind, head_dim, head_dim, elem, arch)
-                out += [(kind, arch, head_dim, dtype, causal, configs.index(c)) for c in kept]
+                # the sm_90 forward also runs on tensor descriptors (TMA) when inputs are aligned
+                for tma in (False, True) if kind == "fwd" and arch >= 90 and elem == 2 else (False,):
+                    out += [(kind, arch, head_dim, dtype, causal, configs.index(c), tma) for c in kept]
     return out
 
 
@@ -103,12 +114,15 @@ def main(argv=None):
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(compile_one, todo))
     problems = []
-    print(f"{'kernel':6} {'arch':5} {'D':>4} {'dtype':5} {'causal':6} {'config':16} {'regs':>4} {'spill':>5} "
+    print(f"{'kernel':8} {'arch':5} {'D':>4} {'dtype':5} {'causal':6} {'config':16} {'regs':>4} {'spill':>5} "
           f"{'smem':>7} wgmma")
     for r in rows:
-        print(f"{r['kind']:6} sm_{r['arch']:<2} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
+        kernel = r["kind"] + ("+tma" if r["tma"] else "")
+        print(f"{kernel:8} sm_{r['arch']:<2} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
               f"{r['config']:16} {r['regs']:>4} {r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
-        where = f"{r['kind']} sm_{r['arch']} D={r['head_dim']} {r['dtype']} {r['config']}"
+        where = f"{kernel} sm_{r['arch']} D={r['head_dim']} {r['dtype']} {r['config']}"
+        if r["tma"] and not r["tma_ptx"]:
+            problems.append(f"{where}: the descriptor path does not use TMA (cp.async.bulk.tensor)")
         if r["spill"]:
             problems.append(f"{where}: {r['spill']} bytes of local memory (spills)")
         if r["smem"] > T.SMEM_LIMIT[r["arch"]]:

@@ -150,3 +150,39 @@ def test_int64_offsets(device):
         q.copy_(torch.randn(3, 1, L, E, device=device))
     k, v = (torch.randn(3, 1, 50, E, dtype=torch.float16, device=device) for _ in range(2))
     check_backend("triton", q, k, v, CausalMode.UPPER_LEFT)
+
+
+@pytest.mark.parametrize("case", ["causal_none", "upper_left", "lower_right_L>S", "gqa_ev", "blhe", "tail_blocks"])
+def test_tensor_descriptor_forward(device, monkeypatch, case):
+    """The forward's Hopper path: Q, K, V, O as tensor descriptors (TMA), whose out-of-bounds
+    reads give 0 and whose stores clip, in place of masked pointer loads and stores."""
+    if not T.INTERPRETED:
+        pytest.skip("compiled, the descriptor path is chosen by the device (sm_90)")
+    monkeypatch.setattr(T, "INTERPRETER_TMA", True)
+    mode, shape, layout = {
+        "causal_none": (CausalMode.NONE, (1, 2, 2, 70, 45, 40, 40), "contiguous"),
+        "upper_left": (CausalMode.UPPER_LEFT, (1, 2, 2, 45, 70, 64, 64), "contiguous"),
+        "lower_right_L>S": (CausalMode.LOWER_RIGHT, (1, 2, 2, 77, 33, 72, 72), "contiguous"),
+        "gqa_ev": (CausalMode.LOWER_RIGHT, (2, 6, 2, 50, 61, 32, 16), "contiguous"),
+        "blhe": (CausalMode.UPPER_LEFT, (2, 4, 2, 66, 90, 48, 48), "blhe"),
+        "tail_blocks": (CausalMode.LOWER_RIGHT, (1, 2, 1, 1, 1, 16, 16), "contiguous"),
+    }[case]
+    q, k, v = make_inputs(*shape, torch.float16, device, layout=layout)
+    used = []
+    monkeypatch.setattr(T, "_descriptor", (lambda f: lambda t: (used.append(t.shape), f(t))[1])(T._descriptor))
+    check_backend("triton", q, k, v, mode)
+    assert len(used) == 4  # q, k, v and out went through descriptors
+
+
+def test_tensor_descriptor_needs_alignment(monkeypatch):
+    monkeypatch.setattr(T, "INTERPRETER_TMA", True)
+    q, k, v = make_inputs(1, 2, 2, 20, 20, 40, 40, torch.float16)
+    assert T._use_tma((q, k, v))
+    assert not T._use_tma((q[..., 1:33], k, v))  # base not 16-byte aligned
+    odd = torch.randn(1, 2, 20, 44, dtype=torch.float16)[..., :40]  # rows of 88 bytes
+    assert not T._use_tma((odd, k, v))
+    broadcast = torch.randn(1, 2, 20, 40, dtype=torch.float16).expand(3, 2, 20, 40)  # batch stride 0
+    assert not T._use_tma((broadcast, broadcast, broadcast))
+    assert not T._use_tma(tuple(t.float() for t in (q, k, v)))  # fp32 keeps pointer loads
+    monkeypatch.setattr(T, "INTERPRETER_TMA", False)
+    assert not T._use_tma((q, k, v))

@@ -2,7 +2,8 @@
 
 The interpreter runs the kernels' Python source, so a line tracer sees which kernel
 statements ran. A handful of calls that cover the code paths (each causal mode, ragged
-tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot)
+tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, the
+forward's tensor-descriptor path)
 must together execute every statement inside every @triton.jit function.
 """
 import ast
@@ -36,7 +37,7 @@ def _kernel_statements():
     return lines
 
 
-def test_every_kernel_statement_runs():
+def test_every_kernel_statement_runs(monkeypatch):
     statements = _kernel_statements()
     assert {"_fwd_kernel", "_fwd_inner", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dkdv_inner",
             "_bwd_dq_kernel", "_bwd_dq_inner", "_dot"} <= set(statements.values())
@@ -50,9 +51,11 @@ def test_every_kernel_statement_runs():
 
     sys.settrace(tracer)
     try:
-        for mode, dtype, lse_grad in [(CausalMode.NONE, torch.float16, False),
-                                      (CausalMode.UPPER_LEFT, torch.bfloat16, True),
-                                      (CausalMode.LOWER_RIGHT, torch.float16, False)]:
+        for mode, dtype, lse_grad, tma in [(CausalMode.NONE, torch.float16, False, False),
+                                           (CausalMode.UPPER_LEFT, torch.bfloat16, True, False),
+                                           (CausalMode.LOWER_RIGHT, torch.float16, False, False),
+                                           (CausalMode.LOWER_RIGHT, torch.float16, False, True)]:
+            monkeypatch.setattr(T, "INTERPRETER_TMA", tma)
             q, k, v = make_inputs(1, 4, 2, 70, 45, 40, 24, dtype)
             check_backend("triton", q, k, v, mode, with_lse_grad=lse_grad)
     finally:

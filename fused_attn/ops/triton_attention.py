@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..reference import CausalMode
 from ._common import allow_tf32, fake_backward, fake_forward, last_dim_contiguous, new_output
@@ -79,23 +80,27 @@ def _key_range(start_m, causal_offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset,
-               qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, lo, hi, S,
+               causal_offset, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_row = tl.cast(start_n, tl.int64)
-        kt_ptrs = k_base + kv_row * stride_kn + tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + kv_row * stride_vn + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :]
-        if MASKED:
-            kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < S), other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if TMA:  # k_base, v_base are (B, Hk, S, E) descriptors: out-of-bounds rows and columns read as 0
+            kt = tl.trans(k_base.load([b32, hk32, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
+            v = v_base.load([b32, hk32, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
         else:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+            kv_row = tl.cast(start_n, tl.int64)
+            kt_ptrs = k_base + kv_row * stride_kn + tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + kv_row * stride_vn + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :]
+            if MASKED:
+                kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < S), other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            else:
+                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
         if MASKED:
             visible = offs_n[None, :] < S
@@ -122,35 +127,44 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 H, GROUP, L, S, causal_offset, qk_scale, L_BUCKET, S_BUCKET,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_base = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    b32, h32, hk32 = b.to(tl.int32), h.to(tl.int32), hk.to(tl.int32)  # descriptor coordinates
+    if TMA:  # Q, K, V, O are tensor descriptors (Hopper TMA): out-of-bounds reads give 0
+        q = Q.load([b32, h32, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+        k_base = K
+        v_base = V
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full, S,
-                               causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               False, CAUSAL, DOT_FP32, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, full, hi, S,
-                               causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               True, CAUSAL, DOT_FP32, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, 0,
+                               full, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                               False, CAUSAL, DOT_FP32, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, full,
+                               hi, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                               True, CAUSAL, DOT_FP32, PRECISION, TMA)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
-    tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
+    if TMA:  # rows past L and columns past Ev are clipped by the descriptor
+        O.store([b32, h32, start_m, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, BLOCK_DV]))
+    else:
+        o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
+        tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
+                 mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=offs_m < L)
 
 
@@ -335,8 +349,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # Tuning: every config the kernels may run with, and the one rule that prunes them
 # ---------------------------------------------------------------------------------------------
 
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: give the forward's tensor descriptors the config's tile shapes."""
+    if isinstance(nargs["Q"], TensorDescriptor):
+        bm, bn, bd, bdv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
+        for name, rows, cols in (("Q", bm, bd), ("K", bn, bd), ("V", bn, bdv), ("O", bm, bdv)):
+            nargs[name].block_shape = [1, 1, rows, cols]
+
+
 def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                         pre_hook=_tma_block_shapes)
 
 
 # Configs by element size: 2 = fp16/bf16 on tensor cores, 4 = fp32 (IEEE fp32 dots run on FMA
@@ -358,6 +381,8 @@ BWD_DQ_CONFIGS = {
 CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
 # The interpreter runs one small config, so small test shapes still cross many blocks.
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
+# Whether the interpreter takes the forward's tensor-descriptor (Hopper TMA) path; tests run both.
+INTERPRETER_TMA = False
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
 REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 100,
@@ -414,6 +439,7 @@ def _autotuned(kind: str, kernel):
         length = named_args["S_BUCKET" if kind == "dkdv" else "L_BUCKET"]
         return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], elem, _device_arch(), length)
     key = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "PRECISION", "GROUP"]
+    key += ["TMA"] if kind == "fwd" else []
     configs = [c for by_size in CONFIGS[kind].values() for c in by_size]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
@@ -453,12 +479,38 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tupl
     lse = new_output((B, H, L), torch.float32, q.device)
     dot_fp32, precision = _modes(q.dtype)
     mode = CausalMode(causal)
+    tensors = (q, k, v, out)
+    tma = _use_tma(tensors)
+    if tma:
+        tensors = tuple(_descriptor(t) for t in tensors)
+        if INTERPRETED:  # no autotuner, so no pre-hook: set the tile shapes here
+            _tma_block_shapes({**dict(zip("QKVO", tensors)), **INTERPRETER_BLOCKS,
+                               "BLOCK_D": block_d(E), "BLOCK_DV": block_d(EV)})
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
-    _fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    _fwd[grid](*tensors, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                H, H // HK, L, S, mode.offset(L, S), scale * LOG2E, _bucket(L), _bucket(S),
                HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
-               CAUSAL=mode is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision, **_blocks())
+               CAUSAL=mode is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision, TMA=tma, **_blocks())
     return out, lse
+
+
+def _use_tma(tensors) -> bool:
+    """Tensor descriptors (TMA loads and stores) on Hopper for fp16/bf16 (fp32's FMA-unit tiles spill
+    with them), when every tensor meets TMA's alignment: a 16-byte aligned base and 16-byte
+    multiples for the strides of dims longer than 1."""
+    wanted = INTERPRETER_TMA if INTERPRETED else (tensors[0].is_cuda and _device_arch() >= 90)
+    return wanted and tensors[0].element_size() == 2 and all(
+        t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+        and all(n == 1 or (st > 0 and st * t.element_size() % 16 == 0) for n, st in zip(t.shape[:-1], t.stride()[:-1]))
+        for t in tensors)
+
+
+def _descriptor(t: Tensor) -> TensorDescriptor:
+    """A (B, H, rows, D) descriptor, its tile shape set per config by _tma_block_shapes. Dims of
+    size 1 get a nominal aligned stride, which TMA checks but never uses."""
+    strides = [st if n > 1 else t.shape[-1] * 16 for n, st in zip(t.shape, t.stride())]
+    strides[-1] = 1
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, 16, block_d(t.shape[-1])])
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
