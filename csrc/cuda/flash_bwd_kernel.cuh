@@ -5,10 +5,11 @@
 //     enters here, since d lse / d s = P: dS = P * (dP - (delta - dlse)).
 //  2. flash_bwd_dkdv_kernel: one block per (key block, kv head, batch). K and V stay in
 //     shared memory; the block walks the query tiles of every q head of its GQA group (so
-//     the group sum of dK/dV needs no atomics), Q / dO / lse / delta through a cp.async
-//     pipeline. Phase A: S^T = K Q^T and dP^T = V dO^T per warp tile, P^T = exp2(S^T *
-//     scale * LOG2E - lse * LOG2E) recomputed from the saved lse, dS^T = P^T * (dP^T -
-//     delta); both rounded to the input dtype into shared memory. Phase B: dV += P^T dO,
+//     the group sum of dK/dV needs no atomics); Q and dO arrive by cp.async (the next
+//     tile prefetched where two stages fit), lse and delta by plain loads. Phase A:
+//     S^T = K Q^T and dP^T = V dO^T per warp tile, P^T = exp2(S^T * scale * LOG2E -
+//     lse * LOG2E) recomputed from the saved lse, dS^T = P^T * (dP^T - delta); both
+//     rounded to the input dtype into shared memory. Phase B: dV += P^T dO,
 //     dK += dS^T Q (dO and Q through ldmatrix.trans), accumulators spread over all warps.
 //     dK is scaled by the softmax scale once at the end.
 //  3. flash_bwd_dq_kernel: one block per (query block, q head, batch), the forward's

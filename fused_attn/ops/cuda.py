@@ -9,14 +9,19 @@ others are zero-padded to a multiple of 8 here, which copies). Causal: query i s
 j iff j <= i + offset (0 upper-left, S - L lower-right); a row that sees no key outputs
 0 with lse = -inf.
 
+Backward (``csrc/cuda/flash_bwd_kernel.cuh``): FlashAttention-2 backward in three kernels,
+delta = rowsum(dO * O) - dlse, then dK/dV per key block (looping over the query tiles of
+every q head of its GQA group) and dQ per query block, both recomputing P from the saved
+lse. No atomics: gradients are bitwise identical run to run (there is no faster
+non-deterministic mode).
+
 Where it runs:
 * CUDA tensors (compute capability >= 8.0) through the extension ``fused_attn._C_cuda``
-  (``csrc/cuda/binding/flash_api.cu``, op ``torch.ops.fused_attn.cuda_fwd_out``) when it
-  was built; otherwise the dispatcher says why and uses another backend.
+  (``csrc/cuda/binding/flash_api.cu``, ops ``torch.ops.fused_attn.cuda_fwd_out`` and
+  ``cuda_bwd_out``) when it was built; otherwise the dispatcher says why and uses another backend.
 * CPU tensors, through the CPU emulator of the same kernel source (``fused_attn._emu``),
   when ``FUSED_ATTN_CUDA_EMULATE=1`` and backend ``"cuda"`` is asked for by name: a test
   vehicle (every global access bounds-checked), orders of magnitude slower than a GPU.
-Backward: not yet (issue 4); training falls back to another backend.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from torch import Tensor
 from ._common import new_output
 
 try:
-    from .. import _C_cuda  # noqa: F401  (importing registers torch.ops.fused_attn.cuda_fwd_out)
+    from .. import _C_cuda  # noqa: F401  (importing registers torch.ops.fused_attn.cuda_{fwd,bwd}_out)
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as e:  # no nvcc / CUDA torch at install time, or a broken build
     _C_cuda = None
@@ -39,16 +44,12 @@ except ImportError as e:  # no nvcc / CUDA torch at install time, or a broken bu
 EMULATE_ENV = "FUSED_ATTN_CUDA_EMULATE"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-NO_BACKWARD = ("the CUDA backend has no backward kernel yet (issue 4); train with backend 'triton' or 'cpu', "
-               "or call it under torch.no_grad()")
 
 
 def why_not(p, explicit: bool) -> Optional[str]:
     """None if this backend can run problem ``p``, else the reason it cannot."""
     if p.dtype not in DTYPES:
         return f"the CUDA kernels take float16 or bfloat16, got {p.dtype}"
-    if p.needs_grad:
-        return NO_BACKWARD
     if p.device.type == "cuda":
         if _C_cuda is None:
             return _IMPORT_ERROR
@@ -103,5 +104,36 @@ def _(q, k, v, causal, scale):
     return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
 
 
-def backward(dout, dlse, q, k, v, out, lse, causal, scale):
-    raise NotImplementedError(NO_BACKWARD)
+def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    E, ev = q.shape[-1], v.shape[-1]
+    q, k, v, out, dout = (_operand(t) for t in (q, k, v, out, dout))  # zero padding adds 0 to rowsum(dO * O)
+    lse = lse.contiguous()
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    delta = new_output(lse.shape, torch.float32, q.device)  # scratch: rowsum(dO * O) - dlse
+    if q.is_cuda:
+        if _C_cuda is None:
+            raise RuntimeError(_IMPORT_ERROR)
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        torch.ops.fused_attn.cuda_bwd_out(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, int(causal), float(scale),
+                                          stream)
+    else:
+        from .. import _emu
+
+        _emu.load().flash_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, int(causal), float(scale))
+    return tuple(g if g.shape[-1] == d else g[..., :d].contiguous() for g, d in ((dq, E), (dk, E), (dv, ev)))
+
+
+@torch.library.custom_op("fused_attn::cuda_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
+
+
+@backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

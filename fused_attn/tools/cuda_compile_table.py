@@ -1,15 +1,19 @@
 """Compile the CUDA kernels with nvcc for real GPUs and check their resources.
 
-Each translation unit in ``TRANSLATION_UNITS`` is compiled to a cubin for every
-arch in ``ARCHS`` with ``-Xptxas -v`` (nothing is run). From ptxas's report we take,
+Each translation unit in ``TRANSLATION_UNITS`` (the primitive probes, and every
+forward and backward instantiation: flash_fwd / flash_bwd per head-dim bucket and
+dtype, flash_bwd_preprocess) is compiled to a cubin for every arch in ``ARCHS`` with
+``-Xptxas -v`` (nothing is run); all of them for both archs, 2 nvcc runs at a time
+(about 2 minutes on 2 cores). From ptxas's report we take,
 per kernel: registers, static shared memory, stack frame and spill bytes. Kernels
 that declare their launch shape (see ``manifest()``: threads per block, minimum
 blocks per SM from ``__launch_bounds__``, dynamic shared memory from the traits
 header) also get their dynamic shared memory and resident blocks per SM checked.
 
 Fails (exit status 1, or ``problems`` non-empty) on any spill, a stack frame,
-registers over 255 or over the launch-bounds budget, or shared memory over the
-arch's per-block limit (sm_80 kernels also against sm_86/89's 99 KB).
+registers over 255 or over the launch-bounds budget, shared memory over the
+arch's per-block limit (sm_80 kernels also against sm_86/89's 99 KB), or a
+manifest entry (a kernel that should exist) with no compiled kernel for some arch.
 
 The torch binding (``BINDING_UNITS``) is compiled too, once (sm_80), against the
 installed torch's headers: it must compile; it holds no kernels.
@@ -208,6 +212,11 @@ def compile_table(archs=ARCHS, jobs: Optional[int] = None, tus: Optional[List[Pa
     for r in rows:
         check(r, shapes)
         problems += [f"sm_{r.arch} {r.kernel}: {p}" for p in r.problems]
+    if tus == translation_units():  # the full set: every declared kernel must have been compiled
+        for key in shapes:
+            for arch in archs:
+                if not any(r.arch == arch and key in r.kernel for r in rows):
+                    problems.append(f"sm_{arch}: no compiled kernel for manifest entry {key!r}")
     rows.sort(key=lambda r: (re.sub(r"\d+", lambda m: m.group().zfill(8), r.kernel), r.arch))  # 32 before 128
     return rows, problems
 

@@ -1,6 +1,7 @@
 // Torch binding of the CUDA kernels: extension module fused_attn._C_cuda. Importing it
-// registers the op torch.ops.fused_attn.cuda_fwd_out (TORCH_LIBRARY, CUDA kernel), which
-// fused_attn/ops/cuda.py wraps in the public op fused_attn::cuda_fwd (with its fake).
+// registers the ops torch.ops.fused_attn.cuda_fwd_out and cuda_bwd_out (TORCH_LIBRARY, CUDA
+// kernels), which fused_attn/ops/cuda.py wraps in the public ops fused_attn::cuda_fwd and
+// fused_attn::cuda_bwd (with their fakes).
 // Only torch's dispatcher headers and Python.h are included: no pybind11, so this file
 // compiles quickly with nvcc.
 //
@@ -13,6 +14,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "cuda/flash_bwd_api.h"
+#include "cuda/flash_bwd_launch.cuh"
 #include "cuda/flash_fwd_api.h"
 #include "cuda/flash_fwd_launch.cuh"
 
@@ -29,6 +32,20 @@ FA_EXTERN_FWD(192)
 FA_EXTERN_FWD(224)
 FA_EXTERN_FWD(256)
 #undef FA_EXTERN_FWD
+#define FA_EXTERN_BWD(D)                                                                         \
+  extern template cudaError_t run_flash_bwd<D, false>(const BwdParams<half_t>&, cudaStream_t); \
+  extern template cudaError_t run_flash_bwd<D, true>(const BwdParams<bf16_t>&, cudaStream_t);
+FA_EXTERN_BWD(32)
+FA_EXTERN_BWD(64)
+FA_EXTERN_BWD(96)
+FA_EXTERN_BWD(128)
+FA_EXTERN_BWD(160)
+FA_EXTERN_BWD(192)
+FA_EXTERN_BWD(224)
+FA_EXTERN_BWD(256)
+#undef FA_EXTERN_BWD
+extern template cudaError_t run_flash_bwd_preprocess<half_t>(const BwdParams<half_t>&, cudaStream_t);
+extern template cudaError_t run_flash_bwd_preprocess<bf16_t>(const BwdParams<bf16_t>&, cudaStream_t);
 }  // namespace fa
 
 namespace {
@@ -36,16 +53,20 @@ namespace {
 // Writes out (B, Hq, L, Ev) and lse (B, Hq, L) fp32. causal: 0 none, 1 upper-left, 2 lower-right.
 // stream: torch.cuda.current_stream(device).cuda_stream (passed from Python so that this file
 // needs only the CUDA runtime and torch's device-generic headers).
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-             int64_t causal, double scale, int64_t stream_handle) {
-  fa::check_fwd_inputs(q, k, v, out, lse, causal);
-  TORCH_CHECK(q.is_cuda(), "fused_attn._C_cuda.forward takes CUDA tensors, got ", q.device());
-  const c10::DeviceGuard guard(q.device());
+void check_device(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "fused_attn._C_cuda takes CUDA tensors, got ", q.device());
   int major = 0;
   const cudaError_t attr = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
   TORCH_CHECK(attr == cudaSuccess, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(attr));
   TORCH_CHECK(major >= 8, "the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async), got ",
               major, ".x");
+}
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+             int64_t causal, double scale, int64_t stream_handle) {
+  fa::check_fwd_inputs(q, k, v, out, lse, causal);
+  const c10::DeviceGuard guard(q.device());
+  check_device(q);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int d = fa::fwd_head_dim(q, v);
   cudaError_t err;
@@ -59,18 +80,48 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   TORCH_CHECK(err == cudaSuccess, "fused_attn flash_fwd launch failed: ", cudaGetErrorString(err));
 }
 
+// Writes dq, dk, dv (shaped like q, k, v) and the fp32 scratch delta (B, Hq, L); dlse may be None.
+void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+              at::Tensor& dv, at::Tensor& delta, int64_t causal, double scale, int64_t stream_handle) {
+  const at::Tensor dl = dlse.has_value() ? *dlse : at::Tensor();
+  fa::check_bwd_inputs(dout, dl, q, k, v, out, lse, dq, dk, dv, delta, causal);
+  const c10::DeviceGuard guard(q.device());
+  check_device(q);
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const int d = fa::fwd_head_dim(q, v);
+  cudaError_t err;
+  if (q.scalar_type() == at::kHalf) {
+    const auto p = fa::make_bwd_params<fa::half_t>(dout, dl, q, k, v, out, lse, dq, dk, dv, delta, causal, scale);
+    err = fa::run_flash_bwd_preprocess(p, stream);
+    if (err == cudaSuccess)
+      err = fa::with_bwd_bucket(d, [&](auto kd) { return fa::run_flash_bwd<decltype(kd)::value, false>(p, stream); });
+  } else {
+    const auto p = fa::make_bwd_params<fa::bf16_t>(dout, dl, q, k, v, out, lse, dq, dk, dv, delta, causal, scale);
+    err = fa::run_flash_bwd_preprocess(p, stream);
+    if (err == cudaSuccess)
+      err = fa::with_bwd_bucket(d, [&](auto kd) { return fa::run_flash_bwd<decltype(kd)::value, true>(p, stream); });
+  }
+  TORCH_CHECK(err == cudaSuccess, "fused_attn flash_bwd launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_attn, m) {
   m.def("cuda_fwd_out(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, int causal, float scale, "
         "int stream) -> ()");
+  m.def("cuda_bwd_out(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) delta, int causal, float scale, int stream) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) { m.impl("cuda_fwd_out", &forward); }
+TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
+  m.impl("cuda_fwd_out", &forward);
+  m.impl("cuda_bwd_out", &backward);
+}
 
 // An importable module with no Python functions: importing it loads the library above.
 PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "fused_attn CUDA kernels: torch.ops.fused_attn.cuda_fwd_out",
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "fused_attn CUDA kernels: torch.ops.fused_attn.cuda_fwd_out, cuda_bwd_out",
                             -1, nullptr};
   return PyModule_Create(&def);
 }

@@ -1,0 +1,170 @@
+"""The CUDA backward kernels (csrc/cuda/flash_bwd_kernel.cuh) run through the CPU emulator.
+
+Gradients go through autograd and the public API with backend "cuda" and
+FUSED_ATTN_CUDA_EMULATE=1 (forward and backward both emulated), and are checked against
+the fp64 reference under the one tolerance rule (tests/attn_cases.check_backend: out,
+lse, dq, dk, dv at most 2x plain PyTorch's error in the same dtype). Gradient outputs are
+NaN-poisoned first, so a missed write fails. The emulator checks every global access
+against its tensor's bounds in every test here (GPtr has no unchecked mode under
+emulation; tests/test_cuda_emu_primitives.py shows the checker firing).
+"""
+import math
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import _emu
+from fused_attn.ops import cuda
+from fused_attn.problem import make_problem
+from fused_attn.reference import CausalMode
+
+from attn_cases import check_backend, make_inputs, sdpa_causal_args
+
+pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
+
+DTYPES = [torch.float16, torch.bfloat16]
+CAUSAL = list(CausalMode)
+
+
+@pytest.fixture(autouse=True)
+def _emulate(monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    monkeypatch.setenv("FUSED_ATTN_POISON", "1")
+
+
+# Ragged tails on both sides, L > S (lower-right: rows that see no key) and L < S; the lse
+# gradient enters through delta - dlse.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 64), (113, 203), (203, 97)])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_seqlens_causal_dtypes(mode, L, S, dtype):
+    check_backend("cuda", *make_inputs(2, 2, 2, L, S, 40, 40, dtype), mode, with_lse_grad=True)
+
+
+# Every head-dim bucket (32 ... 256), a dim inside a bucket (72 -> 96), one that is not a
+# multiple of 8 (111: zero-padded to 112 -> bucket 128), and E != Ev both ways.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (72, 72), (128, 128), (160, 160), (192, 192), (224, 224),
+                                  (256, 256), (111, 111), (72, 40), (16, 256)])
+def test_head_dims(E, Ev, dtype):
+    check_backend("cuda", *make_inputs(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
+
+
+# dK/dV sum over the q heads of each kv head's group inside the kernel (no atomics).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hk", [1, 2, 3])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_gqa(mode, Hk, dtype):
+    check_backend("cuda", *make_inputs(1, 6, Hk, 113, 150, 64, 64, dtype), mode, with_lse_grad=Hk == 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast"])
+def test_strided_inputs(layout, dtype):
+    """(B, L, H, E) views, column slices of a wider tensor, stride-0 batch for k and v."""
+    check_backend("cuda", *make_inputs(2, 4, 2, 70, 133, 72, 72, dtype, layout=layout), CausalMode.UPPER_LEFT)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2.5])
+def test_unusual_scales(scale):
+    check_backend("cuda", *make_inputs(1, 2, 2, 70, 90, 64, 64, torch.float16), CausalMode.UPPER_LEFT, scale=scale)
+
+
+def _grads(q, k, v, mode, dout, dlse=None):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    L, S = q.shape[2], k.shape[2]
+    out, lse = fused_attn.attention_with_lse(q, k, v, enable_gqa=True, backend="cuda", **sdpa_causal_args(mode, L, S))
+    loss = (out.float() * dout).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+def test_rows_that_see_no_key_get_zero_gradients():
+    """Lower-right causal with L > S: the first L - S rows see nothing (lse = -inf); their dq
+    is exactly 0 even with an lse gradient, and they add nothing to dk and dv."""
+    q, k, v = make_inputs(1, 2, 2, 203, 64, 40, 40, torch.float16)
+    dout, dlse = torch.randn(1, 2, 203, 40), torch.randn(1, 2, 203)
+    dq, dk, dv = _grads(q, k, v, CausalMode.LOWER_RIGHT, dout, dlse)
+    assert torch.equal(dq[:, :, :139], torch.zeros_like(dq[:, :, :139]))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    q2 = q.clone()
+    q2[:, :, :139] = torch.randn_like(q2[:, :, :139])  # rows that see nothing cannot matter
+    dout2 = dout.clone()
+    dout2[:, :, :139] = 7.0
+    _, dk2, dv2 = _grads(q2, k, v, CausalMode.LOWER_RIGHT, dout2, dlse)
+    assert torch.equal(dk, dk2) and torch.equal(dv, dv2)
+
+
+@pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.LOWER_RIGHT], ids=lambda m: m.name)
+def test_deterministic(mode):
+    """No atomics: repeated backward passes give bitwise-equal gradients, whatever order the
+    emulator's worker threads run the blocks in."""
+    q, k, v = make_inputs(1, 4, 2, 150, 97, 64, 64, torch.bfloat16)
+    dout, dlse = torch.randn(1, 4, 150, 64), torch.randn(1, 4, 150)
+    first = _grads(q, k, v, mode, dout, dlse)
+    for _ in range(2):
+        again = _grads(q, k, v, mode, dout, dlse)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_writes_stay_inside_the_gradient_views():
+    """dq, dk, dv given as column slices of wider sentinel-filled buffers: the kernels write
+    exactly the slice (every element of it, and nothing in the columns beside it)."""
+    B, H, L, S, E = 1, 2, 45, 77, 40
+    q, k, v = make_inputs(B, H, H, L, S, E, E, torch.float16)
+    out, lse = cuda.forward(q, k, v, 1, 0.125)
+    dout = torch.randn_like(out)
+    bufs = [torch.full((B, H, n, E + 8), 1234.0, dtype=torch.float16) for n in (L, S, S)]
+    dq, dk, dv = (b[..., :E] for b in bufs)
+    for t in (dq, dk, dv):
+        t.fill_(float("nan"))
+    delta = torch.empty(B, H, L)
+    _emu.load().flash_bwd(dout, None, q, k, v, out, lse, dq, dk, dv, delta, 1, 0.125)
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    assert all((b[..., E:] == 1234.0).all() for b in bufs)
+    ref = cuda.backward(dout, None, q, k, v, out, lse, 1, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), ref))
+
+
+def test_bad_inputs_say_what_was_passed():
+    q, k, v = make_inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
+    out, lse = cuda.forward(q, k, v, 0, 1.0)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    with pytest.raises(RuntimeError, match=r"dk must match .* got \[1, 2, 15, 32\]"):
+        _emu.load().flash_bwd(out, None, q, k, v, out, lse, dq, dk[:, :, :15], dv, torch.empty(1, 2, 16), 0, 1.0)
+    with pytest.raises(RuntimeError, match="dlse must be a contiguous float32"):
+        _emu.load().flash_bwd(out, lse.double(), q, k, v, out, lse, dq, dk, dv, torch.empty(1, 2, 16), 0, 1.0)
+
+
+def test_training_is_allowed_through_cuda():
+    q, k, v = make_inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
+    q.requires_grad_()
+    assert cuda.why_not(make_problem(q, k, v), explicit=True) is None
+    out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_emulator_speed_is_reported(capsys):
+    """Not a benchmark: prints the emulated backward's throughput at a test shape for the record."""
+    q, k, v = make_inputs(1, 4, 4, 256, 256, 128, 128, torch.float16)
+    out, lse = cuda.forward(q, k, v, 0, 128 ** -0.5)
+    cuda.backward(torch.randn_like(out), None, q, k, v, out, lse, 0, 128 ** -0.5)
+    seconds, blocks, threads, switches = _emu.load().last_launch_stats()
+    flops = 2.5 * 4 * 4 * 256 * 256 * 128
+    with capsys.disabled():
+        print(f"\nemulated flash_bwd dK/dV + dQ (1, 4, 256, 256, d=128) fp16: {seconds * 1e3:.0f} ms, {blocks} blocks, "
+              f"{switches} fiber switches, {flops / seconds / 1e9:.2f} GFLOP/s emulated")
+    assert blocks == 4 * math.ceil(256 / 64) + 4 * math.ceil(256 / 128)
+
+
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_backward_op_schema_and_fake(with_dlse):
+    """fused_attn::cuda_bwd is a well-formed torch.library op (schema, fake implementation)."""
+    q, k, v = make_inputs(1, 2, 1, 33, 47, 40, 40, torch.float16)
+    out, lse = cuda.forward(q, k, v, 2, 0.2)
+    dlse = torch.randn_like(lse) if with_dlse else None
+    torch.library.opcheck(cuda.backward, (torch.randn_like(out), dlse, q, k, v, out, lse, 2, 0.2),
+                          test_utils=("test_schema", "test_faketensor"))
