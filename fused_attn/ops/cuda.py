@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import new_output
+from ._common import fake_backward, fake_forward, new_output
 
 try:
     from .. import _C_cuda  # noqa: F401  (importing registers torch.ops.fused_attn.cuda_{fwd,bwd}_out)
@@ -98,10 +98,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple
     return _forward(q, k, v, causal, scale)
 
 
-@forward.register_fake
-def _(q, k, v, causal, scale):
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
+forward.register_fake(fake_forward)
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -134,6 +131,4 @@ def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tens
     return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
 
 
-@backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+backward.register_fake(fake_backward)
