@@ -6,7 +6,7 @@ when torch is importable at build time, so install with
 
 * ``fused_attn._C_cpu`` from ``csrc/cpu/*.cpp`` (any machine; skip with
   FUSED_ATTN_SKIP_CPU_BUILD=1);
-* ``fused_attn._C_cuda`` from ``csrc/cuda/`` when torch has CUDA and nvcc is found
+* ``fused_attn._C_cuda`` from ``csrc/cuda/**`` when torch has CUDA and nvcc is found
   (skip with FUSED_ATTN_SKIP_CUDA_BUILD=1; archs from FUSED_ATTN_CUDA_ARCHS, default
   "80;86;89;90"; parallel jobs from MAX_JOBS).
 """
@@ -27,9 +27,9 @@ if torch is not None:
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if cpu_sources and os.environ.get("FUSED_ATTN_SKIP_CPU_BUILD") != "1":
         ext_modules.append(cpp_extension.CppExtension(
-            "fused_attn._C_cpu", cpu_sources, extra_compile_args=["-O3", "-fopenmp"],
+            "fused_attn._C_cpu", cpu_sources, extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
             extra_link_args=["-fopenmp"]))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
     have_nvcc = shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME")
     if (cuda_sources and torch.version.cuda and have_nvcc
             and os.environ.get("FUSED_ATTN_SKIP_CUDA_BUILD") != "1"):

@@ -21,6 +21,7 @@ import torch
 
 from . import reference
 from .autograd import FusedAttention
+from .ops._common import lse_dtype
 from .problem import Problem
 
 ENV_VAR = "FUSED_ATTN_BACKEND"
@@ -68,7 +69,7 @@ class ReferenceBackend:
         dt = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
         out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.dropout_p, p.causal, p.scale,
                                        compute_dtype=dt)
-        return out.to(p.dtype), lse.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+        return out.to(p.dtype), lse.to(lse_dtype(p.dtype))
 
 
 BACKENDS = {

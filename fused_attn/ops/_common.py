@@ -35,12 +35,17 @@ def allow_tf32() -> bool:
             return False
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def fake_forward(q, k, v, causal, scale):
-    """Shapes of a backend's forward op (out (B, H, L, Ev), lse (B, H, L) fp32), for torch.compile."""
+    """Shapes of a backend's forward op (out (B, H, L, Ev), lse (B, H, L)), for torch.compile."""
     B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=torch.float32)
+    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=lse_dtype(q.dtype))
 
 
 def fake_backward(dout, dlse, q, k, v, out, lse, causal, scale):
-    """Shapes of a backend's backward op (dq, dk, dv), for torch.compile."""
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """Shapes of a backend's backward op (contiguous dq, dk, dv), for torch.compile."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -1,0 +1,152 @@
+// Fused attention backward on the CPU: recomputes P from the saved lse, never
+// forming anything of size L x S.
+//
+// 1. delta = rowsum(dO * O) - dlse per query row (the lse gradient enters here:
+//    d lse / d s = P, so dS = P * (dP - delta) covers both outputs' gradients).
+// 2. One task per (batch, kv head, chunk of key blocks). For each key block of
+//    BWD_TILE.block_k keys it accumulates dK, dV in fp32 (fp64) over the query
+//    blocks of every q head in the group (GQA sums in a fixed order, no atomics):
+//      S  = (scale log2 e) Q K^T;  P = exp2(S - lse log2 e)   (causal mask, skipped blocks)
+//      dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta)
+//      dK += scale dS^T Q;  dQ_chunk += scale dS K
+//    dQ accumulates in one fp32 (fp64) buffer per chunk of key blocks. Chunks exist
+//    only to feed every thread when B * Hk is smaller than the thread count; key
+//    blocks are dealt to chunks round-robin (balanced under causal masks).
+// 3. dQ = sum over chunks, in order: deterministic for a given thread count.
+// Extra memory: delta and n_chunks dQ buffers, O(L) per head, plus per-thread tiles.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "config.h"
+#include "gemm.h"
+#include "params.h"
+#include "tile_ops.h"
+
+namespace fused_attn::cpu {
+
+template <typename scalar_t, typename acc_t>
+void attention_backward(AttnParams p) {
+  constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
+  const TileConfig tile_cfg = BWD_TILE;
+  const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, p.L);
+  const int64_t BK = std::min<int64_t>(tile_cfg.block_k, p.S);
+  const int64_t n_kblocks = (p.S + BK - 1) / BK;
+  const int64_t group = p.Hq / p.Hk;
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_chunks = std::min(n_kblocks, std::max<int64_t>(1, (threads + p.B * p.Hk - 1) / (p.B * p.Hk)));
+  const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* out = static_cast<const scalar_t*>(p.out);
+  const auto* dout = static_cast<const scalar_t*>(p.dout);
+  const auto* lse = static_cast<const acc_t*>(p.lse);
+  const auto* dlse = static_cast<const acc_t*>(p.dlse);
+
+  // 1. delta, and lse in the exp2 domain.
+  at::Tensor rowstats = at::empty({2, p.B * p.Hq * p.L}, at::TensorOptions().dtype(acc_dtype));
+  acc_t* delta = rowstats.data_ptr<acc_t>();
+  acc_t* lse2 = delta + p.B * p.Hq * p.L;
+  at::parallel_for(0, p.B * p.Hq * p.L, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / p.L, i = row % p.L, b = bh / p.Hq, h = bh % p.Hq;
+      const scalar_t* o = out + row * p.Ev;
+      const scalar_t* d = dout + b * p.do_sb + h * p.do_sh + i * p.do_sl;
+      acc_t sum = 0;
+      for (int64_t c = 0; c < p.Ev; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+      delta[row] = sum - (dlse ? dlse[row] : acc_t(0));
+      lse2[row] = lse[row] * static_cast<acc_t>(LOG2E);
+    }
+  });
+
+  // 2. dK, dV per key block; dQ per chunk.
+  at::Tensor dq_acc_t = at::zeros({n_chunks, p.B * p.Hq * p.L * p.E}, at::TensorOptions().dtype(acc_dtype));
+  acc_t* dq_acc = dq_acc_t.data_ptr<acc_t>();
+  auto* dk = static_cast<scalar_t*>(p.dk);
+  auto* dv = static_cast<scalar_t*>(p.dv);
+  at::parallel_for(0, p.B * p.Hk * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile = BQ * BK;
+    at::Tensor scratch = at::empty({2 * tile + BK * p.E + BK * p.Ev}, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor scratch16 = at::empty({LOW_PRECISION ? tile : 0}, at::TensorOptions().dtype(in_dtype));
+    at::Tensor nvalid_t = at::empty({BQ}, at::TensorOptions().dtype(at::kLong));
+    acc_t* s = scratch.data_ptr<acc_t>();
+    acc_t* dp = s + tile;
+    acc_t* dk_acc = dp + tile;
+    acc_t* dv_acc = dk_acc + BK * p.E;
+    scalar_t* t16 = scratch16.data_ptr<scalar_t>();
+    int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
+
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t chunk = idx % n_chunks, bhk = idx / n_chunks;
+      const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
+      const scalar_t* k_bh = k + b * p.k_sb + hk * p.k_sh;
+      const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
+      acc_t* dq_chunk = dq_acc + chunk * p.B * p.Hq * p.L * p.E;
+      for (int64_t kb = chunk; kb < n_kblocks; kb += n_chunks) {
+        const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
+        const scalar_t* k_blk = k_bh + j0 * p.k_sl;
+        const scalar_t* v_blk = v_bh + j0 * p.v_sl;
+        std::fill(dk_acc, dk_acc + cols * p.E, acc_t(0));
+        std::fill(dv_acc, dv_acc + cols * p.Ev, acc_t(0));
+        // Query rows before the first one that sees key j0 skip this block entirely.
+        const int64_t first_row = p.causal ? std::max<int64_t>(0, j0 - p.offset) : 0;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const int64_t bh = b * p.Hq + h;
+          for (int64_t i0 = first_row; i0 < p.L; i0 += BQ) {
+            const int64_t rows = std::min(BQ, p.L - i0);
+            // Keys of this block that some row of the query block sees (causal diagonal).
+            const int64_t kc = p.causal ? std::min(cols, i0 + rows + p.offset - j0) : cols;
+            const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
+            const scalar_t* do_blk = dout + b * p.do_sb + h * p.do_sh + i0 * p.do_sl;
+            const acc_t* lse2_blk = lse2 + bh * p.L + i0;
+            const acc_t* delta_blk = delta + bh * p.L + i0;
+            for (int64_t r = 0; r < rows; ++r)
+              nvalid[r] = std::isinf(lse2_blk[r]) ? 0 : visible_keys(p, i0 + r, j0, kc);
+            gemm(false, true, rows, kc, p.E, score_scale, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
+            probs(s, BK, rows, kc, nvalid, lse2_blk);
+            gemm(false, true, rows, kc, p.Ev, acc_t(1), do_blk, p.do_sl, v_blk, p.v_sl, acc_t(0), dp, BK);
+            dscores(dp, s, BK, rows, kc, delta_blk);
+            acc_t* dq_blk = dq_chunk + (bh * p.L + i0) * p.E;
+            if constexpr (LOW_PRECISION) {
+              convert_tile(s, BK, t16, BK, rows, kc);
+              gemm(true, false, kc, p.Ev, rows, acc_t(1), t16, BK, do_blk, p.do_sl, acc_t(1), dv_acc, p.Ev);
+              convert_tile(dp, BK, t16, BK, rows, kc);
+              gemm(true, false, kc, p.E, rows, scale, t16, BK, q_blk, p.q_sl, acc_t(1), dk_acc, p.E);
+              gemm(false, false, rows, p.E, kc, scale, t16, BK, k_blk, p.k_sl, acc_t(1), dq_blk, p.E);
+            } else {
+              gemm(true, false, kc, p.Ev, rows, acc_t(1), s, BK, do_blk, p.do_sl, acc_t(1), dv_acc, p.Ev);
+              gemm(true, false, kc, p.E, rows, scale, dp, BK, q_blk, p.q_sl, acc_t(1), dk_acc, p.E);
+              gemm(false, false, rows, p.E, kc, scale, dp, BK, k_blk, p.k_sl, acc_t(1), dq_blk, p.E);
+            }
+          }
+        }
+        scalar_t* dk_blk = dk + (bhk * p.S + j0) * p.E;
+        scalar_t* dv_blk = dv + (bhk * p.S + j0) * p.Ev;
+        for (int64_t x = 0; x < cols * p.E; ++x) dk_blk[x] = static_cast<scalar_t>(dk_acc[x]);
+        for (int64_t x = 0; x < cols * p.Ev; ++x) dv_blk[x] = static_cast<scalar_t>(dv_acc[x]);
+      }
+    }
+  });
+
+  // 3. dQ = sum of the chunks' partial sums, in chunk order.
+  auto* dq = static_cast<scalar_t*>(p.dq);
+  const int64_t n_dq = p.B * p.Hq * p.L * p.E;
+  at::parallel_for(0, n_dq, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      acc_t sum = dq_acc[x];
+      for (int64_t c = 1; c < n_chunks; ++c) sum += dq_acc[c * n_dq + x];
+      dq[x] = static_cast<scalar_t>(sum);
+    }
+  });
+}
+
+}  // namespace fused_attn::cpu

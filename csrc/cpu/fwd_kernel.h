@@ -1,0 +1,247 @@
+// Fused attention forward on the CPU (FlashAttention-2's algorithm on tiles).
+//
+// One task per (batch, q head, block of FWD_TILE.block_q query rows), spread over
+// threads with at::parallel_for (cheap and expensive causal blocks interleaved). A task
+// walks the keys FWD_TILE.block_k at a time:
+//   S = Q K^T                                  (tile GEMM, fp32 / fp64)
+//   online softmax: m = max(S * scale log2 e), P = exp2(S * scale log2 e - m)
+//   acc = acc * exp2(m_old - m) + P V          (tile GEMM)
+// and writes out = acc / l, lse = (m + log2 l) ln 2. Key blocks wholly above the causal
+// diagonal are never visited and the diagonal block is cut at the last row's last key;
+// nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf.
+// GEMMs: fp32 / fp64 through BLAS (MKL sgemm / dgemm); bf16 / fp16, where oneDNN's AMX /
+// AVX-512 micro-kernels exist, through at::native::cpublas::brgemm on K^T / V packed once
+// per call (PackedKV), with P rounded to 16 bits as tensor-core kernels do; else BLAS.
+// Softmax: AVX-512 intrinsics where the CPU has them, else compiler-vectorised clones.
+// Dtypes: fp32, bf16, fp16 accumulate in fp32; fp64 in fp64. Head dims up to 256, E (q/k)
+// and Ev (v) independent.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include "config.h"
+#include "gemm.h"
+#include "params.h"
+#include "tile_ops.h"
+
+namespace fused_attn::cpu {
+
+// Task order that interleaves cheap and expensive causal query blocks
+// (0, n-1, 1, n-2, ...), so at::parallel_for's contiguous ranges balance.
+inline int64_t balanced_block(int64_t idx, int64_t n) {
+  return idx % 2 == 0 ? idx / 2 : n - 1 - idx / 2;
+}
+
+// K^T and V of every key block laid out as brgemm B operands, packed once per call and
+// read by every query block. oneDNN packs B in column panels of PANEL = 64: a key block
+// holds K^T as BK / PANEL panels of (Ep x PANEL) and V as ceil(Ev / PANEL) panels of
+// (BK x PANEL), zero-padded (Ep = E rounded up to even, the VNNI pair size; fp32 panels
+// are plain row-major copies). O(S) extra memory.
+template <typename scalar_t>
+struct PackedKV {
+  static constexpr bool VNNI = !std::is_same_v<scalar_t, float>;
+  static constexpr int64_t PANEL = 64;
+  int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems;
+  at::Tensor buf;
+
+  PackedKV(const AttnParams& p, int64_t block_k) {
+    const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
+    Ep = VNNI ? (p.E + 1) / 2 * 2 : p.E;
+    BK = block_k;  // a multiple of PANEL
+    Evp = (p.Ev + PANEL - 1) / PANEL * PANEL;
+    n_kblocks = (p.S + BK - 1) / BK;
+    k_elems = Ep * BK;
+    v_elems = BK * Evp;
+    const int64_t per_block = k_elems + v_elems;
+    buf = at::empty({p.B * p.Hk * n_kblocks * per_block}, at::TensorOptions().dtype(dt));
+    const auto* k = static_cast<const scalar_t*>(p.k);
+    const auto* v = static_cast<const scalar_t*>(p.v);
+    scalar_t* base = buf.data_ptr<scalar_t>();
+    at::parallel_for(0, p.B * p.Hk * n_kblocks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor tmp_t = at::empty({per_block}, at::TensorOptions().dtype(dt));
+      scalar_t* kt = tmp_t.data_ptr<scalar_t>();  // K^T block, Ep x BK row-major
+      scalar_t* vt = kt + k_elems;                // V block, BK x Evp row-major
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
+        const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
+        const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
+        const scalar_t* v_blk = v + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
+        std::fill(kt, kt + per_block, scalar_t(0));
+        for (int64_t j = 0; j < cols; ++j)
+          for (int64_t e = 0; e < p.E; ++e) kt[e * BK + j] = k_blk[j * p.k_sl + e];
+        for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_sl, v_blk + j * p.v_sl + p.Ev, vt + j * Evp);
+        scalar_t* dst = base + idx * per_block;
+        for (int64_t c0 = 0; c0 < BK; c0 += PANEL) pack_panel(Ep, BK, kt + c0, dst + c0 * Ep);
+        for (int64_t c0 = 0; c0 < Evp; c0 += PANEL) pack_panel(BK, Evp, vt + c0, dst + k_elems + c0 * BK);
+      }
+    });
+  }
+  // One (rows x PANEL) column panel of a row-major matrix with leading dim ld.
+  static void pack_panel(int64_t rows, int64_t ld, const scalar_t* src, scalar_t* dst) {
+    if constexpr (VNNI) {
+      const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
+      at::native::cpublas::pack(rows, PANEL, ld, PANEL, dt, dt, src, dst);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) std::copy(src + r * ld, src + r * ld + PANEL, dst + r * PANEL);
+    }
+  }
+  // Panel c0 / PANEL of key block kb's K^T / V.
+  const scalar_t* k_panel(int64_t bhk, int64_t kb, int64_t c0) const {
+    return buf.data_ptr<scalar_t>() + (bhk * n_kblocks + kb) * (k_elems + v_elems) + c0 * Ep;
+  }
+  const scalar_t* v_panel(int64_t bhk, int64_t kb, int64_t c0) const {
+    return buf.data_ptr<scalar_t>() + (bhk * n_kblocks + kb) * (k_elems + v_elems) + k_elems + c0 * BK;
+  }
+  // S (rows x cols, ld_s) = Q (rows x Ep) K^T for key block kb.
+  void scores(int64_t bhk, int64_t kb, const scalar_t* q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
+      at::native::cpublas::brgemm(rows, std::min(PANEL, cols - c0), Ep, Ep, PANEL, ld_s, false, q,
+                                  k_panel(bhk, kb, c0), s + c0, VNNI);
+  }
+  // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb.
+  void accumulate(int64_t bhk, int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
+                  float* acc) const {
+    for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
+      at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
+                                  v_panel(bhk, kb, c0), acc + c0, VNNI);
+  }
+};
+
+// Online softmax of one score tile; for 16-bit inputs P lands in p16 (the PV GEMM's A).
+template <typename scalar_t, typename acc_t>
+void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, acc_t sc, acc_t* m,
+                  acc_t* l, acc_t* corr, scalar_t* p16, int64_t ld16) {
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  if constexpr (!std::is_same_v<acc_t, double>) {
+    if (cpu_has_avx512()) {
+      auto* out16 = reinterpret_cast<uint16_t*>(p16);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        return online_softmax_avx512<0>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+      } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        return online_softmax_avx512<2>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+      } else if (cpu_has_avx512_bf16()) {
+        return online_softmax_avx512<1>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+      } else {
+        return online_softmax_avx512<3>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+      }
+    }
+  }
+#endif
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    online_softmax(s, ld, rows, cols, nvalid, sc, m, l, corr);
+  } else {
+    online_softmax_lowp(s, ld, rows, cols, nvalid, sc, m, l, corr);
+    convert_tile(s, ld, p16, ld16, rows, cols);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void attention_forward(AttnParams p) {
+  constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
+  // brgemm for 16-bit inputs (AMX); fp32 measured faster through MKL's sgemm.
+  constexpr bool CAN_BRGEMM = LOW_PRECISION;
+  const TileConfig tile = FWD_TILE;
+  const int64_t BQ = std::min<int64_t>(tile.block_q, p.L);
+  // With brgemm the key block is a whole number of packing panels.
+  const int64_t BK = std::min<int64_t>(tile.block_k, (p.S + 63) / 64 * 64);
+  const int64_t n_qblocks = (p.L + BQ - 1) / BQ;
+  const int64_t group = p.Hq / p.Hk;
+  const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+  auto* lse = static_cast<acc_t*>(p.lse);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  bool use_brgemm = false;
+  if constexpr (CAN_BRGEMM) use_brgemm = brgemm_available<scalar_t>() && !portable_only();
+  std::optional<PackedKV<scalar_t>> packed;
+  if constexpr (CAN_BRGEMM) {
+    if (use_brgemm) packed.emplace(p, BK);
+  }
+  const int64_t Ep = packed ? packed->Ep : p.E;
+
+  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
+    const int64_t n_acc = BQ * BK + BQ * p.Ev + 3 * BQ;
+    at::Tensor scratch = at::empty({n_acc}, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor scratch16 = at::empty({(LOW_PRECISION ? BQ * BK : 0) + (use_brgemm ? BQ * Ep : 0)},
+                                     at::TensorOptions().dtype(in_dtype));
+    at::Tensor nvalid_t = at::empty({BQ}, at::TensorOptions().dtype(at::kLong));
+    acc_t* s = scratch.data_ptr<acc_t>();
+    acc_t* acc = s + BQ * BK;
+    acc_t* m = acc + BQ * p.Ev;
+    acc_t* l = m + BQ;
+    acc_t* corr = l + BQ;
+    scalar_t* p16 = scratch16.data_ptr<scalar_t>();
+    scalar_t* q_pad = p16 + (LOW_PRECISION ? BQ * BK : 0);
+    int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
+
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / n_qblocks;
+      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / group, bhk = b * p.Hk + hk;
+      const int64_t i0 = balanced_block(idx % n_qblocks, n_qblocks) * BQ;
+      const int64_t rows = std::min(BQ, p.L - i0);
+      const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
+      const scalar_t* k_bh = k + b * p.k_sb + hk * p.k_sh;
+      const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
+      if (use_brgemm) {  // the A operand: rows x Ep, contiguous, zero-padded
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(q_blk + r * p.q_sl, q_blk + r * p.q_sl + p.E, q_pad + r * Ep);
+          std::fill(q_pad + r * Ep + p.E, q_pad + (r + 1) * Ep, scalar_t(0));
+        }
+      }
+
+      std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
+      std::fill(l, l + rows, acc_t(0));
+      std::fill(acc, acc + rows * p.Ev, acc_t(0));
+      // Keys past the last row's diagonal are invisible to the whole block.
+      const int64_t key_end = p.causal ? std::min(p.S, i0 + rows + p.offset) : p.S;
+      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        const int64_t cols = std::min(BK, key_end - j0);
+        if constexpr (CAN_BRGEMM) {
+          if (use_brgemm) packed->scores(bhk, j0 / BK, q_pad, rows, cols, s, BK);
+        }
+        if (!use_brgemm)
+          gemm(false, true, rows, cols, p.E, acc_t(1), q_blk, p.q_sl, k_bh + j0 * p.k_sl, p.k_sl, acc_t(0), s, BK);
+        for (int64_t r = 0; r < rows; ++r) nvalid[r] = visible_keys(p, i0 + r, j0, cols);
+        softmax_step<scalar_t>(s, BK, rows, cols, nvalid, score_scale, m, l, corr, p16, BK);
+        scale_rows(acc, p.Ev, rows, p.Ev, corr);
+        const scalar_t* v_blk = v_bh + j0 * p.v_sl;
+        if constexpr (LOW_PRECISION) {
+          if (use_brgemm) {
+            // The VNNI reduction dim runs in pairs: an odd tail gets one zero column of P.
+            const int64_t k_even = (cols + 1) / 2 * 2;
+            if (k_even != cols)
+              for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
+            packed->accumulate(bhk, j0 / BK, p16, BK, rows, k_even, p.Ev, acc);
+          } else {
+            gemm(false, false, rows, p.Ev, cols, acc_t(1), p16, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
+          }
+        } else {
+          gemm(false, false, rows, p.Ev, cols, acc_t(1), s, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
+        }
+      }
+      scalar_t* out_blk = out + (bh * p.L + i0) * p.Ev;
+      acc_t* lse_blk = lse + bh * p.L + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool seen = l[r] > acc_t(0);
+        const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
+        for (int64_t c = 0; c < p.Ev; ++c) out_blk[r * p.Ev + c] = static_cast<scalar_t>(acc[r * p.Ev + c] * inv);
+        lse_blk[r] = seen ? (m[r] + std::log2(l[r])) * static_cast<acc_t>(LN2)
+                          : -std::numeric_limits<acc_t>::infinity();
+      }
+    }
+    if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
+  });
+}
+
+}  // namespace fused_attn::cpu

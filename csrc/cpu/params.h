@@ -1,0 +1,42 @@
+// The one parameter struct the CPU kernels take, by value.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_attn::cpu {
+
+// Strides are in elements; every last (head) dim has unit stride.
+struct AttnParams {
+  // Inputs: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides.
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sl;
+  int64_t v_sb, v_sh, v_sl;
+  // Forward outputs / saved for backward, contiguous: out (B, Hq, L, Ev), lse (B, Hq, L)
+  // (acc dtype: fp32, fp64 for fp64 inputs).
+  void* out;
+  void* lse;
+  // Backward only: dout (B, Hq, L, Ev) any strides; dq / dk / dv contiguous like q / k / v;
+  // delta (B, Hq, L) in the acc dtype, rowsum(dO * O) - dlse, filled by the kernel.
+  const void* dout;
+  int64_t do_sb, do_sh, do_sl;
+  const void* dlse;  // (B, Hq, L) contiguous in the lse dtype, or nullptr
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t B, Hq, Hk, L, S, E, Ev;
+  double scale;
+  bool causal;
+  int64_t offset;  // causal: query i sees key j iff j <= i + offset
+};
+
+// Keys [j0, j0 + cols) that query row i may see: a prefix of length in [0, cols].
+inline int64_t visible_keys(const AttnParams& p, int64_t i, int64_t j0, int64_t cols) {
+  if (!p.causal) return cols;
+  const int64_t n = i + p.offset - j0 + 1;
+  return n < 0 ? 0 : (n > cols ? cols : n);
+}
+
+}  // namespace fused_attn::cpu

@@ -1,0 +1,284 @@
+// Elementwise work on the fp32 / fp64 score tiles between the GEMMs: the online
+// softmax update of the forward, the probability and dS recomputation of the
+// backward, and conversions to 16-bit GEMM operands.
+//
+// Tiles are row-major with leading dimension ld; `nvalid[r]` is how many leading
+// columns of row r the row may see (causal diagonal, ragged tail, or 0 for a row
+// that sees nothing); the rest of the row is written as 0. Every exponential is an
+// exp2: the forward multiplies raw scores by sc = scale * log2(e) itself, the backward
+// gets scores already scaled by its GEMM.
+//
+// Two implementations: portable loops written for the compiler's vectoriser (`omp simd`
+// reductions, a branch-free exp2), compiled for AVX-512, AVX2+FMA and baseline x86-64
+// and picked at load time (GCC function multi-versioning); and, for the forward's
+// softmax, AVX-512 intrinsics used where the CPU has AVX-512.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FA_CPU_HAVE_AVX512_PATH 1
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FA_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FA_CPU_ISA_CLONES
+#endif
+#define FA_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace fused_attn::cpu {
+
+// Tests switch the hand-written AVX-512 and oneDNN paths off to check the portable
+// fallbacks (what CPUs without AVX-512 / AMX run) on any machine.
+inline bool& portable_only() {
+  static bool only = false;
+  return only;
+}
+
+// 2^x for x <= 0 in fp32: 2^round(x) built in the exponent bits times a polynomial
+// for 2^f, |f| <= 0.5: degree 7 (truncation error 5e-9, below half an fp32 ulp), or
+// degree 4 (4e-5) where P is rounded to bf16 / fp16 anyway (LOW_PRECISION).
+// Returns 0 below -126 (no denormals), including for -inf.
+// Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^n / n!.
+constexpr float EXP2_C1 = 0.6931471805599453f, EXP2_C2 = 0.2402265069591007f, EXP2_C3 = 0.05550410866482158f,
+                EXP2_C4 = 0.009618129107628477f, EXP2_C5 = 0.0013333558146428443f,
+                EXP2_C6 = 0.00015403530393381608f, EXP2_C7 = 1.525273380405984e-05f;
+
+template <bool LOW_PRECISION = false>
+FA_ALWAYS_INLINE float exp2_fast(float x) {
+  constexpr float ROUND_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float C1 = EXP2_C1, C2 = EXP2_C2, C3 = EXP2_C3, C4 = EXP2_C4, C5 = EXP2_C5, C6 = EXP2_C6, C7 = EXP2_C7;
+  x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
+  const float n = (x + ROUND_MAGIC) - ROUND_MAGIC;
+  const float f = x - n;
+  const float p = LOW_PRECISION
+      ? 1.0f + f * (C1 + f * (C2 + f * (C3 + f * C4)))
+      : 1.0f + f * (C1 + f * (C2 + f * (C3 + f * (C4 + f * (C5 + f * (C6 + f * C7))))));
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+template <bool LOW_PRECISION = false>
+FA_ALWAYS_INLINE double exp2_fast(double x) { return std::exp2(x); }
+
+// Online softmax, one key block (raw scores s, sc = scale * log2 e): for each row,
+// new max m of s * sc, P = exp2(s * sc - m) in place,
+// l = l * corr + rowsum(P) with corr = exp2(m_old - m). A row that has seen no key
+// keeps m = -inf, l = 0 and gets P = 0, corr = 1.
+template <bool LOW_PRECISION, typename acc_t>
+FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
+                                          const int64_t* nvalid, acc_t sc, acc_t* m, acc_t* l, acc_t* corr) {
+  constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = s + r * ld;
+    const int64_t nv = nvalid[r];
+    acc_t mx = NEG_INF;
+#pragma omp simd reduction(max : mx)
+    for (int64_t c = 0; c < nv; ++c) mx = row[c] * sc > mx ? row[c] * sc : mx;
+    const acc_t m_new = m[r] > mx ? m[r] : mx;
+    if (m_new == NEG_INF) {
+      for (int64_t c = 0; c < cols; ++c) row[c] = 0;
+      corr[r] = 1;
+      continue;
+    }
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < nv; ++c) {
+      const acc_t e = exp2_fast<LOW_PRECISION>(row[c] * sc - m_new);
+      row[c] = e;
+      sum += e;
+    }
+    for (int64_t c = nv; c < cols; ++c) row[c] = 0;
+    corr[r] = exp2_fast(m[r] - m_new);
+    l[r] = l[r] * corr[r] + sum;
+    m[r] = m_new;
+  }
+}
+
+#ifdef FA_CPU_HAVE_AVX512_PATH
+// The forward's online softmax hand-vectorised for AVX-512 (the compiler's version spends
+// a third of its time in scalar horizontal reductions and an extra pass to convert P):
+// masked 16-lane loops, exp2 by roundscale + polynomial + scalef, and for 16-bit inputs
+// P goes straight to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
+// OUT: 0 = fp32 P into s; 1 = bf16 P into p16 (AVX512-BF16 conversion), 3 = the same
+// rounded with integer ops (CPUs without AVX512-BF16); 2 = fp16 P into p16. Scores are
+// finite (finite inputs), so x needs no clamp: scalef of a huge negative power gives 0.
+template <int OUT>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))) void online_softmax_avx512(
+    float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sc, float* m, float* l,
+    float* corr, uint16_t* p16, int64_t ld16) {
+  constexpr float C1 = EXP2_C1, C2 = EXP2_C2, C3 = EXP2_C3, C4 = EXP2_C4, C5 = EXP2_C5, C6 = EXP2_C6, C7 = EXP2_C7;
+  constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+  const __m512 vsc = _mm512_set1_ps(sc);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    const int64_t nv = nvalid[r];
+    __m512 vmax = _mm512_set1_ps(NEG_INF);
+    for (int64_t c = 0; c < nv; c += 16) {
+      const __mmask16 k = nv - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nv - c)) - 1);
+      vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), vsc));
+    }
+    const float mx = _mm512_reduce_max_ps(vmax);
+    const float m_new = m[r] > mx ? m[r] : mx;
+    const bool nothing = m_new == NEG_INF;
+    const __m512 neg_m = _mm512_set1_ps(nothing ? 0.0f : -m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t n = cols - c >= 16 ? 16 : cols - c;
+      const __mmask16 kc = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const int64_t valid = nothing ? 0 : (nv - c >= 16 ? 16 : (nv - c > 0 ? nv - c : 0));
+      const __mmask16 kv = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+      const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
+      const __m512 nr = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 f = _mm512_sub_ps(x, nr);
+      __m512 p;
+      if constexpr (OUT == 0) {
+        p = _mm512_fmadd_ps(f, _mm512_set1_ps(C7), _mm512_set1_ps(C6));
+        p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C5));
+        p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C4));
+      } else {
+        p = _mm512_set1_ps(C4);
+      }
+      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C3));
+      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C2));
+      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C1));
+      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.0f));
+      const __m512 e = _mm512_maskz_scalef_ps(kv, p, nr);  // p * 2^nr, 0 where not visible
+      vsum = _mm512_add_ps(vsum, e);
+      if constexpr (OUT == 0) {
+        _mm512_mask_storeu_ps(row + c, kc, e);
+      } else if constexpr (OUT == 1) {
+        _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
+      } else if constexpr (OUT == 3) {  // round to nearest even; no NaN can reach here
+        const __m512i u = _mm512_castps_si512(e);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+        _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, _mm512_cvtepi32_epi16(rounded));
+      } else {
+        _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      }
+    }
+    if (nothing) {
+      corr[r] = 1.0f;
+      continue;
+    }
+    corr[r] = exp2_fast(m[r] - m_new);
+    l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(vsum);
+    m[r] = m_new;
+  }
+}
+
+inline bool cpu_has_avx512_bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+inline bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok && !portable_only();
+}
+#endif
+
+// Backward: P = exp2(s - lse2) in place (lse2 = lse * log2(e)), 0 past nvalid.
+template <typename acc_t>
+FA_ALWAYS_INLINE void probs_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
+                                 const int64_t* nvalid, const acc_t* lse2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = s + r * ld;
+    const int64_t nv = nvalid[r];
+    const acc_t sub = lse2[r];
+#pragma omp simd
+    for (int64_t c = 0; c < nv; ++c) row[c] = exp2_fast(row[c] - sub);
+    for (int64_t c = nv; c < cols; ++c) row[c] = 0;
+  }
+}
+
+// Backward: dS = P * (dP - delta) in place in dp (delta = rowsum(dO * O) - dlse).
+template <typename acc_t>
+FA_ALWAYS_INLINE void dscores_impl(acc_t* dp, const acc_t* p, int64_t ld, int64_t rows, int64_t cols,
+                                   const acc_t* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* d = dp + r * ld;
+    const acc_t* pr = p + r * ld;
+    const acc_t dr = delta[r];
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = pr[c] * (d[c] - dr);
+  }
+}
+
+FA_CPU_ISA_CLONES void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols,
+                                      const int64_t* nvalid, float sc, float* m, float* l, float* corr) {
+  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sc, m, l, corr);
+}
+FA_CPU_ISA_CLONES void online_softmax_lowp(float* s, int64_t ld, int64_t rows, int64_t cols,
+                                           const int64_t* nvalid, float sc, float* m, float* l, float* corr) {
+  online_softmax_impl<true>(s, ld, rows, cols, nvalid, sc, m, l, corr);
+}
+inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                           double sc, double* m, double* l, double* corr) {
+  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sc, m, l, corr);
+}
+
+FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                             const float* lse2) {
+  probs_impl(s, ld, rows, cols, nvalid, lse2);
+}
+inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                  const double* lse2) {
+  probs_impl(s, ld, rows, cols, nvalid, lse2);
+}
+
+FA_CPU_ISA_CLONES void dscores(float* dp, const float* p, int64_t ld, int64_t rows, int64_t cols,
+                               const float* delta) {
+  dscores_impl(dp, p, ld, rows, cols, delta);
+}
+inline void dscores(double* dp, const double* p, int64_t ld, int64_t rows, int64_t cols,
+                    const double* delta) {
+  dscores_impl(dp, p, ld, rows, cols, delta);
+}
+
+// Multiply row r of a (rows x cols) tile by f[r] (skipped where f[r] == 1).
+template <typename acc_t>
+inline void scale_rows(acc_t* x, int64_t ld, int64_t rows, int64_t cols, const acc_t* f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (f[r] == acc_t(1)) continue;
+    acc_t* row = x + r * ld;
+    const acc_t fr = f[r];
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] *= fr;
+  }
+}
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays NaN).
+FA_ALWAYS_INLINE uint16_t bf16_bits(float x) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, x);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// fp32 tile -> 16-bit GEMM operand (the same layout).
+FA_CPU_ISA_CLONES void convert_tile(const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst,
+                                    int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ld_dst);
+    const float* s = src + r * ld_src;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = bf16_bits(s[c]);
+  }
+}
+inline void convert_tile(const float* src, int64_t ld_src, c10::Half* dst, int64_t ld_dst,
+                         int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = c10::Half(src[r * ld_src + c]);
+}
+
+}  // namespace fused_attn::cpu

@@ -1,0 +1,102 @@
+"""Fused attention on the CPU: C++ kernels (``csrc/cpu/``, extension ``fused_attn._C_cpu``).
+
+Algorithm (see ``csrc/cpu/fwd_kernel.h`` and ``bwd_kernel.h``): FlashAttention-2 on tiles
+(sizes in ``csrc/cpu/config.h``), parallel over batch x heads x blocks with
+``at::parallel_for``. Forward: online softmax in exp2 over key blocks, never forming L x S;
+saves out and lse. Backward: recomputes P from the saved lse; delta = rowsum(dO * O) - dlse;
+dK/dV per key block summed over the GQA group in a fixed order, no atomics: deterministic
+for a given thread count. GEMMs: MKL (through PyTorch) for fp32 / fp64 and the backward,
+oneDNN's AMX micro-kernels (``at::native::cpublas::brgemm``) for the bf16 forward;
+softmax hand-vectorised for AVX-512, compiler-vectorised clones elsewhere.
+
+Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit stride
+on the last dim and rows that do not overlap (others are copied once); out (B, Hq, L, Ev);
+lse (B, Hq, L), natural log. GQA: q head h reads kv head h // (Hq // Hk).
+Dtypes fp32, bf16, fp16 (fp32 accumulation, lse fp32) and fp64 (fp64 throughout, lse fp64:
+what ``torch.autograd.gradcheck`` needs). Head dims E and Ev up to 256, independent.
+Causal: query i sees key j iff j <= i + offset (0 upper-left, S - L lower-right); a row
+that sees no key outputs 0, lse = -inf, and gets zero gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._common import fake_backward, fake_forward, last_dim_contiguous, lse_dtype, new_output
+
+try:
+    from .. import _C_cpu as _C
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # built without the C++ extension, or a broken build
+    _C = None
+    _IMPORT_ERROR = (f"the C++ extension fused_attn._C_cpu did not import ({e}); reinstall with "
+                     "`pip install --no-build-isolation .` and torch installed")
+
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _operand(t: Tensor) -> Tensor:
+    """Unit stride on the last dim and rows that do not overlap (e.g. an expanded L)."""
+    t = last_dim_contiguous(t)
+    if t.shape[2] > 1 and t.stride(2) < t.shape[3]:
+        t = t.contiguous()
+    return t
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    B, H, L, _ = q.shape
+    out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
+    lse = new_output((B, H, L), lse_dtype(q.dtype), q.device)
+    _C.forward(q, k, v, out, lse, causal, scale)
+    return out, lse
+
+
+def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
+    if dlse is not None:
+        dlse = dlse.to(lse.dtype).contiguous()
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, causal, scale)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("fused_attn::cpu_fwd", mutates_args=(), device_types="cpu")
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, causal, scale)
+
+
+forward.register_fake(fake_forward)
+
+
+@torch.library.custom_op("fused_attn::cpu_bwd", mutates_args=(), device_types="cpu")
+def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
+
+
+backward.register_fake(fake_backward)
+
+
+def why_not(p, explicit: bool) -> Optional[str]:
+    """Why the CPU kernels cannot run problem ``p`` (None: they can)."""
+    if _C is None:
+        return _IMPORT_ERROR
+    if p.device.type != "cpu":
+        return f"tensors are on {p.device}; the cpu backend runs CPU tensors only"
+    if p.dtype not in DTYPES:
+        return f"dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)"
+    if max(p.head_dim, p.head_dim_v) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM} are supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
+    return None
+
+
+def gemm_backend() -> str:
+    """Which GEMM library the kernels call per dtype (MKL through PyTorch, or portable loops)."""
+    return _IMPORT_ERROR or _C.gemm_backend()

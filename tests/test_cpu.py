@@ -1,0 +1,209 @@
+"""The fused CPU backend (fused_attn/ops/cpu.py, csrc/cpu/) against the reference.
+
+Every result is checked under the project's one tolerance rule (fused_attn.testing):
+the kernel's error against the fp64 reference at most 2x plain PyTorch's error in the
+same dtype. Outputs are NaN-poisoned before the kernels run (FUSED_ATTN_POISON=1), so
+an element a kernel forgets to write fails the comparison.
+"""
+import pytest
+import torch
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.profiler import ProfilerActivity, profile
+
+import fused_attn
+from fused_attn import reference
+from fused_attn.ops import cpu
+from fused_attn.reference import CausalMode
+from fused_attn.testing import assert_close
+
+pytestmark = [pytest.mark.skipif(cpu._C is None, reason=str(cpu._IMPORT_ERROR)),
+              pytest.mark.filterwarnings("ignore:Lower right causal bias")]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+CAUSAL = list(CausalMode)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FUSED_ATTN_POISON", "1")
+
+
+def _mask(mode: CausalMode, L: int, S: int):
+    return {CausalMode.NONE: None, CausalMode.UPPER_LEFT: causal_upper_left(L, S),
+            CausalMode.LOWER_RIGHT: causal_lower_right(L, S)}[mode]
+
+
+def _finite(lse):
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _run_reference(q, k, v, mode, do, dlse, compute_dtype=None):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = reference.attention(q, k, v, causal=mode, compute_dtype=compute_dtype)
+    loss = (out * do.to(out.dtype)).sum() + (_finite(lse) * dlse.to(lse.dtype)).sum()
+    return (out, lse) + torch.autograd.grad(loss, (q, k, v))
+
+
+def check_against_reference(q, k, v, mode: CausalMode, with_lse_grad: bool = True):
+    """Forward, lse, dq, dk, dv of the cpu backend vs. the fp64 reference; returns the worst ratio."""
+    B, Hq, L, _ = q.shape
+    S, Ev = k.shape[2], v.shape[3]
+    do = torch.randn(B, Hq, L, Ev, dtype=torch.float64)
+    dlse = torch.randn(B, Hq, L, dtype=torch.float64) if with_lse_grad else torch.zeros(B, Hq, L, dtype=torch.float64)
+    ref = _run_reference(q.double(), k.double(), v.double(), mode, do, dlse)
+    base = _run_reference(q, k, v, mode, do, dlse)  # plain PyTorch in the inputs' dtype
+
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = fused_attn.attention_with_lse(qq, kk, vv, attn_mask=_mask(mode, L, S), enable_gqa=True, backend="cpu")
+    assert out.dtype == q.dtype and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    loss = (out * do.to(out.dtype)).sum()
+    if with_lse_grad:  # else the kernel's backward gets dlse = None
+        loss = loss + (_finite(lse) * dlse.to(lse.dtype)).sum()
+    got = (out, lse) + torch.autograd.grad(loss, (qq, kk, vv))
+    names = ("out", "lse", "dq", "dk", "dv")
+    return max(assert_close(g, r, b, name=n, dtype=q.dtype) for g, r, b, n in zip(got, ref, base, names))
+
+
+def _qkv(B, Hq, Hk, L, S, E, Ev, dtype):
+    return (torch.randn(B, Hq, L, E, dtype=dtype), torch.randn(B, Hk, S, E, dtype=dtype),
+            torch.randn(B, Hk, S, Ev, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("S", [1, 64, 203])
+@pytest.mark.parametrize("L", [1, 17, 113])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_seqlens_causal_dtypes(mode, L, S, dtype):
+    check_against_reference(*_qkv(2, 2, 2, L, S, 40, 40, dtype), mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("E,Ev", [(16, 16), (40, 40), (64, 64), (72, 72), (128, 128), (256, 256), (72, 40), (16, 256)])
+def test_head_dims(E, Ev, dtype):
+    check_against_reference(*_qkv(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Hk", [1, 2, 3])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_gqa(mode, Hk, dtype):
+    check_against_reference(*_qkv(2, 6, Hk, 113, 203, 64, 64, dtype), mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_noncontiguous_inputs(dtype):
+    B, H, L, S, E = 2, 3, 113, 203, 72
+    q = torch.randn(B, L, H, E, dtype=dtype).transpose(1, 2)           # (B, H, L, E) view of (B, L, H, E)
+    k = torch.randn(B, S, 2 * E, H, dtype=dtype)[:, :, ::2].permute(0, 3, 1, 2)  # last-dim stride 2: copied
+    v = torch.randn(B, 1, S, E, dtype=dtype).expand(B, H, S, E)          # stride-0 heads
+    assert not q.is_contiguous() and k.stride(-1) != 1 and v.stride(1) == 0
+    check_against_reference(q, k, v, CausalMode.UPPER_LEFT)
+
+
+def test_lse_gradient_off():
+    check_against_reference(*_qkv(1, 2, 2, 64, 64, 32, 32, torch.float32), CausalMode.NONE, with_lse_grad=False)
+
+
+def test_rows_that_see_no_key():
+    """Lower-right causal with L > S: the first L - S rows see nothing: zeros, -inf, zero grads."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 203, 64, 40, 40, torch.float32))
+    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=causal_lower_right(203, 64), backend="cpu")
+    (out.sum() + _finite(lse).sum()).backward()
+    blind = 203 - 64
+    assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
+    assert torch.isinf(lse[:, :, :blind]).all() and (lse[:, :, :blind] < 0).all()
+    assert torch.isfinite(lse[:, :, blind:]).all()
+    assert torch.equal(q.grad[:, :, :blind], torch.zeros_like(q.grad[:, :, :blind]))
+
+
+def test_automatic_choice_uses_cpu_for_cpu_tensors():
+    q, k, v = _qkv(1, 2, 2, 17, 17, 16, 16, torch.float32)
+    assert fused_attn.explain_dispatch(q, k, v)["cpu"] is None
+    assert torch.equal(fused_attn.scaled_dot_product_attention(q, k, v),
+                       fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu"))
+
+
+def test_backward_is_deterministic():
+    q, k, v = _qkv(1, 6, 2, 203, 203, 64, 64, torch.float32)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        fused_attn.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True, backend="cpu").sum().backward()
+        grads.append((qq.grad, kk.grad, vv.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("Hq,Hk", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_gradcheck_fp64(mode, Hq, Hk):
+    L, S = (7, 5) if mode is CausalMode.LOWER_RIGHT else (5, 7)  # L > S: rows that see nothing
+    q, k, v = (t.requires_grad_() for t in _qkv(1, Hq, Hk, L, S, 6, 4, torch.float64))
+
+    def f(q, k, v):
+        out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=_mask(mode, L, S), enable_gqa=True, backend="cpu")
+        return out, _finite(lse)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """Peak bytes held through PyTorch's CPU allocator while fn runs (the kernels' scratch
+    goes through it too), from the profiler's allocation / free events in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_memory_grows_linearly_in_L():
+    """Forward + backward at L = S in {256, 512, 1024}: the cpu backend's extra memory doubles
+    with L (O(L)), the reference's quadruples (O(L * S)), proving the measurement sees it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every allocation on this thread, where the profiler records it
+    try:
+        peaks = {}
+        for backend in ("cpu", "reference"):
+            for L in (256, 512, 1024):
+                q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 4, L, L, 64, 64, torch.float32))
+
+                def step():
+                    fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend).sum().backward()
+
+                peaks[backend, L] = _peak_allocated_bytes(step)
+    finally:
+        torch.set_num_threads(threads)
+    for backend, expected in (("cpu", 2.0), ("reference", 4.0)):
+        growth = [peaks[backend, 2 * L] / peaks[backend, L] for L in (256, 512)]
+        assert all(abs(g - expected) < 0.5 for g in growth), (backend, growth, peaks)
+    # At L = 1024 the fused backend holds O(L) buffers (inputs, outputs, grads, transposed
+    # copies: ~8 MB) where the reference holds (H, L, S) scores and probabilities (~100 MB).
+    assert peaks["cpu", 1024] < peaks["reference", 1024] / 8, peaks
+
+
+@pytest.fixture
+def portable_kernels():
+    """The fallbacks CPUs without AVX-512 / AMX run: compiler-vectorised softmax, BLAS only."""
+    cpu._C.set_portable_only(True)
+    yield
+    cpu._C.set_portable_only(False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_portable_fallback(portable_kernels, mode, dtype):
+    check_against_reference(*_qkv(1, 6, 2, 113, 203, 72, 40, dtype), mode)
+
+
+def test_ops_register_fake_and_schema():
+    """torch.library.opcheck: schemas, fake (meta) implementations, autograd registration."""
+    q, k, v = _qkv(1, 2, 1, 17, 23, 16, 8, torch.float32)
+    out, lse = cpu.forward(q, k, v, int(CausalMode.LOWER_RIGHT), 0.25)
+    torch.library.opcheck(torch.ops.fused_attn.cpu_fwd.default, (q, k, v, 2, 0.25))
+    for dlse in (torch.randn_like(lse), None):
+        torch.library.opcheck(torch.ops.fused_attn.cpu_bwd.default,
+                              (torch.randn_like(out), dlse, q, k, v, out, lse, 2, 0.25))
