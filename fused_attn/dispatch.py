@@ -1,7 +1,7 @@
 """The one place that decides which backend runs an attention call.
 
-Backends are tried in ``ORDER``; each answers :meth:`refusal` with ``None`` (it
-can run the problem) or a short reason it cannot. The requested backend comes
+Backends are tried in the order :func:`order` gives for the problem's device; each
+answers :meth:`refusal` with ``None`` (it can run the problem) or a short reason it cannot. The requested backend comes
 from, in this order: the ``backend=`` argument, the innermost
 :func:`use_backend` context, the ``FUSED_ATTN_BACKEND`` environment variable
 (read at every call), else automatic choice. An explicit backend that cannot run
@@ -78,9 +78,19 @@ BACKENDS = {
     "cpu": KernelBackend("cpu", "cpu"),
     "reference": ReferenceBackend(),
 }
-# Automatic choice: fastest first. CPU tensors skip triton and cuda (their CPU
-# execution paths are test vehicles and refuse unless asked for by name).
+# Automatic choice: the expected fastest first (to be confirmed by GPU benchmarks). On
+# Hopper the Triton kernels use wgmma and TMA while the CUDA kernels use Ampere's
+# mma.sync; before Hopper both use mma.sync and the hand-written CUDA kernels go first.
+# CPU tensors skip triton and cuda (their CPU paths are test vehicles, run only by name).
 ORDER = ("triton", "cuda", "cpu", "reference")
+ORDER_BEFORE_HOPPER = ("cuda", "triton", "cpu", "reference")
+
+
+def order(device: torch.device) -> tuple:
+    """Backends in the order automatic choice tries them for tensors on ``device``."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return ORDER_BEFORE_HOPPER
+    return ORDER
 
 
 def _check_name(name: str) -> str:
@@ -108,8 +118,8 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
 
 
 def refusals(p: Problem, explicit: bool = False) -> Dict[str, Optional[str]]:
-    """Each backend's reason for refusing ``p`` (None where it can run it), in ORDER."""
-    return {name: BACKENDS[name].refusal(p, explicit) for name in ORDER}
+    """Each backend's reason for refusing ``p`` (None where it can run it), in automatic order."""
+    return {name: BACKENDS[name].refusal(p, explicit) for name in order(p.device)}
 
 
 def choose(p: Problem, backend: Optional[str] = None):
@@ -120,7 +130,7 @@ def choose(p: Problem, backend: Optional[str] = None):
             raise RuntimeError(f"fused_attn backend {name!r} cannot run this call: {why}")
         return BACKENDS[name]
     reasons = {}
-    for name in ORDER:
+    for name in order(p.device):
         why = BACKENDS[name].refusal(p, explicit=False)
         if why is None:
             if name == "reference" and reasons:

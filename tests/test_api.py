@@ -229,3 +229,12 @@ def test_fake_kernels_trace_shapes():
         dq, dk, dv = torch.ops.fused_attn.triton_bwd(out, None, fq, fk, fv, out, lse, 1, 0.25)
     assert out.shape == (2, 6, 7, 24) and lse.shape == (2, 6, 7) and lse.dtype == torch.float32
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+def test_automatic_order_by_device(monkeypatch):
+    """Hopper and CPU try Triton first; Ampere/Ada try the hand-written CUDA kernels first."""
+    assert dispatch.order(torch.device("cpu")) == dispatch.ORDER
+    for major, expected in ((8, dispatch.ORDER_BEFORE_HOPPER), (9, dispatch.ORDER)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert dispatch.order(torch.device("cuda")) == expected
+    assert set(dispatch.ORDER) == set(dispatch.ORDER_BEFORE_HOPPER) == set(dispatch.BACKENDS)
