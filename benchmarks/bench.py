@@ -42,6 +42,7 @@ import fused_attn  # noqa: E402
 from fused_attn import dispatch, reference  # noqa: E402
 from fused_attn.problem import make_problem  # noqa: E402
 from fused_attn.reference import CausalMode  # noqa: E402
+from fused_attn.testing import peak_memory_bytes  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 BWD_FLOPS_FACTOR = 2.5  # backward = 2.5 x forward (two GEMMs forward, five backward)
@@ -162,26 +163,6 @@ def _step(fwd: Callable[[], torch.Tensor], mode: str, inputs, grad_out):
     return run
 
 
-def _peak_memory_bytes(run: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 def _quartiles(xs: List[float]):
     xs = sorted(xs)
     q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
@@ -233,7 +214,7 @@ def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, mi
         for name, s in samples.items():
             q1, med, q3 = _quartiles(s)
             gflops = fl / med / 1e9
-            peak_mem = _peak_memory_bytes(runs[name], device)
+            peak_mem = peak_memory_bytes(runs[name], device)
             pct = 100.0 * gflops / 1e3 / peak_tflops if peak_tflops else float("nan")
             rows.append(dict(device=device, provider=name, dtype=str(dtype).replace("torch.", ""), B=B, H=H, L=L,
                              S=L, E=E, causal=int(causal), mode=mode, median_ms=med * 1e3, q1_ms=q1 * 1e3,

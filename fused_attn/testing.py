@@ -1,4 +1,5 @@
-"""The project's one tolerance rule, shared by the tests and the benchmarks.
+"""The project's one tolerance rule and one peak-memory measurement, shared by the tests
+and the benchmarks.
 
 A kernel's max error against the upcast reference must be at most
 ``ERROR_RATIO`` times the error of plain PyTorch in the same low-precision dtype
@@ -11,7 +12,7 @@ that plain PyTorch may happen to dodge on its worst element (with small tensors 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -55,3 +56,26 @@ def assert_close(actual: Tensor, ref: Tensor, baseline: Tensor, name: str = "out
             f"(value {actual[worst].item():.6g}, reference {ref[worst].item():.6g}); plain PyTorch max error "
             f"{base.max().item():.3e}; ratio {ratio:.2f} > {ERROR_RATIO}")
     return ratio
+
+
+def peak_memory_bytes(run: Callable[[], None], device: str = "cpu") -> int:
+    """Peak bytes allocated through PyTorch's allocator while ``run()`` executes, above what was
+    held before. On the CPU, from the profiler's allocation and free events in time order (the
+    CPU kernels' scratch goes through the allocator too; only the calling thread is recorded)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak

@@ -8,13 +8,12 @@ an element a kernel forgets to write fails the comparison.
 import pytest
 import torch
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
-from torch.profiler import ProfilerActivity, profile
 
 import fused_attn
 from fused_attn import reference
 from fused_attn.ops import cpu
 from fused_attn.reference import CausalMode
-from fused_attn.testing import assert_close
+from fused_attn.testing import assert_close, peak_memory_bytes
 
 pytestmark = [pytest.mark.skipif(cpu._C is None, reason=str(cpu._IMPORT_ERROR)),
               pytest.mark.filterwarnings("ignore:Lower right causal bias")]
@@ -146,20 +145,6 @@ def test_gradcheck_fp64(mode, Hq, Hk):
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Peak bytes held through PyTorch's CPU allocator while fn runs (the kernels' scratch
-    goes through it too), from the profiler's allocation / free events in time order."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 def test_memory_grows_linearly_in_L():
     """Forward + backward at L = S in {256, 512, 1024}: the cpu backend's extra memory doubles
     with L (O(L)), the reference's quadruples (O(L * S)), proving the measurement sees it."""
@@ -174,7 +159,7 @@ def test_memory_grows_linearly_in_L():
                 def step():
                     fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend).sum().backward()
 
-                peaks[backend, L] = _peak_allocated_bytes(step)
+                peaks[backend, L] = peak_memory_bytes(step)
     finally:
         torch.set_num_threads(threads)
     for backend, expected in (("cpu", 2.0), ("reference", 4.0)):
