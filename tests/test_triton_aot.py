@@ -8,11 +8,12 @@ import pytest
 
 
 @pytest.mark.skipif(os.environ.get("FUSED_ATTN_SKIP_AOT") == "1", reason="FUSED_ATTN_SKIP_AOT=1")
-def test_all_configs_compile_for_sm80_and_sm90():
+def test_all_configs_compile_for_sm80_and_sm90(capsys):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "aot_triton.py")
     res = subprocess.run([sys.executable, script, "--jobs", str(os.cpu_count() or 1)], env=env,
                          capture_output=True, text=True, timeout=1500)
-    print(res.stdout)
+    with capsys.disabled():  # the compile table belongs in the CI log
+        print("\n" + res.stdout)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
     assert "0 problems" in res.stdout
