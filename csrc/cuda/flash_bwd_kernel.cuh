@@ -171,9 +171,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       for (int np = 0; np < kColsA / 16; ++np) {
         uint32_t bq[4];  // Q rows as the "col" B operand (the forward's K fragment)
         ldmatrix<4>(bq, tQ + (qc0 + 16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
-        mma_m16n8k16<T>(acc_s[2 * np], a, b0, acc_s[2 * np]);
-        mma_m16n8k16<T>(acc_s[2 * np + 1], a, b1, acc_s[2 * np + 1]);
+        mma_m16n16k16<T>(acc_s[2 * np], acc_s[2 * np + 1], a, bq);
       }
     }
 #pragma unroll
@@ -185,9 +183,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       for (int np = 0; np < kColsA / 16; ++np) {
         uint32_t bo[4];
         ldmatrix<4>(bo, tdO + (qc0 + 16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {bo[0], bo[1]}, b1[2] = {bo[2], bo[3]};
-        mma_m16n8k16<T>(acc_dp[2 * np], a, b0, acc_dp[2 * np]);
-        mma_m16n8k16<T>(acc_dp[2 * np + 1], a, b1, acc_dp[2 * np + 1]);
+        mma_m16n16k16<T>(acc_dp[2 * np], acc_dp[2 * np + 1], a, bo);
       }
     }
 
@@ -226,16 +222,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
         if (col < p.head_dim_v) {
           uint32_t bo[4];
           ldmatrix<4, true>(bo, tdO + trow * kRS + col + (lane >> 4) * 8);
-          const uint32_t b0[2] = {bo[0], bo[1]}, b1[2] = {bo[2], bo[3]};
-          mma_m16n8k16<T>(acc_dv[2 * dp], ap, b0, acc_dv[2 * dp]);
-          mma_m16n8k16<T>(acc_dv[2 * dp + 1], ap, b1, acc_dv[2 * dp + 1]);
+          mma_m16n16k16<T>(acc_dv[2 * dp], acc_dv[2 * dp + 1], ap, bo);
         }
         if (col < p.head_dim) {
           uint32_t bq[4];
           ldmatrix<4, true>(bq, tQ + trow * kRS + col + (lane >> 4) * 8);
-          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
-          mma_m16n8k16<T>(acc_dk[2 * dp], ads, b0, acc_dk[2 * dp]);
-          mma_m16n8k16<T>(acc_dk[2 * dp + 1], ads, b1, acc_dk[2 * dp + 1]);
+          mma_m16n16k16<T>(acc_dk[2 * dp], acc_dk[2 * dp + 1], ads, bq);
         }
       }
     }
@@ -345,9 +337,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t bk[4];
         ldmatrix<4>(bk, tK + (16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
-        mma_m16n8k16<T>(acc_s[2 * np], a, b0, acc_s[2 * np]);
-        mma_m16n8k16<T>(acc_s[2 * np + 1], a, b1, acc_s[2 * np + 1]);
+        mma_m16n16k16<T>(acc_s[2 * np], acc_s[2 * np + 1], a, bk);
       }
     }
 #pragma unroll
@@ -359,9 +349,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t bv[4];
         ldmatrix<4>(bv, tV + (16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
-        mma_m16n8k16<T>(acc_dp[2 * np], a, b0, acc_dp[2 * np]);
-        mma_m16n8k16<T>(acc_dp[2 * np + 1], a, b1, acc_dp[2 * np + 1]);
+        mma_m16n16k16<T>(acc_dp[2 * np], acc_dp[2 * np + 1], a, bv);
       }
     }
 
@@ -393,9 +381,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
         if (dp * 16 >= p.head_dim) break;
         uint32_t bk[4];
         ldmatrix<4, true>(bk, tK + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRS + 16 * dp + (lane >> 4) * 8);
-        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
-        mma_m16n8k16<T>(acc_dq[2 * dp], a, b0, acc_dq[2 * dp]);
-        mma_m16n8k16<T>(acc_dq[2 * dp + 1], a, b1, acc_dq[2 * dp + 1]);
+        mma_m16n16k16<T>(acc_dq[2 * dp], acc_dq[2 * dp + 1], a, bk);
       }
     }
   }

@@ -26,6 +26,15 @@ namespace fa {
 constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * LOG2E)
 constexpr float kLn2 = 0.6931471805599453f;     // ln(2)
 
+// A times one 16x16 B tile, given as the four registers of an ldmatrix x4 (two 16x8 halves),
+// accumulated into the two 16x8 accumulators c0 (columns 0-7) and c1 (columns 8-15).
+template <class T>
+FA_DEVICE void mma_m16n16k16(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+  mma_m16n8k16<T>(c0, a, b0, c0);
+  mma_m16n8k16<T>(c1, a, b1, c1);
+}
+
 template <class T>
 struct FwdParams {
   GPtr<const T> q, k, v;
@@ -128,9 +137,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t bk[4];  // matrices: keys 0-7 x d 0-7, 0-7 x 8-15, 8-15 x 0-7, 8-15 x 8-15
         ldmatrix<4>(bk, tK + (16 * np + (lane & 7) + (lane >> 4) * 8) * kRS + 16 * ks + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {bk[0], bk[1]}, b1[2] = {bk[2], bk[3]};
-        mma_m16n8k16<T>(acc_s[2 * np], a, b0, acc_s[2 * np]);
-        mma_m16n8k16<T>(acc_s[2 * np + 1], a, b1, acc_s[2 * np + 1]);
+        mma_m16n16k16<T>(acc_s[2 * np], acc_s[2 * np + 1], a, bk);
       }
     }
 
@@ -189,9 +196,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
         if (dp * 16 >= p.head_dim_v) break;
         uint32_t bv[4];  // .trans matrices: keys 0-7 / 8-15 x d 0-7, then x d 8-15
         ldmatrix<4, true>(bv, tV + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRS + 16 * dp + (lane >> 4) * 8);
-        const uint32_t b0[2] = {bv[0], bv[1]}, b1[2] = {bv[2], bv[3]};
-        mma_m16n8k16<T>(acc_o[2 * dp], a, b0, acc_o[2 * dp]);
-        mma_m16n8k16<T>(acc_o[2 * dp + 1], a, b1, acc_o[2 * dp + 1]);
+        mma_m16n16k16<T>(acc_o[2 * dp], acc_o[2 * dp + 1], a, bv);
       }
     }
   }
