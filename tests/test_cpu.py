@@ -86,6 +86,16 @@ def test_head_dims(E, Ev, dtype):
     check_against_reference(*_qkv(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("E,Ev", [(72, 40), (33, 17)])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_many_key_blocks(mode, E, Ev, dtype):
+    """S = 1100 spans several key blocks of every path (forward 512, backward 128),
+    so the online-softmax rescale, the packed panels of later blocks and
+    a ragged last block all run; odd E takes the 16-bit packing's non-word-aligned path."""
+    check_against_reference(*_qkv(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Hk", [1, 2, 3])
 @pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)

@@ -6,6 +6,7 @@
 #include "dtype_switch.h"
 #include "fwd_kernel.h"
 #include "gemm.h"
+#include "gemm_avx512.h"
 #include "params.h"
 
 namespace fused_attn::cpu {
@@ -105,6 +106,56 @@ void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, con
   });
 }
 
+// Test hooks for the AVX-512 building blocks (tests/test_cpu_kernels.py), on 2-D fp32
+// tensors with a unit stride on dim 1 and any row stride.
+void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.stride(1) == 1 &&
+                  t.stride(0) >= t.size(1),
+              name, " must be a 2-D fp32 CPU matrix with unit column stride, got ", t.sizes(), " ", t.strides());
+}
+
+bool has_avx512() {
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+void test_gemm_f32(const at::Tensor& a, bool a_trans, const at::Tensor& b, at::Tensor& c, double alpha,
+                   bool accumulate, const std::optional<at::Tensor>& rs) {
+  TORCH_CHECK(has_avx512(), "the AVX-512 micro-kernel needs a CPU with AVX-512");
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  check_matrix(c, "c");
+  const int64_t M = c.size(0), N = c.size(1), K = b.size(0);
+  TORCH_CHECK(b.size(1) == N && (a_trans ? a.size(0) == K && a.size(1) == M : a.size(0) == M && a.size(1) == K),
+              "shapes do not chain: op(a) ", a.sizes(), " (trans ", a_trans, "), b ", b.sizes(), ", c ", c.sizes());
+  TORCH_CHECK(!rs || (rs->scalar_type() == at::kFloat && rs->is_contiguous() && rs->numel() == M),
+              "rs must be a contiguous fp32 vector of c's rows");
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  const float* r = rs ? rs->data_ptr<float>() : nullptr;
+  if (a_trans)
+    gemm_f32_avx512<true>(M, N, K, float(alpha), a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
+                          c.data_ptr<float>(), c.stride(0), accumulate, r);
+  else
+    gemm_f32_avx512<false>(M, N, K, float(alpha), a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(),
+                           b.stride(0), c.data_ptr<float>(), c.stride(0), accumulate, r);
+#endif
+}
+
+void test_transpose_f32(const at::Tensor& src, at::Tensor& dst) {
+  TORCH_CHECK(has_avx512(), "the AVX-512 transpose needs a CPU with AVX-512");
+  check_matrix(src, "src");
+  check_matrix(dst, "dst");
+  TORCH_CHECK(dst.size(0) == src.size(1) && dst.size(1) == src.size(0), "dst ", dst.sizes(),
+              " must be src's transpose shape, src ", src.sizes());
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  transpose_f32_avx512(src.size(0), src.size(1), src.data_ptr<float>(), src.stride(0), dst.data_ptr<float>(),
+                       dst.stride(0));
+#endif
+}
+
 }  // namespace
 }  // namespace fused_attn::cpu
 
@@ -114,6 +165,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fused_attn::cpu::backward, "attention backward into (dq, dk, dv)");
   m.def("set_portable_only", [](bool on) { fused_attn::cpu::portable_only() = on; },
         "tests: run the portable fallbacks instead of the AVX-512 softmax and oneDNN brgemm");
-  m.def("gemm_backend", [] { return fused_attn::cpu::gemm_backend() + "; " + fused_attn::cpu::brgemm_backend(); },
+  m.def("has_avx512", &fused_attn::cpu::has_avx512, "whether the AVX-512 paths run (CPU has it, not portable-only)");
+  m.def("_test_gemm_f32", &fused_attn::cpu::test_gemm_f32, "tests: c = alpha op(a) b (+ rs * c) on the micro-kernel");
+  m.def("_test_transpose_f32", &fused_attn::cpu::test_transpose_f32, "tests: dst = src^T, AVX-512 blocks");
+  m.def("gemm_backend",
+        [] {
+          return std::string("fp32 on the AVX-512 micro-kernel: ") + (fused_attn::cpu::has_avx512() ? "yes" : "no") +
+                 " (else " + fused_attn::cpu::gemm_backend() + "); " + fused_attn::cpu::brgemm_backend();
+        },
         "which GEMM library each dtype uses");
 }

@@ -3,8 +3,8 @@
 //
 // 1. delta = rowsum(dO * O) - dlse per query row (the lse gradient enters here:
 //    d lse / d s = P, so dS = P * (dP - delta) covers both outputs' gradients).
-// 2. One task per (batch, kv head, chunk of key blocks). For each key block of
-//    BWD_TILE.block_k keys it accumulates dK, dV in fp32 (fp64) over the query
+// 2. One task per (batch, kv head, chunk of key blocks), taken by threads from a shared
+//    counter. For each key block of BWD_TILE.block_k keys it accumulates dK, dV in fp32 (fp64) over the query
 //    blocks of every q head in the group (GQA sums in a fixed order, no atomics):
 //      S  = (scale log2 e) Q K^T;  P = exp2(S - lse log2 e)   (causal mask, skipped blocks)
 //      dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta)
@@ -13,6 +13,9 @@
 //    only to feed every thread when B * Hk is smaller than the thread count; key
 //    blocks are dealt to chunks round-robin (balanced under causal masks).
 // 3. dQ = sum over chunks, in order: deterministic for a given thread count.
+// GEMMs: fp32 on AVX-512 through our micro-kernel (gemm_avx512.h), with K^T and V^T of
+// the key block transposed once per block and P^T, dS^T read in place; otherwise BLAS
+// (MKL sgemm / dgemm / bf16 / fp16 GEMMs) on the operands in place.
 // Extra memory: delta and n_chunks dQ buffers, O(L) per head, plus per-thread tiles.
 #pragma once
 
@@ -20,11 +23,13 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 
 #include "config.h"
 #include "gemm.h"
+#include "gemm_avx512.h"
 #include "params.h"
 #include "tile_ops.h"
 
@@ -33,6 +38,13 @@ namespace fused_attn::cpu {
 template <typename scalar_t, typename acc_t>
 void attention_backward(AttnParams p) {
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
+  constexpr bool FP32 = std::is_same_v<scalar_t, float>;
+  // fp32 on AVX-512: our micro-kernel (gemm_avx512.h) on K^T / V^T transposed once per key
+  // block; elsewhere BLAS (MKL) on the operands in place.
+  bool use_micro = false;
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  if constexpr (FP32) use_micro = cpu_has_avx512();
+#endif
   const TileConfig tile_cfg = BWD_TILE;
   const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, p.L);
   const int64_t BK = std::min<int64_t>(tile_cfg.block_k, p.S);
@@ -73,19 +85,24 @@ void attention_backward(AttnParams p) {
   acc_t* dq_acc = dq_acc_t.data_ptr<acc_t>();
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
-  at::parallel_for(0, p.B * p.Hk * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = p.B * p.Hk * n_chunks;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     const int64_t tile = BQ * BK;
-    at::Tensor scratch = at::empty({2 * tile + BK * p.E + BK * p.Ev}, at::TensorOptions().dtype(acc_dtype));
+    const int64_t n_t = use_micro ? BK * (p.E + p.Ev) : 0;  // K^T and V^T of the key block
+    at::Tensor scratch = at::empty({2 * tile + BK * p.E + BK * p.Ev + n_t}, at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({LOW_PRECISION ? tile : 0}, at::TensorOptions().dtype(in_dtype));
     at::Tensor nvalid_t = at::empty({BQ}, at::TensorOptions().dtype(at::kLong));
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* dp = s + tile;
     acc_t* dk_acc = dp + tile;
     acc_t* dv_acc = dk_acc + BK * p.E;
+    acc_t* k_t = dv_acc + BK * p.Ev;  // E x BK
+    acc_t* v_t = k_t + BK * p.E;      // Ev x BK
     scalar_t* t16 = scratch16.data_ptr<scalar_t>();
     int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
 
-    for (int64_t idx = begin; idx < end; ++idx) {
+    for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t chunk = idx % n_chunks, bhk = idx / n_chunks;
       const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
       const scalar_t* k_bh = k + b * p.k_sb + hk * p.k_sh;
@@ -97,6 +114,14 @@ void attention_backward(AttnParams p) {
         const scalar_t* v_blk = v_bh + j0 * p.v_sl;
         std::fill(dk_acc, dk_acc + cols * p.E, acc_t(0));
         std::fill(dv_acc, dv_acc + cols * p.Ev, acc_t(0));
+#ifdef FA_CPU_HAVE_AVX512_PATH
+        if constexpr (FP32) {
+          if (use_micro) {
+            transpose_f32_avx512(cols, p.E, k_blk, p.k_sl, k_t, BK);
+            transpose_f32_avx512(cols, p.Ev, v_blk, p.v_sl, v_t, BK);
+          }
+        }
+#endif
         // Query rows before the first one that sees key j0 skip this block entirely.
         const int64_t first_row = p.causal ? std::max<int64_t>(0, j0 - p.offset) : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -111,11 +136,25 @@ void attention_backward(AttnParams p) {
             const acc_t* delta_blk = delta + bh * p.L + i0;
             for (int64_t r = 0; r < rows; ++r)
               nvalid[r] = std::isinf(lse2_blk[r]) ? 0 : visible_keys(p, i0 + r, j0, kc);
+            acc_t* dq_blk = dq_chunk + (bh * p.L + i0) * p.E;
+#ifdef FA_CPU_HAVE_AVX512_PATH
+            if constexpr (FP32) {
+              if (use_micro) {
+                gemm_f32_avx512<false>(rows, kc, p.E, score_scale, q_blk, p.q_sl, k_t, BK, s, BK, false);
+                probs_avx512(s, BK, rows, kc, nvalid, lse2_blk);
+                gemm_f32_avx512<false>(rows, kc, p.Ev, 1.0f, do_blk, p.do_sl, v_t, BK, dp, BK, false);
+                dscores(dp, s, BK, rows, kc, delta_blk);
+                gemm_f32_avx512<true>(kc, p.Ev, rows, 1.0f, s, BK, do_blk, p.do_sl, dv_acc, p.Ev, true);
+                gemm_f32_avx512<true>(kc, p.E, rows, scale, dp, BK, q_blk, p.q_sl, dk_acc, p.E, true);
+                gemm_f32_avx512<false>(rows, p.E, kc, scale, dp, BK, k_blk, p.k_sl, dq_blk, p.E, true);
+                continue;
+              }
+            }
+#endif
             gemm(false, true, rows, kc, p.E, score_scale, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
             probs(s, BK, rows, kc, nvalid, lse2_blk);
             gemm(false, true, rows, kc, p.Ev, acc_t(1), do_blk, p.do_sl, v_blk, p.v_sl, acc_t(0), dp, BK);
             dscores(dp, s, BK, rows, kc, delta_blk);
-            acc_t* dq_blk = dq_chunk + (bh * p.L + i0) * p.E;
             if constexpr (LOW_PRECISION) {
               convert_tile(s, BK, t16, BK, rows, kc);
               gemm(true, false, kc, p.Ev, rows, acc_t(1), t16, BK, do_blk, p.do_sl, acc_t(1), dv_acc, p.Ev);

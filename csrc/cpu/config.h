@@ -11,16 +11,21 @@ constexpr double LN2 = 0.6931471805599453;    // ln(2): lse back to the natural 
 // Largest head dim (of q/k and of v) the kernels take.
 constexpr int64_t MAX_HEAD_DIM = 256;
 
-// Tile sizes (measured on a 2-core Sapphire/Emerald Rapids Xeon, fp32 and bf16, E 64-128).
-// A forward task owns FWD_TILE.block_q query rows and walks the keys block_k at a time;
-// its scratch (scores, P, output accumulator) stays in L2. A backward task owns
-// BWD_TILE.block_k keys (dK/dV accumulators) and walks the query blocks of every q head
-// in its kv head's group block_q rows at a time.
+// Tile sizes (measured on a 2-core Emerald Rapids Xeon, E 64-128, L 1024-2048; the
+// machine is shared and noisy, so differences under ~5% were not resolved).
+// A forward task owns block_q query rows and walks the keys block_k at a time; its
+// scratch (scores, P, output accumulator) stays in L2. A backward task owns block_k keys
+// (dK/dV accumulators) and walks the query blocks of every q head in its kv head's group
+// block_q rows at a time.
 struct TileConfig {
   int64_t block_q;
   int64_t block_k;
 };
-constexpr TileConfig FWD_TILE{128, 256};  // block_k: a multiple of PackedKV::PANEL
+// Forward, bf16 / fp16 (brgemm) and BLAS paths. block_k: a multiple of PackedKV::PANEL.
+constexpr TileConfig FWD_TILE{128, 512};
+// Forward, fp32 on the AVX-512 micro-kernel: block_q a multiple of its 6 rows.
+constexpr TileConfig FWD_TILE_FP32{120, 512};
+// Backward, every path.
 constexpr TileConfig BWD_TILE{128, 128};
 
 }  // namespace fused_attn::cpu

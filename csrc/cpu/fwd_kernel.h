@@ -1,17 +1,20 @@
 // Fused attention forward on the CPU (FlashAttention-2's algorithm on tiles).
 //
-// One task per (batch, q head, block of FWD_TILE.block_q query rows), spread over
-// threads with at::parallel_for (cheap and expensive causal blocks interleaved). A task
-// walks the keys FWD_TILE.block_k at a time:
-//   S = Q K^T                                  (tile GEMM, fp32 / fp64)
+// One task per (batch, q head, block of block_q query rows); threads take tasks from a
+// shared counter (worker_count in params.h), each head's query blocks last to first so
+// the heaviest causal blocks go first. A task walks the keys block_k at a time:
+//   S = Q K^T                                  (tile GEMM)
 //   online softmax: m = max(S * scale log2 e), P = exp2(S * scale log2 e - m)
 //   acc = acc * exp2(m_old - m) + P V          (tile GEMM)
 // and writes out = acc / l, lse = (m + log2 l) ln 2. Key blocks wholly above the causal
 // diagonal are never visited and the diagonal block is cut at the last row's last key;
 // nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf.
-// GEMMs: fp32 / fp64 through BLAS (MKL sgemm / dgemm); bf16 / fp16, where oneDNN's AMX /
-// AVX-512 micro-kernels exist, through at::native::cpublas::brgemm on K^T / V packed once
-// per call (PackedKV), with P rounded to 16 bits as tensor-core kernels do; else BLAS.
+// GEMMs, on K^T (and V) packed once per call (PackedKV, O(S) memory):
+//   fp32 on AVX-512: our register-blocked micro-kernel (gemm_avx512.h), V read in place,
+//     the rescale of acc folded into the PV product;
+//   bf16 / fp16 where oneDNN's AMX / AVX-512 micro-kernels exist: at::native::cpublas::
+//     brgemm, with P rounded to 16 bits as tensor-core kernels do;
+//   otherwise (fp64, CPUs without them) BLAS (MKL) on K and V in place.
 // Softmax: AVX-512 intrinsics where the CPU has them, else compiler-vectorised clones.
 // Dtypes: fp32, bf16, fp16 accumulate in fp32; fp64 in fp64. Head dims up to 256, E (q/k)
 // and Ev (v) independent.
@@ -22,34 +25,57 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <optional>
 #include <type_traits>
 
 #include "config.h"
 #include "gemm.h"
+#include "gemm_avx512.h"
 #include "params.h"
 #include "tile_ops.h"
 
 namespace fused_attn::cpu {
 
-// Task order that interleaves cheap and expensive causal query blocks
-// (0, n-1, 1, n-2, ...), so at::parallel_for's contiguous ranges balance.
-inline int64_t balanced_block(int64_t idx, int64_t n) {
-  return idx % 2 == 0 ? idx / 2 : n - 1 - idx / 2;
+#ifdef FA_CPU_HAVE_AVX512_PATH
+// A 16-bit (rows x n) block (ld_src) as a VNNI brgemm B operand: (rows_pad / 2) x PANEL
+// 32-bit words, word (j / 2, c) = (src[j][c], src[j + 1][c]); rows past `rows` (up to
+// rows_pad) and columns past n are zero.
+template <typename T>
+FA_AVX512_TARGET void interleave_rows_avx512(int64_t rows, int64_t rows_pad, int64_t n, const T* src, int64_t ld_src,
+                                             T* dst) {
+  constexpr int64_t PANEL = 64;
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const auto* in = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t j = 0; j < rows_pad; j += 2) {
+    uint32_t* o = out + (j / 2) * PANEL;
+    for (int64_t c = 0; c < PANEL; c += 16) {
+      const int64_t w = std::max<int64_t>(0, std::min<int64_t>(16, n - c));
+      const __mmask16 m = w == 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+      const __m256i a = j < rows ? _mm256_maskz_loadu_epi16(m, in + j * ld_src + c) : _mm256_setzero_si256();
+      const __m256i b = j + 1 < rows ? _mm256_maskz_loadu_epi16(m, in + (j + 1) * ld_src + c) : _mm256_setzero_si256();
+      const __m512i word = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      _mm512_storeu_si512(o + c, word);
+    }
+  }
 }
+#endif
 
-// K^T and V of every key block laid out as brgemm B operands, packed once per call and
-// read by every query block. oneDNN packs B in column panels of PANEL = 64: a key block
-// holds K^T as BK / PANEL panels of (Ep x PANEL) and V as ceil(Ev / PANEL) panels of
-// (BK x PANEL), zero-padded (Ep = E rounded up to even, the VNNI pair size; fp32 panels
-// are plain row-major copies). O(S) extra memory.
+// K^T and V of every key block laid out as GEMM B operands, packed once per call and
+// read by every query block. A key block holds K^T as BK / PANEL column panels of
+// (Ep x PANEL). 16-bit inputs (oneDNN brgemm): panels in VNNI pairs (Ep = E rounded up
+// to even), zero-padded, and V packed the same way as ceil(Ev / PANEL) panels of
+// (BK x PANEL). fp32 (our micro-kernel): K^T panels as plain row-major transposes, and V
+// read in place. O(S) extra memory.
 template <typename scalar_t>
 struct PackedKV {
   static constexpr bool VNNI = !std::is_same_v<scalar_t, float>;
   static constexpr int64_t PANEL = 64;
   int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems;
   at::Tensor buf;
+  const scalar_t* v;  // fp32: V in place
+  int64_t v_sb, v_sh, v_sl, Hk;
 
   PackedKV(const AttnParams& p, int64_t block_k) {
     const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
@@ -58,12 +84,57 @@ struct PackedKV {
     Evp = (p.Ev + PANEL - 1) / PANEL * PANEL;
     n_kblocks = (p.S + BK - 1) / BK;
     k_elems = Ep * BK;
-    v_elems = BK * Evp;
+    v_elems = VNNI ? BK * Evp : 0;
+    v = static_cast<const scalar_t*>(p.v);
+    v_sb = p.v_sb, v_sh = p.v_sh, v_sl = p.v_sl, Hk = p.Hk;
     const int64_t per_block = k_elems + v_elems;
     buf = at::empty({p.B * p.Hk * n_kblocks * per_block}, at::TensorOptions().dtype(dt));
     const auto* k = static_cast<const scalar_t*>(p.k);
-    const auto* v = static_cast<const scalar_t*>(p.v);
     scalar_t* base = buf.data_ptr<scalar_t>();
+    if constexpr (!VNNI) {
+#ifdef FA_CPU_HAVE_AVX512_PATH
+      const int64_t n_panels = p.B * p.Hk * n_kblocks * (BK / PANEL);
+      at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t bhk = idx / (n_kblocks * (BK / PANEL)), j0 = idx % (n_kblocks * (BK / PANEL)) * PANEL;
+          if (j0 >= p.S) continue;  // an unused panel of the last block
+          const scalar_t* k_blk = k + bhk / p.Hk * p.k_sb + bhk % p.Hk * p.k_sh + j0 * p.k_sl;
+          transpose_f32_avx512(std::min(PANEL, p.S - j0), p.E, k_blk, p.k_sl, base + idx * Ep * PANEL, PANEL);
+        }
+      });
+#endif
+      return;
+    }
+    const auto* vv = static_cast<const scalar_t*>(p.v);
+#ifdef FA_CPU_HAVE_AVX512_PATH
+    // VNNI pairs of K^T are 32-bit words of K's rows: a 32-bit transpose (even E and
+    // strides); V's pairs interleave two rows.
+    const bool word_aligned = p.E % 2 == 0 && p.k_sl % 2 == 0 && p.k_sh % 2 == 0 && p.k_sb % 2 == 0 &&
+                              reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
+    if (cpu_has_avx512() && word_aligned) {
+      at::parallel_for(0, p.B * p.Hk * n_kblocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
+          const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
+          const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
+          const scalar_t* v_blk = vv + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
+          scalar_t* dst = base + idx * per_block;
+          for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
+            float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
+            const int64_t n = std::max<int64_t>(0, std::min(PANEL, cols - c0));
+            if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL, scalar_t(0));
+            if (n > 0)
+              transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_sl), p.k_sl / 2, panel,
+                                   PANEL);
+          }
+          for (int64_t c0 = 0; c0 < Evp; c0 += PANEL)
+            interleave_rows_avx512(cols, BK, std::min(PANEL, p.Ev - c0), v_blk + c0, p.v_sl,
+                                   dst + k_elems + c0 * BK);
+        }
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, p.B * p.Hk * n_kblocks, 1, [&](int64_t begin, int64_t end) {
       at::Tensor tmp_t = at::empty({per_block}, at::TensorOptions().dtype(dt));
       scalar_t* kt = tmp_t.data_ptr<scalar_t>();  // K^T block, Ep x BK row-major
@@ -72,7 +143,7 @@ struct PackedKV {
         const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
         const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
         const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
-        const scalar_t* v_blk = v + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
+        const scalar_t* v_blk = vv + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
         std::fill(kt, kt + per_block, scalar_t(0));
         for (int64_t j = 0; j < cols; ++j)
           for (int64_t e = 0; e < p.E; ++e) kt[e * BK + j] = k_blk[j * p.k_sl + e];
@@ -85,12 +156,8 @@ struct PackedKV {
   }
   // One (rows x PANEL) column panel of a row-major matrix with leading dim ld.
   static void pack_panel(int64_t rows, int64_t ld, const scalar_t* src, scalar_t* dst) {
-    if constexpr (VNNI) {
-      const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
-      at::native::cpublas::pack(rows, PANEL, ld, PANEL, dt, dt, src, dst);
-    } else {
-      for (int64_t r = 0; r < rows; ++r) std::copy(src + r * ld, src + r * ld + PANEL, dst + r * PANEL);
-    }
+    const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
+    at::native::cpublas::pack(rows, PANEL, ld, PANEL, dt, dt, src, dst);
   }
   // Panel c0 / PANEL of key block kb's K^T / V.
   const scalar_t* k_panel(int64_t bhk, int64_t kb, int64_t c0) const {
@@ -99,18 +166,34 @@ struct PackedKV {
   const scalar_t* v_panel(int64_t bhk, int64_t kb, int64_t c0) const {
     return buf.data_ptr<scalar_t>() + (bhk * n_kblocks + kb) * (k_elems + v_elems) + k_elems + c0 * BK;
   }
-  // S (rows x cols, ld_s) = Q (rows x Ep) K^T for key block kb.
-  void scores(int64_t bhk, int64_t kb, const scalar_t* q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
-    for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
-      at::native::cpublas::brgemm(rows, std::min(PANEL, cols - c0), Ep, Ep, PANEL, ld_s, false, q,
-                                  k_panel(bhk, kb, c0), s + c0, VNNI);
+  // S (rows x cols, ld_s) = Q (rows x Ep, ld_q) K^T for key block kb.
+  void scores(int64_t bhk, int64_t kb, const scalar_t* q, int64_t ld_q, int64_t rows, int64_t cols, float* s,
+              int64_t ld_s) const {
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL) {
+      const int64_t n = std::min(PANEL, cols - c0);
+      if constexpr (VNNI) {
+        at::native::cpublas::brgemm(rows, n, Ep, ld_q, PANEL, ld_s, false, q, k_panel(bhk, kb, c0), s + c0, VNNI);
+      } else {
+#ifdef FA_CPU_HAVE_AVX512_PATH
+        gemm_f32_avx512<false>(rows, n, Ep, 1.0f, q, ld_q, k_panel(bhk, kb, c0), PANEL, s + c0, ld_s, false);
+#endif
+      }
+    }
   }
-  // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb.
+  // acc (rows x Ev) = corr * acc + P (rows x kdim, ld_p) V for key block kb (16-bit: the
+  // caller has already rescaled acc; corr is ignored).
   void accumulate(int64_t bhk, int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
-                  float* acc) const {
-    for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
-      at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
-                                  v_panel(bhk, kb, c0), acc + c0, VNNI);
+                  float* acc, const float* corr) const {
+    if constexpr (VNNI) {
+      for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
+        at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
+                                    v_panel(bhk, kb, c0), acc + c0, VNNI);
+    } else {
+#ifdef FA_CPU_HAVE_AVX512_PATH
+      const scalar_t* v_blk = v + bhk / Hk * v_sb + bhk % Hk * v_sh + kb * BK * v_sl;
+      gemm_f32_avx512<false>(rows, Ev, kdim, 1.0f, pm, ld_p, v_blk, v_sl, acc, Ev, true, corr);
+#endif
+    }
   }
 };
 
@@ -145,11 +228,19 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_
 template <typename scalar_t, typename acc_t>
 void attention_forward(AttnParams p) {
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
-  // brgemm for 16-bit inputs (AMX); fp32 measured faster through MKL's sgemm.
-  constexpr bool CAN_BRGEMM = LOW_PRECISION;
-  const TileConfig tile = FWD_TILE;
+  constexpr bool FP32 = std::is_same_v<scalar_t, float>;
+  // Packed K^T / V: for 16-bit inputs through oneDNN's brgemm (AMX), for fp32 through our
+  // AVX-512 micro-kernel (gemm_avx512.h); elsewhere (fp64, no AVX-512 / oneDNN) BLAS
+  // on K and V in place.
+  bool use_brgemm = false, use_micro = false;
+  if constexpr (LOW_PRECISION) use_brgemm = brgemm_available<scalar_t>() && !portable_only();
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  if constexpr (FP32) use_micro = cpu_has_avx512();
+#endif
+  const bool use_packed = use_brgemm || use_micro;
+  const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
   const int64_t BQ = std::min<int64_t>(tile.block_q, p.L);
-  // With brgemm the key block is a whole number of packing panels.
+  // With packing the key block is a whole number of packing panels.
   const int64_t BK = std::min<int64_t>(tile.block_k, (p.S + 63) / 64 * 64);
   const int64_t n_qblocks = (p.L + BQ - 1) / BQ;
   const int64_t group = p.Hq / p.Hk;
@@ -161,15 +252,16 @@ void attention_forward(AttnParams p) {
   auto* lse = static_cast<acc_t*>(p.lse);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  bool use_brgemm = false;
-  if constexpr (CAN_BRGEMM) use_brgemm = brgemm_available<scalar_t>() && !portable_only();
   std::optional<PackedKV<scalar_t>> packed;
-  if constexpr (CAN_BRGEMM) {
-    if (use_brgemm) packed.emplace(p, BK);
+  if constexpr (LOW_PRECISION || FP32) {
+    if (use_packed) packed.emplace(p, BK);
   }
   const int64_t Ep = packed ? packed->Ep : p.E;
 
-  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+  // Tasks: per (batch, head), query blocks last to first (causal: heaviest first).
+  const int64_t n_tasks = p.B * p.Hq * n_qblocks;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
     const int64_t n_acc = BQ * BK + BQ * p.Ev + 3 * BQ;
     at::Tensor scratch = at::empty({n_acc}, at::TensorOptions().dtype(acc_dtype));
@@ -185,19 +277,25 @@ void attention_forward(AttnParams p) {
     scalar_t* q_pad = p16 + (LOW_PRECISION ? BQ * BK : 0);
     int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
 
-    for (int64_t idx = begin; idx < end; ++idx) {
+    for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t bh = idx / n_qblocks;
       const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / group, bhk = b * p.Hk + hk;
-      const int64_t i0 = balanced_block(idx % n_qblocks, n_qblocks) * BQ;
+      const int64_t i0 = (n_qblocks - 1 - idx % n_qblocks) * BQ;
       const int64_t rows = std::min(BQ, p.L - i0);
       const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
       const scalar_t* k_bh = k + b * p.k_sb + hk * p.k_sh;
       const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
-      if (use_brgemm) {  // the A operand: rows x Ep, contiguous, zero-padded
+      // The packed GEMMs' A operand: Q in place for fp32; for brgemm rows x Ep, contiguous,
+      // zero-padded.
+      const scalar_t* q_a = q_blk;
+      int64_t ld_qa = p.q_sl;
+      if (use_brgemm) {
         for (int64_t r = 0; r < rows; ++r) {
           std::copy(q_blk + r * p.q_sl, q_blk + r * p.q_sl + p.E, q_pad + r * Ep);
           std::fill(q_pad + r * Ep + p.E, q_pad + (r + 1) * Ep, scalar_t(0));
         }
+        q_a = q_pad;
+        ld_qa = Ep;
       }
 
       std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
@@ -207,26 +305,33 @@ void attention_forward(AttnParams p) {
       const int64_t key_end = p.causal ? std::min(p.S, i0 + rows + p.offset) : p.S;
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t cols = std::min(BK, key_end - j0);
-        if constexpr (CAN_BRGEMM) {
-          if (use_brgemm) packed->scores(bhk, j0 / BK, q_pad, rows, cols, s, BK);
+        if constexpr (LOW_PRECISION || FP32) {
+          if (use_packed) packed->scores(bhk, j0 / BK, q_a, ld_qa, rows, cols, s, BK);
         }
-        if (!use_brgemm)
+        if (!use_packed)
           gemm(false, true, rows, cols, p.E, acc_t(1), q_blk, p.q_sl, k_bh + j0 * p.k_sl, p.k_sl, acc_t(0), s, BK);
         for (int64_t r = 0; r < rows; ++r) nvalid[r] = visible_keys(p, i0 + r, j0, cols);
         softmax_step<scalar_t>(s, BK, rows, cols, nvalid, score_scale, m, l, corr, p16, BK);
-        scale_rows(acc, p.Ev, rows, p.Ev, corr);
         const scalar_t* v_blk = v_bh + j0 * p.v_sl;
         if constexpr (LOW_PRECISION) {
+          scale_rows(acc, p.Ev, rows, p.Ev, corr);
           if (use_brgemm) {
             // The VNNI reduction dim runs in pairs: an odd tail gets one zero column of P.
             const int64_t k_even = (cols + 1) / 2 * 2;
             if (k_even != cols)
               for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
-            packed->accumulate(bhk, j0 / BK, p16, BK, rows, k_even, p.Ev, acc);
+            packed->accumulate(bhk, j0 / BK, p16, BK, rows, k_even, p.Ev, acc, nullptr);
           } else {
             gemm(false, false, rows, p.Ev, cols, acc_t(1), p16, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
           }
         } else {
+          if constexpr (FP32) {
+            if (use_micro) {  // the rescale by corr rides in the micro-kernel's epilogue
+              packed->accumulate(bhk, j0 / BK, s, BK, rows, cols, p.Ev, acc, corr);
+              continue;
+            }
+          }
+          scale_rows(acc, p.Ev, rows, p.Ev, corr);
           gemm(false, false, rows, p.Ev, cols, acc_t(1), s, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
         }
       }

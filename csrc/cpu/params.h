@@ -1,6 +1,9 @@
 // The one parameter struct the CPU kernels take, by value.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 
 namespace fused_attn::cpu {
@@ -37,6 +40,14 @@ inline int64_t visible_keys(const AttnParams& p, int64_t i, int64_t j0, int64_t 
   if (!p.causal) return cols;
   const int64_t n = i + p.offset - j0 + 1;
   return n < 0 ? 0 : (n > cols ? cols : n);
+}
+
+// Dynamic scheduling: at::parallel_for over one index per worker thread, each worker taking
+// tasks from a shared counter until none are left (a static split leaves one core waiting
+// for the other on a shared, noisy machine, and under causal masks). When nested inside
+// another parallel region the single worker runs every task.
+inline int64_t worker_count(int64_t n_tasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
 }
 
 }  // namespace fused_attn::cpu

@@ -52,6 +52,16 @@ constexpr float EXP2_C1 = 0.6931471805599453f, EXP2_C2 = 0.2402265069591007f, EX
                 EXP2_C4 = 0.009618129107628477f, EXP2_C5 = 0.0013333558146428443f,
                 EXP2_C6 = 0.00015403530393381608f, EXP2_C7 = 1.525273380405984e-05f;
 
+// 2^f on [0, 1) for the AVX-512 softmax (f = x - floor(x), then scalef by floor(x)):
+// near-minimax polynomials (relative-error least squares with Lawson reweighting),
+// coefficients lowest first; max relative error 1.9e-9 (degree 6), 2.6e-6 (4), 7.5e-5 (3).
+constexpr float EXP2_01_D6[7] = {1.0f, 0.6931470036506653f, 0.24022983014583588f, 0.055483341217041016f,
+                                 0.009678840637207031f, 0.0012439694255590439f, 0.0002170222724089399f};
+constexpr float EXP2_01_D4[5] = {1.0000026226043701f, 0.6930038332939148f, 0.24144279956817627f,
+                                 0.052011482417583466f, 0.013534121215343475f};
+constexpr float EXP2_01_D3[4] = {0.9999251365661621f, 0.6958339810371399f, 0.22606706619262695f,
+                                 0.07802402973175049f};
+
 template <bool LOW_PRECISION = false>
 FA_ALWAYS_INLINE float exp2_fast(float x) {
   constexpr float ROUND_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -106,7 +116,7 @@ FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, in
 #ifdef FA_CPU_HAVE_AVX512_PATH
 // The forward's online softmax hand-vectorised for AVX-512 (the compiler's version spends
 // a third of its time in scalar horizontal reductions and an extra pass to convert P):
-// masked 16-lane loops, exp2 by roundscale + polynomial + scalef, and for 16-bit inputs
+// masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and for 16-bit inputs
 // P goes straight to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
 // OUT: 0 = fp32 P into s; 1 = bf16 P into p16 (AVX512-BF16 conversion), 3 = the same
 // rounded with integer ops (CPUs without AVX512-BF16); 2 = fp16 P into p16. Scores are
@@ -115,18 +125,22 @@ template <int OUT>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))) void online_softmax_avx512(
     float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sc, float* m, float* l,
     float* corr, uint16_t* p16, int64_t ld16) {
-  constexpr float C1 = EXP2_C1, C2 = EXP2_C2, C3 = EXP2_C3, C4 = EXP2_C4, C5 = EXP2_C5, C6 = EXP2_C6, C7 = EXP2_C7;
   constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
   const __m512 vsc = _mm512_set1_ps(sc);
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
     const int64_t nv = nvalid[r];
-    __m512 vmax = _mm512_set1_ps(NEG_INF);
-    for (int64_t c = 0; c < nv; c += 16) {
-      const __mmask16 k = nv - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nv - c)) - 1);
-      vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), vsc));
+    // max(s * sc) = sc * max(s) for sc >= 0 (min(s) otherwise): one op per vector.
+    float mx = NEG_INF;
+    if (nv > 0) {
+      __m512 vext = _mm512_set1_ps(sc >= 0 ? NEG_INF : -NEG_INF);
+      for (int64_t c = 0; c < nv; c += 16) {
+        const __mmask16 k = nv - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nv - c)) - 1);
+        const __m512 x = _mm512_maskz_loadu_ps(k, row + c);
+        vext = sc >= 0 ? _mm512_mask_max_ps(vext, k, vext, x) : _mm512_mask_min_ps(vext, k, vext, x);
+      }
+      mx = (sc >= 0 ? _mm512_reduce_max_ps(vext) : _mm512_reduce_min_ps(vext)) * sc;
     }
-    const float mx = _mm512_reduce_max_ps(vmax);
     const float m_new = m[r] > mx ? m[r] : mx;
     const bool nothing = m_new == NEG_INF;
     const __m512 neg_m = _mm512_set1_ps(nothing ? 0.0f : -m_new);
@@ -137,21 +151,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
       const int64_t valid = nothing ? 0 : (nv - c >= 16 ? 16 : (nv - c > 0 ? nv - c : 0));
       const __mmask16 kv = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
       const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
-      const __m512 nr = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 f = _mm512_sub_ps(x, nr);
+      // 2^x = 2^floor(x) * 2^f, f = x - floor(x) in [0, 1) (vreduceps, round down).
+      const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       __m512 p;
-      if constexpr (OUT == 0) {
-        p = _mm512_fmadd_ps(f, _mm512_set1_ps(C7), _mm512_set1_ps(C6));
-        p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C5));
-        p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C4));
-      } else {
-        p = _mm512_set1_ps(C4);
+      if constexpr (OUT == 0) {  // fp32 P: degree 6, 1.9e-9
+        p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D6[6]), _mm512_set1_ps(EXP2_01_D6[5]));
+        for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D6[i]));
+      } else if constexpr (OUT == 2) {  // fp16 P (2^-11 rounding): degree 4, 2.6e-6
+        p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D4[4]), _mm512_set1_ps(EXP2_01_D4[3]));
+        for (int i = 2; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D4[i]));
+      } else {  // bf16 P (2^-8 rounding): degree 3, 7.5e-5
+        p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D3[3]), _mm512_set1_ps(EXP2_01_D3[2]));
+        for (int i = 1; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D3[i]));
       }
-      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C3));
-      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C2));
-      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(C1));
-      p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.0f));
-      const __m512 e = _mm512_maskz_scalef_ps(kv, p, nr);  // p * 2^nr, 0 where not visible
+      const __m512 e = _mm512_maskz_scalef_ps(kv, p, x);  // p * 2^floor(x), 0 where not visible
       vsum = _mm512_add_ps(vsum, e);
       if constexpr (OUT == 0) {
         _mm512_mask_storeu_ps(row + c, kc, e);
@@ -173,6 +186,28 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
     corr[r] = exp2_fast(m[r] - m_new);
     l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(vsum);
     m[r] = m_new;
+  }
+}
+
+// The backward's P = exp2(s - lse2[r]) in place, 0 past nvalid[r] (see probs_impl), with
+// the forward's fp32 exp2 (vreduceps + degree-6 polynomial + scalef).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline void probs_avx512(
+    float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, const float* lse2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    const int64_t nv = nvalid[r];
+    const __m512 sub = _mm512_set1_ps(lse2[r]);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t n = cols - c >= 16 ? 16 : cols - c;
+      const __mmask16 kc = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const int64_t valid = nv - c >= 16 ? 16 : (nv - c > 0 ? nv - c : 0);
+      const __mmask16 kv = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(kv, row + c), sub);
+      const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D6[6]), _mm512_set1_ps(EXP2_01_D6[5]));
+      for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D6[i]));
+      _mm512_mask_storeu_ps(row + c, kc, _mm512_maskz_scalef_ps(kv, p, x));
+    }
   }
 }
 

@@ -1,0 +1,159 @@
+// Register-blocked fp32 tile GEMM for AVX-512, written for the attention tiles (K 32-256,
+// M and N up to a few hundred), where a BLAS call spends a large share of its time
+// packing operands and dispatching:
+//
+//   C (M x N) = alpha * op(A) (M x K) * B (K x N)  [+ rs[r] * C  if accumulate]
+//
+// B is row-major (ldb, unit stride along N): a pre-packed panel of K^T / V^T, or a row
+// block of V, K, Q or dO read in place. op(A) is A (row-major, lda) or A^T (A stored
+// K x M, lda), so P^T dO and dS^T Q need no transposed copy. rs (per-row factor on the
+// old C, nullptr for 1) folds the online softmax's rescale of the output accumulator
+// into the PV product.
+//
+// Micro-kernel: MR = 6 rows x NR = 64 columns (24 zmm accumulators, 4 B vectors and one
+// broadcast: 29 of 32 registers); per step of K it issues 4 loads and 6 broadcasts for 24
+// FMAs, so it runs at the FMA ports' rate while B's K x 64 panel stays in L1. Column
+// tails use masked loads and stores (nothing past N is read or written); row tails use
+// the MR < 6 instantiations.
+#pragma once
+
+#include <cstdint>
+
+#include "tile_ops.h"
+
+#ifdef FA_CPU_HAVE_AVX512_PATH
+
+#define FA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+namespace fused_attn::cpu {
+
+constexpr int GEMM_MR = 6;
+constexpr int GEMM_NR = 64;  // four 16-float vectors
+
+template <int MR, int NV, bool A_TRANS>
+FA_AVX512_TARGET void gemm_f32_micro(int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                                     int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate,
+                                     const float* rs) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b_row = B + k * ldb;
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(tail, b_row + 16 * v) : _mm512_loadu_ps(b_row + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A_TRANS ? A[k * lda + r] : A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* c_row = C + r * ldc;
+    const __m512 f = _mm512_set1_ps(rs ? rs[r] : 1.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? tail : __mmask16(0xFFFF);
+      __m512 x = _mm512_mul_ps(c[r][v], va);
+      if (accumulate) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c_row + 16 * v), f, x);
+      _mm512_mask_storeu_ps(c_row + 16 * v, m, x);
+    }
+  }
+}
+
+template <bool A_TRANS, int NV>
+FA_AVX512_TARGET void gemm_f32_rows(int64_t M, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                                    int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate,
+                                    const float* rs) {
+  int64_t m0 = 0;
+  for (; m0 + GEMM_MR <= M; m0 += GEMM_MR) {
+    const float* a = A_TRANS ? A + m0 : A + m0 * lda;
+    gemm_f32_micro<GEMM_MR, NV, A_TRANS>(K, alpha, a, lda, B, ldb, C + m0 * ldc, ldc, tail, accumulate,
+                                         rs ? rs + m0 : nullptr);
+  }
+  if (m0 == M) return;
+  const float* a = A_TRANS ? A + m0 : A + m0 * lda;
+  float* c = C + m0 * ldc;
+  const float* r = rs ? rs + m0 : nullptr;
+  switch (M - m0) {
+    case 1: return gemm_f32_micro<1, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
+    case 2: return gemm_f32_micro<2, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
+    case 3: return gemm_f32_micro<3, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
+    case 4: return gemm_f32_micro<4, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
+    default: return gemm_f32_micro<5, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
+  }
+}
+
+// C = alpha op(A) B (+ rs * C): column panels of GEMM_NR, each swept down all M rows
+// (the panel of B is reused from L1 by every row block).
+template <bool A_TRANS>
+FA_AVX512_TARGET void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                                      const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
+                                      const float* rs = nullptr) {
+  for (int64_t n0 = 0; n0 < N; n0 += GEMM_NR) {
+    const int64_t n = N - n0 < GEMM_NR ? N - n0 : GEMM_NR;
+    const int nv = static_cast<int>((n + 15) / 16);
+    const int rem = static_cast<int>(n - 16 * (nv - 1));
+    const __mmask16 tail = rem == 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1);
+    const float* b = B + n0;
+    float* c = C + n0;
+    switch (nv) {
+      case 1: gemm_f32_rows<A_TRANS, 1>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
+      case 2: gemm_f32_rows<A_TRANS, 2>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
+      case 3: gemm_f32_rows<A_TRANS, 3>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
+      default: gemm_f32_rows<A_TRANS, 4>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
+    }
+  }
+}
+
+// dst (cols x rows, ld_dst) = src (rows x cols, ld_src)^T, in 16 x 16 blocks transposed in
+// registers (unpack within 128-bit lanes, then lane shuffles). Reads only inside the
+// rows x cols source; writes only the cols x rows destination.
+FA_AVX512_TARGET inline void transpose_f32_avx512(int64_t rows, int64_t cols, const float* src, int64_t ld_src,
+                                                  float* dst, int64_t ld_dst) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int64_t ni = rows - i0 < 16 ? rows - i0 : 16;
+    const __mmask16 store_mask = ni == 16 ? __mmask16(0xFFFF) : __mmask16((1u << ni) - 1);
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int64_t nj = cols - j0 < 16 ? cols - j0 : 16;
+      const __mmask16 load_mask = nj == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nj) - 1);
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < ni ? _mm512_maskz_loadu_ps(load_mask, src + (i0 + i) * ld_src + j0) : _mm512_setzero_ps();
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      // r[4g + m]: in 128-bit lane L, element 4L + m of rows 4g .. 4g + 3.
+      for (int g = 0; g < 4; ++g) {
+        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+        const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+        r[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+      }
+      for (int m = 0; m < 4; ++m) {
+        const __m512 v0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), v1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+        const __m512 w0 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+        const __m512 w1 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+        t[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);       // element m of every row
+        t[4 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);   // element 4 + m
+        t[8 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);   // element 8 + m
+        t[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);  // element 12 + m
+      }
+      for (int j = 0; j < nj; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * ld_dst + i0, store_mask, t[j]);
+    }
+  }
+}
+
+}  // namespace fused_attn::cpu
+
+#endif  // FA_CPU_HAVE_AVX512_PATH
