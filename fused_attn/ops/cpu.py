@@ -5,9 +5,11 @@ Algorithm (see ``csrc/cpu/fwd_kernel.h`` and ``bwd_kernel.h``): FlashAttention-2
 ``at::parallel_for``. Forward: online softmax in exp2 over key blocks, never forming L x S;
 saves out and lse. Backward: recomputes P from the saved lse; delta = rowsum(dO * O) - dlse;
 dK/dV per key block summed over the GQA group in a fixed order, no atomics: deterministic
-for a given thread count. GEMMs: MKL (through PyTorch) for fp32 / fp64 and the backward,
-oneDNN's AMX micro-kernels (``at::native::cpublas::brgemm``) for the bf16 forward;
-softmax hand-vectorised for AVX-512, compiler-vectorised clones elsewhere.
+for a given thread count. GEMMs: fp32 on CPUs with AVX-512 through our register-blocked
+micro-kernel (``csrc/cpu/gemm_avx512.h``, forward and backward); the bf16 / fp16 forward
+through oneDNN's AMX micro-kernels (``at::native::cpublas::brgemm``); MKL (through
+PyTorch) for the rest. Softmax hand-vectorised for AVX-512, compiler-vectorised clones
+elsewhere.
 
 Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit stride
 on the last dim and rows that do not overlap (others are copied once); out (B, Hq, L, Ev);
