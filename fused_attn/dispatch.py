@@ -36,9 +36,12 @@ class KernelBackend:
 
     def __init__(self, name: str, module: str):
         self.name, self.module = name, module
+        self._ops = None
 
     def ops(self):
-        return importlib.import_module(f"fused_attn.ops.{self.module}")
+        if self._ops is None:  # imported on first use (triton, the CUDA extension)
+            self._ops = importlib.import_module(f"fused_attn.ops.{self.module}")
+        return self._ops
 
     def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
         if p.mask is not None:

@@ -126,7 +126,9 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                 raise ValueError(
                     f"grouped-query attention needs query heads divisible by key/value heads, got {Hq} and {Hk}")
         try:
-            batch = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+            batch = tuple(q.shape[:-3])
+            if not (k.shape[:-3] == v.shape[:-3] == batch):  # the common case skips broadcasting
+                batch = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
         except RuntimeError:
             raise ValueError(
                 "the batch dims of query, key and value (all but the last three) must broadcast, got "
@@ -167,6 +169,8 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
             raise TypeError(f"attn_mask must be a Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
 
     def canon(t: Tensor, H: int) -> Tensor:
+        if rank == 4 and t.shape[0] == batch[0]:
+            return t  # already (B, H, L, E)
         if rank >= 3:
             t = t.expand(batch + tuple(t.shape[-3:]))
         return t.reshape((-1, H) + tuple(t.shape[-2:]))
