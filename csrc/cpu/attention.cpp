@@ -114,17 +114,9 @@ void check_matrix(const at::Tensor& t, const char* name) {
               name, " must be a 2-D fp32 CPU matrix with unit column stride, got ", t.sizes(), " ", t.strides());
 }
 
-bool has_avx512() {
-#ifdef FA_CPU_HAVE_AVX512_PATH
-  return cpu_has_avx512();
-#else
-  return false;
-#endif
-}
-
 void test_gemm_f32(const at::Tensor& a, bool a_trans, const at::Tensor& b, at::Tensor& c, double alpha,
                    bool accumulate, const std::optional<at::Tensor>& rs) {
-  TORCH_CHECK(has_avx512(), "the AVX-512 micro-kernel needs a CPU with AVX-512");
+  TORCH_CHECK(avx512_enabled(), "the AVX-512 micro-kernel needs a CPU with AVX-512");
   check_matrix(a, "a");
   check_matrix(b, "b");
   check_matrix(c, "c");
@@ -145,7 +137,7 @@ void test_gemm_f32(const at::Tensor& a, bool a_trans, const at::Tensor& b, at::T
 }
 
 void test_transpose_f32(const at::Tensor& src, at::Tensor& dst) {
-  TORCH_CHECK(has_avx512(), "the AVX-512 transpose needs a CPU with AVX-512");
+  TORCH_CHECK(avx512_enabled(), "the AVX-512 transpose needs a CPU with AVX-512");
   check_matrix(src, "src");
   check_matrix(dst, "dst");
   TORCH_CHECK(dst.size(0) == src.size(1) && dst.size(1) == src.size(0), "dst ", dst.sizes(),
@@ -165,12 +157,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fused_attn::cpu::backward, "attention backward into (dq, dk, dv)");
   m.def("set_portable_only", [](bool on) { fused_attn::cpu::portable_only() = on; },
         "tests: run the portable fallbacks instead of the AVX-512 softmax and oneDNN brgemm");
-  m.def("has_avx512", &fused_attn::cpu::has_avx512, "whether the AVX-512 paths run (CPU has it, not portable-only)");
+  m.def("has_avx512", &fused_attn::cpu::avx512_enabled, "whether the AVX-512 paths run (CPU has it, not portable-only)");
   m.def("_test_gemm_f32", &fused_attn::cpu::test_gemm_f32, "tests: c = alpha op(a) b (+ rs * c) on the micro-kernel");
   m.def("_test_transpose_f32", &fused_attn::cpu::test_transpose_f32, "tests: dst = src^T, AVX-512 blocks");
   m.def("gemm_backend",
         [] {
-          return std::string("fp32 on the AVX-512 micro-kernel: ") + (fused_attn::cpu::has_avx512() ? "yes" : "no") +
+          return std::string("fp32 on the AVX-512 micro-kernel: ") + (fused_attn::cpu::avx512_enabled() ? "yes" : "no") +
                  " (else " + fused_attn::cpu::gemm_backend() + "); " + fused_attn::cpu::brgemm_backend();
         },
         "which GEMM library each dtype uses");

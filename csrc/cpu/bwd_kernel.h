@@ -41,10 +41,7 @@ void attention_backward(AttnParams p) {
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   // fp32 on AVX-512: our micro-kernel (gemm_avx512.h) on K^T / V^T transposed once per key
   // block; elsewhere BLAS (MKL) on the operands in place.
-  bool use_micro = false;
-#ifdef FA_CPU_HAVE_AVX512_PATH
-  if constexpr (FP32) use_micro = cpu_has_avx512();
-#endif
+  const bool use_micro = FP32 && avx512_enabled();
   const TileConfig tile_cfg = BWD_TILE;
   const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, p.L);
   const int64_t BK = std::min<int64_t>(tile_cfg.block_k, p.S);

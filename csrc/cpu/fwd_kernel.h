@@ -51,8 +51,7 @@ FA_AVX512_TARGET void interleave_rows_avx512(int64_t rows, int64_t rows_pad, int
   for (int64_t j = 0; j < rows_pad; j += 2) {
     uint32_t* o = out + (j / 2) * PANEL;
     for (int64_t c = 0; c < PANEL; c += 16) {
-      const int64_t w = std::max<int64_t>(0, std::min<int64_t>(16, n - c));
-      const __mmask16 m = w == 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+      const __mmask16 m = lane_mask(n - c);
       const __m256i a = j < rows ? _mm256_maskz_loadu_epi16(m, in + j * ld_src + c) : _mm256_setzero_si256();
       const __m256i b = j + 1 < rows ? _mm256_maskz_loadu_epi16(m, in + (j + 1) * ld_src + c) : _mm256_setzero_si256();
       const __m512i word = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
@@ -74,8 +73,6 @@ struct PackedKV {
   static constexpr int64_t PANEL = 64;
   int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems;
   at::Tensor buf;
-  const scalar_t* v;  // fp32: V in place
-  int64_t v_sb, v_sh, v_sl, Hk;
 
   PackedKV(const AttnParams& p, int64_t block_k) {
     const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
@@ -85,8 +82,6 @@ struct PackedKV {
     n_kblocks = (p.S + BK - 1) / BK;
     k_elems = Ep * BK;
     v_elems = VNNI ? BK * Evp : 0;
-    v = static_cast<const scalar_t*>(p.v);
-    v_sb = p.v_sb, v_sh = p.v_sh, v_sl = p.v_sl, Hk = p.Hk;
     const int64_t per_block = k_elems + v_elems;
     buf = at::empty({p.B * p.Hk * n_kblocks * per_block}, at::TensorOptions().dtype(dt));
     const auto* k = static_cast<const scalar_t*>(p.k);
@@ -105,19 +100,19 @@ struct PackedKV {
 #endif
       return;
     }
-    const auto* vv = static_cast<const scalar_t*>(p.v);
+    const auto* v = static_cast<const scalar_t*>(p.v);
 #ifdef FA_CPU_HAVE_AVX512_PATH
     // VNNI pairs of K^T are 32-bit words of K's rows: a 32-bit transpose (even E and
     // strides); V's pairs interleave two rows.
     const bool word_aligned = p.E % 2 == 0 && p.k_sl % 2 == 0 && p.k_sh % 2 == 0 && p.k_sb % 2 == 0 &&
                               reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
-    if (cpu_has_avx512() && word_aligned) {
+    if (avx512_enabled() && word_aligned) {
       at::parallel_for(0, p.B * p.Hk * n_kblocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t idx = begin; idx < end; ++idx) {
           const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
           const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
           const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
-          const scalar_t* v_blk = vv + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
+          const scalar_t* v_blk = v + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
           scalar_t* dst = base + idx * per_block;
           for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
             float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
@@ -143,7 +138,7 @@ struct PackedKV {
         const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
         const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
         const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
-        const scalar_t* v_blk = vv + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
+        const scalar_t* v_blk = v + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
         std::fill(kt, kt + per_block, scalar_t(0));
         for (int64_t j = 0; j < cols; ++j)
           for (int64_t e = 0; e < p.E; ++e) kt[e * BK + j] = k_blk[j * p.k_sl + e];
@@ -180,20 +175,13 @@ struct PackedKV {
       }
     }
   }
-  // acc (rows x Ev) = corr * acc + P (rows x kdim, ld_p) V for key block kb (16-bit: the
-  // caller has already rescaled acc; corr is ignored).
+  // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
   void accumulate(int64_t bhk, int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
-                  float* acc, const float* corr) const {
-    if constexpr (VNNI) {
-      for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
-        at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
-                                    v_panel(bhk, kb, c0), acc + c0, VNNI);
-    } else {
-#ifdef FA_CPU_HAVE_AVX512_PATH
-      const scalar_t* v_blk = v + bhk / Hk * v_sb + bhk % Hk * v_sh + kb * BK * v_sl;
-      gemm_f32_avx512<false>(rows, Ev, kdim, 1.0f, pm, ld_p, v_blk, v_sl, acc, Ev, true, corr);
-#endif
-    }
+                  float* acc) const {
+    static_assert(VNNI, "fp32 reads V in place");
+    for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
+      at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
+                                  v_panel(bhk, kb, c0), acc + c0, VNNI);
   }
 };
 
@@ -232,11 +220,9 @@ void attention_forward(AttnParams p) {
   // Packed K^T / V: for 16-bit inputs through oneDNN's brgemm (AMX), for fp32 through our
   // AVX-512 micro-kernel (gemm_avx512.h); elsewhere (fp64, no AVX-512 / oneDNN) BLAS
   // on K and V in place.
-  bool use_brgemm = false, use_micro = false;
+  bool use_brgemm = false;
   if constexpr (LOW_PRECISION) use_brgemm = brgemm_available<scalar_t>() && !portable_only();
-#ifdef FA_CPU_HAVE_AVX512_PATH
-  if constexpr (FP32) use_micro = cpu_has_avx512();
-#endif
+  const bool use_micro = FP32 && avx512_enabled();
   const bool use_packed = use_brgemm || use_micro;
   const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
   const int64_t BQ = std::min<int64_t>(tile.block_q, p.L);
@@ -320,17 +306,19 @@ void attention_forward(AttnParams p) {
             const int64_t k_even = (cols + 1) / 2 * 2;
             if (k_even != cols)
               for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
-            packed->accumulate(bhk, j0 / BK, p16, BK, rows, k_even, p.Ev, acc, nullptr);
+            packed->accumulate(bhk, j0 / BK, p16, BK, rows, k_even, p.Ev, acc);
           } else {
             gemm(false, false, rows, p.Ev, cols, acc_t(1), p16, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
           }
         } else {
+#ifdef FA_CPU_HAVE_AVX512_PATH
           if constexpr (FP32) {
-            if (use_micro) {  // the rescale by corr rides in the micro-kernel's epilogue
-              packed->accumulate(bhk, j0 / BK, s, BK, rows, cols, p.Ev, acc, corr);
+            if (use_micro) {  // V in place; the rescale by corr rides in the epilogue
+              gemm_f32_avx512<false>(rows, p.Ev, cols, 1.0f, s, BK, v_blk, p.v_sl, acc, p.Ev, true, corr);
               continue;
             }
           }
+#endif
           scale_rows(acc, p.Ev, rows, p.Ev, corr);
           gemm(false, false, rows, p.Ev, cols, acc_t(1), s, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
         }

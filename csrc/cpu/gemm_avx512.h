@@ -23,8 +23,6 @@
 
 #ifdef FA_CPU_HAVE_AVX512_PATH
 
-#define FA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-
 namespace fused_attn::cpu {
 
 constexpr int GEMM_MR = 6;
@@ -100,8 +98,7 @@ FA_AVX512_TARGET void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, float alp
   for (int64_t n0 = 0; n0 < N; n0 += GEMM_NR) {
     const int64_t n = N - n0 < GEMM_NR ? N - n0 : GEMM_NR;
     const int nv = static_cast<int>((n + 15) / 16);
-    const int rem = static_cast<int>(n - 16 * (nv - 1));
-    const __mmask16 tail = rem == 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1);
+    const __mmask16 tail = lane_mask(n - 16 * (nv - 1));
     const float* b = B + n0;
     float* c = C + n0;
     switch (nv) {
@@ -120,10 +117,10 @@ FA_AVX512_TARGET inline void transpose_f32_avx512(int64_t rows, int64_t cols, co
                                                   float* dst, int64_t ld_dst) {
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const int64_t ni = rows - i0 < 16 ? rows - i0 : 16;
-    const __mmask16 store_mask = ni == 16 ? __mmask16(0xFFFF) : __mmask16((1u << ni) - 1);
+    const __mmask16 store_mask = lane_mask(ni);
     for (int64_t j0 = 0; j0 < cols; j0 += 16) {
       const int64_t nj = cols - j0 < 16 ? cols - j0 : 16;
-      const __mmask16 load_mask = nj == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nj) - 1);
+      const __mmask16 load_mask = lane_mask(nj);
       __m512 r[16], t[16];
       for (int i = 0; i < 16; ++i)
         r[i] = i < ni ? _mm512_maskz_loadu_ps(load_mask, src + (i0 + i) * ld_src + j0) : _mm512_setzero_ps();

@@ -114,13 +114,30 @@ FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, in
 }
 
 #ifdef FA_CPU_HAVE_AVX512_PATH
+#define FA_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// The first n of 16 lanes (n clamped to [0, 16]).
+FA_ALWAYS_INLINE __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// 2^x in the lanes of kv, 0 elsewhere: 2^floor(x) (scalef) times one of the EXP2_01_D*
+// polynomials at f = x - floor(x) in [0, 1) (vreduceps, round down). x needs no clamp:
+// scalef of a huge negative power gives 0.
+template <size_t N>
+FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 exp2_avx512(__m512 x, __mmask16 kv, const float (&c)[N]) {
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(c[N - 1]);
+  for (int i = static_cast<int>(N) - 2; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(c[i]));
+  return _mm512_maskz_scalef_ps(kv, p, x);
+}
+
 // The forward's online softmax hand-vectorised for AVX-512 (the compiler's version spends
 // a third of its time in scalar horizontal reductions and an extra pass to convert P):
 // masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and for 16-bit inputs
 // P goes straight to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
 // OUT: 0 = fp32 P into s; 1 = bf16 P into p16 (AVX512-BF16 conversion), 3 = the same
-// rounded with integer ops (CPUs without AVX512-BF16); 2 = fp16 P into p16. Scores are
-// finite (finite inputs), so x needs no clamp: scalef of a huge negative power gives 0.
+// rounded with integer ops (CPUs without AVX512-BF16); 2 = fp16 P into p16.
 template <int OUT>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))) void online_softmax_avx512(
     float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sc, float* m, float* l,
@@ -135,7 +152,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
     if (nv > 0) {
       __m512 vext = _mm512_set1_ps(sc >= 0 ? NEG_INF : -NEG_INF);
       for (int64_t c = 0; c < nv; c += 16) {
-        const __mmask16 k = nv - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nv - c)) - 1);
+        const __mmask16 k = lane_mask(nv - c);
         const __m512 x = _mm512_maskz_loadu_ps(k, row + c);
         vext = sc >= 0 ? _mm512_mask_max_ps(vext, k, vext, x) : _mm512_mask_min_ps(vext, k, vext, x);
       }
@@ -146,25 +163,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
     const __m512 neg_m = _mm512_set1_ps(nothing ? 0.0f : -m_new);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t c = 0; c < cols; c += 16) {
-      const int64_t n = cols - c >= 16 ? 16 : cols - c;
-      const __mmask16 kc = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-      const int64_t valid = nothing ? 0 : (nv - c >= 16 ? 16 : (nv - c > 0 ? nv - c : 0));
-      const __mmask16 kv = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+      const __mmask16 kc = lane_mask(cols - c), kv = nothing ? __mmask16(0) : lane_mask(nv - c);
       const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
-      // 2^x = 2^floor(x) * 2^f, f = x - floor(x) in [0, 1) (vreduceps, round down).
-      const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      __m512 p;
-      if constexpr (OUT == 0) {  // fp32 P: degree 6, 1.9e-9
-        p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D6[6]), _mm512_set1_ps(EXP2_01_D6[5]));
-        for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D6[i]));
-      } else if constexpr (OUT == 2) {  // fp16 P (2^-11 rounding): degree 4, 2.6e-6
-        p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D4[4]), _mm512_set1_ps(EXP2_01_D4[3]));
-        for (int i = 2; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D4[i]));
-      } else {  // bf16 P (2^-8 rounding): degree 3, 7.5e-5
-        p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D3[3]), _mm512_set1_ps(EXP2_01_D3[2]));
-        for (int i = 1; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D3[i]));
+      __m512 e;  // P, 0 where not visible
+      if constexpr (OUT == 0) {
+        e = exp2_avx512(x, kv, EXP2_01_D6);  // fp32 P
+      } else if constexpr (OUT == 2) {
+        e = exp2_avx512(x, kv, EXP2_01_D4);  // fp16 P (2^-11 rounding)
+      } else {
+        e = exp2_avx512(x, kv, EXP2_01_D3);  // bf16 P (2^-8 rounding)
       }
-      const __m512 e = _mm512_maskz_scalef_ps(kv, p, x);  // p * 2^floor(x), 0 where not visible
       vsum = _mm512_add_ps(vsum, e);
       if constexpr (OUT == 0) {
         _mm512_mask_storeu_ps(row + c, kc, e);
@@ -190,23 +198,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
 }
 
 // The backward's P = exp2(s - lse2[r]) in place, 0 past nvalid[r] (see probs_impl), with
-// the forward's fp32 exp2 (vreduceps + degree-6 polynomial + scalef).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline void probs_avx512(
+// the forward's fp32 exp2.
+FA_AVX512_TARGET inline void probs_avx512(
     float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, const float* lse2) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
     const int64_t nv = nvalid[r];
     const __m512 sub = _mm512_set1_ps(lse2[r]);
     for (int64_t c = 0; c < cols; c += 16) {
-      const int64_t n = cols - c >= 16 ? 16 : cols - c;
-      const __mmask16 kc = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-      const int64_t valid = nv - c >= 16 ? 16 : (nv - c > 0 ? nv - c : 0);
-      const __mmask16 kv = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+      const __mmask16 kv = lane_mask(nv - c);
       const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(kv, row + c), sub);
-      const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(EXP2_01_D6[6]), _mm512_set1_ps(EXP2_01_D6[5]));
-      for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(EXP2_01_D6[i]));
-      _mm512_mask_storeu_ps(row + c, kc, _mm512_maskz_scalef_ps(kv, p, x));
+      _mm512_mask_storeu_ps(row + c, lane_mask(cols - c), exp2_avx512(x, kv, EXP2_01_D6));
     }
   }
 }
@@ -222,6 +224,16 @@ inline bool cpu_has_avx512() {
   return ok && !portable_only();
 }
 #endif
+
+// Whether the hand-written AVX-512 paths run: built in, the CPU has AVX-512, and the tests
+// have not asked for the portable fallbacks.
+inline bool avx512_enabled() {
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
 
 // Backward: P = exp2(s - lse2) in place (lse2 = lse * log2(e)), 0 past nvalid.
 template <typename acc_t>
