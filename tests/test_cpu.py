@@ -40,24 +40,25 @@ def _finite(lse):
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
-def _run_reference(q, k, v, mode, do, dlse, compute_dtype=None):
+def _run_reference(q, k, v, mode, do, dlse, scale=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = reference.attention(q, k, v, causal=mode, compute_dtype=compute_dtype)
+    out, lse = reference.attention(q, k, v, causal=mode, scale=scale)
     loss = (out * do.to(out.dtype)).sum() + (_finite(lse) * dlse.to(lse.dtype)).sum()
     return (out, lse) + torch.autograd.grad(loss, (q, k, v))
 
 
-def check_against_reference(q, k, v, mode: CausalMode, with_lse_grad: bool = True):
+def check_against_reference(q, k, v, mode: CausalMode, with_lse_grad: bool = True, scale=None):
     """Forward, lse, dq, dk, dv of the cpu backend vs. the fp64 reference; returns the worst ratio."""
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     do = torch.randn(B, Hq, L, Ev, dtype=torch.float64)
     dlse = torch.randn(B, Hq, L, dtype=torch.float64) if with_lse_grad else torch.zeros(B, Hq, L, dtype=torch.float64)
-    ref = _run_reference(q.double(), k.double(), v.double(), mode, do, dlse)
-    base = _run_reference(q, k, v, mode, do, dlse)  # plain PyTorch in the inputs' dtype
+    ref = _run_reference(q.double(), k.double(), v.double(), mode, do, dlse, scale)
+    base = _run_reference(q, k, v, mode, do, dlse, scale)  # plain PyTorch in the inputs' dtype
 
     qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = fused_attn.attention_with_lse(qq, kk, vv, attn_mask=_mask(mode, L, S), enable_gqa=True, backend="cpu")
+    out, lse = fused_attn.attention_with_lse(qq, kk, vv, attn_mask=_mask(mode, L, S), scale=scale, enable_gqa=True,
+                                             backend="cpu")
     assert out.dtype == q.dtype and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
     loss = (out * do.to(out.dtype)).sum()
     if with_lse_grad:  # else the kernel's backward gets dlse = None
@@ -94,6 +95,28 @@ def test_many_key_blocks(mode, E, Ev, dtype):
     so the online-softmax rescale, the packed panels of later blocks and
     a ragged last block all run; odd E takes the 16-bit packing's non-word-aligned path."""
     check_against_reference(*_qkv(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
+
+
+@pytest.mark.parametrize("scores,scale", [("rising", None), ("falling", None), ("spread", None), ("spread", -0.2)])
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_lazy_softmax_reference(mode, scores, scale):
+    """The fp32 forward's softmax (SoftmaxEpilogue, csrc/cpu/fwd_kernel.h) keeps each row's
+    exp2 reference until a score passes it by more than LAZY_MAX_SLACK, then rescales the
+    row's P so far. Scores that rise from key to key over ~40 log2 units (the reference
+    moves every few 64-key panels, mid-block), that fall (only the first panel sets it),
+    and that spread widely at random, with a positive and a negative scale. (Dropping the
+    rescale fails 8 of these 12.) The ramps keep scores in [-28, 0]: where a row's scores
+    sit near +-70, the one rounding of its fp32 lse (~4e-6 relative) is passed by any
+    lse-based backward (ours, FlashAttention's) to every P of the row, and dq can exceed
+    2x the error of PyTorch's softmax, which keeps P (ratio up to 2.5 over a +-200 ramp)."""
+    q, k, v = _qkv(1, 2, 1, 130, 1100, 72, 40, torch.float32)
+    if scores == "spread":
+        q, k = 3 * q, 4 * k
+    else:
+        ramp = torch.linspace(-80.0, 0.0, 1100)
+        q[..., 0] = 3.0
+        k[..., 0] = ramp if scores == "rising" else ramp.flip(0)
+    check_against_reference(q, k, v, mode, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -35,6 +35,57 @@
 
 namespace fused_attn::cpu {
 
+#ifdef FA_CPU_HAVE_AVX512_PATH
+// fp32 on AVX-512, the elementwise steps in the GEMMs' epilogues (tiles row-major, ld;
+// c0 = the panel's first column):
+// P = exp2(sc s - lse2[r] - lse2_lo[r]), 0 past nvalid[r], from the score tile Q K^T in
+// registers.
+struct ProbsEpilogue {
+  float* p;
+  int64_t ld, c0;
+  float sc;
+  const int64_t* nvalid;
+  const float* lse2;
+  const float* lse2_lo;
+  template <int MR, int NV>
+  FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
+    const __m512 vsc = _mm512_set1_ps(sc);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = m0 + r, nv = nvalid[row] - c0;
+      const __m512 hi = _mm512_set1_ps(lse2[row]), lo = _mm512_set1_ps(lse2_lo[row]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __m512 x = _mm512_sub_ps(_mm512_fmsub_ps(c[r][v], vsc, hi), lo);
+        const __m512 e = exp2_avx512(x, lane_mask(nv - 16 * v), EXP2_01_D6);
+        _mm512_mask_storeu_ps(p + row * ld + c0 + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), e);
+      }
+    }
+  }
+};
+// dS = P * (dP - delta[r]) from the tile dP = dO V^T in registers.
+struct DScoresEpilogue {
+  float* ds;
+  const float* p;
+  int64_t ld, c0;
+  const float* delta;
+  template <int MR, int NV>
+  FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const int64_t at = (m0 + r) * ld + c0;
+      const __m512 d = _mm512_set1_ps(delta[m0 + r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 k = v == NV - 1 ? tail : __mmask16(0xFFFF);
+        const __m512 pv = _mm512_maskz_loadu_ps(k, p + at + 16 * v);
+        _mm512_mask_storeu_ps(ds + at + 16 * v, k, _mm512_mul_ps(pv, _mm512_sub_ps(c[r][v], d)));
+      }
+    }
+  }
+};
+#endif
+
 template <typename scalar_t, typename acc_t>
 void attention_backward(AttnParams p) {
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
@@ -61,10 +112,12 @@ void attention_backward(AttnParams p) {
   const auto* lse = static_cast<const acc_t*>(p.lse);
   const auto* dlse = static_cast<const acc_t*>(p.dlse);
 
-  // 1. delta, and lse in the exp2 domain.
-  at::Tensor rowstats = at::empty({2, p.B * p.Hq * p.L}, at::TensorOptions().dtype(acc_dtype));
+  // 1. delta, and lse in the exp2 domain as hi + lo (lse * log2 e in double, split, so the
+  //    change of base adds no rounding to the exponent of P).
+  at::Tensor rowstats = at::empty({3, p.B * p.Hq * p.L}, at::TensorOptions().dtype(acc_dtype));
   acc_t* delta = rowstats.data_ptr<acc_t>();
   acc_t* lse2 = delta + p.B * p.Hq * p.L;
+  acc_t* lse2_lo = lse2 + p.B * p.Hq * p.L;
   at::parallel_for(0, p.B * p.Hq * p.L, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / p.L, i = row % p.L, b = bh / p.Hq, h = bh % p.Hq;
@@ -73,7 +126,9 @@ void attention_backward(AttnParams p) {
       acc_t sum = 0;
       for (int64_t c = 0; c < p.Ev; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
       delta[row] = sum - (dlse ? dlse[row] : acc_t(0));
-      lse2[row] = lse[row] * static_cast<acc_t>(LOG2E);
+      const double t = static_cast<double>(lse[row]) * LOG2E;
+      lse2[row] = static_cast<acc_t>(t);
+      lse2_lo[row] = std::isinf(t) ? acc_t(0) : static_cast<acc_t>(t - static_cast<double>(lse2[row]));
     }
   });
 
@@ -130,6 +185,7 @@ void attention_backward(AttnParams p) {
             const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
             const scalar_t* do_blk = dout + b * p.do_sb + h * p.do_sh + i0 * p.do_sl;
             const acc_t* lse2_blk = lse2 + bh * p.L + i0;
+            const acc_t* lse2_lo_blk = lse2_lo + bh * p.L + i0;
             const acc_t* delta_blk = delta + bh * p.L + i0;
             for (int64_t r = 0; r < rows; ++r)
               nvalid[r] = std::isinf(lse2_blk[r]) ? 0 : visible_keys(p, i0 + r, j0, kc);
@@ -137,10 +193,12 @@ void attention_backward(AttnParams p) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
-                gemm_f32_avx512<false>(rows, kc, p.E, score_scale, q_blk, p.q_sl, k_t, BK, s, BK, false);
-                probs_avx512(s, BK, rows, kc, nvalid, lse2_blk);
-                gemm_f32_avx512<false>(rows, kc, p.Ev, 1.0f, do_blk, p.do_sl, v_t, BK, dp, BK, false);
-                dscores(dp, s, BK, rows, kc, delta_blk);
+                gemm_f32_panels<false>(rows, kc, p.E, q_blk, p.q_sl, k_t, BK, [&](int64_t c0) {
+                  return ProbsEpilogue{s, BK, c0, score_scale, nvalid, lse2_blk, lse2_lo_blk};
+                });
+                gemm_f32_panels<false>(rows, kc, p.Ev, do_blk, p.do_sl, v_t, BK, [&](int64_t c0) {
+                  return DScoresEpilogue{dp, s, BK, c0, delta_blk};
+                });
                 gemm_f32_avx512<true>(kc, p.Ev, rows, 1.0f, s, BK, do_blk, p.do_sl, dv_acc, p.Ev, true);
                 gemm_f32_avx512<true>(kc, p.E, rows, scale, dp, BK, q_blk, p.q_sl, dk_acc, p.E, true);
                 gemm_f32_avx512<false>(rows, p.E, kc, scale, dp, BK, k_blk, p.k_sl, dq_blk, p.E, true);
@@ -149,7 +207,7 @@ void attention_backward(AttnParams p) {
             }
 #endif
             gemm(false, true, rows, kc, p.E, score_scale, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
-            probs(s, BK, rows, kc, nvalid, lse2_blk);
+            probs(s, BK, rows, kc, nvalid, lse2_blk, lse2_lo_blk);
             gemm(false, true, rows, kc, p.Ev, acc_t(1), do_blk, p.do_sl, v_blk, p.v_sl, acc_t(0), dp, BK);
             dscores(dp, s, BK, rows, kc, delta_blk);
             if constexpr (LOW_PRECISION) {

@@ -10,12 +10,15 @@
 // diagonal are never visited and the diagonal block is cut at the last row's last key;
 // nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf.
 // GEMMs, on K^T (and V) packed once per call (PackedKV, O(S) memory):
-//   fp32 on AVX-512: our register-blocked micro-kernel (gemm_avx512.h), V read in place,
-//     the rescale of acc folded into the PV product;
+//   fp32 on AVX-512: our register-blocked micro-kernel (gemm_avx512.h), the online
+//     softmax in the score GEMM's epilogue (SoftmaxEpilogue: m is a lazily moved
+//     reference there, not the exact max), V read in place, the rescale of acc folded
+//     into the PV product;
 //   bf16 / fp16 where oneDNN's AMX / AVX-512 micro-kernels exist: at::native::cpublas::
 //     brgemm, with P rounded to 16 bits as tensor-core kernels do;
 //   otherwise (fp64, CPUs without them) BLAS (MKL) on K and V in place.
-// Softmax: AVX-512 intrinsics where the CPU has them, else compiler-vectorised clones.
+// Softmax otherwise: AVX-512 intrinsics where the CPU has them, else compiler-vectorised
+// clones.
 // Dtypes: fp32, bf16, fp16 accumulate in fp32; fp64 in fp64. Head dims up to 256, E (q/k)
 // and Ev (v) independent.
 #pragma once
@@ -59,6 +62,88 @@ FA_AVX512_TARGET void interleave_rows_avx512(int64_t rows, int64_t rows_pad, int
     }
   }
 }
+#endif
+
+#ifdef FA_CPU_HAVE_AVX512_PATH
+// Multiply a row's first n P values and its 16 partial sums by f (the rare raise of a
+// lazily kept softmax reference, SoftmaxEpilogue).
+FA_AVX512_TARGET __attribute__((noinline)) inline void rescale_row(float* row, int64_t n, float* sum16, float f) {
+  const __m512 vf = _mm512_set1_ps(f);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = lane_mask(n - c);
+    _mm512_mask_storeu_ps(row + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), vf));
+  }
+  _mm512_storeu_ps(sum16, _mm512_mul_ps(_mm512_loadu_ps(sum16), vf));
+}
+
+// The fp32 forward's online softmax, fused into the score GEMM's epilogue, so scores go
+// from registers to P once instead of a GEMM store and two passes over an L2-sized tile.
+// For each register tile of one key block: x = s * sc - m[r], P = exp2(x) (0 where not
+// visible) stored at column c0 of the P tile, and P summed into the row's 16 lanes of
+// sum16. m[r] is a lazy reference, not the running max: it moves only when a score
+// exceeds it by more than LAZY_MAX_SLACK, then to that tile's row max, and the row's P
+// and sums so far are rescaled (rescale_row). With m[r] within LAZY_MAX_SLACK below the
+// true max, P and the row sums stay far inside fp32's range and lose nothing (fp32
+// rounding is relative; the result is out = acc / l, lse = m + log2 l either way).
+// A row with no visible key yet has m = -inf: x = +inf, so its first visible score
+// always sets the reference.
+struct SoftmaxEpilogue {
+  float* p;  // P tile (row-major, ld), column 0 = the block's first key
+  int64_t ld;
+  int64_t c0;  // the panel's first column
+  const int64_t* nvalid;
+  float sc;
+  float* m;
+  float* sum16;  // rows x 16
+  // After a block: corr = exp2(m before - m after) (1 if unchanged, including -inf),
+  // l = l * corr + the row's sum16. corr holds m before on entry.
+  FA_AVX512_TARGET static void fold_block(int64_t rows, const float* m, float* l, float* corr, const float* sum16) {
+    for (int64_t r = 0; r < rows; ++r) {
+      corr[r] = corr[r] == m[r] ? 1.0f : std::exp2(corr[r] - m[r]);
+      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_loadu_ps(sum16 + r * 16));
+    }
+  }
+  template <int MR, int NV>
+  FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+    const __m512 vsc = _mm512_set1_ps(sc);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const int64_t row = m0 + r;
+      const int64_t nv = nvalid[row] - c0;
+      float* p_row = p + row * ld;
+      __mmask16 kv[NV];
+      __m512 x[NV];
+      __m512 neg_m = _mm512_set1_ps(-m[row]);
+      __m512 x_max = _mm512_set1_ps(NEG_INF);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        kv[v] = lane_mask(nv - 16 * v);
+        x[v] = _mm512_fmadd_ps(c[r][v], vsc, neg_m);
+        x_max = _mm512_mask_max_ps(x_max, kv[v], x_max, x[v]);
+      }
+      if (__builtin_expect(_mm512_cmp_ps_mask(x_max, _mm512_set1_ps(LAZY_MAX_SLACK), _CMP_GT_OQ) != 0, 0)) {
+        __m512 y_max = _mm512_set1_ps(NEG_INF);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) y_max = _mm512_mask_max_ps(y_max, kv[v], y_max, _mm512_mul_ps(c[r][v], vsc));
+        const float m_old = m[row], m_new = _mm512_reduce_max_ps(y_max);
+        rescale_row(p_row, c0, sum16 + row * 16, m_old == NEG_INF ? 0.0f : std::exp2(m_old - m_new));
+        m[row] = m_new;
+        neg_m = _mm512_set1_ps(-m_new);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) x[v] = _mm512_fmadd_ps(c[r][v], vsc, neg_m);
+      }
+      __m512 sum = _mm512_loadu_ps(sum16 + row * 16);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __m512 e = exp2_avx512(x[v], kv[v], EXP2_01_D6);
+        sum = _mm512_add_ps(sum, e);
+        _mm512_mask_storeu_ps(p_row + c0 + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), e);
+      }
+      _mm512_storeu_ps(sum16 + row * 16, sum);
+    }
+  }
+};
 #endif
 
 // K^T and V of every key block laid out as GEMM B operands, packed once per call and
@@ -161,20 +246,25 @@ struct PackedKV {
   const scalar_t* v_panel(int64_t bhk, int64_t kb, int64_t c0) const {
     return buf.data_ptr<scalar_t>() + (bhk * n_kblocks + kb) * (k_elems + v_elems) + k_elems + c0 * BK;
   }
-  // S (rows x cols, ld_s) = Q (rows x Ep, ld_q) K^T for key block kb.
+  // 16-bit: S (rows x cols, ld_s) = Q (rows x Ep, ld_q) K^T for key block kb.
   void scores(int64_t bhk, int64_t kb, const scalar_t* q, int64_t ld_q, int64_t rows, int64_t cols, float* s,
               int64_t ld_s) const {
-    for (int64_t c0 = 0; c0 < cols; c0 += PANEL) {
-      const int64_t n = std::min(PANEL, cols - c0);
-      if constexpr (VNNI) {
-        at::native::cpublas::brgemm(rows, n, Ep, ld_q, PANEL, ld_s, false, q, k_panel(bhk, kb, c0), s + c0, VNNI);
-      } else {
-#ifdef FA_CPU_HAVE_AVX512_PATH
-        gemm_f32_avx512<false>(rows, n, Ep, 1.0f, q, ld_q, k_panel(bhk, kb, c0), PANEL, s + c0, ld_s, false);
-#endif
-      }
-    }
+    static_assert(VNNI, "fp32 scores go through scores_softmax");
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
+      at::native::cpublas::brgemm(rows, std::min(PANEL, cols - c0), Ep, ld_q, PANEL, ld_s, false, q,
+                                  k_panel(bhk, kb, c0), s + c0, VNNI);
   }
+#ifdef FA_CPU_HAVE_AVX512_PATH
+  // fp32: P (rows x cols, ld_p) of key block kb with the online softmax in the score GEMM's
+  // epilogue (SoftmaxEpilogue; m, sum16 per row as it describes).
+  void scores_softmax(int64_t bhk, int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols,
+                      const int64_t* nvalid, float sc, float* p, int64_t ld_p, float* m, float* sum16) const {
+    static_assert(!VNNI, "16-bit inputs take the brgemm path");
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
+      micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(bhk, kb, c0), PANEL,
+                         SoftmaxEpilogue{p, ld_p, c0, nvalid, sc, m, sum16});
+  }
+#endif
   // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
   void accumulate(int64_t bhk, int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
                   float* acc) const {
@@ -190,12 +280,11 @@ template <typename scalar_t, typename acc_t>
 void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, acc_t sc, acc_t* m,
                   acc_t* l, acc_t* corr, scalar_t* p16, int64_t ld16) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
-  if constexpr (!std::is_same_v<acc_t, double>) {
+  // (fp32 on AVX-512 never comes here: its softmax is the score GEMM's SoftmaxEpilogue.)
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     if (cpu_has_avx512()) {
       auto* out16 = reinterpret_cast<uint16_t*>(p16);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        return online_softmax_avx512<0>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
-      } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
         return online_softmax_avx512<2>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
       } else if (cpu_has_avx512_bf16()) {
         return online_softmax_avx512<1>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
@@ -249,7 +338,7 @@ void attention_forward(AttnParams p) {
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
-    const int64_t n_acc = BQ * BK + BQ * p.Ev + 3 * BQ;
+    const int64_t n_acc = BQ * BK + BQ * p.Ev + 3 * BQ + (use_micro ? 16 * BQ : 0);
     at::Tensor scratch = at::empty({n_acc}, at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({(LOW_PRECISION ? BQ * BK : 0) + (use_brgemm ? BQ * Ep : 0)},
                                      at::TensorOptions().dtype(in_dtype));
@@ -259,6 +348,7 @@ void attention_forward(AttnParams p) {
     acc_t* m = acc + BQ * p.Ev;
     acc_t* l = m + BQ;
     acc_t* corr = l + BQ;
+    acc_t* sum16 = corr + BQ;  // fp32 micro path: rows x 16 partial row sums
     scalar_t* p16 = scratch16.data_ptr<scalar_t>();
     scalar_t* q_pad = p16 + (LOW_PRECISION ? BQ * BK : 0);
     int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
@@ -291,14 +381,26 @@ void attention_forward(AttnParams p) {
       const int64_t key_end = p.causal ? std::min(p.S, i0 + rows + p.offset) : p.S;
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t cols = std::min(BK, key_end - j0);
-        if constexpr (LOW_PRECISION || FP32) {
-          if (use_packed) packed->scores(bhk, j0 / BK, q_a, ld_qa, rows, cols, s, BK);
+        for (int64_t r = 0; r < rows; ++r) nvalid[r] = visible_keys(p, i0 + r, j0, cols);
+        const scalar_t* v_blk = v_bh + j0 * p.v_sl;
+#ifdef FA_CPU_HAVE_AVX512_PATH
+        if constexpr (FP32) {
+          if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
+            std::copy(m, m + rows, corr);
+            std::fill(sum16, sum16 + rows * 16, 0.0f);
+            packed->scores_softmax(bhk, j0 / BK, q_blk, p.q_sl, rows, cols, nvalid, score_scale, s, BK, m, sum16);
+            SoftmaxEpilogue::fold_block(rows, m, l, corr, sum16);
+            gemm_f32_avx512<false>(rows, p.Ev, cols, 1.0f, s, BK, v_blk, p.v_sl, acc, p.Ev, true, corr);
+            continue;
+          }
+        }
+#endif
+        if constexpr (LOW_PRECISION) {
+          if (use_brgemm) packed->scores(bhk, j0 / BK, q_a, ld_qa, rows, cols, s, BK);
         }
         if (!use_packed)
           gemm(false, true, rows, cols, p.E, acc_t(1), q_blk, p.q_sl, k_bh + j0 * p.k_sl, p.k_sl, acc_t(0), s, BK);
-        for (int64_t r = 0; r < rows; ++r) nvalid[r] = visible_keys(p, i0 + r, j0, cols);
         softmax_step<scalar_t>(s, BK, rows, cols, nvalid, score_scale, m, l, corr, p16, BK);
-        const scalar_t* v_blk = v_bh + j0 * p.v_sl;
         if constexpr (LOW_PRECISION) {
           scale_rows(acc, p.Ev, rows, p.Ev, corr);
           if (use_brgemm) {
@@ -311,14 +413,6 @@ void attention_forward(AttnParams p) {
             gemm(false, false, rows, p.Ev, cols, acc_t(1), p16, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
           }
         } else {
-#ifdef FA_CPU_HAVE_AVX512_PATH
-          if constexpr (FP32) {
-            if (use_micro) {  // V in place; the rescale by corr rides in the epilogue
-              gemm_f32_avx512<false>(rows, p.Ev, cols, 1.0f, s, BK, v_blk, p.v_sl, acc, p.Ev, true, corr);
-              continue;
-            }
-          }
-#endif
           scale_rows(acc, p.Ev, rows, p.Ev, corr);
           gemm(false, false, rows, p.Ev, cols, acc_t(1), s, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
         }
@@ -329,7 +423,7 @@ void attention_forward(AttnParams p) {
         const bool seen = l[r] > acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
         for (int64_t c = 0; c < p.Ev; ++c) out_blk[r * p.Ev + c] = static_cast<scalar_t>(acc[r * p.Ev + c] * inv);
-        lse_blk[r] = seen ? (m[r] + std::log2(l[r])) * static_cast<acc_t>(LN2)
+        lse_blk[r] = seen ? static_cast<acc_t>((double(m[r]) + std::log2(double(l[r]))) * LN2)
                           : -std::numeric_limits<acc_t>::infinity();
       }
     }

@@ -15,8 +15,13 @@
 // FMAs, so it runs at the FMA ports' rate while B's K x 64 panel stays in L1. Column
 // tails use masked loads and stores (nothing past N is read or written); row tails use
 // the MR < 6 instantiations.
+//
+// The register tile (micro_tile) and the sweep over a panel's rows (micro_panel) take the
+// epilogue as a template argument: StoreEpilogue writes C as above; the fp32 forward's
+// SoftmaxEpilogue (fwd_kernel.h) turns the score tile into P while it is in registers.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "tile_ops.h"
@@ -28,11 +33,12 @@ namespace fused_attn::cpu {
 constexpr int GEMM_MR = 6;
 constexpr int GEMM_NR = 64;  // four 16-float vectors
 
+// The register tile: c[r][v] = sum over k of op(A)[r][k] * B[k][16 v .. 16 v + 15] (the
+// last vector masked by `tail`). Inlined into each epilogue's caller, so c never leaves
+// the registers.
 template <int MR, int NV, bool A_TRANS>
-FA_AVX512_TARGET void gemm_f32_micro(int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                                     int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate,
-                                     const float* rs) {
-  __m512 c[MR][NV];
+FA_AVX512_TARGET FA_ALWAYS_INLINE void micro_tile(int64_t K, const float* A, int64_t lda, const float* B,
+                                                  int64_t ldb, __mmask16 tail, __m512 (&c)[MR][NV]) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -51,63 +57,89 @@ FA_AVX512_TARGET void gemm_f32_micro(int64_t K, float alpha, const float* A, int
       for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
     }
   }
-  const __m512 va = _mm512_set1_ps(alpha);
+}
+
+// One MR x (16 NV) tile: the register tile, then epi.apply<MR, NV>(m0, c, tail) (rows
+// m0 .. m0 + MR - 1 of the panel).
+template <int MR, int NV, bool A_TRANS, class Epi>
+FA_AVX512_TARGET void micro_kernel(int64_t m0, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                   __mmask16 tail, const Epi& epi) {
+  __m512 c[MR][NV];
+  micro_tile<MR, NV, A_TRANS>(K, A_TRANS ? A + m0 : A + m0 * lda, lda, B, ldb, tail, c);
+  epi.template apply<MR, NV>(m0, c, tail);
+}
+
+// One column panel of at most GEMM_NR columns (nv vectors, the last masked by tail),
+// swept down all M rows in GEMM_MR-row tiles (the panel of B is reused from L1 by each),
+// row tails on the MR < 6 instantiations.
+template <bool A_TRANS, int NV, class Epi>
+FA_AVX512_TARGET void micro_panel_nv(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                     __mmask16 tail, const Epi& epi) {
+  int64_t m0 = 0;
+  for (; m0 + GEMM_MR <= M; m0 += GEMM_MR) micro_kernel<GEMM_MR, NV, A_TRANS>(m0, K, A, lda, B, ldb, tail, epi);
+  switch (M - m0) {
+    case 0: return;
+    case 1: return micro_kernel<1, NV, A_TRANS>(m0, K, A, lda, B, ldb, tail, epi);
+    case 2: return micro_kernel<2, NV, A_TRANS>(m0, K, A, lda, B, ldb, tail, epi);
+    case 3: return micro_kernel<3, NV, A_TRANS>(m0, K, A, lda, B, ldb, tail, epi);
+    case 4: return micro_kernel<4, NV, A_TRANS>(m0, K, A, lda, B, ldb, tail, epi);
+    default: return micro_kernel<5, NV, A_TRANS>(m0, K, A, lda, B, ldb, tail, epi);
+  }
+}
+template <bool A_TRANS, class Epi>
+FA_AVX512_TARGET void micro_panel(int64_t M, int64_t n, int64_t K, const float* A, int64_t lda, const float* B,
+                                  int64_t ldb, const Epi& epi) {
+  const int nv = static_cast<int>((n + 15) / 16);
+  const __mmask16 tail = lane_mask(n - 16 * (nv - 1));
+  switch (nv) {
+    case 1: return micro_panel_nv<A_TRANS, 1>(M, K, A, lda, B, ldb, tail, epi);
+    case 2: return micro_panel_nv<A_TRANS, 2>(M, K, A, lda, B, ldb, tail, epi);
+    case 3: return micro_panel_nv<A_TRANS, 3>(M, K, A, lda, B, ldb, tail, epi);
+    default: return micro_panel_nv<A_TRANS, 4>(M, K, A, lda, B, ldb, tail, epi);
+  }
+}
+
+// The GEMM epilogue: C = alpha c (+ rs[r] * C), C the panel's first column.
+struct StoreEpilogue {
+  float* C;
+  int64_t ldc;
+  float alpha;
+  bool accumulate;
+  const float* rs;
+  template <int MR, int NV>
+  FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
+    const __m512 va = _mm512_set1_ps(alpha);
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    float* c_row = C + r * ldc;
-    const __m512 f = _mm512_set1_ps(rs ? rs[r] : 1.0f);
+    for (int r = 0; r < MR; ++r) {
+      float* c_row = C + (m0 + r) * ldc;
+      const __m512 f = _mm512_set1_ps(rs ? rs[m0 + r] : 1.0f);
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? tail : __mmask16(0xFFFF);
-      __m512 x = _mm512_mul_ps(c[r][v], va);
-      if (accumulate) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c_row + 16 * v), f, x);
-      _mm512_mask_storeu_ps(c_row + 16 * v, m, x);
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 m = v == NV - 1 ? tail : __mmask16(0xFFFF);
+        __m512 x = _mm512_mul_ps(c[r][v], va);
+        if (accumulate) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c_row + 16 * v), f, x);
+        _mm512_mask_storeu_ps(c_row + 16 * v, m, x);
+      }
     }
   }
+};
+
+// op(A) B in column panels of GEMM_NR, each swept down all M rows; panel n0 (B + n0) ends
+// in the epilogue make_epi(n0).
+template <bool A_TRANS, class MakeEpi>
+FA_AVX512_TARGET void gemm_f32_panels(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                                      int64_t ldb, const MakeEpi& make_epi) {
+  for (int64_t n0 = 0; n0 < N; n0 += GEMM_NR)
+    micro_panel<A_TRANS>(M, std::min<int64_t>(GEMM_NR, N - n0), K, A, lda, B + n0, ldb, make_epi(n0));
 }
 
-template <bool A_TRANS, int NV>
-FA_AVX512_TARGET void gemm_f32_rows(int64_t M, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                                    int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate,
-                                    const float* rs) {
-  int64_t m0 = 0;
-  for (; m0 + GEMM_MR <= M; m0 += GEMM_MR) {
-    const float* a = A_TRANS ? A + m0 : A + m0 * lda;
-    gemm_f32_micro<GEMM_MR, NV, A_TRANS>(K, alpha, a, lda, B, ldb, C + m0 * ldc, ldc, tail, accumulate,
-                                         rs ? rs + m0 : nullptr);
-  }
-  if (m0 == M) return;
-  const float* a = A_TRANS ? A + m0 : A + m0 * lda;
-  float* c = C + m0 * ldc;
-  const float* r = rs ? rs + m0 : nullptr;
-  switch (M - m0) {
-    case 1: return gemm_f32_micro<1, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
-    case 2: return gemm_f32_micro<2, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
-    case 3: return gemm_f32_micro<3, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
-    case 4: return gemm_f32_micro<4, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
-    default: return gemm_f32_micro<5, NV, A_TRANS>(K, alpha, a, lda, B, ldb, c, ldc, tail, accumulate, r);
-  }
-}
-
-// C = alpha op(A) B (+ rs * C): column panels of GEMM_NR, each swept down all M rows
-// (the panel of B is reused from L1 by every row block).
+// C = alpha op(A) B (+ rs * C).
 template <bool A_TRANS>
 FA_AVX512_TARGET void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
                                       const float* rs = nullptr) {
-  for (int64_t n0 = 0; n0 < N; n0 += GEMM_NR) {
-    const int64_t n = N - n0 < GEMM_NR ? N - n0 : GEMM_NR;
-    const int nv = static_cast<int>((n + 15) / 16);
-    const __mmask16 tail = lane_mask(n - 16 * (nv - 1));
-    const float* b = B + n0;
-    float* c = C + n0;
-    switch (nv) {
-      case 1: gemm_f32_rows<A_TRANS, 1>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
-      case 2: gemm_f32_rows<A_TRANS, 2>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
-      case 3: gemm_f32_rows<A_TRANS, 3>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
-      default: gemm_f32_rows<A_TRANS, 4>(M, K, alpha, A, lda, b, ldb, c, ldc, tail, accumulate, rs); break;
-    }
-  }
+  gemm_f32_panels<A_TRANS>(M, N, K, A, lda, B, ldb,
+                           [&](int64_t n0) { return StoreEpilogue{C + n0, ldc, alpha, accumulate, rs}; });
 }
 
 // dst (cols x rows, ld_dst) = src (rows x cols, ld_src)^T, in 16 x 16 blocks transposed in

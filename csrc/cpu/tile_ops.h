@@ -132,12 +132,12 @@ FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 exp2_avx512(__m512 x, __mmask16 kv, con
   return _mm512_maskz_scalef_ps(kv, p, x);
 }
 
-// The forward's online softmax hand-vectorised for AVX-512 (the compiler's version spends
-// a third of its time in scalar horizontal reductions and an extra pass to convert P):
-// masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and for 16-bit inputs
-// P goes straight to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
-// OUT: 0 = fp32 P into s; 1 = bf16 P into p16 (AVX512-BF16 conversion), 3 = the same
-// rounded with integer ops (CPUs without AVX512-BF16); 2 = fp16 P into p16.
+// The 16-bit forward's online softmax hand-vectorised for AVX-512 (the compiler's version
+// spends a third of its time in scalar horizontal reductions and an extra pass to convert
+// P): masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and P goes straight
+// to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
+// OUT: 1 = bf16 P (AVX512-BF16 conversion), 3 = the same rounded with integer ops (CPUs
+// without AVX512-BF16); 2 = fp16 P.
 template <int OUT>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))) void online_softmax_avx512(
     float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sc, float* m, float* l,
@@ -165,18 +165,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 kc = lane_mask(cols - c), kv = nothing ? __mmask16(0) : lane_mask(nv - c);
       const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
-      __m512 e;  // P, 0 where not visible
-      if constexpr (OUT == 0) {
-        e = exp2_avx512(x, kv, EXP2_01_D6);  // fp32 P
-      } else if constexpr (OUT == 2) {
-        e = exp2_avx512(x, kv, EXP2_01_D4);  // fp16 P (2^-11 rounding)
-      } else {
-        e = exp2_avx512(x, kv, EXP2_01_D3);  // bf16 P (2^-8 rounding)
-      }
+      // P, 0 where not visible: fp16 (2^-11 rounding) or bf16 (2^-8)
+      const __m512 e = OUT == 2 ? exp2_avx512(x, kv, EXP2_01_D4) : exp2_avx512(x, kv, EXP2_01_D3);
       vsum = _mm512_add_ps(vsum, e);
-      if constexpr (OUT == 0) {
-        _mm512_mask_storeu_ps(row + c, kc, e);
-      } else if constexpr (OUT == 1) {
+      if constexpr (OUT == 1) {
         _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
       } else if constexpr (OUT == 3) {  // round to nearest even; no NaN can reach here
         const __m512i u = _mm512_castps_si512(e);
@@ -194,22 +186,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))
     corr[r] = exp2_fast(m[r] - m_new);
     l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(vsum);
     m[r] = m_new;
-  }
-}
-
-// The backward's P = exp2(s - lse2[r]) in place, 0 past nvalid[r] (see probs_impl), with
-// the forward's fp32 exp2.
-FA_AVX512_TARGET inline void probs_avx512(
-    float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, const float* lse2) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
-    const int64_t nv = nvalid[r];
-    const __m512 sub = _mm512_set1_ps(lse2[r]);
-    for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 kv = lane_mask(nv - c);
-      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(kv, row + c), sub);
-      _mm512_mask_storeu_ps(row + c, lane_mask(cols - c), exp2_avx512(x, kv, EXP2_01_D6));
-    }
   }
 }
 
@@ -235,16 +211,17 @@ inline bool avx512_enabled() {
 #endif
 }
 
-// Backward: P = exp2(s - lse2) in place (lse2 = lse * log2(e)), 0 past nvalid.
+// Backward: P = exp2(s - lse2 - lse2_lo) in place (lse2 + lse2_lo = lse * log2(e)), 0 past
+// nvalid.
 template <typename acc_t>
 FA_ALWAYS_INLINE void probs_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
-                                 const int64_t* nvalid, const acc_t* lse2) {
+                                 const int64_t* nvalid, const acc_t* lse2, const acc_t* lse2_lo) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = s + r * ld;
     const int64_t nv = nvalid[r];
-    const acc_t sub = lse2[r];
+    const acc_t hi = lse2[r], lo = lse2_lo[r];
 #pragma omp simd
-    for (int64_t c = 0; c < nv; ++c) row[c] = exp2_fast(row[c] - sub);
+    for (int64_t c = 0; c < nv; ++c) row[c] = exp2_fast(row[c] - hi - lo);
     for (int64_t c = nv; c < cols; ++c) row[c] = 0;
   }
 }
@@ -276,12 +253,12 @@ inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, co
 }
 
 FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                             const float* lse2) {
-  probs_impl(s, ld, rows, cols, nvalid, lse2);
+                             const float* lse2, const float* lse2_lo) {
+  probs_impl(s, ld, rows, cols, nvalid, lse2, lse2_lo);
 }
 inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                  const double* lse2) {
-  probs_impl(s, ld, rows, cols, nvalid, lse2);
+                  const double* lse2, const double* lse2_lo) {
+  probs_impl(s, ld, rows, cols, nvalid, lse2, lse2_lo);
 }
 
 FA_CPU_ISA_CLONES void dscores(float* dp, const float* p, int64_t ld, int64_t rows, int64_t cols,
