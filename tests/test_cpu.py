@@ -97,15 +97,17 @@ def test_many_key_blocks(mode, E, Ev, dtype):
     check_against_reference(*_qkv(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scores,scale", [("rising", None), ("falling", None), ("spread", None), ("spread", -0.2)])
 @pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
-def test_lazy_softmax_reference(mode, scores, scale):
-    """The fp32 forward's softmax (SoftmaxEpilogue, csrc/cpu/fwd_kernel.h) keeps each row's
-    exp2 reference until a score passes it by more than LAZY_MAX_SLACK, then rescales the
-    row's P so far. Scores that rise from key to key over ~40 log2 units (the reference
-    moves every few 64-key panels, mid-block), that fall (only the first panel sets it),
-    and that spread widely at random, with a positive and a negative scale. (Dropping the
-    rescale fails 8 of these 12.) The ramps keep scores in [-28, 0]: where a row's scores
+def test_lazy_softmax_reference(mode, scores, scale, dtype):
+    """The forward's softmax (fp32: SoftmaxEpilogue, csrc/cpu/fwd_kernel.h; 16-bit:
+    online_softmax_avx512, tile_ops.h) keeps each row's exp2 reference until a score passes
+    it by more than LAZY_MAX_SLACK, then moves it and rescales (fp32) or recomputes (16-bit)
+    the row's P so far. Scores that rise from key to key over ~40 log2 units (the reference
+    moves mid-block: every few 64-key panels in fp32), that fall (only the first keys set
+    it), and that spread widely at random, with a positive and a negative scale. (Dropping
+    the fp32 rescale fails 8 of the 12 fp32 cases.) The ramps keep scores in [-28, 0]: where a row's scores
     sit near +-70, the one rounding of its fp32 lse (~4e-6 relative) is passed by any
     lse-based backward (ours, FlashAttention's) to every P of the row, and dq can exceed
     2x the error of PyTorch's softmax, which keeps P (ratio up to 2.5 over a +-200 ramp)."""
@@ -116,7 +118,7 @@ def test_lazy_softmax_reference(mode, scores, scale):
         ramp = torch.linspace(-80.0, 0.0, 1100)
         q[..., 0] = 3.0
         k[..., 0] = ramp if scores == "rising" else ramp.flip(0)
-    check_against_reference(q, k, v, mode, scale=scale)
+    check_against_reference(q.to(dtype), k.to(dtype), v.to(dtype), mode, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -8,9 +8,10 @@ namespace fused_attn::cpu {
 constexpr double LOG2E = 1.4426950408889634;  // log2(e): softmax runs in the exp2 domain
 constexpr double LN2 = 0.6931471805599453;    // ln(2): lse back to the natural log
 
-// fp32 forward (softmax fused into the score GEMM's epilogue): a row's exp2 reference
-// stays put until a score exceeds it by more than this (log2 units), so P <= 2^8 and a
-// row sum <= S * 2^8, far inside fp32's range; raising it rescales the row's P so far.
+// Forward online softmax (fp32: SoftmaxEpilogue; 16-bit: online_softmax_avx512): a row's
+// exp2 reference stays put until a score exceeds it by more than this (log2 units), so
+// P <= 2^8 and a row sum <= S * 2^8, far inside fp32's, bf16's and fp16's range; moving it
+// rescales or recomputes the row's P so far.
 constexpr float LAZY_MAX_SLACK = 8.0f;
 
 // Largest head dim (of q/k and of v) the kernels take.

@@ -22,6 +22,8 @@
 #include <cstring>
 #include <limits>
 
+#include "config.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define FA_CPU_HAVE_AVX512_PATH 1
@@ -132,60 +134,74 @@ FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 exp2_avx512(__m512 x, __mmask16 kv, con
   return _mm512_maskz_scalef_ps(kv, p, x);
 }
 
-// The 16-bit forward's online softmax hand-vectorised for AVX-512 (the compiler's version
-// spends a third of its time in scalar horizontal reductions and an extra pass to convert
-// P): masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and P goes straight
-// to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
+#define FA_AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+
+// P = exp2(x) of columns [c, c + 16) of a row, 0 past nv, stored to the 16-bit row `out`
+// (not past cols) as online_softmax_avx512's OUT says; returned for the row sum.
+template <int OUT>
+FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c, int64_t cols, int64_t nv, __m512 x) {
+  const __mmask16 kc = lane_mask(cols - c), kv = lane_mask(nv - c);
+  const __m512 e = OUT == 2 ? exp2_avx512(x, kv, EXP2_01_D4) : exp2_avx512(x, kv, EXP2_01_D3);
+  if constexpr (OUT == 1) {
+    _mm256_mask_storeu_epi16(out + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
+  } else if constexpr (OUT == 3) {  // round to nearest even; no NaN can reach here
+    const __m512i u = _mm512_castps_si512(e);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    _mm256_mask_storeu_epi16(out + c, kc, _mm512_cvtepi32_epi16(rounded));
+  } else {
+    _mm256_mask_storeu_epi16(out + c, kc, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  return e;
+}
+
+// The 16-bit forward's online softmax hand-vectorised for AVX-512, in one pass over the
+// score tile: masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and P goes
+// straight to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
+// m[r] is a lazy reference as in the fp32 forward's SoftmaxEpilogue (fwd_kernel.h): it
+// moves only when a score passes it by more than LAZY_MAX_SLACK (P <= 2^8, inside bf16's
+// and fp16's range), and then to the max of the row's remaining visible scores, after
+// which the row's P so far is recomputed from the fp32 scores (no double rounding). A
+// row with no visible key yet (m = -inf) always moves at its first one. corr = 1 wherever
+// the reference stayed put, which lets the caller skip rescaling those rows of acc.
 // OUT: 1 = bf16 P (AVX512-BF16 conversion), 3 = the same rounded with integer ops (CPUs
 // without AVX512-BF16); 2 = fp16 P.
 template <int OUT>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16"))) void online_softmax_avx512(
+FA_AVX512_BF16_TARGET void online_softmax_avx512(
     float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sc, float* m, float* l,
     float* corr, uint16_t* p16, int64_t ld16) {
   constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-  const __m512 vsc = _mm512_set1_ps(sc);
+  const __m512 vsc = _mm512_set1_ps(sc), slack = _mm512_set1_ps(LAZY_MAX_SLACK);
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ld;
+    const float* row = s + r * ld;
+    uint16_t* out = p16 + r * ld16;
     const int64_t nv = nvalid[r];
-    // max(s * sc) = sc * max(s) for sc >= 0 (min(s) otherwise): one op per vector.
-    float mx = NEG_INF;
-    if (nv > 0) {
-      __m512 vext = _mm512_set1_ps(sc >= 0 ? NEG_INF : -NEG_INF);
-      for (int64_t c = 0; c < nv; c += 16) {
-        const __mmask16 k = lane_mask(nv - c);
-        const __m512 x = _mm512_maskz_loadu_ps(k, row + c);
-        vext = sc >= 0 ? _mm512_mask_max_ps(vext, k, vext, x) : _mm512_mask_min_ps(vext, k, vext, x);
-      }
-      mx = (sc >= 0 ? _mm512_reduce_max_ps(vext) : _mm512_reduce_min_ps(vext)) * sc;
-    }
-    const float m_new = m[r] > mx ? m[r] : mx;
-    const bool nothing = m_new == NEG_INF;
-    const __m512 neg_m = _mm512_set1_ps(nothing ? 0.0f : -m_new);
+    const float m_start = m[r];
+    float m_ref = m_start;
+    __m512 neg_m = _mm512_set1_ps(-m_ref);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 kc = lane_mask(cols - c), kv = nothing ? __mmask16(0) : lane_mask(nv - c);
-      const __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
-      // P, 0 where not visible: fp16 (2^-11 rounding) or bf16 (2^-8)
-      const __m512 e = OUT == 2 ? exp2_avx512(x, kv, EXP2_01_D4) : exp2_avx512(x, kv, EXP2_01_D3);
-      vsum = _mm512_add_ps(vsum, e);
-      if constexpr (OUT == 1) {
-        _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
-      } else if constexpr (OUT == 3) {  // round to nearest even; no NaN can reach here
-        const __m512i u = _mm512_castps_si512(e);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-        _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, _mm512_cvtepi32_epi16(rounded));
-      } else {
-        _mm256_mask_storeu_epi16(p16 + r * ld16 + c, kc, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __mmask16 kv = lane_mask(nv - c);
+      __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
+      if (__builtin_expect(_mm512_mask_cmp_ps_mask(kv, x, slack, _CMP_GT_OQ) != 0, 0)) {
+        __m512 y_max = _mm512_set1_ps(NEG_INF);
+        for (int64_t c2 = c; c2 < nv; c2 += 16) {
+          const __mmask16 k2 = lane_mask(nv - c2);
+          y_max = _mm512_mask_max_ps(y_max, k2, y_max, _mm512_mul_ps(_mm512_maskz_loadu_ps(k2, row + c2), vsc));
+        }
+        m_ref = _mm512_reduce_max_ps(y_max);
+        neg_m = _mm512_set1_ps(-m_ref);
+        vsum = _mm512_setzero_ps();
+        for (int64_t c2 = 0; c2 < c; c2 += 16)
+          vsum = _mm512_add_ps(
+              vsum, store_p16<OUT>(out, c2, cols, nv, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lane_mask(nv - c2), row + c2), vsc, neg_m)));
+        x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
       }
+      vsum = _mm512_add_ps(vsum, store_p16<OUT>(out, c, cols, nv, x));
     }
-    if (nothing) {
-      corr[r] = 1.0f;
-      continue;
-    }
-    corr[r] = exp2_fast(m[r] - m_new);
+    corr[r] = m_ref == m_start ? 1.0f : exp2_fast(m_start - m_ref);
     l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(vsum);
-    m[r] = m_new;
+    m[r] = m_ref;
   }
 }
 
