@@ -14,7 +14,8 @@
 //    blocks are dealt to chunks round-robin (balanced under causal masks).
 // 3. dQ = sum over chunks, in order: deterministic for a given thread count.
 // GEMMs: fp32 on AVX-512 through our micro-kernel (gemm_avx512.h), with K^T and V^T of
-// the key block transposed once per block and P^T, dS^T read in place; otherwise BLAS
+// the key block transposed once per block, P and dS made in the epilogues of the S and dP
+// GEMMs (ProbsEpilogue, DScoresEpilogue), and P^T, dS^T read in place; otherwise BLAS
 // (MKL sgemm / dgemm / bf16 / fp16 GEMMs) on the operands in place.
 // Extra memory: delta and n_chunks dQ buffers, O(L) per head, plus per-thread tiles.
 #pragma once

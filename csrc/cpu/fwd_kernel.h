@@ -11,14 +11,15 @@
 // nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf.
 // GEMMs, on K^T (and V) packed once per call (PackedKV, O(S) memory):
 //   fp32 on AVX-512: our register-blocked micro-kernel (gemm_avx512.h), the online
-//     softmax in the score GEMM's epilogue (SoftmaxEpilogue: m is a lazily moved
-//     reference there, not the exact max), V read in place, the rescale of acc folded
-//     into the PV product;
+//     softmax in the score GEMM's epilogue (SoftmaxEpilogue), V read in place, the
+//     rescale of acc folded into the PV product;
 //   bf16 / fp16 where oneDNN's AMX / AVX-512 micro-kernels exist: at::native::cpublas::
-//     brgemm, with P rounded to 16 bits as tensor-core kernels do;
-//   otherwise (fp64, CPUs without them) BLAS (MKL) on K and V in place.
-// Softmax otherwise: AVX-512 intrinsics where the CPU has them, else compiler-vectorised
-// clones.
+//     brgemm, with P rounded to 16 bits as tensor-core kernels do, the softmax one
+//     AVX-512 pass over the score tile (online_softmax_avx512, tile_ops.h);
+//   otherwise (fp64, CPUs without them) BLAS (MKL) on K and V in place, the softmax in
+//     compiler-vectorised clones.
+// On the AVX-512 paths m is a lazily moved reference (within LAZY_MAX_SLACK below the
+// running max), not the max itself: most rows keep it from block to block (corr = 1).
 // Dtypes: fp32, bf16, fp16 accumulate in fp32; fp64 in fp64. Head dims up to 256, E (q/k)
 // and Ev (v) independent.
 #pragma once
