@@ -97,6 +97,21 @@ def test_many_key_blocks(mode, E, Ev, dtype):
     check_against_reference(*_qkv(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+def test_heads_and_query_blocks(mode, dtype, threads):
+    """Several kv heads (GQA groups of 2), batches and query blocks per head: each worker
+    thread packs the kv head of its task when that changes, and a causal task packs only
+    the key blocks it reaches (PackedKV, csrc/cpu/fwd_kernel.h)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(*_qkv(2, 4, 2, 300, 700, 40, 24, dtype), mode)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scores,scale", [("rising", None), ("falling", None), ("spread", None), ("spread", -0.2)])
 @pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)

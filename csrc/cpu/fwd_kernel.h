@@ -9,7 +9,7 @@
 // and writes out = acc / l, lse = (m + log2 l) ln 2. Key blocks wholly above the causal
 // diagonal are never visited and the diagonal block is cut at the last row's last key;
 // nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf.
-// GEMMs, on K^T (and V) packed once per call (PackedKV, O(S) memory):
+// GEMMs, on K^T (and V) of the task's kv head packed by each thread (PackedKV, O(S) memory):
 //   fp32 on AVX-512: our register-blocked micro-kernel (gemm_avx512.h), the online
 //     softmax in the score GEMM's epilogue (SoftmaxEpilogue), V read in place, the
 //     rescale of acc folded into the PV product;
@@ -147,132 +147,127 @@ struct SoftmaxEpilogue {
 };
 #endif
 
-// K^T and V of every key block laid out as GEMM B operands, packed once per call and
-// read by every query block. A key block holds K^T as BK / PANEL column panels of
-// (Ep x PANEL). 16-bit inputs (oneDNN brgemm): panels in VNNI pairs (Ep = E rounded up
-// to even), zero-padded, and V packed the same way as ceil(Ev / PANEL) panels of
-// (BK x PANEL). fp32 (our micro-kernel): K^T panels as plain row-major transposes, and V
-// read in place. O(S) extra memory.
+// K^T and V of one kv head's key blocks laid out as GEMM B operands. Each worker thread
+// holds one and packs the kv head of its task when that changes, key blocks as far as the
+// task needs (tasks run head by head, so a thread packs a head once however many of its
+// query blocks it takes): the extra memory is one head per thread, O(S), and the packed
+// head stays in the thread's L2.
+// A key block holds K^T as BK / PANEL column panels of (Ep x PANEL). 16-bit inputs
+// (oneDNN brgemm): panels in VNNI pairs (Ep = E rounded up to even), zero-padded, and V
+// packed the same way as ceil(Ev / PANEL) panels of (BK x PANEL). fp32 (our
+// micro-kernel): K^T panels as plain row-major transposes, and V read in place.
 template <typename scalar_t>
 struct PackedKV {
   static constexpr bool VNNI = !std::is_same_v<scalar_t, float>;
   static constexpr int64_t PANEL = 64;
-  int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems;
-  at::Tensor buf;
+  static int64_t padded_E(int64_t E) { return VNNI ? (E + 1) / 2 * 2 : E; }
+  AttnParams p;
+  int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems, head = -1, n_packed = 0;
+  at::Tensor buf, tmp;  // tmp: the unaligned 16-bit path's K^T / V block before packing
 
-  PackedKV(const AttnParams& p, int64_t block_k) {
+  PackedKV(const AttnParams& params, int64_t block_k) : p(params) {
     const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
-    Ep = VNNI ? (p.E + 1) / 2 * 2 : p.E;
+    Ep = padded_E(p.E);
     BK = block_k;  // a multiple of PANEL
     Evp = (p.Ev + PANEL - 1) / PANEL * PANEL;
     n_kblocks = (p.S + BK - 1) / BK;
     k_elems = Ep * BK;
     v_elems = VNNI ? BK * Evp : 0;
-    const int64_t per_block = k_elems + v_elems;
-    buf = at::empty({p.B * p.Hk * n_kblocks * per_block}, at::TensorOptions().dtype(dt));
-    const auto* k = static_cast<const scalar_t*>(p.k);
-    scalar_t* base = buf.data_ptr<scalar_t>();
+    buf = at::empty({n_kblocks * (k_elems + v_elems)}, at::TensorOptions().dtype(dt));
+  }
+
+  // Make bhk (b * Hk + kv head) the packed head, with its keys [0, key_end) packed (a
+  // causal task needs only those; the head's later tasks extend them).
+  void pack(int64_t bhk, int64_t key_end) {
+    if (bhk != head) {
+      head = bhk;
+      n_packed = 0;
+    }
+    const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
+    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+    for (; n_packed * BK < key_end; ++n_packed) {
+      const int64_t j0 = n_packed * BK;
+      pack_block(k + j0 * p.k_sl, v + j0 * p.v_sl, std::min(BK, p.S - j0),
+                 buf.data_ptr<scalar_t>() + n_packed * (k_elems + v_elems));
+    }
+  }
+
+  // One key block of cols keys (K rows k_blk, V rows v_blk) into dst.
+  void pack_block(const scalar_t* k_blk, const scalar_t* v_blk, int64_t cols, scalar_t* dst) {
     if constexpr (!VNNI) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
-      const int64_t n_panels = p.B * p.Hk * n_kblocks * (BK / PANEL);
-      at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t idx = begin; idx < end; ++idx) {
-          const int64_t bhk = idx / (n_kblocks * (BK / PANEL)), j0 = idx % (n_kblocks * (BK / PANEL)) * PANEL;
-          if (j0 >= p.S) continue;  // an unused panel of the last block
-          const scalar_t* k_blk = k + bhk / p.Hk * p.k_sb + bhk % p.Hk * p.k_sh + j0 * p.k_sl;
-          transpose_f32_avx512(std::min(PANEL, p.S - j0), p.E, k_blk, p.k_sl, base + idx * Ep * PANEL, PANEL);
-        }
-      });
+      for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
+        transpose_f32_avx512(std::min(PANEL, cols - c0), p.E, k_blk + c0 * p.k_sl, p.k_sl, dst + c0 * Ep, PANEL);
 #endif
       return;
     }
-    const auto* v = static_cast<const scalar_t*>(p.v);
 #ifdef FA_CPU_HAVE_AVX512_PATH
     // VNNI pairs of K^T are 32-bit words of K's rows: a 32-bit transpose (even E and
     // strides); V's pairs interleave two rows.
     const bool word_aligned = p.E % 2 == 0 && p.k_sl % 2 == 0 && p.k_sh % 2 == 0 && p.k_sb % 2 == 0 &&
                               reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
     if (avx512_enabled() && word_aligned) {
-      at::parallel_for(0, p.B * p.Hk * n_kblocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t idx = begin; idx < end; ++idx) {
-          const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
-          const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
-          const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
-          const scalar_t* v_blk = v + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
-          scalar_t* dst = base + idx * per_block;
-          for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
-            float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
-            const int64_t n = std::max<int64_t>(0, std::min(PANEL, cols - c0));
-            if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL, scalar_t(0));
-            if (n > 0)
-              transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_sl), p.k_sl / 2, panel,
-                                   PANEL);
-          }
-          for (int64_t c0 = 0; c0 < Evp; c0 += PANEL)
-            interleave_rows_avx512(cols, BK, std::min(PANEL, p.Ev - c0), v_blk + c0, p.v_sl,
-                                   dst + k_elems + c0 * BK);
-        }
-      });
+      for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
+        float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
+        const int64_t n = std::max<int64_t>(0, std::min(PANEL, cols - c0));
+        if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL, scalar_t(0));
+        if (n > 0)
+          transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_sl), p.k_sl / 2, panel,
+                               PANEL);
+      }
+      for (int64_t c0 = 0; c0 < Evp; c0 += PANEL)
+        interleave_rows_avx512(cols, BK, std::min(PANEL, p.Ev - c0), v_blk + c0, p.v_sl, dst + k_elems + c0 * BK);
       return;
     }
 #endif
-    at::parallel_for(0, p.B * p.Hk * n_kblocks, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor tmp_t = at::empty({per_block}, at::TensorOptions().dtype(dt));
-      scalar_t* kt = tmp_t.data_ptr<scalar_t>();  // K^T block, Ep x BK row-major
-      scalar_t* vt = kt + k_elems;                // V block, BK x Evp row-major
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t bhk = idx / n_kblocks, kb = idx % n_kblocks, b = bhk / p.Hk, hk = bhk % p.Hk;
-        const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
-        const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
-        const scalar_t* v_blk = v + b * p.v_sb + hk * p.v_sh + j0 * p.v_sl;
-        std::fill(kt, kt + per_block, scalar_t(0));
-        for (int64_t j = 0; j < cols; ++j)
-          for (int64_t e = 0; e < p.E; ++e) kt[e * BK + j] = k_blk[j * p.k_sl + e];
-        for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_sl, v_blk + j * p.v_sl + p.Ev, vt + j * Evp);
-        scalar_t* dst = base + idx * per_block;
-        for (int64_t c0 = 0; c0 < BK; c0 += PANEL) pack_panel(Ep, BK, kt + c0, dst + c0 * Ep);
-        for (int64_t c0 = 0; c0 < Evp; c0 += PANEL) pack_panel(BK, Evp, vt + c0, dst + k_elems + c0 * BK);
-      }
-    });
+    if (!tmp.defined()) tmp = at::empty({k_elems + v_elems}, buf.options());
+    scalar_t* kt = tmp.data_ptr<scalar_t>();  // K^T block, Ep x BK row-major
+    scalar_t* vt = kt + k_elems;              // V block, BK x Evp row-major
+    std::fill(kt, kt + k_elems + v_elems, scalar_t(0));
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t e = 0; e < p.E; ++e) kt[e * BK + j] = k_blk[j * p.k_sl + e];
+    for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_sl, v_blk + j * p.v_sl + p.Ev, vt + j * Evp);
+    for (int64_t c0 = 0; c0 < BK; c0 += PANEL) pack_panel(Ep, BK, kt + c0, dst + c0 * Ep);
+    for (int64_t c0 = 0; c0 < Evp; c0 += PANEL) pack_panel(BK, Evp, vt + c0, dst + k_elems + c0 * BK);
   }
   // One (rows x PANEL) column panel of a row-major matrix with leading dim ld.
   static void pack_panel(int64_t rows, int64_t ld, const scalar_t* src, scalar_t* dst) {
     const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
     at::native::cpublas::pack(rows, PANEL, ld, PANEL, dt, dt, src, dst);
   }
-  // Panel c0 / PANEL of key block kb's K^T / V.
-  const scalar_t* k_panel(int64_t bhk, int64_t kb, int64_t c0) const {
-    return buf.data_ptr<scalar_t>() + (bhk * n_kblocks + kb) * (k_elems + v_elems) + c0 * Ep;
+  // Panel c0 / PANEL of the packed head's key block kb: K^T / V.
+  const scalar_t* k_panel(int64_t kb, int64_t c0) const {
+    return buf.data_ptr<scalar_t>() + kb * (k_elems + v_elems) + c0 * Ep;
   }
-  const scalar_t* v_panel(int64_t bhk, int64_t kb, int64_t c0) const {
-    return buf.data_ptr<scalar_t>() + (bhk * n_kblocks + kb) * (k_elems + v_elems) + k_elems + c0 * BK;
+  const scalar_t* v_panel(int64_t kb, int64_t c0) const {
+    return buf.data_ptr<scalar_t>() + kb * (k_elems + v_elems) + k_elems + c0 * BK;
   }
   // 16-bit: S (rows x cols, ld_s) = Q (rows x Ep, ld_q) K^T for key block kb.
-  void scores(int64_t bhk, int64_t kb, const scalar_t* q, int64_t ld_q, int64_t rows, int64_t cols, float* s,
-              int64_t ld_s) const {
+  void scores(int64_t kb, const scalar_t* q, int64_t ld_q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
     static_assert(VNNI, "fp32 scores go through scores_softmax");
     for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
       at::native::cpublas::brgemm(rows, std::min(PANEL, cols - c0), Ep, ld_q, PANEL, ld_s, false, q,
-                                  k_panel(bhk, kb, c0), s + c0, VNNI);
+                                  k_panel(kb, c0), s + c0, VNNI);
   }
 #ifdef FA_CPU_HAVE_AVX512_PATH
   // fp32: P (rows x cols, ld_p) of key block kb with the online softmax in the score GEMM's
   // epilogue (SoftmaxEpilogue; m, sum16 per row as it describes).
-  void scores_softmax(int64_t bhk, int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols,
+  void scores_softmax(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols,
                       const int64_t* nvalid, float sc, float* p, int64_t ld_p, float* m, float* sum16) const {
     static_assert(!VNNI, "16-bit inputs take the brgemm path");
     for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
-      micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(bhk, kb, c0), PANEL,
+      micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
                          SoftmaxEpilogue{p, ld_p, c0, nvalid, sc, m, sum16});
   }
 #endif
   // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
-  void accumulate(int64_t bhk, int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
+  void accumulate(int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
                   float* acc) const {
     static_assert(VNNI, "fp32 reads V in place");
     for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
       at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
-                                  v_panel(bhk, kb, c0), acc + c0, VNNI);
+                                  v_panel(kb, c0), acc + c0, VNNI);
   }
 };
 
@@ -328,11 +323,7 @@ void attention_forward(AttnParams p) {
   auto* lse = static_cast<acc_t*>(p.lse);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  std::optional<PackedKV<scalar_t>> packed;
-  if constexpr (LOW_PRECISION || FP32) {
-    if (use_packed) packed.emplace(p, BK);
-  }
-  const int64_t Ep = packed ? packed->Ep : p.E;
+  const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(p.E) : p.E;
 
   // Tasks: per (batch, head), query blocks last to first (causal: heaviest first).
   const int64_t n_tasks = p.B * p.Hq * n_qblocks;
@@ -353,6 +344,10 @@ void attention_forward(AttnParams p) {
     scalar_t* p16 = scratch16.data_ptr<scalar_t>();
     scalar_t* q_pad = p16 + (LOW_PRECISION ? BQ * BK : 0);
     int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
+    std::optional<PackedKV<scalar_t>> packed;  // this thread's packed kv head
+    if constexpr (LOW_PRECISION || FP32) {
+      if (use_packed) packed.emplace(p, BK);
+    }
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t bh = idx / n_qblocks;
@@ -380,6 +375,9 @@ void attention_forward(AttnParams p) {
       std::fill(acc, acc + rows * p.Ev, acc_t(0));
       // Keys past the last row's diagonal are invisible to the whole block.
       const int64_t key_end = p.causal ? std::min(p.S, i0 + rows + p.offset) : p.S;
+      if constexpr (LOW_PRECISION || FP32) {
+        if (packed) packed->pack(bhk, key_end);
+      }
       for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
         const int64_t cols = std::min(BK, key_end - j0);
         for (int64_t r = 0; r < rows; ++r) nvalid[r] = visible_keys(p, i0 + r, j0, cols);
@@ -389,7 +387,7 @@ void attention_forward(AttnParams p) {
           if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
             std::copy(m, m + rows, corr);
             std::fill(sum16, sum16 + rows * 16, 0.0f);
-            packed->scores_softmax(bhk, j0 / BK, q_blk, p.q_sl, rows, cols, nvalid, score_scale, s, BK, m, sum16);
+            packed->scores_softmax(j0 / BK, q_blk, p.q_sl, rows, cols, nvalid, score_scale, s, BK, m, sum16);
             SoftmaxEpilogue::fold_block(rows, m, l, corr, sum16);
             gemm_f32_avx512<false>(rows, p.Ev, cols, 1.0f, s, BK, v_blk, p.v_sl, acc, p.Ev, true, corr);
             continue;
@@ -397,7 +395,7 @@ void attention_forward(AttnParams p) {
         }
 #endif
         if constexpr (LOW_PRECISION) {
-          if (use_brgemm) packed->scores(bhk, j0 / BK, q_a, ld_qa, rows, cols, s, BK);
+          if (use_brgemm) packed->scores(j0 / BK, q_a, ld_qa, rows, cols, s, BK);
         }
         if (!use_packed)
           gemm(false, true, rows, cols, p.E, acc_t(1), q_blk, p.q_sl, k_bh + j0 * p.k_sl, p.k_sl, acc_t(0), s, BK);
@@ -409,7 +407,7 @@ void attention_forward(AttnParams p) {
             const int64_t k_even = (cols + 1) / 2 * 2;
             if (k_even != cols)
               for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
-            packed->accumulate(bhk, j0 / BK, p16, BK, rows, k_even, p.Ev, acc);
+            packed->accumulate(j0 / BK, p16, BK, rows, k_even, p.Ev, acc);
           } else {
             gemm(false, false, rows, p.Ev, cols, acc_t(1), p16, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
           }
