@@ -163,6 +163,7 @@ struct PackedKV {
   static int64_t padded_E(int64_t E) { return VNNI ? (E + 1) / 2 * 2 : E; }
   AttnParams p;
   int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems, head = -1, n_packed = 0;
+  bool vnni_words;  // 16-bit: K's rows read as 32-bit words (even E and strides, aligned)
   at::Tensor buf, tmp;  // tmp: the unaligned 16-bit path's K^T / V block before packing
 
   PackedKV(const AttnParams& params, int64_t block_k) : p(params) {
@@ -174,6 +175,8 @@ struct PackedKV {
     k_elems = Ep * BK;
     v_elems = VNNI ? BK * Evp : 0;
     buf = at::empty({n_kblocks * (k_elems + v_elems)}, at::TensorOptions().dtype(dt));
+    vnni_words = p.E % 2 == 0 && p.k_sl % 2 == 0 && p.k_sh % 2 == 0 && p.k_sb % 2 == 0 &&
+                 reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
   }
 
   // Make bhk (b * Hk + kv head) the packed head, with its keys [0, key_end) packed (a
@@ -203,11 +206,9 @@ struct PackedKV {
       return;
     }
 #ifdef FA_CPU_HAVE_AVX512_PATH
-    // VNNI pairs of K^T are 32-bit words of K's rows: a 32-bit transpose (even E and
-    // strides); V's pairs interleave two rows.
-    const bool word_aligned = p.E % 2 == 0 && p.k_sl % 2 == 0 && p.k_sh % 2 == 0 && p.k_sb % 2 == 0 &&
-                              reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
-    if (avx512_enabled() && word_aligned) {
+    // VNNI pairs of K^T are 32-bit words of K's rows: a 32-bit transpose; V's pairs
+    // interleave two rows.
+    if (avx512_enabled() && vnni_words) {
       for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
         float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
         const int64_t n = std::max<int64_t>(0, std::min(PANEL, cols - c0));
