@@ -10,8 +10,10 @@
 //
 // Two implementations: portable loops written for the compiler's vectoriser (`omp simd`
 // reductions, a branch-free exp2), compiled for AVX-512, AVX2+FMA and baseline x86-64
-// and picked at load time (GCC function multi-versioning); and, for the forward's
-// softmax, AVX-512 intrinsics used where the CPU has AVX-512.
+// and picked at load time (GCC function multi-versioning); and, for the 16-bit forward's
+// softmax, AVX-512 intrinsics used where the CPU has AVX-512. fp32 on AVX-512 does this
+// work in the micro-kernel's epilogues instead (SoftmaxEpilogue in fwd_kernel.h,
+// ProbsEpilogue / DScoresEpilogue in bwd_kernel.h), sharing exp2_avx512 from here.
 #pragma once
 
 #include <c10/util/BFloat16.h>

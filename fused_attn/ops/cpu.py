@@ -8,8 +8,10 @@ dK/dV per key block summed over the GQA group in a fixed order, no atomics: dete
 for a given thread count. GEMMs: fp32 on CPUs with AVX-512 through our register-blocked
 micro-kernel (``csrc/cpu/gemm_avx512.h``, forward and backward); the bf16 / fp16 forward
 through oneDNN's AMX micro-kernels (``at::native::cpublas::brgemm``); MKL (through
-PyTorch) for the rest. Softmax hand-vectorised for AVX-512, compiler-vectorised clones
-elsewhere.
+PyTorch) for the rest. On AVX-512 the fp32 softmax (and the backward's P and dS) runs in
+the micro-kernel's epilogues and the 16-bit softmax is one hand-vectorised pass, both with a
+lazily moved max; compiler-vectorised clones elsewhere. Each thread packs the kv head of its
+task for the forward's GEMMs.
 
 Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit stride
 on the last dim and rows that do not overlap (others are copied once); out (B, Hq, L, Ev);
