@@ -1,12 +1,15 @@
-"""The CUDA backward kernels (csrc/cuda/flash_bwd_kernel.cuh) run through the CPU emulator.
+"""The CUDA backward kernels (csrc/cuda/flash_bwd_kernel.cuh), emulated on the CPU or compiled on a GPU.
 
-Gradients go through autograd and the public API with backend "cuda" and
-FUSED_ATTN_CUDA_EMULATE=1 (forward and backward both emulated), and are checked against
-the fp64 reference under the one tolerance rule (tests/attn_cases.check_backend: out,
-lse, dq, dk, dv at most 2x plain PyTorch's error in the same dtype). Gradient outputs are
-NaN-poisoned first, so a missed write fails. The emulator checks every global access
-against its tensor's bounds in every test here (GPtr has no unchecked mode under
-emulation; tests/test_cuda_emu_primitives.py shows the checker firing).
+Gradients go through autograd and the public API with backend "cuda" (forward and backward
+both on the CUDA kernels) and are checked against the fp64 reference under the one
+tolerance rule (tests/attn_cases.check_backend: out, lse, dq, dk, dv at most 2x plain
+PyTorch's error in the same dtype). Gradient outputs are NaN-poisoned first, so a missed
+write fails. By default the kernels run on CPU tensors through the emulator
+(FUSED_ATTN_CUDA_EMULATE=1), which checks every global access against its tensor's bounds
+in every test here (GPtr has no unchecked mode under emulation;
+tests/test_cuda_emu_primitives.py shows the checker firing). With FUSED_ATTN_TEST_DEVICE=cuda
+(tests/conftest.py) the same cases run on CUDA tensors through the built extension
+fused_attn._C_cuda; the emulator-only tests are skipped there.
 """
 import math
 
@@ -20,6 +23,7 @@ from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
 
 from attn_cases import check_backend, make_inputs, sdpa_causal_args
+from conftest import DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
@@ -27,10 +31,29 @@ DTYPES = [torch.float16, torch.bfloat16]
 CAUSAL = list(CausalMode)
 
 
+emulator_only = pytest.mark.skipif(DEVICE != "cpu", reason="tests the CPU emulator itself")
+
+
 @pytest.fixture(autouse=True)
 def _emulate(monkeypatch):
-    monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    """CPU tensors run the emulator; CUDA tensors the compiled extension (no emulator switch)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    else:
+        monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE", raising=False)
     monkeypatch.setenv("FUSED_ATTN_POISON", "1")
+
+
+def _inputs(*shape, **kw):
+    return make_inputs(*shape, device=DEVICE, **kw)
+
+
+def _raw_backward(*args):
+    """The binding's backward entry point with no Python launcher around it: the emulator's
+    flash_bwd on CPU tensors, torch.ops.fused_attn.cuda_bwd_out on CUDA tensors."""
+    if DEVICE == "cpu":
+        return _emu.load().flash_bwd(*args)
+    return torch.ops.fused_attn.cuda_bwd_out(*args, torch.cuda.current_stream().cuda_stream)
 
 
 # Ragged tails on both sides, L > S (lower-right: rows that see no key) and L < S; the lse
@@ -39,7 +62,7 @@ def _emulate(monkeypatch):
 @pytest.mark.parametrize("L,S", [(1, 1), (17, 64), (113, 203), (203, 97)])
 @pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
 def test_seqlens_causal_dtypes(mode, L, S, dtype):
-    check_backend("cuda", *make_inputs(2, 2, 2, L, S, 40, 40, dtype), mode, with_lse_grad=True)
+    check_backend("cuda", *_inputs(2, 2, 2, L, S, 40, 40, dtype), mode, with_lse_grad=True)
 
 
 # Every head-dim bucket (32 ... 256), a dim inside a bucket (72 -> 96), one that is not a
@@ -48,7 +71,7 @@ def test_seqlens_causal_dtypes(mode, L, S, dtype):
 @pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (72, 72), (128, 128), (160, 160), (192, 192), (224, 224),
                                   (256, 256), (111, 111), (72, 40), (16, 256)])
 def test_head_dims(E, Ev, dtype):
-    check_backend("cuda", *make_inputs(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
+    check_backend("cuda", *_inputs(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
 
 
 # dK/dV sum over the q heads of each kv head's group inside the kernel (no atomics).
@@ -56,19 +79,19 @@ def test_head_dims(E, Ev, dtype):
 @pytest.mark.parametrize("Hk", [1, 2, 3])
 @pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
 def test_gqa(mode, Hk, dtype):
-    check_backend("cuda", *make_inputs(1, 6, Hk, 113, 150, 64, 64, dtype), mode, with_lse_grad=Hk == 2)
+    check_backend("cuda", *_inputs(1, 6, Hk, 113, 150, 64, 64, dtype), mode, with_lse_grad=Hk == 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast"])
 def test_strided_inputs(layout, dtype):
     """(B, L, H, E) views, column slices of a wider tensor, stride-0 batch for k and v."""
-    check_backend("cuda", *make_inputs(2, 4, 2, 70, 133, 72, 72, dtype, layout=layout), CausalMode.UPPER_LEFT)
+    check_backend("cuda", *_inputs(2, 4, 2, 70, 133, 72, 72, dtype, layout=layout), CausalMode.UPPER_LEFT)
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.3, 2.5])
 def test_unusual_scales(scale):
-    check_backend("cuda", *make_inputs(1, 2, 2, 70, 90, 64, 64, torch.float16), CausalMode.UPPER_LEFT, scale=scale)
+    check_backend("cuda", *_inputs(1, 2, 2, 70, 90, 64, 64, torch.float16), CausalMode.UPPER_LEFT, scale=scale)
 
 
 def _grads(q, k, v, mode, dout, dlse=None):
@@ -84,8 +107,8 @@ def _grads(q, k, v, mode, dout, dlse=None):
 def test_rows_that_see_no_key_get_zero_gradients():
     """Lower-right causal with L > S: the first L - S rows see nothing (lse = -inf); their dq
     is exactly 0 even with an lse gradient, and they add nothing to dk and dv."""
-    q, k, v = make_inputs(1, 2, 2, 203, 64, 40, 40, torch.float16)
-    dout, dlse = torch.randn(1, 2, 203, 40), torch.randn(1, 2, 203)
+    q, k, v = _inputs(1, 2, 2, 203, 64, 40, 40, torch.float16)
+    dout, dlse = torch.randn(1, 2, 203, 40, device=DEVICE), torch.randn(1, 2, 203, device=DEVICE)
     dq, dk, dv = _grads(q, k, v, CausalMode.LOWER_RIGHT, dout, dlse)
     assert torch.equal(dq[:, :, :139], torch.zeros_like(dq[:, :, :139]))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
@@ -101,8 +124,8 @@ def test_rows_that_see_no_key_get_zero_gradients():
 def test_deterministic(mode):
     """No atomics: repeated backward passes give bitwise-equal gradients, whatever order the
     emulator's worker threads run the blocks in."""
-    q, k, v = make_inputs(1, 4, 2, 150, 97, 64, 64, torch.bfloat16)
-    dout, dlse = torch.randn(1, 4, 150, 64), torch.randn(1, 4, 150)
+    q, k, v = _inputs(1, 4, 2, 150, 97, 64, 64, torch.bfloat16)
+    dout, dlse = torch.randn(1, 4, 150, 64, device=DEVICE), torch.randn(1, 4, 150, device=DEVICE)
     first = _grads(q, k, v, mode, dout, dlse)
     for _ in range(2):
         again = _grads(q, k, v, mode, dout, dlse)
@@ -113,15 +136,15 @@ def test_writes_stay_inside_the_gradient_views():
     """dq, dk, dv given as column slices of wider sentinel-filled buffers: the kernels write
     exactly the slice (every element of it, and nothing in the columns beside it)."""
     B, H, L, S, E = 1, 2, 45, 77, 40
-    q, k, v = make_inputs(B, H, H, L, S, E, E, torch.float16)
+    q, k, v = _inputs(B, H, H, L, S, E, E, torch.float16)
     out, lse = cuda.forward(q, k, v, 1, 0.125)
     dout = torch.randn_like(out)
-    bufs = [torch.full((B, H, n, E + 8), 1234.0, dtype=torch.float16) for n in (L, S, S)]
+    bufs = [torch.full((B, H, n, E + 8), 1234.0, dtype=torch.float16, device=DEVICE) for n in (L, S, S)]
     dq, dk, dv = (b[..., :E] for b in bufs)
     for t in (dq, dk, dv):
         t.fill_(float("nan"))
-    delta = torch.empty(B, H, L)
-    _emu.load().flash_bwd(dout, None, q, k, v, out, lse, dq, dk, dv, delta, 1, 0.125)
+    delta = torch.empty(B, H, L, device=DEVICE)
+    _raw_backward(dout, None, q, k, v, out, lse, dq, dk, dv, delta, 1, 0.125)
     assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
     assert all((b[..., E:] == 1234.0).all() for b in bufs)
     ref = cuda.backward(dout, None, q, k, v, out, lse, 1, 0.125)
@@ -129,17 +152,17 @@ def test_writes_stay_inside_the_gradient_views():
 
 
 def test_bad_inputs_say_what_was_passed():
-    q, k, v = make_inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
+    q, k, v = _inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
     out, lse = cuda.forward(q, k, v, 0, 1.0)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     with pytest.raises(RuntimeError, match=r"dk must match .* got \[1, 2, 15, 32\]"):
-        _emu.load().flash_bwd(out, None, q, k, v, out, lse, dq, dk[:, :, :15], dv, torch.empty(1, 2, 16), 0, 1.0)
+        _raw_backward(out, None, q, k, v, out, lse, dq, dk[:, :, :15], dv, torch.empty(1, 2, 16, device=DEVICE), 0, 1.0)
     with pytest.raises(RuntimeError, match="dlse must be a contiguous float32"):
-        _emu.load().flash_bwd(out, lse.double(), q, k, v, out, lse, dq, dk, dv, torch.empty(1, 2, 16), 0, 1.0)
+        _raw_backward(out, lse.double(), q, k, v, out, lse, dq, dk, dv, torch.empty(1, 2, 16, device=DEVICE), 0, 1.0)
 
 
 def test_training_is_allowed_through_cuda():
-    q, k, v = make_inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
+    q, k, v = _inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
     q.requires_grad_()
     assert cuda.why_not(make_problem(q, k, v), explicit=True) is None
     out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")
@@ -147,9 +170,10 @@ def test_training_is_allowed_through_cuda():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@emulator_only
 def test_emulator_speed_is_reported(capsys):
     """Not a benchmark: prints the emulated backward's throughput at a test shape for the record."""
-    q, k, v = make_inputs(1, 4, 4, 256, 256, 128, 128, torch.float16)
+    q, k, v = _inputs(1, 4, 4, 256, 256, 128, 128, torch.float16)
     out, lse = cuda.forward(q, k, v, 0, 128 ** -0.5)
     cuda.backward(torch.randn_like(out), None, q, k, v, out, lse, 0, 128 ** -0.5)
     seconds, blocks, threads, switches = _emu.load().last_launch_stats()
@@ -163,7 +187,7 @@ def test_emulator_speed_is_reported(capsys):
 @pytest.mark.parametrize("with_dlse", [False, True])
 def test_backward_op_schema_and_fake(with_dlse):
     """fused_attn::cuda_bwd is a well-formed torch.library op (schema, fake implementation)."""
-    q, k, v = make_inputs(1, 2, 1, 33, 47, 40, 40, torch.float16)
+    q, k, v = _inputs(1, 2, 1, 33, 47, 40, 40, torch.float16)
     out, lse = cuda.forward(q, k, v, 2, 0.2)
     dlse = torch.randn_like(lse) if with_dlse else None
     torch.library.opcheck(cuda.backward, (torch.randn_like(out), dlse, q, k, v, out, lse, 2, 0.2),

@@ -1,10 +1,13 @@
-"""The CUDA forward kernel (csrc/cuda/flash_fwd_kernel.cuh) run through the CPU emulator.
+"""The CUDA forward kernel (csrc/cuda/flash_fwd_kernel.cuh), emulated on the CPU or compiled on a GPU.
 
-The same kernel source nvcc compiles runs here as C++ with every global access
-bounds-checked (fused_attn/_emu.py). Results go through the public API with backend
-"cuda" and FUSED_ATTN_CUDA_EMULATE=1, and are checked against the fp64 reference under
-the one tolerance rule (fused_attn.testing.assert_close: at most 2x plain PyTorch's
-error in the same dtype). Outputs are NaN-poisoned first, so a missed write fails.
+By default the same kernel source nvcc compiles runs here as C++ with every global access
+bounds-checked (fused_attn/_emu.py, FUSED_ATTN_CUDA_EMULATE=1, CPU tensors). With
+FUSED_ATTN_TEST_DEVICE=cuda (tests/conftest.py) the same cases run on CUDA tensors through
+the built extension fused_attn._C_cuda, with the same assertions; the few emulator-only
+tests are skipped there. Results go through the public API with backend "cuda" and are
+checked against the fp64 reference under the one tolerance rule
+(fused_attn.testing.assert_close: at most 2x plain PyTorch's error in the same dtype).
+Outputs are NaN-poisoned first, so a missed write fails.
 """
 import math
 
@@ -19,15 +22,24 @@ from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
 from fused_attn.testing import assert_close
 
+from conftest import DEVICE
+
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
 DTYPES = [torch.float16, torch.bfloat16]
 CAUSAL = list(CausalMode)
 
 
+emulator_only = pytest.mark.skipif(DEVICE != "cpu", reason="tests the CPU emulator itself")
+
+
 @pytest.fixture(autouse=True)
 def _emulate(monkeypatch):
-    monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    """CPU tensors run the emulator; CUDA tensors the compiled extension (no emulator switch)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    else:
+        monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE", raising=False)
     monkeypatch.setenv("FUSED_ATTN_POISON", "1")
 
 
@@ -37,8 +49,8 @@ def _mask(mode, L, S):
 
 
 def _qkv(B, Hq, Hk, L, S, E, Ev, dtype):
-    return (torch.randn(B, Hq, L, E, dtype=dtype), torch.randn(B, Hk, S, E, dtype=dtype),
-            torch.randn(B, Hk, S, Ev, dtype=dtype))
+    return (torch.randn(B, Hq, L, E, dtype=dtype, device=DEVICE), torch.randn(B, Hk, S, E, dtype=dtype, device=DEVICE),
+            torch.randn(B, Hk, S, Ev, dtype=dtype, device=DEVICE))
 
 
 def check_forward(q, k, v, mode: CausalMode, scale=None):
@@ -78,9 +90,9 @@ def test_gqa(mode, Hk, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_noncontiguous_inputs(dtype):
     B, H, L, S, E = 2, 3, 113, 203, 72
-    q = torch.randn(B, L, H, E, dtype=dtype).transpose(1, 2)           # (B, H, L, E) view of (B, L, H, E)
-    k = torch.randn(B, S, 2 * E, H, dtype=dtype)[:, :, ::2].permute(0, 3, 1, 2)  # last-dim stride 2: copied
-    v = torch.randn(B, 1, S, E, dtype=dtype).expand(B, H, S, E)          # stride-0 heads
+    q = torch.randn(B, L, H, E, dtype=dtype, device=DEVICE).transpose(1, 2)  # (B, H, L, E) view of (B, L, H, E)
+    k = torch.randn(B, S, 2 * E, H, dtype=dtype, device=DEVICE)[:, :, ::2].permute(0, 3, 1, 2)  # stride 2: copied
+    v = torch.randn(B, 1, S, E, dtype=dtype, device=DEVICE).expand(B, H, S, E)  # stride-0 heads
     assert not q.is_contiguous() and k.stride(-1) != 1 and v.stride(1) == 0
     check_forward(q, k, v, CausalMode.UPPER_LEFT)
 
@@ -100,7 +112,7 @@ def test_rows_that_see_no_key():
 
 
 def test_sdpa_entry_point_and_3d_inputs():
-    q, k, v = (torch.randn(4, 33, 64, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(4, 33, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
     got = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     base = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -116,15 +128,20 @@ def _problem(dtype=torch.float16, requires_grad=False):
     return make_problem(q, k, v)
 
 
-def test_refusals_say_why(monkeypatch):
+def test_refusals_say_why():
     assert cuda.why_not(_problem(), explicit=True) is None
-    assert "asked for by name" in cuda.why_not(_problem(), explicit=False)
     assert "float16 or bfloat16" in cuda.why_not(_problem(torch.float32), explicit=True)
     assert cuda.why_not(_problem(requires_grad=True), explicit=True) is None  # training: tests/test_cuda_emu_backward.py
+
+
+@emulator_only
+def test_emulator_runs_only_by_name(monkeypatch):
+    assert "asked for by name" in cuda.why_not(_problem(), explicit=False)
     monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE")
     assert "FUSED_ATTN_CUDA_EMULATE=1" in cuda.why_not(_problem(), explicit=True)
 
 
+@emulator_only
 def test_emulator_speed_is_reported(capsys):
     """Not a benchmark: prints the emulator's throughput at a test shape for the record."""
     q, k, v = _qkv(1, 4, 4, 256, 256, 128, 128, torch.float16)

@@ -16,9 +16,13 @@ lse. No atomics: gradients are bitwise identical run to run (there is no faster
 non-deterministic mode).
 
 Where it runs:
-* CUDA tensors (compute capability >= 8.0) through the extension ``fused_attn._C_cuda``
-  (``csrc/cuda/binding/flash_api.cu``, ops ``torch.ops.fused_attn.cuda_fwd_out`` and
-  ``cuda_bwd_out``) when it was built; otherwise the dispatcher says why and uses another backend.
+* CUDA tensors through the extension ``fused_attn._C_cuda`` (``csrc/cuda/binding/flash_api.cu``,
+  ops ``torch.ops.fused_attn.cuda_fwd_out`` and ``cuda_bwd_out``) when it was built and holds
+  code this GPU can run (:func:`arch_refusal`: machine code for its arch, or PTX it can JIT
+  from; compute capability 8.0 or newer); otherwise the dispatcher says why and uses another
+  backend. setup.py's FUSED_ATTN_CUDA_ARCHS chooses what is built (default: sm_80, sm_86,
+  sm_89, sm_90a machine code and compute_80 PTX, so Blackwell and later GPUs JIT).
+* Batch and query heads up to 65535 each (CUDA grid z and y); larger calls are refused.
 * CPU tensors, through the CPU emulator of the same kernel source (``fused_attn._emu``),
   when ``FUSED_ATTN_CUDA_EMULATE=1`` and backend ``"cuda"`` is asked for by name: a test
   vehicle (every global access bounds-checked), orders of magnitude slower than a GPU.
@@ -26,7 +30,8 @@ Where it runs:
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+import re
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +49,60 @@ except ImportError as e:  # no nvcc / CUDA torch at install time, or a broken bu
 EMULATE_ENV = "FUSED_ATTN_CUDA_EMULATE"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+MIN_CAPABILITY = (8, 0)  # mma.sync with bf16, cp.async, ldmatrix: the only features the kernels use
+MAX_GRID_YZ = 65535  # grid y (query heads) and z (batch) limit of a CUDA launch
+
+
+def built_archs() -> Optional[Tuple[str, ...]]:
+    """What the extension was compiled for ("sm_90a": machine code, "compute_80": PTX), as
+    setup.py recorded it; None if unknown (an extension built without setup.py's record)."""
+    recorded = getattr(_C_cuda, "built_archs", "") if _C_cuda is not None else ""
+    return tuple(recorded.split("+")) if recorded else None
+
+
+def _runs_on(target: str, capability: Tuple[int, int]) -> bool:
+    """Whether one compiled target runs on a GPU of ``capability`` (CUDA's compatibility rules):
+    machine code sm_XY runs on X.Y' for Y' >= Y (same major), sm_XYa only on X.Y; PTX
+    compute_XY is JIT-compiled for any X.Y or newer, compute_XYa only for X.Y."""
+    m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", target)
+    if m is None:
+        return False
+    kind, major, minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if suffix == "a":
+        return capability == (major, minor)
+    if kind == "sm" or suffix == "f":  # "f": family-specific, same major only
+        return capability[0] == major and capability[1] >= minor
+    return capability >= (major, minor)
+
+
+def arch_refusal(capability: Tuple[int, int], built: Optional[Sequence[str]]) -> Optional[str]:
+    """None if kernels built for ``built`` (see :func:`built_archs`) run on a GPU of compute
+    ``capability``, else the reason they cannot, naming the arch and what was built."""
+    major, minor = capability
+    if capability < MIN_CAPABILITY:
+        return (f"the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async); this GPU is "
+                f"{major}.{minor} (sm_{major}{minor})")
+    if built is None:  # nothing recorded: let the launch say whether it has a kernel image
+        return None
+    if any(_runs_on(t, capability) for t in built):
+        return None
+    return (f"fused_attn._C_cuda was built for {', '.join(built) or 'no arch'}, which cannot run on this GPU "
+            f"(compute capability {major}.{minor}, sm_{major}{minor}): neither its machine code nor PTX it can "
+            f"JIT from; rebuild with FUSED_ATTN_CUDA_ARCHS=native (this GPU) or an entry with +PTX, e.g. '80+PTX'")
 
 
 def why_not(p, explicit: bool) -> Optional[str]:
     """None if this backend can run problem ``p``, else the reason it cannot."""
     if p.dtype not in DTYPES:
         return f"the CUDA kernels take float16 or bfloat16, got {p.dtype}"
+    B, H = p.q.shape[0], p.q.shape[1]
+    if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
+        return (f"batch and query heads must each be <= {MAX_GRID_YZ} (CUDA grid z and y), got batch {B} "
+                f"(all leading dims folded) and {H} heads")
     if p.device.type == "cuda":
         if _C_cuda is None:
             return _IMPORT_ERROR
-        if torch.cuda.get_device_capability(p.device)[0] < 8:
-            return "the CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper)"
-        return None
+        return arch_refusal(torch.cuda.get_device_capability(p.device), built_archs())
     if p.device.type != "cpu":
         return f"tensors on {p.device} are not supported"
     if os.environ.get(EMULATE_ENV) != "1":

@@ -48,20 +48,44 @@ extern template cudaError_t run_flash_bwd_preprocess<half_t>(const BwdParams<hal
 extern template cudaError_t run_flash_bwd_preprocess<bf16_t>(const BwdParams<bf16_t>&, cudaStream_t);
 }  // namespace fa
 
+// What setup.py compiled the kernels for, "+"-separated ("sm_80+sm_90a+compute_80": machine
+// code for sm_80 and sm_90a, PTX for compute_80), passed as -DFUSED_ATTN_BUILT_ARCHS=...
+// (a bare token list: nvcc splits -D values at commas). fused_attn/ops/cuda.py reads it
+// from the module attribute built_archs to decide whether a GPU can run the kernels.
+#define FA_STRINGIFY_(...) #__VA_ARGS__
+#define FA_STRINGIFY(...) FA_STRINGIFY_(__VA_ARGS__)
+#ifdef FUSED_ATTN_BUILT_ARCHS
+#define FA_BUILT_ARCHS FA_STRINGIFY(FUSED_ATTN_BUILT_ARCHS)
+#else
+#define FA_BUILT_ARCHS ""  // built without setup.py: unknown
+#endif
+
 namespace {
+
+void check_device(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "fused_attn._C_cuda takes CUDA tensors, got ", q.device());
+  int major = 0, minor = 0;
+  cudaError_t attr = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
+  if (attr == cudaSuccess) attr = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device());
+  TORCH_CHECK(attr == cudaSuccess, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(attr));
+  TORCH_CHECK(major >= 8, "the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async), got ",
+              major, ".", minor);
+}
+
+// A failed launch names the GPU's arch and what the kernels were built for ("no kernel image
+// is available" means neither machine code for this arch nor PTX it can JIT from).
+void check_launch(cudaError_t err, const char* what, const at::Tensor& q) {
+  if (err == cudaSuccess) return;
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device());
+  TORCH_CHECK(false, "fused_attn ", what, " launch failed: ", cudaGetErrorString(err), " (GPU sm_", major, minor,
+              ", kernels built for ", *FA_BUILT_ARCHS ? FA_BUILT_ARCHS : "unknown archs", ")");
+}
 
 // Writes out (B, Hq, L, Ev) and lse (B, Hq, L) fp32. causal: 0 none, 1 upper-left, 2 lower-right.
 // stream: torch.cuda.current_stream(device).cuda_stream (passed from Python so that this file
 // needs only the CUDA runtime and torch's device-generic headers).
-void check_device(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "fused_attn._C_cuda takes CUDA tensors, got ", q.device());
-  int major = 0;
-  const cudaError_t attr = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
-  TORCH_CHECK(attr == cudaSuccess, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(attr));
-  TORCH_CHECK(major >= 8, "the CUDA kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async), got ",
-              major, ".x");
-}
-
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              int64_t causal, double scale, int64_t stream_handle) {
   fa::check_fwd_inputs(q, k, v, out, lse, causal);
@@ -77,7 +101,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
     const auto p = fa::make_fwd_params<fa::bf16_t>(q, k, v, out, lse, causal, scale);
     err = fa::with_fwd_traits<true>(d, [&](auto kt) { return fa::run_flash_fwd<decltype(kt)>(p, stream); });
   }
-  TORCH_CHECK(err == cudaSuccess, "fused_attn flash_fwd launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "flash_fwd", q);
 }
 
 // Writes dq, dk, dv (shaped like q, k, v) and the fp32 scratch delta (B, Hq, L); dlse may be None.
@@ -102,7 +126,7 @@ void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, con
     if (err == cudaSuccess)
       err = fa::with_bwd_bucket(d, [&](auto kd) { return fa::run_flash_bwd<decltype(kd)::value, true>(p, stream); });
   }
-  TORCH_CHECK(err == cudaSuccess, "fused_attn flash_bwd launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "flash_bwd", q);
 }
 
 }  // namespace
@@ -123,5 +147,10 @@ TORCH_LIBRARY_IMPL(fused_attn, CUDA, m) {
 PyMODINIT_FUNC PyInit__C_cuda(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_cuda", "fused_attn CUDA kernels: torch.ops.fused_attn.cuda_fwd_out, cuda_bwd_out",
                             -1, nullptr};
-  return PyModule_Create(&def);
+  PyObject* m = PyModule_Create(&def);
+  if (m != nullptr && PyModule_AddStringConstant(m, "built_archs", FA_BUILT_ARCHS) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
