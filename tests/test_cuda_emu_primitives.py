@@ -6,6 +6,8 @@ Every expectation here is written from the spec (NO_GPU.md appendix, PTX ISA
 csrc/emu/test_kernels.cuh only move registers in and out.
 Notation: lane L, g = L >> 2 (groupID), t = L % 4 (threadID_in_group).
 """
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -254,11 +256,19 @@ def test_cp_async_zero_fill(emu, cp_size, cg):
     out = emu.run_cp_async(src, src_size, cp_size, cg)
     for t in range(32):
         s = int(src_size[t])
-        # Before wait_group: the copy has not landed (a kernel that forgets the wait reads stale data).
-        assert out[0, t].tolist() == [STALE] * 16
         # After wait_group 0 + barrier: src-size bytes from global, zeros up to cp-size, rest untouched.
         expect = src[16 * t:16 * t + s].tolist() + [0] * (cp_size - s) + [STALE] * (16 - cp_size)
-        assert out[1, t].tolist() == expect, t
+        assert out[t].tolist() == expect, t
+
+
+def test_cp_async_destination_read_before_wait_group_fails(emu):
+    # PTX ISA: the issuing thread sees the copy only after its cp.async.wait_group; reading the
+    # destination earlier is a race, reported as such (thread 0's slot is shared byte offset 0).
+    src = (torch.arange(512) % 251 + 1).to(torch.uint8)
+    with pytest.raises(RuntimeError, match=r"kernel 'probe_cp_async' block \(0,0,0\): shared-memory race \(cp.async in "
+                                           r"flight\) at shared byte offset 0: thread \(0,0,0\) \(warp 0 lane 0\) reads it "
+                                           r"\(shared load\) while the cp.async of thread \(0,0,0\)"):
+        emu.run_cp_async(src, torch.full((32,), 16, dtype=torch.int32), 16, True, peek=True)
 
 
 def test_cp_async_src_size_above_cp_size_fails(emu):
@@ -271,25 +281,42 @@ def test_cp_async_wait_group_semantics(emu):
     src = (torch.arange(4 * 32 * 16) % 253 + 1).to(torch.uint8)
     out = emu.run_cp_async_groups(src).view(4, 32, 4, 16)  # (snapshot, thread, region, byte)
     # Groups: {copy 0}, {copy 1}, {copy 2} committed; copy 3 uncommitted until the last commit.
-    # wait_group N: at most the N most recent committed groups still pending.
-    landed = {0: {0}, 1: {0, 1}, 2: {0, 1, 2}, 3: {0, 1, 2, 3}}  # snapshot after wait 2, 1, 0, commit+wait 0
+    # wait_group N: at most the N most recent committed groups still pending. Each snapshot
+    # reads only the regions whose copies have completed (reading the others is a race, below).
+    landed = {0: 1, 1: 2, 2: 3, 3: 4}  # snapshot after wait 2, 1, 0, commit + wait 0 -> regions done
     for snap, regions in landed.items():
         for t in range(32):
-            for k in range(4):
-                want = src[(32 * k + t) * 16:(32 * k + t + 1) * 16].tolist() if k in regions else [STALE] * 16
-                assert out[snap, t, k].tolist() == want, (snap, t, k)
+            for k in range(regions):
+                assert out[snap, t, k].tolist() == src[(32 * k + t) * 16:(32 * k + t + 1) * 16].tolist(), (snap, t, k)
+    # After wait_group 2, copies 1 and 2 (committed later) and 3 (uncommitted) are in flight.
+    assert int(emu.run_cp_async_groups(src, peek=0).view(4, 32, 64)[0, 0, 0]) == int(src[0])
+    for peek in (1, 2, 3):
+        with pytest.raises(RuntimeError, match=rf"race \(cp.async in flight\) at shared byte offset {16 * peek}: thread "
+                                               r"\(0,0,0\) \(warp 0 lane 0\) reads it"):
+            emu.run_cp_async_groups(src, peek=peek)
 
 
 def test_cp_async_data_reaches_other_threads_only_through_a_barrier(emu):
     src = (torch.arange(512) % 253 + 1).to(torch.uint8)
-    neighbour = src.view(32, 16).roll(-1, dims=0)  # thread t reads slot (t + 1) % 32
-    assert torch.equal(emu.run_cp_async_visibility(src, True), neighbour)
-    # Without the barrier a thread can read its neighbour's slot before the neighbour's
-    # wait_group completed the copy: stale bytes. The emulator runs a block's threads one
-    # after another between synchronisation points, so nearly every neighbour is late.
-    got = emu.run_cp_async_visibility(src, False)
-    stale_rows = int((got == STALE).all(dim=1).sum())
-    assert stale_rows >= 30, got
+    neighbour = src.view(32, 16).roll(1, dims=0)  # thread t reads slot (t + 31) % 32
+    assert torch.equal(emu.run_cp_async_visibility(src, 0), neighbour)
+    # Without the barrier the neighbour's copy, landed at the neighbour's wait_group, is not
+    # visible yet: a race whatever the order the threads ran in (tests/test_cuda_emu_race.py).
+    with pytest.raises(RuntimeError) as e:
+        emu.run_cp_async_visibility(src, 1)
+    m = re.search(r"race \(read-after-write\) at shared byte offset (\d+): thread \((\d+),0,0\) .* reads it \(shared "
+                  r"load\) after thread \((\d+),0,0\) .* wrote it \(cp.async\)", str(e.value))
+    assert m, str(e.value)
+    offset, reader, writer = map(int, m.groups())
+    assert offset == 16 * writer and reader == (writer + 1) % 32  # the first byte of the reader's neighbour's slot
+    # Reading the neighbour's slot after a barrier but before the neighbour's wait_group: in flight.
+    with pytest.raises(RuntimeError) as e:
+        emu.run_cp_async_visibility(src, 2)
+    m = re.search(r"race \(cp.async in flight\) at shared byte offset (\d+): thread \((\d+),0,0\) .* reads it \(shared "
+                  r"load\) while the cp.async of thread \((\d+),0,0\)", str(e.value))
+    assert m, str(e.value)
+    offset, reader, writer = map(int, m.groups())
+    assert offset == 16 * writer and reader == (writer + 1) % 32
 
 
 # ---- shuffles --------------------------------------------------------------------------

@@ -23,6 +23,14 @@
 // h / (Hq / Hk). Causal: query i sees key j iff j <= i + offset; tiles wholly above the
 // diagonal are skipped, only tiles crossing it are masked. A row that sees no key has
 // lse = -inf; it is treated as lse = +inf here, so its P, and all its gradients, are 0.
+//
+// Shared memory is accessed only through cp.async, ldmatrix and smem_load / smem_store
+// (the dK/dV kernel's lse, delta, P^T and dS^T), so that under emulation every access is
+// bounds-checked and race-tracked per byte (csrc/emu/runtime.h). Barriers: at the top of
+// each main loop, landed tiles and stored lse / delta before their reads, and the previous
+// iteration's reads before the prefetch into that stage; in the dK/dV kernel, between
+// phases A and B, the P^T / dS^T stores before other warps' ldmatrix reads of them.
+// tests/test_cuda_emu_race.py moves or deletes these barriers and expects race reports.
 #pragma once
 
 #include "cuda/flash_bwd_traits.h"
@@ -120,8 +128,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     for (int i = tid; i < kM; i += Kt::kThreads) {  // plain stores: visible after the next barrier
       const int row = m0 + i;
       const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
-      sLse[st * kM + i] = row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
-      sDelta[st * kM + i] = row < p.len_q ? p.delta.load(idx) : 0.f;
+      smem_store(sLse + st * kM + i, row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY);
+      smem_store(sDelta + st * kM + i, row < p.len_q ? p.delta.load(idx) : 0.f);
     }
   };
 
@@ -195,16 +203,16 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int qc = qc0 + nt * 8 + 2 * t + (i & 1);
-        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - tLse[qc]);
+        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - smem_load(tLse + qc));
         if (masked && key_lo + 8 * (i >> 1) > m0 + qc + p.causal_offset) pv = 0.f;
         acc_s[nt][i] = pv;
-        acc_dp[nt][i] = pv * (acc_dp[nt][i] - tDelta[qc]);
+        acc_dp[nt][i] = pv * (acc_dp[nt][i] - smem_load(tDelta + qc));
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int off = (16 * slab + g + 8 * r) * kPS + qc0 + nt * 8 + 2 * t;
-        *reinterpret_cast<uint32_t*>(sP + off) = pack2<T>(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]);
-        *reinterpret_cast<uint32_t*>(sdS + off) = pack2<T>(acc_dp[nt][2 * r], acc_dp[nt][2 * r + 1]);
+        smem_store(reinterpret_cast<uint32_t*>(sP + off), pack2<T>(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]));
+        smem_store(reinterpret_cast<uint32_t*>(sdS + off), pack2<T>(acc_dp[nt][2 * r], acc_dp[nt][2 * r + 1]));
       }
     }
     __syncthreads();

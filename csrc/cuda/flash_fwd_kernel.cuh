@@ -16,6 +16,14 @@
 // (offset 0: upper-left, S - L: lower-right); key blocks past the diagonal are skipped,
 // only blocks crossing it (or the ragged end of S) are masked. A row that sees no key
 // gets out = 0 and lse = -inf.
+//
+// Shared memory (Q tile, kStages K/V tiles) is written only by cp.async and read only by
+// ldmatrix. The __syncthreads() at the top of the main loop orders both directions: each
+// thread's landed copies (after its cp.async.wait_group) before every warp's reads of tile
+// j, and every warp's reads of tile j - 1 before the prefetch that overwrites that stage.
+// Under emulation every shared access is bounds-checked and race-tracked per byte
+// (csrc/emu/runtime.h); tests/test_cuda_emu_race.py shows that moving or deleting that
+// barrier is reported as a race.
 #pragma once
 
 #include "cuda/flash_fwd_traits.h"

@@ -2,12 +2,17 @@
 //
 // Kernels use these functions plus standard CUDA (thread/block indices,
 // __syncthreads, __shfl_*_sync, dynamic shared memory through FA_DYNAMIC_SMEM).
+// Shared memory is touched only through smem_load / smem_store, ldmatrix and
+// cp.async, never by dereferencing a shared pointer: under emulation each of them
+// is bounds-checked and race-tracked (csrc/emu/runtime.h), and a raw dereference
+// faults with a message naming the kernel and the shared byte offset.
 //
 //   mma_m16n8k16<T>      mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32
 //   ldmatrix_x{1,2,4}<Trans>  ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16
 //   cp_async_ca<N> / cp_async_cg16  cp.async.{ca,cg}.shared.global with src-size zero fill
 //   cp_async_commit / cp_async_wait<N>  cp.async.commit_group / cp.async.wait_group N
 //   shfl_xor / shfl, sync_threads / sync_warp
+//   smem_load / smem_store  a plain shared-memory load / store (ld.shared / st.shared)
 //   GPtr<T>              a global-memory pointer; raw on the GPU, bounds-checked
 //                        against its tensor under emulation
 //
@@ -298,13 +303,14 @@ inline void check_ldmatrix_row(const void* p, int lane) {
                    std::to_string(a - s) + ") is not 16-byte aligned");
 }
 
+// Each row is read by the lane that supplied its address (for the race tracker).
 template <int N, bool Trans>
 inline void combine_ldmatrix(const LaneIn* in, LaneOut* out, unsigned) {
   uint16_t M[4][8][8];
   for (int j = 0; j < N; ++j)
     for (int r = 0; r < 8; ++r) {
       check_ldmatrix_row(in[8 * j + r].p, 8 * j + r);
-      std::memcpy(M[j][r], in[8 * j + r].p, 16);
+      std::memcpy(M[j][r], ::fa_emu::smem_lane_access(8 * j + r, in[8 * j + r].p, 16, ::fa_emu::SmemOp::Ldmatrix), 16);
     }
   for (int lane = 0; lane < 32; ++lane) {
     const int q = lane >> 2, c = 2 * (lane & 3);
@@ -350,6 +356,38 @@ inline T shfl_emu(unsigned mask, T v, int arg, int width) {
 }
 }  // namespace detail
 #endif
+
+// ---------------------------------------------------------------------------------
+// Plain shared-memory accesses: ld.shared / st.shared of a T (1, 2, 4, 8 or 16 bytes,
+// aligned to its size). On the GPU exactly `*p` and `*p = v`; under emulation checked
+// against the block's shared memory and recorded by the race tracker.
+// ---------------------------------------------------------------------------------
+template <class T>
+struct type_identity {
+  using type = T;
+};
+
+template <class T>
+FA_DEVICE T smem_load(const T* p) {
+#ifdef FA_EMULATE
+  static_assert(std::is_trivially_copyable<T>::value, "shared memory holds trivially copyable values");
+  T v;
+  std::memcpy(&v, ::fa_emu::smem_access(p, sizeof(T), ::fa_emu::SmemOp::Load), sizeof(T));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+template <class T>
+FA_DEVICE void smem_store(T* p, const typename type_identity<T>::type& v) {
+#ifdef FA_EMULATE
+  static_assert(std::is_trivially_copyable<T>::value, "shared memory holds trivially copyable values");
+  std::memcpy(::fa_emu::smem_access(p, sizeof(T), ::fa_emu::SmemOp::Store), &v, sizeof(T));
+#else
+  *p = v;
+#endif
+}
 
 // ---------------------------------------------------------------------------------
 // mma.sync m16n8k16, fp32 accumulate: d = a * b + c (T = half_t or bf16_t)
@@ -418,7 +456,9 @@ FA_DEVICE void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
 // ---------------------------------------------------------------------------------
 // cp.async global -> shared. Copies kBytes to smem_dst; only the first src_bytes come
 // from src (element i of tensor `src`), the rest is zero-filled. src_bytes = 0 reads
-// nothing (the address is not checked then). Visible after cp_async_wait + barrier.
+// nothing (the address is not checked then). Visible to the issuing thread after its
+// cp_async_wait, to the other threads after that and a barrier; under emulation any access
+// to the destination before the issuer's wait is a race (csrc/emu/runtime.h).
 // ---------------------------------------------------------------------------------
 template <int kBytes, class T>
 FA_DEVICE void cp_async_ca(void* smem_dst, const GPtr<T>& src, int64_t i, int src_bytes) {

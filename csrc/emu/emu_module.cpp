@@ -76,45 +76,62 @@ at::Tensor run_ldmatrix(const at::Tensor& rows, const at::Tensor& row_of_lane, i
   return out;
 }
 
-at::Tensor run_cp_async(const at::Tensor& src, const at::Tensor& src_size, int64_t bytes, bool cg) {
+at::Tensor run_cp_async(const at::Tensor& src, const at::Tensor& src_size, int64_t bytes, bool cg, bool peek) {
   check_probe_input(src, torch::kUInt8, 512, "src");
   check_probe_input(src_size, torch::kInt32, 32, "src_size");
-  auto out = torch::zeros({2, 32, 16}, torch::kUInt8);
+  auto out = torch::zeros({32, 16}, torch::kUInt8);
+  const int pk = peek ? 1 : 0;
   auto ps = gptr<const uint8_t>(src, "src");
   auto pz = gptr<const int32_t>(src_size, "src_size");
   auto po = gptr<uint8_t>(out, "out");
   std::function<void()> body;
   if (cg) {
     TORCH_CHECK(bytes == 16, "cp.async.cg copies 16 bytes, got ", bytes);
-    body = [&] { fa_probe::probe_cp_async<16, true>(ps, pz, po); };
+    body = [&] { fa_probe::probe_cp_async<16, true>(ps, pz, po, pk); };
   } else if (bytes == 4) {
-    body = [&] { fa_probe::probe_cp_async<4, false>(ps, pz, po); };
+    body = [&] { fa_probe::probe_cp_async<4, false>(ps, pz, po, pk); };
   } else if (bytes == 8) {
-    body = [&] { fa_probe::probe_cp_async<8, false>(ps, pz, po); };
+    body = [&] { fa_probe::probe_cp_async<8, false>(ps, pz, po, pk); };
   } else {
     TORCH_CHECK(bytes == 16, "cp.async.ca copies 4, 8 or 16 bytes, got ", bytes);
-    body = [&] { fa_probe::probe_cp_async<16, false>(ps, pz, po); };
+    body = [&] { fa_probe::probe_cp_async<16, false>(ps, pz, po, pk); };
   }
   record(fa_emu::launch("probe_cp_async", Dim3(1), Dim3(32), 512, body));
   return out;
 }
 
-at::Tensor run_cp_async_groups(const at::Tensor& src) {
+at::Tensor run_cp_async_groups(const at::Tensor& src, int64_t peek) {
   check_probe_input(src, torch::kUInt8, 4 * 32 * 16, "src");
+  TORCH_CHECK(peek >= -1 && peek < 4, "peek must be a region 0..3 or -1 (none), got ", peek);
   auto out = torch::zeros({4, 32, 4, 16}, torch::kUInt8);
   auto ps = gptr<const uint8_t>(src, "src");
   auto po = gptr<uint8_t>(out, "out");
-  record(fa_emu::launch("probe_cp_async_groups", Dim3(1), Dim3(32), 32 * 64, [&] { fa_probe::probe_cp_async_groups(ps, po); }));
+  record(fa_emu::launch("probe_cp_async_groups", Dim3(1), Dim3(32), 32 * 64,
+                        [&] { fa_probe::probe_cp_async_groups(ps, po, static_cast<int>(peek)); }));
   return out;
 }
 
-at::Tensor run_cp_async_visibility(const at::Tensor& src, bool with_barrier) {
+at::Tensor run_cp_async_visibility(const at::Tensor& src, int64_t mode) {
   check_probe_input(src, torch::kUInt8, 512, "src");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0, 1 or 2, got ", mode);
   auto out = torch::zeros({32, 16}, torch::kUInt8);
   auto ps = gptr<const uint8_t>(src, "src");
   auto po = gptr<uint8_t>(out, "out");
   record(fa_emu::launch("probe_cp_async_visibility", Dim3(1), Dim3(32), 512,
-                        [&] { fa_probe::probe_cp_async_visibility(ps, po, with_barrier ? 1 : 0); }));
+                        [&] { fa_probe::probe_cp_async_visibility(ps, po, static_cast<int>(mode)); }));
+  return out;
+}
+
+// The shared-memory tracker probes (modes in test_kernels.cuh): one block of nthreads
+// threads with 4 * nthreads bytes of shared memory; returns out (nthreads,).
+at::Tensor run_smem_race(int64_t mode, int64_t nthreads) {
+  TORCH_CHECK(mode >= 0 && mode <= 9, "mode must be 0..9, got ", mode);
+  TORCH_CHECK(nthreads >= 64 && nthreads % 32 == 0 && nthreads <= 1024, "nthreads must be a multiple of 32 in [64, 1024], got ",
+              nthreads);
+  auto out = torch::full({nthreads}, -1, torch::kInt32);
+  auto po = gptr<int32_t>(out, "out");
+  record(fa_emu::launch("probe_smem_race", Dim3(1), Dim3(nthreads), 4 * nthreads,
+                        [&] { fa_probe::probe_smem_race(po, static_cast<int>(mode)); }));
   return out;
 }
 
@@ -179,9 +196,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_barrier", &run_barrier);
   m.def("run_mma", &run_mma);
   m.def("run_ldmatrix", &run_ldmatrix);
-  m.def("run_cp_async", &run_cp_async);
-  m.def("run_cp_async_groups", &run_cp_async_groups);
+  m.def("run_cp_async", &run_cp_async, pybind11::arg("src"), pybind11::arg("src_size"), pybind11::arg("bytes"),
+        pybind11::arg("cg"), pybind11::arg("peek") = false);
+  m.def("run_cp_async_groups", &run_cp_async_groups, pybind11::arg("src"), pybind11::arg("peek") = -1);
   m.def("run_cp_async_visibility", &run_cp_async_visibility);
+  m.def("run_smem_race", &run_smem_race, pybind11::arg("mode"), pybind11::arg("nthreads") = 64);
   m.def("run_shfl", &run_shfl);
   m.def("run_oob", &run_oob);
   m.def("last_launch_stats", [] {

@@ -15,8 +15,8 @@ FA_LDM(1, true)
 FA_LDM(2, true)
 FA_LDM(4, true)
 #undef FA_LDM
-template __global__ void probe_cp_async<4, false>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>);
-template __global__ void probe_cp_async<8, false>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>);
-template __global__ void probe_cp_async<16, false>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>);
-template __global__ void probe_cp_async<16, true>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>);
+template __global__ void probe_cp_async<4, false>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>, int);
+template __global__ void probe_cp_async<8, false>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>, int);
+template __global__ void probe_cp_async<16, false>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>, int);
+template __global__ void probe_cp_async<16, true>(GPtr<const uint8_t>, GPtr<const int32_t>, GPtr<uint8_t>, int);
 }  // namespace fa_probe
