@@ -3,18 +3,28 @@
 Backends are tried in the order :func:`order` gives for the problem's device; each
 answers :meth:`refusal` with ``None`` (it can run the problem) or a short reason it cannot. The requested backend comes
 from, in this order: the ``backend=`` argument, the innermost
-:func:`use_backend` context, the ``FUSED_ATTN_BACKEND`` environment variable
+:func:`use_backend` context (per thread), the ``FUSED_ATTN_BACKEND`` environment variable
 (read at every call), else automatic choice. An explicit backend that cannot run
 the problem raises with its reason; automatic choice takes the first backend
 that can and, when that is the reference, says once why the others refused.
+
+Under ``torch.compile`` all of this is traced (no graph break): the choice is made when a
+function is compiled, and the compiled code is guarded on what it read (the tensors' dtype,
+device and shapes, the ``use_backend`` context), so a change recompiles. The one exception is
+the environment variable, which torch.compile reads when it compiles, not at every call
+(Dynamo does not guard on ``os.environ``): set it before compiling, or use ``backend=`` /
+:func:`use_backend`. A backend's op module is imported on its first use, through
+:func:`torch.compiler.assume_constant_result` so that a first use under compile does not
+break the graph (an import's outcome is fixed for the life of the process).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
+import threading
 import warnings
+from types import ModuleType
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -25,10 +35,38 @@ from .ops._common import lse_dtype
 from .problem import Problem
 
 ENV_VAR = "FUSED_ATTN_BACKEND"
-_requested: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fused_attn_backend", default=None)
+# The innermost use_backend() of each thread, in a thread-local attribute (not a ContextVar:
+# torch.compile cannot read those, and it guards on this attribute's value).
+_context = threading.local()
 _said: set = set()
 
 MAX_KERNEL_HEAD_DIM = 256
+
+
+@torch.compiler.assume_constant_result
+def _import_error(backend: str) -> Optional[str]:
+    """Import the op module of kernel backend ``backend`` once; the ImportError's message, or None.
+
+    Imported on first use (triton, the CUDA extension), not when fused_attn is. Under
+    torch.compile this runs when the function is compiled, outside the traced graph.
+    """
+    b = BACKENDS[backend]
+    if b._ops is None and b._import_error is None:
+        try:
+            b._ops = importlib.import_module(f"fused_attn.ops.{b.module}")
+        except ImportError as e:
+            b._import_error = str(e)
+    return b._import_error
+
+
+@torch.compiler.assume_constant_result
+def _say_once(msg: str) -> bool:
+    """Warn ``msg`` the first time it comes up. Under torch.compile: once, when compiling (Dynamo
+    cannot trace ``warnings.warn``, and a warning per compiled call would not be "once" anyway)."""
+    if msg not in _said:
+        _said.add(msg)
+        warnings.warn(msg, stacklevel=5)
+    return True
 
 
 class KernelBackend:
@@ -36,11 +74,14 @@ class KernelBackend:
 
     def __init__(self, name: str, module: str):
         self.name, self.module = name, module
-        self._ops = None
+        self._ops: Optional[ModuleType] = None
+        self._import_error: Optional[str] = None
 
-    def ops(self):
-        if self._ops is None:  # imported on first use (triton, the CUDA extension)
-            self._ops = importlib.import_module(f"fused_attn.ops.{self.module}")
+    def ops(self) -> ModuleType:
+        """The backend's op module; raises ImportError if it cannot be imported."""
+        why = _import_error(self.name)
+        if why is not None:
+            raise ImportError(why)
         return self._ops
 
     def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
@@ -105,16 +146,18 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Run the attention calls inside the block on backend ``name`` (None: automatic)."""
-    token = _requested.set(None if name is None else _check_name(name))
+    name = None if name is None else _check_name(name)
+    outer = getattr(_context, "backend", None)
+    _context.backend = name
     try:
         yield
     finally:
-        _requested.reset(token)
+        _context.backend = outer
 
 
 def requested_backend(backend: Optional[str] = None) -> Optional[str]:
     """The backend asked for by argument, context or environment; None for automatic."""
-    name = backend or _requested.get() or os.environ.get(ENV_VAR) or None
+    name = backend or getattr(_context, "backend", None) or os.environ.get(ENV_VAR) or None
     if name in (None, "auto"):
         return None
     return _check_name(name)
@@ -139,9 +182,7 @@ def choose(p: Problem, backend: Optional[str] = None):
             if name == "reference" and reasons:
                 msg = "fused_attn: running naive PyTorch attention (O(L*S) memory) because " + "; ".join(
                     f"{n}: {r}" for n, r in reasons.items())
-                if msg not in _said:
-                    _said.add(msg)
-                    warnings.warn(msg, stacklevel=4)
+                _say_once(msg)
             return BACKENDS[name]
         reasons[name] = why
     raise AssertionError("the reference backend refuses nothing")

@@ -139,10 +139,11 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        scale = 1.0 / math.sqrt(E)  # symbolic under torch.compile(dynamic=True): no float() of it
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
 
     causal = CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE
     mask = None
