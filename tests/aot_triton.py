@@ -68,7 +68,7 @@ def compile_one(job):
     precision = "ieee"
     bd = T.block_d(head_dim)
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=bd, BLOCK_DV=bd, CAUSAL=causal,
-                      DOT_FP32=False, PRECISION=precision, **cfg.kwargs)
+                      DOT_FP32=False, PRECISION=precision, ARCH=arch, DTYPE=TYPE[dtype], ALIGNED=True, **cfg.kwargs)
     descriptors = None
     if kind == "fwd":
         constexprs["TMA"] = tma

@@ -175,14 +175,85 @@ def test_tensor_descriptor_forward(device, monkeypatch, case):
 
 
 def test_tensor_descriptor_needs_alignment(monkeypatch):
-    monkeypatch.setattr(T, "INTERPRETER_TMA", True)
+    """TMA on sm_90 and newer (arch None, the interpreter: INTERPRETER_TMA) for aligned fp16/bf16."""
     q, k, v = make_inputs(1, 2, 2, 20, 20, 40, 40, torch.float16)
-    assert T._use_tma((q, k, v))
-    assert not T._use_tma((q[..., 1:33], k, v))  # base not 16-byte aligned
+    for arch in (90, 100, 120):
+        assert T.use_tma((q, k, v), arch)
+    assert not T.use_tma((q, k, v), 80) and not T.use_tma((q, k, v), 89)
+    assert not T.use_tma((q[..., 1:33], k, v), 90)  # base not 16-byte aligned
     odd = torch.randn(1, 2, 20, 44, dtype=torch.float16)[..., :40]  # rows of 88 bytes
-    assert not T._use_tma((odd, k, v))
+    assert not T.use_tma((odd, k, v), 90)
     broadcast = torch.randn(1, 2, 20, 40, dtype=torch.float16).expand(3, 2, 20, 40)  # batch stride 0
-    assert not T._use_tma((broadcast, broadcast, broadcast))
-    assert not T._use_tma(tuple(t.float() for t in (q, k, v)))  # fp32 keeps pointer loads
+    assert not T.use_tma((broadcast, broadcast, broadcast), 90)
+    assert not T.use_tma(tuple(t.float() for t in (q, k, v)), 90)  # fp32 keeps pointer loads
+    monkeypatch.setattr(T, "INTERPRETER_TMA", True)
+    assert T.use_tma((q, k, v), None)
     monkeypatch.setattr(T, "INTERPRETER_TMA", False)
-    assert not T._use_tma((q, k, v))
+    assert not T.use_tma((q, k, v), None)
+
+
+def test_concurrent_threads(device):
+    """Launches from 4 Python threads at once (forward and backward) give the single-thread result:
+    the interpreter, which is not thread-safe, runs one launch at a time."""
+    if not T.INTERPRETED:
+        pytest.skip("the launch lock is for the interpreter")
+    import sys
+    import threading
+    inputs = [make_inputs(1, 2, 2, 40, 50, 32, 32, torch.float16, device) for _ in range(4)]
+
+    def run(q, k, v):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+        return (out, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+
+    want = [run(*x) for x in inputs]
+    got, errors = [None] * 4, []
+    start = threading.Barrier(4)
+
+    def worker(i):
+        try:
+            start.wait()
+            got[i] = run(*inputs[i])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so unserialised launches do overlap
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            assert torch.equal(a, b)
+
+
+def test_grid_spreads_heads_over_two_axes(device, monkeypatch):
+    """CUDA's grid axes 1 and 2 hold at most 65535 programs each, so batch * heads is spread over
+    both (y + z * Y), the last programs repeating the last head. Here the limit is made 4, so 14
+    forward / 7 dK-dV head slices take grids (blocks, 4, 4) and (blocks, 4, 2) with extra programs."""
+    if not T.INTERPRETED:
+        pytest.skip("the limit is patched for the interpreter")
+    monkeypatch.setattr(T, "MAX_GRID_YZ", 4)
+    grids = []
+    monkeypatch.setattr(T, "_grid", (lambda f: lambda *a: (grids.append(f(*a)), grids[-1])[1])(T._grid))
+    q, k, v = make_inputs(7, 2, 1, 40, 33, 16, 16, torch.float16, device)
+    check_backend("triton", q, k, v, CausalMode.LOWER_RIGHT)
+    meta = {"BLOCK_M": 32, "BLOCK_N": 32}
+    assert [g(meta) for g in grids] == [(2, 4, 4), (2, 4, 4), (2, 4, 2), (2, 4, 4)]  # fwd, pre, dkdv, dq
+
+
+def test_grid_limits():
+    """Up to 65535 head slices use one grid row (z = 1); more spread over y and z within 65535."""
+    for heads, length, want in [(1, 1, (1, 1, 1)), (65535, 4096, (64, 65535, 1)), (65536, 64, (1, 32768, 2)),
+                                (3 * 65535 + 1, 100, (2, 49152, 4))]:
+        y, z = want[1], want[2]
+        assert T._grid(length, heads, "BLOCK_M")({"BLOCK_M": 64}) == want
+        assert y * z >= heads > y * z - z and y <= T.MAX_GRID_YZ
+    with pytest.raises(ValueError, match="exceed CUDA's grid"):
+        T._grid(10, 65535 ** 2 + 1, "BLOCK_M")({"BLOCK_M": 16})

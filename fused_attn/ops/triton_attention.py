@@ -20,7 +20,20 @@ Backward: delta = rowsum(dO * O) - dlse (the lse gradient enters here, since
 d lse / d s = P); a dK/dV kernel per key block loops over the query blocks of
 every q head in its group (so GQA sums need no atomics), and a dQ kernel per query
 block loops over key blocks; both recompute P = exp2(s * log2e - lse * log2e).
-Deterministic: no atomics anywhere.
+
+Determinism: no atomics anywhere, so one config gives bitwise-identical results run after run.
+Default (autotuned) mode: the first call with each tuning key times every config the prune keeps
+and the process keeps the fastest, so calls in one process (one tuning cache) are bitwise
+identical; another process may time differently, pick another config and sum in another order
+(results then differ by rounding). With torch.use_deterministic_algorithms(True) nothing is
+timed: each launch runs fixed_config, the first kept config for its (arch, kernel, dtype, head
+dims, length bucket), so results are bitwise identical across processes and runs (same GPU
+model, same Triton).
+
+Grids: (row blocks, Y, Z), batch * heads spread over Y and Z, each within CUDA's 65535.
+Launch decisions (TMA or pointers, descriptors, configs and their prune, tuning key, grid) are
+plain functions of the tensors and the target arch (forward_plan, backward_plan); device_arch
+is the one place that asks the GPU, so tests fake an arch (tests/test_triton_launch.py).
 
 Under the Triton interpreter (CPU tensors, TRITON_INTERPRET=1) bf16 dot operands
 are upcast to fp32 first, because the interpreter's bf16 tl.dot is wrong
@@ -29,8 +42,10 @@ a bf16 tensor-core dot with fp32 accumulation. Compiled kernels never take it.
 """
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Tuple
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -60,11 +75,23 @@ INTERPRETED = not isinstance(_dot, triton.runtime.JITFunction)  # TRITON_INTERPR
 
 
 @triton.jit
-def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
-    """This program's first query row, batch, q head and kv head (grid: query blocks x B * H)."""
-    bh = tl.program_id(1)
+def _program_block(HEADS, BLOCK: tl.constexpr):
+    """(first row, batch * head) of this program. Grid (row blocks, Y, Z): CUDA allows 2**31 - 1
+    programs on axis 0 but 65535 on axes 1 and 2, so the HEADS = batch * head slices spread over
+    both as y + z * Y (see _grid); the last few programs past HEADS - 1 redo head HEADS - 1, which
+    writes the same values. Row blocks vary fastest, so programs running together share one head's
+    K and V (or Q and dO) in L2. The indices are special registers, free to re-read: folding all
+    into axis 0 (a division by the row-block count) kept them live and spilled (compile table)."""
+    bh = tl.minimum(tl.program_id(1) + tl.program_id(2) * tl.num_programs(1), HEADS - 1)
+    return tl.program_id(0) * BLOCK, bh
+
+
+@triton.jit
+def _query_block(H, GROUP, HEADS, BLOCK_M: tl.constexpr):
+    """This program's first query row, batch, q head and kv head."""
+    start_m, bh = _program_block(HEADS, BLOCK_M)
     h = bh % H
-    return tl.program_id(0) * BLOCK_M, (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+    return start_m, (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
 
 
 @triton.jit
@@ -124,11 +151,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                H, GROUP, L, S, causal_offset, qk_scale, L_BUCKET, S_BUCKET,
+                H, GROUP, HEADS, L, S, causal_offset, qk_scale, L_BUCKET, S_BUCKET,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    start_m, b, h, hk = _query_block(H, GROUP, BLOCK_M)
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,10 +198,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 @triton.jit
 def _bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                    H, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                    H, HEADS, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                     HAS_DLSE: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _program_block(HEADS, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -225,12 +252,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     HK, GROUP, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
+                     HK, GROUP, HEADS, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                     ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -313,11 +340,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, GROUP, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
+                   H, GROUP, HEADS, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    start_m, b, h, hk = _query_block(H, GROUP, BLOCK_M)
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                   ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -350,8 +378,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # ---------------------------------------------------------------------------------------------
 
 def _tma_block_shapes(nargs):
-    """Autotune pre-hook: give the forward's tensor descriptors the config's tile shapes."""
-    if isinstance(nargs["Q"], TensorDescriptor):
+    """Config pre-hook: give the forward's tensor descriptors the config's tile shapes."""
+    if isinstance(nargs.get("Q"), TensorDescriptor):
         bm, bn, bd, bdv = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"], nargs["BLOCK_DV"]
         for name, rows, cols in (("Q", bm, bd), ("K", bn, bd), ("V", bn, bdv), ("O", bm, bdv)):
             nargs[name].block_shape = [1, 1, rows, cols]
@@ -364,6 +392,7 @@ def _cfg(bm, bn, warps, stages):
 
 # Configs by element size: 2 = fp16/bf16 on tensor cores, 4 = fp32 (IEEE fp32 dots run on FMA
 # units and want small tiles). Each list was checked in the compile table (tests/aot_triton.py).
+# Order matters: deterministic mode runs the first config the prune keeps (see fixed_config).
 FWD_CONFIGS = {
     2: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3),
         _cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2)],
@@ -379,15 +408,33 @@ BWD_DQ_CONFIGS = {
     4: [_cfg(32, 16, 8, 2), _cfg(16, 16, 4, 2)],
 }
 CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
+# The backward's preprocess (delta = rowsum(dO * O) - dlse) is memory-bound and not tuned.
+PREPROCESS_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)
 # The interpreter runs one small config, so small test shapes still cross many blocks.
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 # Whether the interpreter takes the forward's tensor-descriptor (Hopper TMA) path; tests run both.
 INTERPRETER_TMA = False
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Oldest GPU the kernels run on (bf16 tensor cores, cp.async); why_not refuses older ones.
+MIN_ARCH = 80
+# Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
+# MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
+SMEM_LIMIT_DEFAULT = 99 * 1024
 # Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
 REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 100,
                    ("dq", 4): 100}
-WGMMA_MIN_BLOCK_M = 64  # sm_90 forward: one warpgroup's wgmma covers 64 rows
+# Hopper's wgmma and datacenter Blackwell's tcgen05 MMAs cover 64 rows per warpgroup: smaller
+# forward query blocks fall back to mma.sync. Consumer Blackwell (sm_120) has mma.sync only.
+WGMMA_MIN_BLOCK_M = 64
+
+
+def smem_limit(arch: int) -> int:
+    return SMEM_LIMIT.get(arch, SMEM_LIMIT_DEFAULT)
+
+
+def _warpgroup_mma(arch: int) -> bool:
+    return 90 <= arch < 120
 
 
 def block_d(head_dim: int) -> int:
@@ -401,7 +448,7 @@ def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int) 
     if kind == "fwd":  # q tile in registers, k/v tiles streamed; acc and s live in registers
         smem = (bm * d + cfg.num_stages * bn * (d + dv)) * elem
         regs = (bm * dv + bm * bn + bm * d * elem / 4) / threads
-        if arch >= 90 and elem == 2 and bm < WGMMA_MIN_BLOCK_M:
+        if _warpgroup_mma(arch) and elem == 2 and bm < WGMMA_MIN_BLOCK_M:
             return False
     elif kind == "dkdv":  # k, v, dk, dv live in registers; q/do tiles streamed
         smem = cfg.num_stages * bm * (d + dv) * elem + bn * (d + dv) * elem
@@ -409,13 +456,14 @@ def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int) 
     else:  # dq: q, do, dq in registers; k/v tiles streamed
         smem = cfg.num_stages * bn * (d + dv) * elem + bm * (d + dv) * elem
         regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
-    return smem <= SMEM_LIMIT.get(arch, SMEM_LIMIT[86]) and regs <= REGISTER_BUDGET[kind, elem]
+    return smem <= smem_limit(arch) and regs <= REGISTER_BUDGET[kind, elem]
 
 
 def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int,
                   length: Optional[int] = None) -> List[triton.Config]:
     """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype and arch,
-    and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than it."""
+    and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than it.
+    Never empty; kept configs stay in their declared order."""
     configs = CONFIGS[kind][elem_bytes]
     d, dv = block_d(head_dim), block_d(head_dim_v)
     kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch)]
@@ -428,81 +476,107 @@ def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, ar
     return kept
 
 
-def _device_arch() -> int:
-    major, minor = torch.cuda.get_device_capability()
+def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: int, length: int) -> triton.Config:
+    """Deterministic mode's config: the first config, in declared order, that prune_configs keeps for
+    this (kind, arch, dtype, head dims, length bucket). A pure function, so every process picks it."""
+    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length)[0]
+
+
+# Autotune keys. Triton keys its tuning cache on these arguments' values plus the dtype of each
+# argument that has one: tensor descriptors have none, and neither the arch nor the alignment is
+# an argument. So the kernels take ARCH, DTYPE and ALIGNED as constexprs that only the key and the
+# prune read (no extra compiles: the compiled code already depends on all three).
+TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
+                     "PRECISION", "GROUP"] + (["TMA"] if kind == "fwd" else []) for kind in CONFIGS}
+TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
+DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def prune_hook(kind: str):
+    """The autotuner's early_config_prune for ``kind``. It reads only keyword constexprs and the
+    length bucket, never a tensor: on the TMA path Q, K, V and O are TensorDescriptors."""
+    def prune(configs, named_args, **kwargs):
+        return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], ELEM_BYTES[kwargs["DTYPE"]],
+                             kwargs["ARCH"], named_args[TUNED_LENGTH[kind]])
+    return prune
+
+
+KERNELS = {"fwd": _fwd_kernel, "pre": _bwd_preprocess, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+
+
+def _autotuned(kind: str):
+    configs = [c for by_size in CONFIGS[kind].values() for c in by_size]
+    return triton.autotune(configs, key=TUNING_KEY[kind],
+                           prune_configs_by={"early_config_prune": prune_hook(kind)})(KERNELS[kind])
+
+
+# The interpreter has no autotuner: it runs INTERPRETER_BLOCKS.
+AUTOTUNED = {} if INTERPRETED else {kind: _autotuned(kind) for kind in CONFIGS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans: every launch decision, made by plain functions of the tensors and the target arch
+# (the real launch and tests/test_triton_launch.py, which fakes the arch, go through them)
+# ---------------------------------------------------------------------------------------------
+
+MAX_GRID_X = 2 ** 31 - 1  # CUDA's grid limits: axis 0, and axes 1 and 2
+MAX_GRID_YZ = 65535
+
+
+def device_arch(device: torch.device) -> Optional[int]:
+    """Compute capability 10 * major + minor of a CUDA device (80 = A100, 90 = H100); None off CUDA
+    (the interpreter). The one place that asks the real device what it is."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 
-def _autotuned(kind: str, kernel):
-    def prune(configs, named_args, **kwargs):
-        elem = named_args["Q"].element_size()
-        length = named_args["S_BUCKET" if kind == "dkdv" else "L_BUCKET"]
-        return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], elem, _device_arch(), length)
-    key = ["L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "PRECISION", "GROUP"]
-    key += ["TMA"] if kind == "fwd" else []
-    configs = [c for by_size in CONFIGS[kind].values() for c in by_size]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+@dataclass
+class Launch:
+    """One kernel launch, fully decided. ``config`` None: the autotuner picks among the configs
+    that prune_hook keeps; otherwise exactly this config runs (deterministic mode, the interpreter,
+    the untuned preprocess)."""
+    kind: str  # "fwd", "pre", "dkdv", "dq": a key of KERNELS
+    args: tuple  # positional arguments: tensors or descriptors, strides, sizes, scalars
+    meta: dict  # constexpr keyword arguments, all but the config's block sizes
+    grid: Callable[[dict], Tuple[int]]  # of the kernel's arguments and the config's block sizes
+    config: Optional[triton.Config]
+
+    def named_args(self) -> dict:
+        return dict(zip(KERNELS[self.kind].arg_names, self.args))
 
 
-if INTERPRETED:
-    _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
-else:
-    _fwd = _autotuned("fwd", _fwd_kernel)
-    _dkdv = _autotuned("dkdv", _bwd_dkdv_kernel)
-    _dq = _autotuned("dq", _bwd_dq_kernel)
+def _grid(length: int, heads: int, block: str) -> Callable[[dict], Tuple[int, int, int]]:
+    """(row blocks, Y, Z): cdiv(length, meta[block]) row blocks on axis 0, and the ``heads`` (batch *
+    head) slices as y + z * Y with Y, Z <= 65535 (Z = 1 up to 65535 heads; past that fewer than Z
+    extra programs repeat the last head, see _program_block)."""
+    z = triton.cdiv(heads, MAX_GRID_YZ)
+    y = triton.cdiv(heads, z)
+
+    def grid(meta):
+        blocks = triton.cdiv(length, meta[block])
+        if blocks > MAX_GRID_X or z > MAX_GRID_YZ:
+            raise ValueError(f"fused_attn triton: {blocks} blocks of {meta[block]} rows x {heads} batch*heads "
+                             f"exceed CUDA's grid ({MAX_GRID_X} x {MAX_GRID_YZ} x {MAX_GRID_YZ})")
+        return (blocks, y, z)
+    return grid
 
 
-# ---------------------------------------------------------------------------------------------
-# Launchers: own every grid, stride and block-size decision
-# ---------------------------------------------------------------------------------------------
-
-def _modes(dtype: torch.dtype):
-    """(DOT_FP32, PRECISION) constexprs for this dtype."""
-    dot_fp32 = INTERPRETED and dtype == torch.bfloat16
-    precision = "tf32" if dtype == torch.float32 and allow_tf32() else "ieee"
-    return dot_fp32, precision
+def _aligned(t: Tensor) -> bool:
+    """A 16-byte aligned base and 16-byte multiple strides for the dims longer than 1 (the last is
+    unit): TMA's requirement, and what lets every row load be 16-byte vectors."""
+    return t.data_ptr() % 16 == 0 and (t.stride(-1) == 1 or t.shape[-1] == 1) and all(
+        n == 1 or (st > 0 and st * t.element_size() % 16 == 0) for n, st in zip(t.shape[:-1], t.stride()[:-1]))
 
 
-def _blocks() -> dict:
-    return dict(INTERPRETER_BLOCKS) if INTERPRETED else {}
-
-
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(n)
-
-
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    B, H, L, E = q.shape
-    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    out = new_output((B, H, L, EV), q.dtype, q.device)
-    lse = new_output((B, H, L), torch.float32, q.device)
-    dot_fp32, precision = _modes(q.dtype)
-    mode = CausalMode(causal)
-    tensors = (q, k, v, out)
-    tma = _use_tma(tensors)
-    if tma:
-        tensors = tuple(_descriptor(t) for t in tensors)
-        if INTERPRETED:  # no autotuner, so no pre-hook: set the tile shapes here
-            _tma_block_shapes({**dict(zip("QKVO", tensors)), **INTERPRETER_BLOCKS,
-                               "BLOCK_D": block_d(E), "BLOCK_DV": block_d(EV)})
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
-    _fwd[grid](*tensors, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-               H, H // HK, L, S, mode.offset(L, S), scale * LOG2E, _bucket(L), _bucket(S),
-               HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
-               CAUSAL=mode is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision, TMA=tma, **_blocks())
-    return out, lse
-
-
-def _use_tma(tensors) -> bool:
-    """Tensor descriptors (TMA loads and stores) on Hopper for fp16/bf16 (fp32's FMA-unit tiles spill
-    with them), when every tensor meets TMA's alignment: a 16-byte aligned base and 16-byte
-    multiples for the strides of dims longer than 1."""
-    wanted = INTERPRETER_TMA if INTERPRETED else (tensors[0].is_cuda and _device_arch() >= 90)
-    return wanted and tensors[0].element_size() == 2 and all(
-        t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-        and all(n == 1 or (st > 0 and st * t.element_size() % 16 == 0) for n, st in zip(t.shape[:-1], t.stride()[:-1]))
-        for t in tensors)
+def use_tma(tensors, arch: Optional[int]) -> bool:
+    """Tensor descriptors (TMA loads and stores) on sm_90 and newer (arch None, the interpreter:
+    INTERPRETER_TMA) for fp16/bf16 (fp32's FMA-unit tiles spill with them), when every tensor is
+    _aligned."""
+    wanted = INTERPRETER_TMA if arch is None else arch >= 90
+    return wanted and tensors[0].element_size() == 2 and all(_aligned(t) and t.stride(-1) == 1 for t in tensors)
 
 
 def _descriptor(t: Tensor) -> TensorDescriptor:
@@ -513,32 +587,120 @@ def _descriptor(t: Tensor) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, 16, block_d(t.shape[-1])])
 
 
+def _modes(dtype: torch.dtype):
+    """(DOT_FP32, PRECISION) constexprs for this dtype."""
+    dot_fp32 = INTERPRETED and dtype == torch.bfloat16
+    precision = "tf32" if dtype == torch.float32 and allow_tf32() else "ieee"
+    return dot_fp32, precision
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def _config(kind: str, meta: dict, arch: Optional[int], length: int, deterministic: bool) -> Optional[triton.Config]:
+    if INTERPRETED:
+        return triton.Config(dict(INTERPRETER_BLOCKS), pre_hook=_tma_block_shapes)
+    if deterministic:
+        return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length)
+    return None
+
+
+def _common_meta(q: Tensor, v: Tensor, causal: int, arch: Optional[int], strided) -> dict:
+    E, EV = q.shape[3], v.shape[3]
+    dot_fp32, precision = _modes(q.dtype)
+    return dict(HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
+                CAUSAL=CausalMode(causal) is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision,
+                ARCH=arch or 0, DTYPE=DTYPE_NAME[q.dtype], ALIGNED=all(_aligned(t) for t in strided))
+
+
+def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: int, scale: float,
+                 arch: Optional[int], deterministic: bool = False) -> Launch:
+    """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
+    (None: the interpreter)."""
+    B, H, L, _ = q.shape
+    HK, S = k.shape[1], k.shape[2]
+    mode = CausalMode(causal)
+    tensors = (q, k, v, out)
+    meta = _common_meta(q, v, causal, arch, tensors)
+    meta["TMA"] = use_tma(tensors, arch)
+    if meta["TMA"]:
+        tensors = tuple(_descriptor(t) for t in tensors)
+    args = (*tensors, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            H, H // HK, B * H, L, S, mode.offset(L, S), scale * LOG2E, _bucket(L), _bucket(S))
+    return Launch("fwd", args, meta, _grid(L, B * H, "BLOCK_M"), _config("fwd", meta, arch, _bucket(L), deterministic))
+
+
+def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, causal: int, scale: float, arch: Optional[int],
+                  deterministic: bool = False) -> List[Launch]:
+    """The backward's three launches, in order: preprocess (delta), dK/dV, dQ."""
+    B, H, L, _ = q.shape
+    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    mode = CausalMode(causal)
+    pre_config = triton.Config({"BLOCK_M": 32}) if INTERPRETED else PREPROCESS_CONFIG
+    pre = Launch("pre", (out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3], *dout.stride()[:3],
+                         H, B * H, L),
+                 dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None),
+                 _grid(L, B * H, "BLOCK_M"), pre_config)
+    meta = _common_meta(q, v, causal, arch, (q, k, v, dout, dq, dk, dv))
+    offset, qk_scale = mode.offset(L, S), scale * LOG2E
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
+                           HK, H // HK, B * HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S)),
+                  meta, _grid(S, B * HK, "BLOCK_N"), _config("dkdv", meta, arch, _bucket(S), deterministic))
+    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3],
+                              H, H // HK, B * H, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S)),
+                       meta, _grid(L, B * H, "BLOCK_M"), _config("dq", meta, arch, _bucket(L), deterministic))
+    return [pre, dkdv, dq_launch]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+# The interpreter patches triton.language module-wide while a kernel runs, so launches from
+# concurrent Python threads break each other ("Did you forget to add @triton.jit?"): one at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _run(launch: Launch, device: torch.device) -> None:
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard, _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
+        if launch.config is None:
+            AUTOTUNED[launch.kind][launch.grid](*launch.args, **launch.meta)
+            return
+        cfg = launch.config
+        if cfg.pre_hook is not None:
+            cfg.pre_hook({**launch.named_args(), **launch.meta, **cfg.kwargs})
+        KERNELS[launch.kind][launch.grid](*launch.args, **launch.meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, H, L, _ = q.shape
+    out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
+    lse = new_output((B, H, L), torch.float32, q.device)
+    launch = forward_plan(q, k, v, out, lse, causal, scale, device_arch(q.device),
+                          torch.are_deterministic_algorithms_enabled())
+    _run(launch, q.device)
+    return out, lse
+
+
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
-    B, H, L, E = q.shape
-    HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    lse = lse.contiguous()
+    B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)
-    pre_block = 64 if not INTERPRETED else 32
-    _bwd_preprocess[(triton.cdiv(L, pre_block), B * H)](
-        out, dout, dlse.contiguous() if dlse is not None else lse, delta, *out.stride()[:3], *dout.stride()[:3],
-        H, L, HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), BLOCK_M=pre_block, HAS_DLSE=dlse is not None)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    dot_fp32, precision = _modes(q.dtype)
-    mode = CausalMode(causal)
-    common = dict(HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
-                  CAUSAL=mode is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision, **_blocks())
-    offset, qk_scale = mode.offset(L, S), scale * LOG2E
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    _dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * HK)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
-        HK, H // HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S), **common)
-    _dq[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3],
-        H, H // HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S), **common)
+    launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
+                             delta, dq, dk, dv, causal, scale, device_arch(q.device),
+                             torch.are_deterministic_algorithms_enabled())
+    for launch in launches:
+        _run(launch, q.device)
     return dq, dk, dv
 
 
@@ -570,6 +732,9 @@ def why_not(p, explicit: bool) -> Optional[str]:
     if p.device.type == "cuda":
         if INTERPRETED:
             return "TRITON_INTERPRET=1 is set, so the kernels can only run on CPU tensors"
+        arch = device_arch(p.device)
+        if arch < MIN_ARCH:
+            return f"compute capability {arch // 10}.{arch % 10} is older than {MIN_ARCH // 10}.{MIN_ARCH % 10} (Ampere)"
         return None
     if p.device.type != "cpu":
         return f"tensors on {p.device.type} are not supported (cuda, or cpu under the Triton interpreter)"
