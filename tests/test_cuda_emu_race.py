@@ -157,3 +157,249 @@ def test_cp_async_data_read_by_another_thread_after_wait_without_barrier_fails(e
         race_message(e))
     out = emu.run_cp_async_visibility(src, 0)  # issue; wait; barrier; read: clean
     assert torch.equal(out, src.view(32, 16).roll(1, dims=0))
+
+
+# ---- part 2: the real kernels with a barrier moved or deleted --------------------------------
+# Each mutant is a copy of one kernel function from csrc/cuda with a textual edit, compiled into
+# namespace fa::mutant::<name> of one extra emulator module (csrc/emu/mutants_module.cpp, built
+# by fused_attn/_emu.build into its own build directory; the edited copies are generated there).
+# An edit that no longer matches the kernel source fails loudly: update it with the kernel.
+# The "control" mutants are unedited copies: they must run clean and match the production kernel
+# bit for bit, so a failing mutant fails because of its edit, not because of the copying.
+
+CUDA = _emu.CSRC / "cuda"
+FWD_H, BWD_H = CUDA / "flash_fwd_kernel.cuh", CUDA / "flash_bwd_kernel.cuh"
+
+
+def _code(line: str) -> str:
+    return line.split("//")[0].strip()
+
+
+def kernel_function(path, name: str) -> list:
+    """The lines of the kernel template `name` in `path`: from its `template <class Kt>` line to
+    the closing brace of its body (braces counted outside // comments)."""
+    lines = path.read_text().split("\n")
+    head = [i for i, l in enumerate(lines)
+            if re.search(rf"\b{name}\(", _code(l)) and "__global__" in lines[i] + lines[i - 1]]
+    assert len(head) == 1, f"{name} declared {len(head)} times in {path}"
+    start = max(i for i in range(head[0]) if _code(lines[i]) == "template <class Kt>")
+    depth, opened = 0, False
+    for i in range(head[0], len(lines)):
+        depth += _code(lines[i]).count("{") - _code(lines[i]).count("}")
+        opened = opened or "{" in _code(lines[i])
+        if opened and depth == 0:
+            return lines[start:i + 1]
+    raise AssertionError(f"no end of {name} in {path}")
+
+
+def find(lines, code: str, after: str = None) -> int:
+    """Index of the line whose code is `code`: the only one, or the first after the only line
+    whose code contains `after`."""
+    lo = 0
+    if after is not None:
+        anchors = [i for i, l in enumerate(lines) if after in _code(l)]
+        assert len(anchors) == 1, f"anchor {after!r} found {len(anchors)} times: the kernel changed, update the mutation"
+        lo = anchors[0] + 1
+    hits = [i for i in range(lo, len(lines)) if _code(lines[i]) == code]
+    assert hits and (after is not None or len(hits) == 1), (
+        f"{code!r} found {len(hits)} times: the kernel changed, update the mutation")
+    return hits[0]
+
+
+def delete(code, after=None):
+    def edit(lines):
+        i = find(lines, code, after)
+        return lines[:i] + lines[i + 1:]
+    return edit
+
+
+def move_above(first: str, last: str, target: str, after=None):
+    """Moves the lines from the line `first` through the next line `last` to just above the line
+    `target` (the first after `after`)."""
+    def edit(lines):
+        i = find(lines, first)
+        n = find(lines[i:], last, after=first) + 1
+        block = lines[i:i + n]
+        rest = lines[:i] + lines[i + n:]
+        j = find(rest, target, after)
+        return rest[:j] + block + rest[j:]
+    return edit
+
+
+def replace(old: str, new: str):
+    def edit(lines):
+        text = "\n".join(lines)
+        assert text.count(old) == 1, f"{old!r} found {text.count(old)} times: the kernel changed, update the mutation"
+        return text.replace(old, new).split("\n")
+    return edit
+
+
+def keep(lines):
+    return lines
+
+
+# name: (kind, header, kernel, edit)
+MUTANTS = {
+    "fwd_control": ("fwd", FWD_H, "flash_fwd_kernel", keep),
+    "fwd_no_loop_barrier": ("fwd", FWD_H, "flash_fwd_kernel", delete("__syncthreads();")),
+    "fwd_prefetch_above_barrier": ("fwd", FWD_H, "flash_fwd_kernel",
+                                   move_above("if (j + kStages - 1 < n_blocks) load_kv(j + kStages - 1);",
+                                              "cp_async_commit();", "__syncthreads();")),
+    "dkdv_control": ("dkdv", BWD_H, "flash_bwd_dkdv_kernel", keep),
+    "dkdv_no_phase_barrier": ("dkdv", BWD_H, "flash_bwd_dkdv_kernel",
+                              delete("__syncthreads();", after="smem_store(reinterpret_cast<uint32_t*>(sdS + off)")),
+    "dkdv_prefetch_above_barrier": ("dkdv", BWD_H, "flash_bwd_dkdv_kernel",
+                                    move_above("if (kStages == 2) {", "}", "__syncthreads();",
+                                               after="for (int it = 0; it < n_iters; ++it)")),
+    "dkdv_delta_store_out_of_bounds": ("dkdv", BWD_H, "flash_bwd_dkdv_kernel",
+                                       replace("smem_store(sDelta + st * kM + i,", "smem_store(sDelta + (st + kStages) * kM + i,")),
+    "dq_control": ("dq", BWD_H, "flash_bwd_dq_kernel", keep),
+    "dq_no_loop_barrier": ("dq", BWD_H, "flash_bwd_dq_kernel", delete("__syncthreads();")),
+    "dq_prefetch_above_barrier": ("dq", BWD_H, "flash_bwd_dq_kernel",
+                                  move_above("if (kStages == 2) {", "}", "__syncthreads();",
+                                             after="for (int j = 0; j < n_blocks; ++j)")),
+}
+
+
+def mutants_source() -> str:
+    out = ["// Generated by tests/test_cuda_emu_race.py from csrc/cuda/flash_{fwd,bwd}_kernel.cuh: one",
+           "// kernel per namespace, edited as the test's MUTANTS table says. Do not edit.",
+           "#pragma once", '#include "cuda/flash_bwd_kernel.cuh"', ""]
+    for name, (kind, header, kernel, edit) in MUTANTS.items():
+        original = kernel_function(header, kernel)
+        mutated = edit(original)
+        assert (mutated == original) == (edit is keep), f"the edit of {name} changed nothing"
+        out += [f"namespace fa::mutant::{name} {{", *mutated, f"}}  // namespace fa::mutant::{name}", ""]
+    out.append("#define FA_MUTANTS(X) " + " ".join(f"X({kind}, {name})" for name, (kind, *_) in MUTANTS.items()))
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module")
+def mutants():
+    src_dir = _emu.build_dir("fused_attn_emu_mutants") / "generated"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    inc = src_dir / "emu_mutants.inc"
+    text = mutants_source()
+    if not inc.is_file() or inc.read_text() != text:  # unchanged: ninja keeps the build
+        inc.write_text(text)
+    m = _emu.build("fused_attn_emu_mutants", [_emu.CSRC / "emu" / "runtime.cpp", _emu.CSRC / "emu" / "mutants_module.cpp"],
+                   include_dirs=[src_dir])
+    assert sorted(n for _, n in m.mutants()) == sorted(MUTANTS)
+    return m
+
+
+def _inputs(B, H, L, S, E=64):
+    return (torch.randn(B, H, L, E, dtype=torch.float16), torch.randn(B, H, S, E, dtype=torch.float16),
+            torch.randn(B, H, S, E, dtype=torch.float16))
+
+
+def run_fwd(module, q, k, v, *args):
+    """out, lse of `module.flash_fwd(*args, q, k, v, out, lse, causal=0, scale)`, outputs NaN-poisoned."""
+    B, H, L, E = q.shape
+    out = torch.full((B, H, L, v.shape[-1]), float("nan"), dtype=q.dtype)
+    lse = torch.full((B, H, L), float("nan"))
+    module.flash_fwd(*args, q, k, v, out, lse, 0, E ** -0.5)
+    return out, lse
+
+
+def run_bwd(module, q, k, v, out, lse, dout, *args):
+    """dq, dk, dv of `module.flash_bwd(*args, dout, q, k, v, out, lse, ...)`, outputs NaN-poisoned."""
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    delta = torch.full(lse.shape, float("nan"))
+    if args:
+        module.flash_bwd(*args, dout, q, k, v, out, lse, dq, dk, dv, delta, 0, q.shape[-1] ** -0.5)
+    else:
+        module.flash_bwd(dout, None, q, k, v, out, lse, dq, dk, dv, delta, 0, q.shape[-1] ** -0.5)
+    return dq, dk, dv
+
+
+# Shared-memory layout of the hdim-64 fp16 instantiations (bytes; rows of 64 + 8 halves = 144 bytes,
+# csrc/cuda/flash_{fwd,bwd}_traits.h): where each mutant's race must be.
+ROW = (64 + 8) * 2
+FWD_K_STAGE0 = range(128 * ROW, 128 * ROW + 64 * ROW)                 # after Q (128 rows)
+FWD_Q_K = range(0, 128 * ROW + 2 * 64 * ROW)                          # Q and both K stages
+DKDV_P_DS = range(2 * 64 * ROW, 4 * 64 * ROW)                         # after K, V (64 rows each)
+DKDV_Q_STAGE0 = range(4 * 64 * ROW, 5 * 64 * ROW)                     # after K, V, P^T, dS^T
+DKDV_SMEM = 4 * 64 * ROW + 2 * (2 * 64 * ROW + 2 * 64 * 4)            # ... + 2 stages of Q, dO, lse, delta
+DQ_K_STAGE0 = range(2 * 128 * ROW, 2 * 128 * ROW + 64 * ROW)          # after Q, dO (128 rows each)
+DQ_Q_DO_K = range(0, 2 * 128 * ROW + 2 * 64 * ROW)
+
+KERNEL = {"fwd": "flash_fwd_kernel", "dkdv": "flash_bwd_dkdv_kernel", "dq": "flash_bwd_dq_kernel"}
+RACE = re.compile(r"^fused_attn emulator: kernel '(?P<kernel>[^']+)' block \(\d+,\d+,\d+\): shared-memory race "
+                  r"\((?P<hazard>[a-z.\- ]+)\) at shared byte offset (?P<offset>\d+): thread \((?P<t1>\d+),0,0\) \(warp \d+ "
+                  r"lane \d+\) (?P<verb1>reads|writes) it \((?P<op1>[a-z. ]+)\) after thread \((?P<t2>\d+),0,0\) \(warp \d+ "
+                  r"lane \d+\) (and other threads )?(?P<verb2>read|wrote) it \((?P<op2>[a-z. ]+)\) with no __syncthreads\(\) in "
+                  r"between")
+
+
+@pytest.fixture(scope="module")
+def problem(emu):
+    """Inputs that take every kernel through at least three tiles of its main loop (so that a stage
+    is refilled after it was read), with the production kernels' outputs."""
+    torch.manual_seed(1)
+    q, k, v = _inputs(1, 2, 203, 203)
+    out, lse = run_fwd(emu, q, k, v)
+    dout = torch.randn_like(out)
+    return q, k, v, out, lse, dout, run_bwd(emu, q, k, v, out, lse, dout)
+
+
+def run_mutant(mutants, problem, name):
+    q, k, v, out, lse, dout, _ = problem
+    if MUTANTS[name][0] == "fwd":
+        return run_fwd(mutants, q, k, v, name)
+    return run_bwd(mutants, q, k, v, out, lse, dout, name)
+
+
+# name, hazard, (reader or writer now, its op), (the other thread, its op), where
+MUTANT_RACES = [
+    ("fwd_no_loop_barrier", "read-after-write", ("reads", "ldmatrix"), ("wrote", "cp.async"), FWD_Q_K),
+    ("fwd_prefetch_above_barrier", "write-after-read", ("writes", "cp.async"), ("read", "ldmatrix"), FWD_K_STAGE0),
+    ("dkdv_no_phase_barrier", "read-after-write", ("reads", "ldmatrix"), ("wrote", "shared store"), DKDV_P_DS),
+    ("dkdv_prefetch_above_barrier", "write-after-read", ("writes", "cp.async"), ("read", "ldmatrix"), DKDV_Q_STAGE0),
+    ("dq_no_loop_barrier", "read-after-write", ("reads", "ldmatrix"), ("wrote", "cp.async"), DQ_Q_DO_K),
+    ("dq_prefetch_above_barrier", "write-after-read", ("writes", "cp.async"), ("read", "ldmatrix"), DQ_K_STAGE0),
+]
+
+
+@pytest.mark.parametrize("name,hazard,now,before,where", MUTANT_RACES, ids=[m[0] for m in MUTANT_RACES])
+def test_moved_or_deleted_barrier_is_a_race(mutants, problem, name, hazard, now, before, where):
+    with pytest.raises(RuntimeError) as e:
+        run_mutant(mutants, problem, name)
+    msg = str(e.value)
+    m = RACE.match(msg)
+    assert m, msg
+    assert m["kernel"] == f"{KERNEL[MUTANTS[name][0]]}<hdim 64, fp16> [mutant {name}]", msg
+    assert m["hazard"] == hazard, msg
+    assert int(m["offset"]) in where, msg
+    assert (m["verb1"], m["op1"]) == now and (m["verb2"], m["op2"]) == before, msg
+    assert m["t1"] != m["t2"], msg
+
+
+def test_out_of_bounds_shared_store_in_a_kernel_fails(mutants, problem):
+    # The dK/dV kernel's delta store shifted by one stage: thread 0 stores one float past the end.
+    with pytest.raises(RuntimeError) as e:
+        run_mutant(mutants, problem, "dkdv_delta_store_out_of_bounds")
+    assert re.match(r"fused_attn emulator: kernel 'flash_bwd_dkdv_kernel<hdim 64, fp16> \[mutant "
+                    r"dkdv_delta_store_out_of_bounds\]' block \(\d+,\d+,\d+\) thread \(0,0,0\): out-of-bounds shared "
+                    rf"store of 4 bytes at shared byte offset {DKDV_SMEM} \(the block has {DKDV_SMEM} bytes of dynamic "
+                    r"shared memory\)$", str(e.value)), str(e.value)
+
+
+def test_unedited_copies_run_clean_and_match_the_kernels(mutants, problem):
+    """The copying machinery itself changes nothing: the control mutants give the production
+    kernels' results bit for bit (and run only their own kernel: the other gradients stay NaN)."""
+    out, lse = problem[3], problem[4]
+    dq, dk, dv = problem[6]
+    got_out, got_lse = run_mutant(mutants, problem, "fwd_control")
+    assert torch.equal(got_out, out) and torch.equal(got_lse, lse)
+    gq, gk, gv = run_mutant(mutants, problem, "dkdv_control")
+    assert torch.equal(gk, dk) and torch.equal(gv, dv) and gq.isnan().all()
+    gq, gk, gv = run_mutant(mutants, problem, "dq_control")
+    assert torch.equal(gq, dq) and gk.isnan().all() and gv.isnan().all()
+    assert not (out.isnan().any() or dq.isnan().any() or dk.isnan().any() or dv.isnan().any())
+
+
+def test_every_mutant_is_tested():
+    tested = {m[0] for m in MUTANT_RACES} | {"dkdv_delta_store_out_of_bounds", "fwd_control", "dkdv_control",
+                                             "dq_control"}
+    assert tested == set(MUTANTS)
