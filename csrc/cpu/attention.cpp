@@ -157,6 +157,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fused_attn::cpu::backward, "attention backward into (dq, dk, dv)");
   m.def("set_portable_only", [](bool on) { fused_attn::cpu::portable_only() = on; },
         "tests: run the portable fallbacks instead of the AVX-512 softmax and oneDNN brgemm");
+  m.def("set_blas_ld_limit", [](int64_t limit) { fused_attn::cpu::blas_ld_limit() = limit; },
+        "tests: the largest leading dim passed to BLAS as is (default 2^31 - 1); larger ones are copied");
   m.def("has_avx512", &fused_attn::cpu::avx512_enabled, "whether the AVX-512 paths run (CPU has it, not portable-only)");
   m.def("_test_gemm_f32", &fused_attn::cpu::test_gemm_f32, "tests: c = alpha op(a) b (+ rs * c) on the micro-kernel");
   m.def("_test_transpose_f32", &fused_attn::cpu::test_transpose_f32, "tests: dst = src^T, AVX-512 blocks");

@@ -3,6 +3,9 @@
 //
 // 1. delta = rowsum(dO * O) - dlse per query row (the lse gradient enters here:
 //    d lse / d s = P, so dS = P * (dP - delta) covers both outputs' gradients).
+//    Rows with |lse| past LSE2_RECOMPUTE_ABOVE (config.h) get their exp2 max and row sum
+//    recomputed from the same score GEMMs as step 2 (recompute_row_stats), so that P
+//    does not inherit the stored lse's rounding.
 // 2. One task per (batch, kv head, chunk of key blocks), taken by threads from a shared
 //    counter. For each key block of BWD_TILE.block_k keys it accumulates dK, dV in fp32 (fp64) over the query
 //    blocks of every q head in the group (GQA sums in a fixed order, no atomics):
@@ -26,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "config.h"
@@ -39,8 +43,9 @@ namespace fused_attn::cpu {
 #ifdef FA_CPU_HAVE_AVX512_PATH
 // fp32 on AVX-512, the elementwise steps in the GEMMs' epilogues (tiles row-major, ld;
 // c0 = the panel's first column):
-// P = exp2(sc s - lse2[r] - lse2_lo[r]), 0 past nvalid[r], from the score tile Q K^T in
-// registers.
+// P = exp2((sc s - lse2[r]) - lse2_lo[r]), 0 past nvalid[r], from the score tile Q K^T in
+// registers; sc s rounded once and never contracted with the subtraction (the same
+// product StoreEpilogue makes, which recompute_row_stats relies on).
 struct ProbsEpilogue {
   float* p;
   int64_t ld, c0;
@@ -57,7 +62,8 @@ struct ProbsEpilogue {
       const __m512 hi = _mm512_set1_ps(lse2[row]), lo = _mm512_set1_ps(lse2_lo[row]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        const __m512 x = _mm512_sub_ps(_mm512_fmsub_ps(c[r][v], vsc, hi), lo);
+        const __m512 y = _mm512_mul_round_ps(c[r][v], vsc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 x = _mm512_sub_ps(_mm512_sub_ps(y, hi), lo);
         const __m512 e = exp2_avx512(x, lane_mask(nv - 16 * v), EXP2_01_D6);
         _mm512_mask_storeu_ps(p + row * ld + c0 + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), e);
       }
@@ -86,6 +92,76 @@ struct DScoresEpilogue {
   }
 };
 #endif
+
+// Step 1b of attention_backward: for the rows marked in `exact` (B * Hq * L), lse2 = the
+// row's max of y = sc Q K^T (the scaled scores exactly as step 2's GEMMs make them, on the
+// same blocks) and lse2_lo = log2 of the row's sum of exp2(y - max). Step 2's
+// P = exp2((y - lse2) - lse2_lo) is then 1 / l at the max however large the scores.
+template <typename scalar_t, typename acc_t>
+void recompute_row_stats(const AttnParams& p, bool use_micro, int64_t BQ, int64_t BK, const uint8_t* exact,
+                         acc_t* lse2, acc_t* lse2_lo) {
+  constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  const int64_t n_kblocks = (p.S + BK - 1) / BK, group = p.Hq / p.Hk;
+  const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({BQ * BK + (use_micro ? BK * p.E : 0)}, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor stats = at::empty({2 * p.L}, at::TensorOptions().dtype(at::kDouble));
+    acc_t* s = scratch.data_ptr<acc_t>();
+    acc_t* k_t = s + BQ * BK;
+    double* m_row = stats.data_ptr<double>();
+    double* l_row = m_row + p.L;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const uint8_t* ex = exact + bh * p.L;
+      if (std::find(ex, ex + p.L, uint8_t(1)) == ex + p.L) continue;
+      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / group;
+      std::fill(m_row, m_row + p.L, double(NEG_INF));
+      std::fill(l_row, l_row + p.L, 0.0);
+      for (int64_t kb = 0; kb < n_kblocks; ++kb) {
+        const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
+        const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
+        bool transposed = false;
+        // The query blocks of step 2 for this key block, the same GEMM calls.
+        for (int64_t i0 = p.causal ? std::max<int64_t>(0, j0 - p.offset) : 0; i0 < p.L; i0 += BQ) {
+          const int64_t rows = std::min(BQ, p.L - i0);
+          if (std::find(ex + i0, ex + i0 + rows, uint8_t(1)) == ex + i0 + rows) continue;
+          const int64_t kc = p.causal ? std::min(cols, i0 + rows + p.offset - j0) : cols;
+          const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
+#ifdef FA_CPU_HAVE_AVX512_PATH
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (use_micro) {
+              if (!transposed) transpose_f32_avx512(cols, p.E, k_blk, p.k_sl, k_t, BK);
+              transposed = true;
+              gemm_f32_avx512<false>(rows, kc, p.E, score_scale, q_blk, p.q_sl, k_t, BK, s, BK, false);
+            }
+          }
+#endif
+          if (!use_micro) gemm(false, true, rows, kc, p.E, score_scale, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (!ex[i0 + r]) continue;
+            const acc_t* y = s + r * BK;
+            const int64_t nv = visible_keys(p, i0 + r, j0, kc);
+            acc_t mx = NEG_INF;
+            for (int64_t c = 0; c < nv; ++c) mx = y[c] > mx ? y[c] : mx;
+            const double m_old = m_row[i0 + r], m_new = std::max<double>(m_old, mx);
+            if (m_new == double(NEG_INF)) continue;
+            double sum = 0;
+            for (int64_t c = 0; c < nv; ++c) sum += std::exp2(double(y[c]) - m_new);
+            l_row[i0 + r] = (m_old == m_new ? l_row[i0 + r] : l_row[i0 + r] * std::exp2(m_old - m_new)) + sum;
+            m_row[i0 + r] = m_new;
+          }
+        }
+      }
+      for (int64_t i = 0; i < p.L; ++i) {
+        if (!ex[i]) continue;
+        lse2[bh * p.L + i] = static_cast<acc_t>(m_row[i]);
+        lse2_lo[bh * p.L + i] = static_cast<acc_t>(std::log2(l_row[i]));
+      }
+    }
+  });
+}
 
 template <typename scalar_t, typename acc_t>
 void attention_backward(AttnParams p) {
@@ -119,6 +195,8 @@ void attention_backward(AttnParams p) {
   acc_t* delta = rowstats.data_ptr<acc_t>();
   acc_t* lse2 = delta + p.B * p.Hq * p.L;
   acc_t* lse2_lo = lse2 + p.B * p.Hq * p.L;
+  at::Tensor exact_t = at::empty({p.B * p.Hq * p.L}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* exact = exact_t.data_ptr<uint8_t>();
   at::parallel_for(0, p.B * p.Hq * p.L, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / p.L, i = row % p.L, b = bh / p.Hq, h = bh % p.Hq;
@@ -130,8 +208,11 @@ void attention_backward(AttnParams p) {
       const double t = static_cast<double>(lse[row]) * LOG2E;
       lse2[row] = static_cast<acc_t>(t);
       lse2_lo[row] = std::isinf(t) ? acc_t(0) : static_cast<acc_t>(t - static_cast<double>(lse2[row]));
+      exact[row] = std::isfinite(t) && std::abs(t) > LSE2_RECOMPUTE_ABOVE;
     }
   });
+  if (std::find(exact, exact + p.B * p.Hq * p.L, uint8_t(1)) != exact + p.B * p.Hq * p.L)
+    recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, lse2, lse2_lo);
 
   // 2. dK, dV per key block; dQ per chunk.
   at::Tensor dq_acc_t = at::zeros({n_chunks, p.B * p.Hq * p.L * p.E}, at::TensorOptions().dtype(acc_dtype));
@@ -189,7 +270,7 @@ void attention_backward(AttnParams p) {
             const acc_t* lse2_lo_blk = lse2_lo + bh * p.L + i0;
             const acc_t* delta_blk = delta + bh * p.L + i0;
             for (int64_t r = 0; r < rows; ++r)
-              nvalid[r] = std::isinf(lse2_blk[r]) ? 0 : visible_keys(p, i0 + r, j0, kc);
+              nvalid[r] = lse2_blk[r] == -std::numeric_limits<acc_t>::infinity() ? 0 : visible_keys(p, i0 + r, j0, kc);
             acc_t* dq_blk = dq_chunk + (bh * p.L + i0) * p.E;
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {

@@ -14,6 +14,13 @@ constexpr double LN2 = 0.6931471805599453;    // ln(2): lse back to the natural 
 // rescales or recomputes the row's P so far.
 constexpr float LAZY_MAX_SLACK = 8.0f;
 
+// Backward: a row whose lse (log2 units) exceeds this in magnitude has its exp2 max and
+// row sum recomputed from the backward's own scores before P is formed (bwd_kernel.h):
+// the stored lse's rounding (|lse| 2^-24 in fp32) would pass to every P of the row, and
+// beyond ~2^24 (scale 1e9 on randn) make P 0 or inf. Typical rows (lse2 ~ log2 S + a few)
+// stay below it and cost nothing.
+constexpr double LSE2_RECOMPUTE_ABOVE = 32.0;
+
 // Largest head dim (of q/k and of v) the kernels take.
 constexpr int64_t MAX_HEAD_DIM = 256;
 

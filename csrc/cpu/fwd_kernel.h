@@ -4,11 +4,14 @@
 // shared counter (worker_count in params.h), each head's query blocks last to first so
 // the heaviest causal blocks go first. A task walks the keys block_k at a time:
 //   S = Q K^T                                  (tile GEMM)
-//   online softmax: m = max(S * scale log2 e), P = exp2(S * scale log2 e - m)
-//   acc = acc * exp2(m_old - m) + P V          (tile GEMM)
-// and writes out = acc / l, lse = (m + log2 l) ln 2. Key blocks wholly above the causal
+//   online softmax: T = sign(scale) S, m = max(T), P = exp2((T - m) |scale| log2 e)
+//   acc = acc * exp2((m_old - m) |scale| log2 e) + P V          (tile GEMM)
+// and writes out = acc / l, lse = (m |scale| log2 e + log2 l) ln 2. Scores are scaled
+// after the max is subtracted (tile_ops.h), so any finite scale, 1e-30 to 1e30 and
+// negative, gives exact row maxima. Key blocks wholly above the causal
 // diagonal are never visited and the diagonal block is cut at the last row's last key;
-// nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf.
+// nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf;
+// a row with a NaN score gets NaN out and lse, one with a +inf score NaN out, lse = +inf.
 // GEMMs, on K^T (and V) of the task's kv head packed by each thread (PackedKV, O(S) memory):
 //   fp32 on AVX-512: our register-blocked micro-kernel (gemm_avx512.h), the online
 //     softmax in the score GEMM's epilogue (SoftmaxEpilogue), V read in place, the
@@ -30,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -79,35 +83,38 @@ FA_AVX512_TARGET __attribute__((noinline)) inline void rescale_row(float* row, i
 
 // The fp32 forward's online softmax, fused into the score GEMM's epilogue, so scores go
 // from registers to P once instead of a GEMM store and two passes over an L2-sized tile.
-// For each register tile of one key block: x = s * sc - m[r], P = exp2(x) (0 where not
-// visible) stored at column c0 of the P tile, and P summed into the row's 16 lanes of
-// sum16. m[r] is a lazy reference, not the running max: it moves only when a score
-// exceeds it by more than LAZY_MAX_SLACK, then to that tile's row max, and the row's P
-// and sums so far are rescaled (rescale_row). With m[r] within LAZY_MAX_SLACK below the
-// true max, P and the row sums stay far inside fp32's range and lose nothing (fp32
-// rounding is relative; the result is out = acc / l, lse = m + log2 l either way).
-// A row with no visible key yet has m = -inf: x = +inf, so its first visible score
-// always sets the reference.
+// For each register tile of one key block: x = (sgn s - m[r]) asc (softmax_exponent,
+// tile_ops.h), P = exp2(x) (0 where not visible) stored at column c0 of the P tile, and
+// P summed into the row's 16 lanes of sum16. m[r] is a lazy reference, not the running
+// max: it moves only when a score exceeds it by more than LAZY_MAX_SLACK, then to that
+// tile's row max, and the row's P and sums so far are rescaled (rescale_row). With m[r]
+// within LAZY_MAX_SLACK below the true max, P and the row sums stay far inside fp32's
+// range and lose nothing (fp32 rounding is relative; the result is out = acc / l,
+// lse = m asc + log2 l either way). A row with no visible key yet has m = -inf and moves
+// at its first visible tile (to -inf again if those scores are all -inf or NaN: P is
+// then taken against 0, so -inf gives 0 and NaN stays NaN).
 struct SoftmaxEpilogue {
   float* p;  // P tile (row-major, ld), column 0 = the block's first key
   int64_t ld;
   int64_t c0;  // the panel's first column
   const int64_t* nvalid;
-  float sc;
+  float sgn, asc;  // t = sgn s, P = exp2((t - m) asc)
   float* m;
   float* sum16;  // rows x 16
-  // After a block: corr = exp2(m before - m after) (1 if unchanged, including -inf),
-  // l = l * corr + the row's sum16. corr holds m before on entry.
-  FA_AVX512_TARGET static void fold_block(int64_t rows, const float* m, float* l, float* corr, const float* sum16) {
+  // After a block: corr = exp2((m before - m after) asc) (1 if unchanged, including -inf;
+  // 0 from -inf), l = l * corr + the row's sum16. corr holds m before on entry.
+  FA_AVX512_TARGET static void fold_block(int64_t rows, const float* m, float* l, float* corr, const float* sum16,
+                                          float asc) {
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < rows; ++r) {
-      corr[r] = corr[r] == m[r] ? 1.0f : std::exp2(corr[r] - m[r]);
+      corr[r] = corr[r] == m[r] ? 1.0f : (corr[r] == NEG_INF ? 0.0f : std::exp2((corr[r] - m[r]) * asc));
       l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_loadu_ps(sum16 + r * 16));
     }
   }
   template <int MR, int NV>
   FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
     constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-    const __m512 vsc = _mm512_set1_ps(sc);
+    const __m512 vsgn = _mm512_set1_ps(sgn), vasc = _mm512_set1_ps(asc);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const int64_t row = m0 + r;
@@ -115,24 +122,26 @@ struct SoftmaxEpilogue {
       float* p_row = p + row * ld;
       __mmask16 kv[NV];
       __m512 x[NV];
-      __m512 neg_m = _mm512_set1_ps(-m[row]);
+      const float m_old = m[row];
+      __m512 vm = _mm512_set1_ps(m_old);
       __m512 x_max = _mm512_set1_ps(NEG_INF);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         kv[v] = lane_mask(nv - 16 * v);
-        x[v] = _mm512_fmadd_ps(c[r][v], vsc, neg_m);
+        x[v] = softmax_exponent(c[r][v], vsgn, vm, vasc);
         x_max = _mm512_mask_max_ps(x_max, kv[v], x_max, x[v]);
       }
-      if (__builtin_expect(_mm512_cmp_ps_mask(x_max, _mm512_set1_ps(LAZY_MAX_SLACK), _CMP_GT_OQ) != 0, 0)) {
+      if (__builtin_expect((m_old == NEG_INF && nv > 0) ||
+                               _mm512_cmp_ps_mask(x_max, _mm512_set1_ps(LAZY_MAX_SLACK), _CMP_GT_OQ) != 0, 0)) {
         __m512 y_max = _mm512_set1_ps(NEG_INF);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) y_max = _mm512_mask_max_ps(y_max, kv[v], y_max, _mm512_mul_ps(c[r][v], vsc));
-        const float m_old = m[row], m_new = _mm512_reduce_max_ps(y_max);
-        rescale_row(p_row, c0, sum16 + row * 16, m_old == NEG_INF ? 0.0f : std::exp2(m_old - m_new));
+        for (int v = 0; v < NV; ++v) y_max = _mm512_mask_max_ps(y_max, kv[v], y_max, _mm512_mul_ps(c[r][v], vsgn));
+        const float m_new = _mm512_reduce_max_ps(y_max);
+        rescale_row(p_row, c0, sum16 + row * 16, m_old == NEG_INF ? 0.0f : std::exp2((m_old - m_new) * asc));
         m[row] = m_new;
-        neg_m = _mm512_set1_ps(-m_new);
+        vm = _mm512_set1_ps(m_new == NEG_INF ? 0.0f : m_new);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) x[v] = _mm512_fmadd_ps(c[r][v], vsc, neg_m);
+        for (int v = 0; v < NV; ++v) x[v] = softmax_exponent(c[r][v], vsgn, vm, vasc);
       }
       __m512 sum = _mm512_loadu_ps(sum16 + row * 16);
 #pragma GCC unroll 4
@@ -255,11 +264,12 @@ struct PackedKV {
   // fp32: P (rows x cols, ld_p) of key block kb with the online softmax in the score GEMM's
   // epilogue (SoftmaxEpilogue; m, sum16 per row as it describes).
   void scores_softmax(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols,
-                      const int64_t* nvalid, float sc, float* p, int64_t ld_p, float* m, float* sum16) const {
+                      const int64_t* nvalid, float sgn, float asc, float* p, int64_t ld_p, float* m,
+                      float* sum16) const {
     static_assert(!VNNI, "16-bit inputs take the brgemm path");
     for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
       micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
-                         SoftmaxEpilogue{p, ld_p, c0, nvalid, sc, m, sum16});
+                         SoftmaxEpilogue{p, ld_p, c0, nvalid, sgn, asc, m, sum16});
   }
 #endif
   // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
@@ -274,27 +284,27 @@ struct PackedKV {
 
 // Online softmax of one score tile; for 16-bit inputs P lands in p16 (the PV GEMM's A).
 template <typename scalar_t, typename acc_t>
-void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, acc_t sc, acc_t* m,
-                  acc_t* l, acc_t* corr, scalar_t* p16, int64_t ld16) {
+void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, acc_t sgn, acc_t asc,
+                  acc_t* m, acc_t* l, acc_t* corr, scalar_t* p16, int64_t ld16) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
   // (fp32 on AVX-512 never comes here: its softmax is the score GEMM's SoftmaxEpilogue.)
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     if (cpu_has_avx512()) {
       auto* out16 = reinterpret_cast<uint16_t*>(p16);
       if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-        return online_softmax_avx512<2>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+        return online_softmax_avx512<2>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr, out16, ld16);
       } else if (cpu_has_avx512_bf16()) {
-        return online_softmax_avx512<1>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+        return online_softmax_avx512<1>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr, out16, ld16);
       } else {
-        return online_softmax_avx512<3>(s, ld, rows, cols, nvalid, sc, m, l, corr, out16, ld16);
+        return online_softmax_avx512<3>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr, out16, ld16);
       }
     }
   }
 #endif
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    online_softmax(s, ld, rows, cols, nvalid, sc, m, l, corr);
+    online_softmax(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
   } else {
-    online_softmax_lowp(s, ld, rows, cols, nvalid, sc, m, l, corr);
+    online_softmax_lowp(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
     convert_tile(s, ld, p16, ld16, rows, cols);
   }
 }
@@ -316,7 +326,9 @@ void attention_forward(AttnParams p) {
   const int64_t BK = std::min<int64_t>(tile.block_k, (p.S + 63) / 64 * 64);
   const int64_t n_qblocks = (p.L + BQ - 1) / BQ;
   const int64_t group = p.Hq / p.Hk;
-  const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
+  // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
+  const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
+  const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
@@ -388,8 +400,9 @@ void attention_forward(AttnParams p) {
           if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
             std::copy(m, m + rows, corr);
             std::fill(sum16, sum16 + rows * 16, 0.0f);
-            packed->scores_softmax(j0 / BK, q_blk, p.q_sl, rows, cols, nvalid, score_scale, s, BK, m, sum16);
-            SoftmaxEpilogue::fold_block(rows, m, l, corr, sum16);
+            packed->scores_softmax(j0 / BK, q_blk, p.q_sl, rows, cols, nvalid, score_sgn, score_asc, s, BK, m,
+                                   sum16);
+            SoftmaxEpilogue::fold_block(rows, m, l, corr, sum16, score_asc);
             gemm_f32_avx512<false>(rows, p.Ev, cols, 1.0f, s, BK, v_blk, p.v_sl, acc, p.Ev, true, corr);
             continue;
           }
@@ -400,7 +413,7 @@ void attention_forward(AttnParams p) {
         }
         if (!use_packed)
           gemm(false, true, rows, cols, p.E, acc_t(1), q_blk, p.q_sl, k_bh + j0 * p.k_sl, p.k_sl, acc_t(0), s, BK);
-        softmax_step<scalar_t>(s, BK, rows, cols, nvalid, score_scale, m, l, corr, p16, BK);
+        softmax_step<scalar_t>(s, BK, rows, cols, nvalid, score_sgn, score_asc, m, l, corr, p16, BK);
         if constexpr (LOW_PRECISION) {
           scale_rows(acc, p.Ev, rows, p.Ev, corr);
           if (use_brgemm) {
@@ -419,12 +432,16 @@ void attention_forward(AttnParams p) {
       }
       scalar_t* out_blk = out + (bh * p.L + i0) * p.Ev;
       acc_t* lse_blk = lse + bh * p.L + i0;
+      // l = 0: the row saw no key (or only -inf scores): out 0, lse -inf. l NaN (a NaN score)
+      // makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf (out NaN: inf - inf).
       for (int64_t r = 0; r < rows; ++r) {
-        const bool seen = l[r] > acc_t(0);
+        const bool seen = l[r] != acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
         for (int64_t c = 0; c < p.Ev; ++c) out_blk[r * p.Ev + c] = static_cast<scalar_t>(acc[r * p.Ev + c] * inv);
-        lse_blk[r] = seen ? static_cast<acc_t>((double(m[r]) + std::log2(double(l[r]))) * LN2)
-                          : -std::numeric_limits<acc_t>::infinity();
+        const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()
+            ? double(m[r])
+            : double(m[r]) * double(score_asc) + std::log2(double(l[r]));
+        lse_blk[r] = seen ? static_cast<acc_t>(lse2 * LN2) : -std::numeric_limits<acc_t>::infinity();
       }
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);

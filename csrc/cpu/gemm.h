@@ -15,8 +15,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -80,47 +82,90 @@ void gemm_loops(bool ta, bool tb, int64_t M, int64_t N, int64_t K, acc_t alpha, 
   }
 }
 
-// A row-major operand with a single row may carry any stride; BLAS wants ld >= cols.
-inline int ld_of(bool trans, int64_t rows, int64_t cols, int64_t ld) {
+// Leading dimensions are int64 everywhere in the kernels; the BLAS interfaces take int.
+// An operand stored as one row ignores its leading dimension (any stride is legal for a
+// size-1 dim, 2^31 included), so it gets its row length; an operand of several rows whose
+// leading dimension does not fit an int is copied to a contiguous block first (a
+// correct, slower path for strides no BLAS can address).
+constexpr int64_t BLAS_INT_MAX = 2147483647;
+
+// The largest leading dimension passed to BLAS as is: BLAS_INT_MAX; tests lower it
+// (set_blas_ld_limit) to run the copy path on small tensors.
+inline int64_t& blas_ld_limit() {
+  static int64_t limit = BLAS_INT_MAX;
+  return limit;
+}
+
+inline int64_t ld_of(bool trans, int64_t rows, int64_t cols, int64_t ld) {
   const int64_t stored_rows = trans ? cols : rows, stored_cols = trans ? rows : cols;
-  return static_cast<int>(stored_rows <= 1 && ld < stored_cols ? stored_cols : ld);
+  return stored_rows <= 1 ? std::max<int64_t>(1, stored_cols) : ld;
+}
+
+// op(X) (rows x cols) with leading dim ld, as BLAS takes it: the same pointer and an int
+// leading dim, or (ld past int) a contiguous copy owned by `copy`.
+template <typename T>
+struct BlasOperand {
+  const T* ptr;
+  int ld;
+  std::vector<T> copy;
+  BlasOperand(bool trans, int64_t rows, int64_t cols, const T* x, int64_t ld_in) {
+    const int64_t ld64 = ld_of(trans, rows, cols, ld_in);
+    const int64_t stored_rows = trans ? cols : rows, stored_cols = trans ? rows : cols;
+    if (ld64 <= blas_ld_limit()) {
+      ptr = x;
+      ld = static_cast<int>(ld64);
+      return;
+    }
+    copy.resize(stored_rows * stored_cols);
+    for (int64_t r = 0; r < stored_rows; ++r) std::copy(x + r * ld64, x + r * ld64 + stored_cols, copy.data() + r * stored_cols);
+    ptr = copy.data();
+    ld = static_cast<int>(stored_cols);
+  }
+};
+
+// Tile sizes (M, N, K, ldc) are block sizes of config.h, far inside int.
+inline int blas_int(int64_t x) {
+  TORCH_CHECK(x >= 0 && x <= BLAS_INT_MAX, "fused_attn CPU GEMM: tile size ", x, " does not fit the BLAS int");
+  return static_cast<int>(x);
 }
 
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (!sgemm_) return gemm_loops(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+  const BlasOperand<float> a(ta, M, K, A, lda), b(tb, K, N, B, ldb);
   const char a_t = ta ? 'T' : 'N', b_t = tb ? 'T' : 'N';
-  const int m = N, n = M, k = K, la = ld_of(tb, K, N, ldb), lb = ld_of(ta, M, K, lda), lc = ldc;
-  sgemm_(&b_t, &a_t, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  const int m = blas_int(N), n = blas_int(M), k = blas_int(K), lc = blas_int(ldc);
+  sgemm_(&b_t, &a_t, &m, &n, &k, &alpha, b.ptr, &b.ld, a.ptr, &a.ld, &beta, C, &lc);
 }
 
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                  int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   if (!dgemm_) return gemm_loops(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  const BlasOperand<double> a(ta, M, K, A, lda), b(tb, K, N, B, ldb);
   const char a_t = ta ? 'T' : 'N', b_t = tb ? 'T' : 'N';
-  const int m = N, n = M, k = K, la = ld_of(tb, K, N, ldb), lb = ld_of(ta, M, K, lda), lc = ldc;
-  dgemm_(&b_t, &a_t, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  const int m = blas_int(N), n = blas_int(M), k = blas_int(K), lc = blas_int(ldc);
+  dgemm_(&b_t, &a_t, &m, &n, &k, &alpha, b.ptr, &b.ld, a.ptr, &a.ld, &beta, C, &lc);
 }
 
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
                  float beta, float* C, int64_t ldc) {
   if (!cblas_gemm_bf16bf16f32) return gemm_loops(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  cblas_gemm_bf16bf16f32(CBLAS_ROW_MAJOR, ta ? CBLAS_TRANS : CBLAS_NO_TRANS,
-                         tb ? CBLAS_TRANS : CBLAS_NO_TRANS, M, N, K, alpha,
-                         reinterpret_cast<const uint16_t*>(A), ld_of(ta, M, K, lda),
-                         reinterpret_cast<const uint16_t*>(B), ld_of(tb, K, N, ldb), beta, C, ldc);
+  const BlasOperand<c10::BFloat16> a(ta, M, K, A, lda), b(tb, K, N, B, ldb);
+  cblas_gemm_bf16bf16f32(CBLAS_ROW_MAJOR, ta ? CBLAS_TRANS : CBLAS_NO_TRANS, tb ? CBLAS_TRANS : CBLAS_NO_TRANS,
+                         blas_int(M), blas_int(N), blas_int(K), alpha, reinterpret_cast<const uint16_t*>(a.ptr), a.ld,
+                         reinterpret_cast<const uint16_t*>(b.ptr), b.ld, beta, C, blas_int(ldc));
 }
 
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const c10::Half* A, int64_t lda, const c10::Half* B, int64_t ldb, float beta,
                  float* C, int64_t ldc) {
   if (!cblas_gemm_f16f16f32) return gemm_loops(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  cblas_gemm_f16f16f32(CBLAS_ROW_MAJOR, ta ? CBLAS_TRANS : CBLAS_NO_TRANS,
-                       tb ? CBLAS_TRANS : CBLAS_NO_TRANS, M, N, K, alpha,
-                       reinterpret_cast<const uint16_t*>(A), ld_of(ta, M, K, lda),
-                       reinterpret_cast<const uint16_t*>(B), ld_of(tb, K, N, ldb), beta, C, ldc);
+  const BlasOperand<c10::Half> a(ta, M, K, A, lda), b(tb, K, N, B, ldb);
+  cblas_gemm_f16f16f32(CBLAS_ROW_MAJOR, ta ? CBLAS_TRANS : CBLAS_NO_TRANS, tb ? CBLAS_TRANS : CBLAS_NO_TRANS,
+                       blas_int(M), blas_int(N), blas_int(K), alpha, reinterpret_cast<const uint16_t*>(a.ptr), a.ld,
+                       reinterpret_cast<const uint16_t*>(b.ptr), b.ld, beta, C, blas_int(ldc));
 }
 
 // oneDNN's batch-reduce GEMM micro-kernel through ATen (at::native::cpublas::brgemm):

@@ -116,7 +116,9 @@ struct StoreEpilogue {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         const __mmask16 m = v == NV - 1 ? tail : __mmask16(0xFFFF);
-        __m512 x = _mm512_mul_ps(c[r][v], va);
+        // One rounding of alpha c, never contracted into the FMA below: the backward's row
+        // statistics (bwd_kernel.h) rely on scaled scores identical to ProbsEpilogue's.
+        __m512 x = _mm512_mul_round_ps(c[r][v], va, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         if (accumulate) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c_row + 16 * v), f, x);
         _mm512_mask_storeu_ps(c_row + 16 * v, m, x);
       }

@@ -5,8 +5,16 @@
 // Tiles are row-major with leading dimension ld; `nvalid[r]` is how many leading
 // columns of row r the row may see (causal diagonal, ragged tail, or 0 for a row
 // that sees nothing); the rest of the row is written as 0. Every exponential is an
-// exp2: the forward multiplies raw scores by sc = scale * log2(e) itself, the backward
-// gets scores already scaled by its GEMM.
+// exp2. The forward takes raw scores s and subtracts before it scales: with t = sgn * s
+// (sgn = the sign of scale), a row's reference m (a t value) and asc = |scale| log2(e),
+// P = exp2((t - m) * asc). The difference is exact near the max and nothing is left for
+// a compiler to contract into an FMA (s * sc - m as one FMA gives the max's exponent the
+// rounding error of s * sc, which at |s * sc| ~ 1e10 is ~1e3, not 0), so any finite
+// scale works. The backward gets scores y already scaled by its GEMM (or by an explicit,
+// uncontractible multiply) and takes P = exp2(y - lse2).
+//
+// NaN and inf follow the math path: a NaN score makes the row's P, l, out and lse NaN;
+// a -inf score gets P = 0; a +inf score (the row's max) gets P = NaN and lse = +inf.
 //
 // Two implementations: portable loops written for the compiler's vectoriser (`omp simd`
 // reductions, a branch-free exp2), compiled for AVX-512, AVX2+FMA and baseline x86-64
@@ -50,7 +58,7 @@ inline bool& portable_only() {
 // 2^x for x <= 0 in fp32: 2^round(x) built in the exponent bits times a polynomial
 // for 2^f, |f| <= 0.5: degree 7 (truncation error 5e-9, below half an fp32 ulp), or
 // degree 4 (4e-5) where P is rounded to bf16 / fp16 anyway (LOW_PRECISION).
-// Returns 0 below -126 (no denormals), including for -inf.
+// Returns 0 below -126 (no denormals), including for -inf; NaN for NaN.
 // Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^n / n!.
 constexpr float EXP2_C1 = 0.6931471805599453f, EXP2_C2 = 0.2402265069591007f, EXP2_C3 = 0.05550410866482158f,
                 EXP2_C4 = 0.009618129107628477f, EXP2_C5 = 0.0013333558146428443f,
@@ -70,48 +78,51 @@ template <bool LOW_PRECISION = false>
 FA_ALWAYS_INLINE float exp2_fast(float x) {
   constexpr float ROUND_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   constexpr float C1 = EXP2_C1, C2 = EXP2_C2, C3 = EXP2_C3, C4 = EXP2_C4, C5 = EXP2_C5, C6 = EXP2_C6, C7 = EXP2_C7;
-  x = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
-  const float n = (x + ROUND_MAGIC) - ROUND_MAGIC;
-  const float f = x - n;
+  const bool nan = x != x;
+  const float xc = nan ? 0.0f : (x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x));
+  const float n = (xc + ROUND_MAGIC) - ROUND_MAGIC;
+  const float f = xc - n;
   const float p = LOW_PRECISION
       ? 1.0f + f * (C1 + f * (C2 + f * (C3 + f * C4)))
       : 1.0f + f * (C1 + f * (C2 + f * (C3 + f * (C4 + f * (C5 + f * (C6 + f * C7))))));
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+  const float e = p * __builtin_bit_cast(float, bits);
+  return nan ? x : e;
 }
 
 template <bool LOW_PRECISION = false>
 FA_ALWAYS_INLINE double exp2_fast(double x) { return std::exp2(x); }
 
-// Online softmax, one key block (raw scores s, sc = scale * log2 e): for each row,
-// new max m of s * sc, P = exp2(s * sc - m) in place,
-// l = l * corr + rowsum(P) with corr = exp2(m_old - m). A row that has seen no key
-// keeps m = -inf, l = 0 and gets P = 0, corr = 1.
+// Online softmax, one key block (raw scores s; sgn, asc as in the header): for each row,
+// new max m of t = sgn * s, P = exp2((t - m) * asc) in place,
+// l = l * corr + rowsum(P) with corr = exp2((m_old - m) * asc). A row whose visible
+// scores so far are all -inf (or NaN) keeps m = -inf and takes P against 0 instead: 0
+// for -inf, NaN for NaN; it stays unseen (l = 0) only without NaN.
 template <bool LOW_PRECISION, typename acc_t>
 FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
-                                          const int64_t* nvalid, acc_t sc, acc_t* m, acc_t* l, acc_t* corr) {
+                                          const int64_t* nvalid, acc_t sgn, acc_t asc, acc_t* m, acc_t* l,
+                                          acc_t* corr) {
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = s + r * ld;
     const int64_t nv = nvalid[r];
     acc_t mx = NEG_INF;
 #pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < nv; ++c) mx = row[c] * sc > mx ? row[c] * sc : mx;
-    const acc_t m_new = m[r] > mx ? m[r] : mx;
-    if (m_new == NEG_INF) {
-      for (int64_t c = 0; c < cols; ++c) row[c] = 0;
-      corr[r] = 1;
-      continue;
+    for (int64_t c = 0; c < nv; ++c) {
+      const acc_t t = row[c] * sgn;
+      mx = t > mx ? t : mx;
     }
+    const acc_t m_old = m[r], m_new = m_old > mx ? m_old : mx;
+    const acc_t m_use = m_new == NEG_INF ? acc_t(0) : m_new;
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < nv; ++c) {
-      const acc_t e = exp2_fast<LOW_PRECISION>(row[c] * sc - m_new);
+      const acc_t e = exp2_fast<LOW_PRECISION>((row[c] * sgn - m_use) * asc);
       row[c] = e;
       sum += e;
     }
     for (int64_t c = nv; c < cols; ++c) row[c] = 0;
-    corr[r] = exp2_fast(m[r] - m_new);
+    corr[r] = m_old == m_new ? acc_t(1) : (m_old == NEG_INF ? acc_t(0) : exp2_fast((m_old - m_new) * asc));
     l[r] = l[r] * corr[r] + sum;
     m[r] = m_new;
   }
@@ -136,6 +147,12 @@ FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 exp2_avx512(__m512 x, __mmask16 kv, con
   return _mm512_maskz_scalef_ps(kv, p, x);
 }
 
+// The forward's exp2 argument (t - m) * asc with t = sgn * s (sgn = +-1: the FMA is an
+// exact negation and one rounding); the scale multiplies the difference, never s.
+FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 softmax_exponent(__m512 s, __m512 sgn, __m512 m, __m512 asc) {
+  return _mm512_mul_ps(_mm512_fmsub_ps(s, sgn, m), asc);
+}
+
 #define FA_AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
 
 // P = exp2(x) of columns [c, c + 16) of a row, 0 past nv, stored to the 16-bit row `out`
@@ -146,7 +163,7 @@ FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c
   const __m512 e = OUT == 2 ? exp2_avx512(x, kv, EXP2_01_D4) : exp2_avx512(x, kv, EXP2_01_D3);
   if constexpr (OUT == 1) {
     _mm256_mask_storeu_epi16(out + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
-  } else if constexpr (OUT == 3) {  // round to nearest even; no NaN can reach here
+  } else if constexpr (OUT == 3) {  // round to nearest even (a quiet NaN stays NaN)
     const __m512i u = _mm512_castps_si512(e);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
@@ -160,48 +177,54 @@ FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c
 // The 16-bit forward's online softmax hand-vectorised for AVX-512, in one pass over the
 // score tile: masked 16-lane loops, exp2 by vreduceps + polynomial + scalef, and P goes
 // straight to the bf16 / fp16 GEMM operand `p16` (ld16) instead of back into s.
-// m[r] is a lazy reference as in the fp32 forward's SoftmaxEpilogue (fwd_kernel.h): it
-// moves only when a score passes it by more than LAZY_MAX_SLACK (P <= 2^8, inside bf16's
-// and fp16's range), and then to the max of the row's remaining visible scores, after
-// which the row's P so far is recomputed from the fp32 scores (no double rounding). A
-// row with no visible key yet (m = -inf) always moves at its first one. corr = 1 wherever
-// the reference stayed put, which lets the caller skip rescaling those rows of acc.
+// m[r] (a t value, as in online_softmax_impl) is a lazy reference as in the fp32
+// forward's SoftmaxEpilogue (fwd_kernel.h): it moves only when a score passes it by more
+// than LAZY_MAX_SLACK (P <= 2^8, inside bf16's and fp16's range), and then to the max of
+// the row's remaining visible scores, after which the row's P so far is recomputed from
+// the fp32 scores (no double rounding). A row with no visible key yet (m = -inf) always
+// moves at its first one (where they are all -inf or NaN, m stays -inf and P is taken
+// against 0). corr = 1 wherever the reference stayed put, which lets the caller skip
+// rescaling those rows of acc.
 // OUT: 1 = bf16 P (AVX512-BF16 conversion), 3 = the same rounded with integer ops (CPUs
 // without AVX512-BF16); 2 = fp16 P.
 template <int OUT>
 FA_AVX512_BF16_TARGET void online_softmax_avx512(
-    float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sc, float* m, float* l,
-    float* corr, uint16_t* p16, int64_t ld16) {
+    float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sgn, float asc, float* m,
+    float* l, float* corr, uint16_t* p16, int64_t ld16) {
   constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-  const __m512 vsc = _mm512_set1_ps(sc), slack = _mm512_set1_ps(LAZY_MAX_SLACK);
+  const __m512 vsgn = _mm512_set1_ps(sgn), vasc = _mm512_set1_ps(asc), slack = _mm512_set1_ps(LAZY_MAX_SLACK);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = s + r * ld;
     uint16_t* out = p16 + r * ld16;
     const int64_t nv = nvalid[r];
     const float m_start = m[r];
     float m_ref = m_start;
-    __m512 neg_m = _mm512_set1_ps(-m_ref);
+    bool moved = false;  // after a move m_ref is the max of the row's remaining scores
+    __m512 vm = _mm512_set1_ps(m_ref);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 kv = lane_mask(nv - c);
-      __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
-      if (__builtin_expect(_mm512_mask_cmp_ps_mask(kv, x, slack, _CMP_GT_OQ) != 0, 0)) {
+      __m512 x = softmax_exponent(_mm512_maskz_loadu_ps(kv, row + c), vsgn, vm, vasc);
+      if (__builtin_expect(!moved && kv != 0 &&
+                               (m_ref == NEG_INF || _mm512_mask_cmp_ps_mask(kv, x, slack, _CMP_GT_OQ) != 0), 0)) {
         __m512 y_max = _mm512_set1_ps(NEG_INF);
         for (int64_t c2 = c; c2 < nv; c2 += 16) {
           const __mmask16 k2 = lane_mask(nv - c2);
-          y_max = _mm512_mask_max_ps(y_max, k2, y_max, _mm512_mul_ps(_mm512_maskz_loadu_ps(k2, row + c2), vsc));
+          y_max = _mm512_mask_max_ps(y_max, k2, y_max, _mm512_mul_ps(_mm512_maskz_loadu_ps(k2, row + c2), vsgn));
         }
         m_ref = _mm512_reduce_max_ps(y_max);
-        neg_m = _mm512_set1_ps(-m_ref);
+        moved = true;
+        vm = _mm512_set1_ps(m_ref == NEG_INF ? 0.0f : m_ref);
         vsum = _mm512_setzero_ps();
         for (int64_t c2 = 0; c2 < c; c2 += 16)
-          vsum = _mm512_add_ps(
-              vsum, store_p16<OUT>(out, c2, cols, nv, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lane_mask(nv - c2), row + c2), vsc, neg_m)));
-        x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, row + c), vsc, neg_m);
+          vsum = _mm512_add_ps(vsum, store_p16<OUT>(out, c2, cols, nv,
+                                                    softmax_exponent(_mm512_maskz_loadu_ps(lane_mask(nv - c2), row + c2),
+                                                                     vsgn, vm, vasc)));
+        x = softmax_exponent(_mm512_maskz_loadu_ps(kv, row + c), vsgn, vm, vasc);
       }
       vsum = _mm512_add_ps(vsum, store_p16<OUT>(out, c, cols, nv, x));
     }
-    corr[r] = m_ref == m_start ? 1.0f : exp2_fast(m_start - m_ref);
+    corr[r] = m_ref == m_start ? 1.0f : (m_start == NEG_INF ? 0.0f : exp2_fast((m_start - m_ref) * asc));
     l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(vsum);
     m[r] = m_ref;
   }
@@ -257,17 +280,17 @@ FA_ALWAYS_INLINE void dscores_impl(acc_t* dp, const acc_t* p, int64_t ld, int64_
   }
 }
 
-FA_CPU_ISA_CLONES void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols,
-                                      const int64_t* nvalid, float sc, float* m, float* l, float* corr) {
-  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sc, m, l, corr);
+FA_CPU_ISA_CLONES void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                                      float sgn, float asc, float* m, float* l, float* corr) {
+  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
-FA_CPU_ISA_CLONES void online_softmax_lowp(float* s, int64_t ld, int64_t rows, int64_t cols,
-                                           const int64_t* nvalid, float sc, float* m, float* l, float* corr) {
-  online_softmax_impl<true>(s, ld, rows, cols, nvalid, sc, m, l, corr);
+FA_CPU_ISA_CLONES void online_softmax_lowp(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                                           float sgn, float asc, float* m, float* l, float* corr) {
+  online_softmax_impl<true>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
 inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                           double sc, double* m, double* l, double* corr) {
-  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sc, m, l, corr);
+                           double sgn, double asc, double* m, double* l, double* corr) {
+  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
 
 FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,

@@ -1,0 +1,264 @@
+"""The CPU backend at the edges of the input space (issue 12 items 2-4), on every path the
+test hooks can force (the AVX-512 kernels, and the portable fallbacks of CPUs without them).
+
+* Scales from 1e-30 to 1e30 and negative: row maxima are exact (scores are scaled after the
+  max is subtracted, nothing for the compiler to contract into an FMA), and the backward
+  recomputes the row statistics of rows whose stored lse is too large to recompute P from.
+  Forward, lse and gradients against the fp64 reference under the project's tolerance rule.
+* NaN and +-inf inputs: NaN in, NaN out, element for element as the fp64 math path
+  (fused_attn.reference), in out, lse, dq, dk and dv; rows that see no key stay 0 / -inf / 0.
+* Strides of 2^31 elements and more: size-1 dims may carry any stride, and leading dims that
+  do not fit BLAS's int are copied, never passed truncated.
+"""
+import math
+
+import pytest
+import torch
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fused_attn
+from fused_attn import reference
+from fused_attn.ops import cpu
+from fused_attn.reference import CausalMode
+from fused_attn.testing import assert_close
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Lower right causal bias")]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+CAUSAL = list(CausalMode)
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+@pytest.fixture(params=["avx512", "portable"])
+def isa(request):
+    """The AVX-512 kernels (micro-kernel, hand-vectorised softmax), then the portable fallbacks."""
+    if request.param == "avx512" and not cpu._C.has_avx512():
+        pytest.skip("the CPU lacks AVX-512: only the portable kernels run here")
+    cpu._C.set_portable_only(request.param == "portable")
+    yield request.param
+    cpu._C.set_portable_only(False)
+
+
+def _mask(mode, L, S):
+    return {CausalMode.NONE: None, CausalMode.UPPER_LEFT: causal_upper_left(L, S),
+            CausalMode.LOWER_RIGHT: causal_lower_right(L, S)}[mode]
+
+
+def _finite(lse):
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _grads(out, lse, inputs, do, dlse):
+    loss = (out * do.to(out.dtype)).sum() + (_finite(lse) * dlse.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def _reference(q, k, v, mode, scale, do, dlse):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = reference.attention(q, k, v, causal=mode, scale=scale)
+    return (out, lse) + _grads(out, lse, (q, k, v), do, dlse)
+
+
+def _cpu(q, k, v, mode, scale, do, dlse):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    L, S = q.shape[2], k.shape[2]
+    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=_mask(mode, L, S), scale=scale, enable_gqa=True,
+                                             backend="cpu")
+    return (out, lse) + _grads(out, lse, (q, k, v), do, dlse)
+
+
+def _upstream(q, v):
+    B, H, L, _ = q.shape
+    return torch.randn(B, H, L, v.shape[3], dtype=torch.float64), torch.randn(B, H, L, dtype=torch.float64)
+
+
+def check_numerics(q, k, v, mode, scale):
+    """out, lse, dq, dk, dv of the cpu backend against the fp64 reference (tolerance rule),
+    on the elements the result's dtype can hold (scale 1e9 makes fp16's dq overflow, as it
+    must). Where plain PyTorch in the inputs' dtype overflows on such an element (fp16 at
+    large scales: its scores do), the baseline is PyTorch in fp32 rounded to the dtype,
+    so that the comparison still means something."""
+    do, dlse = _upstream(q, v)
+    ref = _reference(q.double(), k.double(), v.double(), mode, scale, do, dlse)
+    base = _reference(q, k, v, mode, scale, do, dlse)  # plain PyTorch in the inputs' dtype
+    got = _cpu(q, k, v, mode, scale, do, dlse)
+    base32 = None
+    for i, (g, r, b, n) in enumerate(zip(got, ref, base, NAMES)):
+        held = torch.isfinite(r.to(g.dtype))
+        assert torch.isfinite(g[held]).all(), f"{n}: not finite where the fp64 reference is (and {g.dtype} holds it)"
+        if not torch.isfinite(b[held]).all():
+            if base32 is None:
+                base32 = _reference(q.float(), k.float(), v.float(), mode, scale, do, dlse)
+            b = base32[i].to(g.dtype)
+            assert torch.isfinite(b[held]).all(), f"{n}: the fp32 baseline overflows too"
+        zero = torch.zeros((), dtype=torch.float64)
+        assert_close(torch.where(held, g.double(), zero), torch.where(held, r, zero),
+                     torch.where(held, b.double(), zero), name=n, dtype=q.dtype)
+
+
+# ---------------------------------------------------------------- item 2: extreme scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_huge_score_reproducer(isa, dtype):
+    """q = 1, keys 1e10 and 0, scale 1: the row max's exponent is exactly 0 (it was the rounding
+    error of s * sc under an FMA, ~1e3: out 0, lse -inf). torch: out 1."""
+    q = torch.tensor([[[[1.0]]]], dtype=dtype)
+    k = torch.tensor([[[[1e10], [0.0]]]], dtype=dtype)
+    v = torch.tensor([[[[1.0], [2.0]]]], dtype=dtype)
+    out, lse = fused_attn.attention_with_lse(q, k, v, scale=1.0, backend="cpu")
+    assert out.item() == 1.0
+    assert lse.item() == pytest.approx(k[0, 0, 0, 0].item(), rel=1e-7)
+    check_numerics(q, k, v, CausalMode.NONE, 1.0)
+
+
+SCALES = [1e-30, 30.0, 1e3, 1e9, 1e30, -1.0, -1e9, -1e30]
+
+
+@pytest.mark.parametrize("scale", SCALES, ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scales(isa, dtype, mode, scale):
+    """Random inputs over 20 orders of magnitude of scale, both signs: S = 150 spans three of
+    the micro-kernel's 64-key panels (the lazy reference moves between them), GQA 2:1."""
+    q, k, v = torch.randn(1, 2, 37, 16, dtype=dtype), torch.randn(1, 1, 150, 16, dtype=dtype), \
+        torch.randn(1, 1, 150, 8, dtype=dtype)
+    check_numerics(q, k, v, mode, scale)
+
+
+@pytest.mark.parametrize("scale", [1e9, -1e30], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scales_many_blocks(isa, dtype, scale):
+    """S = 600 and L = 300: several forward key blocks (512) and backward tiles (128 x 128),
+    so the recomputed row statistics cover every block step 2 visits."""
+    q, k, v = torch.randn(1, 1, 300, 24, dtype=dtype), torch.randn(1, 1, 600, 24, dtype=dtype), \
+        torch.randn(1, 1, 600, 8, dtype=dtype)
+    check_numerics(q, k, v, CausalMode.LOWER_RIGHT, scale)
+
+
+# ---------------------------------------------------------------- item 3: NaN and inf
+
+
+def _logsumexp_ref(q, k, mode, scale):
+    """lse in fp64 as torch.logsumexp gives it: NaN for a row with a NaN score (the reference
+    module turns those into -inf), -inf for a row that sees nothing."""
+    q, k = q.double(), k.double()
+    s = q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).transpose(-2, -1) * scale
+    allowed = reference.causal_mask(q.shape[2], k.shape[2], mode)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+def _pattern(t):
+    """-1 / 0 / 1 / 2: -inf, finite, +inf, NaN."""
+    t = t.double()
+    return torch.where(torch.isnan(t), 2, torch.where(torch.isinf(t), torch.sign(t).long(), 0))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_inf_placement(isa, dtype, where, value):
+    """One NaN / +inf / -inf in q, k or v: which elements of out, lse, dq, dk, dv are NaN or
+    +-inf matches the fp64 math path exactly (lse: torch.logsumexp); the finite ones match
+    under the tolerance rule. S = 150: the bad key sits in the micro-kernel's second panel."""
+    L, S, E = 21, 150, 16
+    q, k, v = torch.randn(1, 2, L, E, dtype=dtype), torch.randn(1, 2, S, E, dtype=dtype), \
+        torch.randn(1, 2, S, 8, dtype=dtype)
+    t = {"q": q, "k": k, "v": v}[where]
+    t[0, 1, {"q": 5, "k": 70, "v": 70}[where], 3] = value
+    scale = E ** -0.5
+    do, dlse = _upstream(q, v)
+    ref = list(_reference(q.double(), k.double(), v.double(), CausalMode.NONE, scale, do, dlse))
+    ref[1] = _logsumexp_ref(q, k, CausalMode.NONE, scale)
+    base = _reference(q, k, v, CausalMode.NONE, scale, do, dlse)
+    got = _cpu(q, k, v, CausalMode.NONE, scale, do, dlse)
+    for g, r, b, n in zip(got, ref, base, NAMES):
+        mismatch = _pattern(g) != _pattern(r)
+        assert not mismatch.any(), (f"{n}: NaN/inf placement differs from the fp64 math path at "
+                                    f"{mismatch.nonzero()[:5].tolist()} (got {g[mismatch][:5].tolist()}, "
+                                    f"reference {r[mismatch][:5].tolist()})")
+        finite = torch.isfinite(r)
+        zero = torch.zeros((), dtype=torch.float64)
+        assert_close(torch.where(finite, g.double(), zero), torch.where(finite, r, zero),
+                     torch.where(finite, b.double(), zero), name=n, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", [CausalMode.UPPER_LEFT, CausalMode.LOWER_RIGHT], ids=lambda m: m.name)
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_under_causal_masks(isa, dtype, where, mode):
+    """NaN in a query row, or in a key, under causal masks: out and lse are NaN exactly in the
+    rows that see it (the fp64 math path masks scores before the softmax); other rows, and
+    rows that see no key at all (lower-right, L > S), keep their values, 0 / -inf / dq 0."""
+    L, S, E = 90, 70, 16
+    q, k, v = torch.randn(1, 1, L, E, dtype=dtype), torch.randn(1, 1, S, E, dtype=dtype), \
+        torch.randn(1, 1, S, 8, dtype=dtype)
+    if where == "q":
+        q[0, 0, 60, 2] = float("nan")
+    else:
+        k[0, 0, 40, 2] = float("nan")
+    scale = E ** -0.5
+    do, dlse = _upstream(q, v)
+    ref = list(_reference(q.double(), k.double(), v.double(), mode, scale, do, dlse))
+    ref[1] = _logsumexp_ref(q, k, mode, scale)
+    base = _reference(q, k, v, mode, scale, do, dlse)
+    got = _cpu(q, k, v, mode, scale, do, dlse)
+    # out and lse depend on the keys a row sees, and so does dq on a NaN query; the rest of
+    # the gradients' NaN under masks comes from 0 * NaN in the reference's dense products
+    # (masked dS times a NaN key or query), which torch's math path (additive -inf mask)
+    # places differently again: not compared.
+    checked = 3 if where == "q" else 2
+    for g, r, b, n in list(zip(got, ref, base, NAMES))[:checked]:
+        mismatch = _pattern(g) != _pattern(r)
+        assert not mismatch.any(), f"{n}: NaN/inf placement differs at {mismatch.nonzero()[:5].tolist()}"
+        finite = torch.isfinite(r)
+        zero = torch.zeros((), dtype=torch.float64)
+        assert_close(torch.where(finite, g.double(), zero), torch.where(finite, r, zero),
+                     torch.where(finite, b.double(), zero), name=n, dtype=dtype)
+    if mode is CausalMode.LOWER_RIGHT:
+        blind = L - S
+        assert torch.equal(got[0][:, :, :blind], torch.zeros_like(got[0][:, :, :blind]))
+        assert (got[1][:, :, :blind] == float("-inf")).all()
+        assert torch.equal(got[2][:, :, :blind], torch.zeros_like(got[2][:, :, :blind]))
+
+
+# ---------------------------------------------------------------- item 4: huge strides
+
+
+def test_huge_stride_reproducer(isa):
+    """A size-1 dim may carry any stride: q's row stride 2^31 (the BLAS int cast made it
+    negative: error 1.07)."""
+    q = torch.randn(16).as_strided((1, 1, 1, 16), (16, 16, 2 ** 31, 1))
+    k, v = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
+    check_numerics(q, k, v, CausalMode.NONE, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_strides_every_operand(isa, dtype):
+    """Strides of 2^31 and 2^40 on the size-1 dims of q, k and v (batch, head, and the row of
+    a single query / key), on small storage."""
+    def strided(E, big):
+        return torch.randn(E, dtype=dtype).as_strided((1, 1, 1, E), (big, 3 * big, big + 7, 1))
+
+    q, k, v = strided(24, 2 ** 31), strided(24, 2 ** 40), strided(8, 2 ** 31 + 1)
+    check_numerics(q, k, v, CausalMode.NONE, 0.3)
+    q = torch.randn(1, 1, 5, 24, dtype=dtype)
+    check_numerics(q, k, v, CausalMode.LOWER_RIGHT, 0.3)
+
+
+@pytest.fixture
+def small_blas_ld_limit():
+    """Every BLAS operand of several rows whose leading dim exceeds 8 takes the copy path that
+    leading dims past 2^31 - 1 take (a real one would need 8 GB of storage)."""
+    cpu._C.set_blas_ld_limit(8)
+    yield
+    cpu._C.set_blas_ld_limit(2 ** 31 - 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_leading_dims_past_blas_int_are_copied(isa, small_blas_ld_limit, dtype):
+    q = torch.randn(1, 40, 2, 24, dtype=dtype).transpose(1, 2)  # row stride 48
+    k, v = torch.randn(1, 2, 70, 24, dtype=dtype), torch.randn(1, 2, 70, 16, dtype=dtype)
+    check_numerics(q, k, v, CausalMode.UPPER_LEFT, None)
