@@ -1,8 +1,12 @@
-"""nvcc compiles every CUDA kernel for sm_80 and sm_90a with no spills and within limits.
+"""nvcc compiles every CUDA kernel for sm_80, sm_90a and (from the compute_80 PTX, as the
+driver's JIT would) sm_120 with no spills and within limits.
 
 Runs fused_attn/tools/cuda_compile_table.py (nothing is executed on a GPU). Skipped
 only when nvcc is absent; CI and the dev machine have it.
 """
+import runpy
+from pathlib import Path
+
 import pytest
 
 from fused_attn.tools import cuda_compile_table as cct
@@ -24,8 +28,19 @@ def test_parser_flags_spills_and_shared_memory():
     assert any("shared memory" in p for p in row.problems)
 
 
+def test_table_compiles_what_setup_py_ships():
+    """Machine code for the archs setup.py builds by default; every other arch from its PTX."""
+    setup_py = runpy.run_path(str(Path(cct.ROOT) / "setup.py"), run_name="fused_attn_setup")
+    _, built = setup_py["cuda_arch_flags"](setup_py["DEFAULT_CUDA_ARCHS"])
+    assert sorted(built) == sorted([f"sm_{a}" for a in cct.SASS_ARCHS] + [f"compute_{cct.PTX_ARCH}"])
+    assert cct.gencode("90a") == "-gencode=arch=compute_90a,code=sm_90a"
+    assert cct.gencode("120") == "-gencode=arch=compute_80,code=sm_120"
+    with pytest.raises(ValueError, match="unknown arch 75; choose from 80, 86"):
+        cct.compile_table(("75",))
+
+
 @pytest.mark.skipif(cct.nvcc_path() is None, reason="nvcc not found: cannot compile the CUDA kernels")
-def test_every_kernel_compiles_for_sm80_and_sm90a_without_spills(capsys):
+def test_every_kernel_compiles_for_every_arch_without_spills(capsys):
     """Also compiles the torch binding (csrc/cuda/binding/) against torch's headers."""
     assert cct.translation_units(cct.BINDING_UNITS), "the torch binding source is missing"
     rows, problems = cct.compile_table()
