@@ -20,7 +20,7 @@ Environment for the CUDA build:
   12.x) and later GPUs JIT (the kernels use only sm_80 features: mma.sync, ldmatrix,
   cp.async; archs below 8.0 are rejected). The extension records what it was built for
   and ``fused_attn.ops.cuda`` refuses a GPU none of it can run on, saying why.
-* MAX_JOBS: parallel compiler jobs (torch's ninja build; default: every core).
+* MAX_JOBS: parallel compiler jobs of torch's ninja build (default: ninja's, about one per core).
 """
 import glob
 import os
