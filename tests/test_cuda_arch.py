@@ -179,3 +179,24 @@ def test_native_reads_the_visible_gpus(setup_py, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="native: torch sees no CUDA device"):
         setup_py["native_archs"]()
+
+
+def test_cuda_extension_gets_the_gencode_flags_and_the_record(setup_py, monkeypatch):
+    """setup.py's CUDA extension as a CUDA torch would build it (CUDA_HOME and torch.version.cuda
+    faked): every -gencode flag, and the -D record the binding reports as built_archs."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("FUSED_ATTN_CUDA_ARCHS", "80+PTX;90a")
+    monkeypatch.setenv("FUSED_ATTN_SKIP_CPU_BUILD", "1")
+    monkeypatch.chdir(ROOT)
+    (ext,) = setup_py["extensions"]()
+    nvcc = ext.extra_compile_args["nvcc"]
+    assert ext.name == "fused_attn._C_cuda" and "csrc/cuda/binding/flash_api.cu" in ext.sources
+    assert [f for f in nvcc if f.startswith("-gencode")] == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80",
+        "-gencode=arch=compute_90a,code=sm_90a"]
+    assert "-DFUSED_ATTN_BUILT_ARCHS=sm_80+compute_80+sm_90a" in nvcc
+    monkeypatch.setenv("FUSED_ATTN_SKIP_CUDA_BUILD", "1")
+    assert setup_py["extensions"]() == []
