@@ -14,26 +14,31 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Same arguments and semantics: inputs ``(N..., L, E)``, ``scale`` defaults to
-    ``1/sqrt(E)``, ``is_causal`` is aligned upper-left, ``attn_mask`` may be a boolean
-    (True = may attend) or additive float tensor broadcastable to ``(N..., L, S)``, or a
-    ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
-    grouped-query attention with ``enable_gqa=True``.
+    Same arguments and semantics: inputs ``(N..., L, E)`` whose leading dims, the head dim
+    included, broadcast as in ``torch.matmul`` (q, k and v may have different ranks),
+    ``scale`` defaults to ``1/sqrt(E)``, ``is_causal`` is aligned upper-left, ``attn_mask``
+    may be a boolean (True = may attend) or additive float tensor (float32 or the inputs'
+    dtype) broadcastable to ``(N..., L, S)``, or a ``torch.nn.attention.bias.CausalBias``
+    (``causal_upper_left`` / ``causal_lower_right``); a mask tensor together with
+    ``is_causal=True`` applies both, as torch's default dispatch does. Grouped-query
+    attention with ``enable_gqa=True``: key and value heads each divide the query heads
+    (their counts may differ). Empty dims give torch's results (an empty output, or zeros
+    when S = 0); ``dropout_p=1`` gives zeros.
 
     The fused kernels run causal masks and CausalBias without building any mask; a
-    boolean or float mask tensor, or ``dropout_p > 0``, runs on the reference backend
-    (O(L*S) memory) under automatic choice and is refused by an explicit kernel backend.
+    boolean or float mask tensor, ``dropout_p > 0``, or a head dim of 0, runs on the
+    reference backend (O(L*S) memory) under automatic choice and is refused by an explicit
+    kernel backend.
 
-    Difference from torch: a query row that sees no key at all (a fully masked row, or
-    ``causal_lower_right`` with L > S) outputs zeros and gets zero gradients, as
-    FlashAttention does, where torch's math path can give NaN.
+    A query row that sees no key at all (a fully masked row, or ``causal_lower_right`` with
+    L > S) outputs zeros and gets zero gradients, as torch 2.13 and FlashAttention do.
+    Difference from torch: ``scale`` must be finite (torch accepts inf and NaN and returns NaN).
 
     ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic;
     see :func:`fused_attn.use_backend` and the ``FUSED_ATTN_BACKEND`` environment variable).
     """
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    out, lse = dispatch.choose(p, backend).run(p)
-    return p.restore(out, lse)[0]
+    return p.restore(*dispatch.run(p, backend))[0]
 
 
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -49,7 +54,7 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
     ``w_i = exp(lse_i - logaddexp(lse1, lse2))``.
     """
     p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
-    return p.restore(*dispatch.choose(p, backend).run(p))
+    return p.restore(*dispatch.run(p, backend))
 
 
 def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

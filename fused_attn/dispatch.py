@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import threading
 import warnings
 from types import ModuleType
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from . import reference
 from .autograd import FusedAttention
@@ -89,6 +91,8 @@ class KernelBackend:
             return f"a {'boolean' if p.mask.dtype == torch.bool else 'float'} attn_mask tensor is not supported (only causal masks and CausalBias)"
         if p.dropout_p > 0.0:
             return f"dropout_p > 0 is not supported (got {p.dropout_p})"
+        if p.head_dim == 0 or p.head_dim_v == 0:
+            return f"head dims of 0 are not supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
         if max(p.head_dim, p.head_dim_v) > MAX_KERNEL_HEAD_DIM:
             return f"head dims up to {MAX_KERNEL_HEAD_DIM} are supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
         try:
@@ -166,6 +170,26 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
 def refusals(p: Problem, explicit: bool = False) -> Dict[str, Optional[str]]:
     """Each backend's reason for refusing ``p`` (None where it can run it), in automatic order."""
     return {name: BACKENDS[name].refusal(p, explicit) for name in order(p.device)}
+
+
+def run(p: Problem, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of ``p`` on the backend :func:`choose` picks (canonical shapes)."""
+    chosen = choose(p, backend)
+    if p.S == 0 or math.prod(p.out_shape[:-1]) == 0:
+        return _attend_to_nothing(p)
+    return chosen.run(p)
+
+
+def _attend_to_nothing(p: Problem) -> Tuple[Tensor, Tensor]:
+    """A call with no key (S = 0) or no query row (B, H or L is 0), which no backend launches: the
+    output is empty, or (S = 0) zeros with lse -inf, as torch gives. Computed as (q k^T) v, so that
+    gradients flow as torch's do (zeros for q, empty for k and v)."""
+    Hq, Hk = p.q.shape[1], p.k.shape[1]
+    k, v = p.k, p.v
+    if Hk > 1 and Hk != Hq:  # GQA: Hk divides Hq; Hk = 1 broadcasts in matmul
+        k, v = k.repeat_interleave(Hq // Hk, dim=1), v.repeat_interleave(Hq // Hk, dim=1)
+    out = torch.matmul(torch.matmul(p.q, k.transpose(-2, -1)), v)  # (B, Hq, L, Ev)
+    return out, torch.full(out.shape[:-1], float("-inf"), dtype=lse_dtype(p.dtype), device=p.device)
 
 
 def choose(p: Problem, backend: Optional[str] = None):

@@ -45,9 +45,13 @@ class MultiheadAttention(nn.Module):
 
     Differences from torch:
 
-    * ``is_causal=True`` is, as in torch, a hint that ``attn_mask`` is the causal mask
-      (torch then runs upper-left causal attention and ignores ``attn_mask`` unless a
-      ``key_padding_mask`` is given; the returned weights use ``attn_mask`` itself).
+    * ``is_causal=True`` is, as in torch, a hint that ``attn_mask`` is the causal mask.
+      Torch runs upper-left causal attention and ignores ``attn_mask`` when there is no
+      ``key_padding_mask`` and ``need_weights=False``, and applies ``attn_mask`` otherwise;
+      fused_attn runs the causal kernels whenever there is no ``key_padding_mask`` (the
+      same result when the hint is true), except with ``add_bias_kv`` / ``add_zero_attn``
+      and ``need_weights=True``, where it applies ``attn_mask`` as torch does (the extra
+      key is then visible to every query). The returned weights use ``attn_mask`` itself.
       Without ``attn_mask`` it raises, as torch's documented path does (torch's
       inference fast path silently ignores it).
     * A query that may see no key at all (all of its keys masked) outputs zeros
@@ -167,8 +171,12 @@ class MultiheadAttention(nn.Module):
                              f"and value {tuple(value.shape)}")
         attn_mask = self._mask(attn_mask, "attn_mask", [(L, S), (N * H, L, S)], query.dtype)
         key_padding_mask = self._mask(key_padding_mask, "key_padding_mask", [(N, S)], query.dtype)
-        # torch's hint: attn_mask is causal, so without a padding mask run is_causal, no tensor
-        causal = is_causal and key_padding_mask is None
+        # torch's hint: attn_mask is causal, so without a padding mask run is_causal, no tensor. Torch does
+        # so only with need_weights=False and otherwise applies attn_mask itself: the same for a true hint,
+        # except for the extra key of add_bias_kv / add_zero_attn, which attn_mask (padded) shows to every
+        # query and is_causal hides from all but the last.
+        extra_key = self.bias_k is not None or self.add_zero_attn
+        causal = is_causal and key_padding_mask is None and not (need_weights and extra_key)
 
         q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
         if self.bias_k is not None:

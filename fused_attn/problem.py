@@ -1,10 +1,12 @@
 """Input checks and canonicalisation shared by every backend.
 
-The public functions accept torch's SDPA shapes ``(N..., L, E)`` (rank >= 2).
-Everything below works on the canonical 4-D form ``(B, H, L, E)``: all leading
-batch dims (broadcast between q and k/v, as torch does) are folded into B, the
+The public functions accept torch's SDPA shapes ``(N..., L, E)`` (rank >= 2, ranks may
+differ). Everything below works on the canonical 4-D form ``(B, H, L, E)``: all leading
+batch dims (broadcast between q, k and v, as torch does) are folded into B, the
 dim before L is the head dim H (a rank-2 input has B = H = 1; a rank-3 input
-``(N, L, E)`` has B = 1, H = N, which is what torch's ``enable_gqa`` assumes).
+``(N, L, E)`` has B = 1, H = N, which is what torch's ``enable_gqa`` assumes). Key and
+value keep their own head count Hk (Hq % Hk == 0: query head h reads kv head
+h // (Hq // Hk)), so GQA and a kv head broadcast over the query heads copy nothing.
 No data is copied for 3-D and 4-D inputs whose batch dims agree.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Problem:
     q: Tensor  # (B, Hq, L, E)
     k: Tensor  # (B, Hk, S, E)
     v: Tensor  # (B, Hk, S, Ev)
-    mask: Optional[Tensor]  # bool / float, (B, Hq, L, S) possibly with stride-0 dims; never causal
+    mask: Optional[Tensor]  # bool / float, (B, Hq, L, S) possibly with stride-0 dims; applies with causal
     causal: CausalMode
     scale: float
     dropout_p: float
@@ -81,19 +83,37 @@ def _causal_from_bias(bias: CausalBias, L: int, S: int) -> CausalMode:
     raise ValueError(f"unsupported CausalBias variant {bias.variant!r}")
 
 
+def _heads_of(name: str, t: Tensor, Hq: int, enable_gqa: bool) -> int:
+    """How many heads of ``t`` (key or value, padded to rank >= 3) the query's heads share."""
+    H = t.shape[-3]
+    if enable_gqa and H != Hq and (H == 0 or Hq % H != 0):
+        raise ValueError(f"grouped-query attention needs query heads divisible by {name} heads, got {Hq} and {H}")
+    return H
+
+
+def _canonical(t: Tensor, batch: Tuple[int, ...], B: int, heads: int) -> Tensor:
+    """``t`` (..., h, n, d) broadcast to ``batch`` and ``heads`` (h is 1 or heads), folded to (B, heads, n, d)."""
+    if t.dim() == 4 and t.shape[0] == B and t.shape[1] == heads and len(batch) == 1:
+        return t  # already (B, H, n, d)
+    n, d = t.shape[-2], t.shape[-1]
+    return t.expand(batch + (heads, n, d)).reshape(B, heads, n, d)
+
+
 def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                  scale=None, enable_gqa=False) -> Problem:
-    """Check the arguments of ``scaled_dot_product_attention`` and canonicalise them."""
+    """Check the arguments of ``scaled_dot_product_attention`` and canonicalise them.
+
+    Accepts what torch's SDPA accepts: q, k, v of any ranks >= 2 whose leading dims (the
+    head dim -3 included) broadcast as in ``torch.matmul``; with ``enable_gqa``, key and
+    value heads that each divide the query heads (possibly different counts); empty dims.
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     q, k, v = query, key, value
-    if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(
-            "query, key and value must have the same number of dimensions, got "
-            f"query {_shape(q)}, key {_shape(k)}, value {_shape(v)}")
-    if q.dim() < 2:
-        raise ValueError(f"query, key and value must be at least 2-D (..., L, E), got query {_shape(q)}")
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        raise ValueError("query, key and value must be at least 2-D (..., L, E), got "
+                         f"query {_shape(q)}, key {_shape(k)}, value {_shape(v)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
             f"query, key and value must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -103,28 +123,27 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        if t.numel() == 0:
-            raise ValueError(f"{name} has an empty dimension: shape {_shape(t)}; every dim must be >= 1")
     L, E = q.shape[-2], q.shape[-1]
     S = k.shape[-2]
     if k.shape[-1] != E:
         raise ValueError(f"query and key must have the same head dim E, got query {_shape(q)}, key {_shape(k)}")
     if v.shape[-2] != S:
         raise ValueError(f"key and value must have the same length S, got key {_shape(k)}, value {_shape(v)}")
-    rank = q.dim()
+    rank = max(q.dim(), k.dim(), v.dim())
     if rank >= 3:
-        Hq, Hk = q.shape[-3], k.shape[-3]
-        if v.shape[-3] != Hk:
-            raise ValueError(f"key and value must have the same number of heads, got key {_shape(k)}, value {_shape(v)}")
-        if Hq != Hk:
-            if not enable_gqa:
-                raise ValueError(
-                    f"query has {Hq} heads but key/value have {Hk} (dim -3); grouped-query attention "
-                    "needs enable_gqa=True")
-            if Hq % Hk != 0:
-                raise ValueError(
-                    f"grouped-query attention needs query heads divisible by key/value heads, got {Hq} and {Hk}")
+        q, k, v = (t if t.dim() >= 3 else t.unsqueeze(0) for t in (q, k, v))  # rank 2: one head
+        Hq = q.shape[-3]
+        Hk, Hv = _heads_of("key", k, Hq, enable_gqa), _heads_of("value", v, Hq, enable_gqa)
+        gqa = enable_gqa and (Hk != Hq or Hv != Hq)
+        if not gqa:  # the head dim broadcasts like the batch dims
+            H = Hq if Hq != 1 else (Hk if Hk != 1 else Hv)
+            for name, h in (("key", Hk), ("value", Hv)):
+                if h not in (1, H):
+                    hint = "; grouped-query attention needs enable_gqa=True" if h and H % h == 0 else ""
+                    raise ValueError(f"query has {Hq} heads but {name} has {h} (dim -3) and they do not broadcast{hint}: "
+                                     f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}")
+        else:
+            H = Hq
         try:
             batch = tuple(q.shape[:-3])
             if not (k.shape[:-3] == v.shape[:-3] == batch):  # the common case skips broadcasting
@@ -132,14 +151,16 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         except RuntimeError:
             raise ValueError(
                 "the batch dims of query, key and value (all but the last three) must broadcast, got "
-                f"query {_shape(q)}, key {_shape(k)}, value {_shape(v)}") from None
+                f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}") from None
+        out_batch = batch + (H,)
     else:
-        Hq = Hk = 1
-        batch = ()
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        Hq = Hk = Hv = H = 1
+        batch, out_batch = (), ()
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if scale is None:
-        scale = 1.0 / math.sqrt(E)  # symbolic under torch.compile(dynamic=True): no float() of it
+        # symbolic under torch.compile(dynamic=True): no float() of it. E = 0: every score is 0.
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     else:
         scale = float(scale)
         if not math.isfinite(scale):
@@ -147,36 +168,42 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 
     causal = CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE
     mask = None
+    B = math.prod(batch)
     if attn_mask is not None:
-        if is_causal:
-            raise ValueError("attn_mask and is_causal=True were both given; pass one of them")
         if isinstance(attn_mask, CausalBias):
+            if is_causal:
+                raise ValueError("attn_mask is a CausalBias and is_causal=True; pass one of them "
+                                 "(torch refuses this too)")
             causal = _causal_from_bias(attn_mask, L, S)
         elif isinstance(attn_mask, Tensor):
-            if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-                raise TypeError(
-                    f"attn_mask must be bool or have the query's dtype {q.dtype}, got {attn_mask.dtype}")
+            if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+                raise TypeError(f"attn_mask must be bool, float32 or the query's dtype {q.dtype}, "
+                                f"got {attn_mask.dtype}")
             if attn_mask.device != q.device:
                 raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
-            full = batch + ((Hq,) if rank >= 3 else ()) + (L, S)
+            full = out_batch + (L, S)
             try:
                 ok = tuple(torch.broadcast_shapes(attn_mask.shape, full)) == full
             except RuntimeError:
                 ok = False
             if not ok:
                 raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {full}")
-            mask = attn_mask.expand(full).reshape(-1, Hq, L, S)
+            mask = attn_mask.expand(full).reshape(B, H, L, S)  # with is_causal too: both apply, as torch
         else:
             raise TypeError(f"attn_mask must be a Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
 
-    def canon(t: Tensor, H: int) -> Tensor:
-        if rank == 4 and t.shape[0] == batch[0]:
-            return t  # already (B, H, L, E)
-        if rank >= 3:
-            t = t.expand(batch + tuple(t.shape[-3:]))
-        return t.reshape((-1, H) + tuple(t.shape[-2:]))
+    if rank >= 3:
+        if not gqa:  # key / value heads are 1 or H; H copies of one head are one shared kv head
+            Hk, Hv = (1 if h == 1 else H for h in (Hk, Hv))
+        if Hk != Hv:  # the kernels take one kv head count: the least common multiple (copies)
+            Hkv = math.lcm(Hk, Hv)
+            k = k.repeat_interleave(Hkv // Hk, dim=-3) if Hk > 1 else k.expand(k.shape[:-3] + (Hkv,) + k.shape[-2:])
+            v = v.repeat_interleave(Hkv // Hv, dim=-3) if Hv > 1 else v.expand(v.shape[:-3] + (Hkv,) + v.shape[-2:])
+            Hk = Hv = Hkv
+        q, k, v = _canonical(q, batch, B, H), _canonical(k, batch, B, Hk), _canonical(v, batch, B, Hk)
+    else:
+        q, k, v = (t.reshape(1, 1, t.shape[0], t.shape[1]) for t in (q, k, v))
 
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out_shape = batch + tuple(q.shape[-min(rank, 3):-1]) + (v.shape[-1],)
-    return Problem(canon(q, Hq), canon(k, Hk), canon(v, Hk), mask, causal, scale,
-                   float(dropout_p), needs_grad, out_shape)
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    out_shape = out_batch + (L, v.shape[-1])
+    return Problem(q, k, v, mask, causal, scale, float(dropout_p), needs_grad, out_shape)
