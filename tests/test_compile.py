@@ -233,6 +233,24 @@ def test_models(name):
         torch.testing.assert_close(compiled(longer), model(longer), atol=1e-5, rtol=1e-5)
 
 
+def test_gpt_decoding_steps():
+    """A prompt, then a token, through the KV cache (causal flag, then no mask), no graph break."""
+    model = models.GPT(_config(backend="cpu")).eval()
+
+    def decode(prompt, tokens):
+        cache = model.init_cache()
+        logits = [model.decode_step(prompt, cache)]
+        for i in range(tokens.shape[1]):
+            logits.append(model.decode_step(tokens[:, i:i + 1], cache))
+        return torch.cat(logits, dim=1)
+
+    prompt, tokens = torch.randint(0, 32, (2, 5)), torch.randint(0, 32, (2, 1))
+    assert_no_graph_breaks(decode, prompt, tokens)
+    got = torch.compile(decode, fullgraph=True, backend=Recorder())(prompt, tokens)
+    torch.testing.assert_close(got, decode(prompt, tokens))
+    torch.testing.assert_close(got, model(torch.cat([prompt, tokens], dim=1)), atol=1e-5, rtol=1e-5)
+
+
 # ---- torch.export ----
 
 class Attention(torch.nn.Module):

@@ -17,6 +17,10 @@ PyTorch) or None (the fastest one that can run each call). Causal self-attention
 reaches the kernels as a causal flag (lower-right aligned while decoding with a KV
 cache), never as a mask tensor; a padding mask or attention dropout is a mask tensor /
 dropout that only the reference backend runs.
+
+Under ``torch.compile`` the models' forward (and backward) trace with no graph break, and so
+does a decoding step of one token. A step of several tokens after a filled cache passes a
+``CausalBias``, which torch.compile cannot construct: one graph break there.
 """
 from __future__ import annotations
 
@@ -145,7 +149,7 @@ class Attention(nn.Module):
                 mask = mask & causal_mask(L, S, CausalMode.LOWER_RIGHT, x.device)
         elif causal and L == S:
             is_causal = True
-        elif causal:
+        elif causal and L > 1:  # (one new query, the last position, sees every key: no mask at all)
             mask = causal_lower_right(L, S)
         dropout_p = self.attn_dropout if self.training else 0.0
         y = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
