@@ -91,10 +91,11 @@ class KernelBackend:
             return f"a {'boolean' if p.mask.dtype == torch.bool else 'float'} attn_mask tensor is not supported (only causal masks and CausalBias)"
         if p.dropout_p > 0.0:
             return f"dropout_p > 0 is not supported (got {p.dropout_p})"
-        if p.head_dim == 0 or p.head_dim_v == 0:
-            return f"head dims of 0 are not supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
-        if max(p.head_dim, p.head_dim_v) > MAX_KERNEL_HEAD_DIM:
-            return f"head dims up to {MAX_KERNEL_HEAD_DIM} are supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
+        E, Ev = p.head_dim, p.head_dim_v
+        if not (0 < E <= MAX_KERNEL_HEAD_DIM and 0 < Ev <= MAX_KERNEL_HEAD_DIM):
+            if E == 0 or Ev == 0:
+                return f"head dims of 0 are not supported, got E = {E}, Ev = {Ev}"
+            return f"head dims up to {MAX_KERNEL_HEAD_DIM} are supported, got E = {E}, Ev = {Ev}"
         try:
             ops = self.ops()
         except ImportError as e:

@@ -99,6 +99,29 @@ def _canonical(t: Tensor, batch: Tuple[int, ...], B: int, heads: int) -> Tensor:
     return t.expand(batch + (heads, n, d)).reshape(B, heads, n, d)
 
 
+def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
+    """The Problem of the common call (4-D q, k, v of one batch size, dtype and device, kv heads that
+    the query heads share, no mask, no dropout, the default scale) with fewer checks; None for any
+    other call, which the general path then checks and canonicalises. Per-call overhead matters
+    for small problems (decoding)."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)) or scale is not None:
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return None
+    B, Hq, L, E = qs
+    Hk, S = ks[1], ks[2]
+    if not (ks[0] == vs[0] == B and vs[1] == Hk and ks[3] == E > 0 and vs[2] == S):
+        return None
+    if Hq != Hk and not (Hk == 1 or (enable_gqa and Hk > 0 and Hq % Hk == 0)):
+        return None
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES and q.device == k.device == v.device):
+        return None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return Problem(q, k, v, None, CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE, 1.0 / math.sqrt(E),
+                   0.0, needs_grad, (B, Hq, L, vs[3]))
+
+
 def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                  scale=None, enable_gqa=False) -> Problem:
     """Check the arguments of ``scaled_dot_product_attention`` and canonicalise them.
@@ -107,6 +130,10 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     head dim -3 included) broadcast as in ``torch.matmul``; with ``enable_gqa``, key and
     value heads that each divide the query heads (possibly different counts); empty dims.
     """
+    if attn_mask is None and not dropout_p:
+        p = _common_call(query, key, value, is_causal, scale, enable_gqa)
+        if p is not None:
+            return p
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -239,3 +239,26 @@ def test_automatic_order_by_device(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         assert dispatch.order(torch.device("cuda")) == expected
     assert set(dispatch.ORDER) == set(dispatch.ORDER_BEFORE_HOPPER) == set(dispatch.BACKENDS)
+
+
+@pytest.mark.parametrize("shapes,kwargs", [
+    (((2, 3, 7, 16), (2, 3, 9, 16), (2, 3, 9, 24)), {"is_causal": True}),
+    (((2, 6, 7, 16), (2, 2, 9, 16), (2, 2, 9, 16)), {"enable_gqa": True}),
+    (((2, 6, 7, 16), (2, 1, 9, 16), (2, 1, 9, 16)), {}),
+    (((1, 2, 0, 16), (1, 2, 9, 16), (1, 2, 9, 16)), {}),
+])
+@pytest.mark.parametrize("grad", [False, True])
+def test_common_call_fast_path_builds_the_general_problem(shapes, kwargs, grad):
+    """make_problem's fast path for plain 4-D calls gives the Problem the general path builds."""
+    from fused_attn.problem import _common_call, make_problem
+
+    q, k, v = (rand(*s).requires_grad_(grad) for s in shapes)
+    fast = _common_call(q, k, v, kwargs.get("is_causal", False), None, kwargs.get("enable_gqa", False))
+    general = make_problem(q, k, v, scale=shapes[0][-1] ** -0.5, **kwargs)  # a scale: the general path
+    assert fast is not None
+    for field in ("causal", "dropout_p", "needs_grad", "out_shape", "mask"):
+        assert getattr(fast, field) == getattr(general, field), field
+    assert fast.scale == pytest.approx(general.scale, rel=1e-15)
+    for a, b in ((fast.q, general.q), (fast.k, general.k), (fast.v, general.v)):
+        assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+    assert _common_call(q, k[:1] if k.shape[0] > 1 else k[:, :, :1], v, False, None, False) is None
