@@ -150,7 +150,12 @@ def _check_name(name: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Run the attention calls inside the block on backend ``name`` (None: automatic)."""
+    """Run the attention calls inside the block on backend ``name`` (None: automatic).
+
+    The choice holds for the calling thread (other threads keep theirs), also for a function
+    compiled with torch.compile, which recompiles when it is called under another choice. It is
+    per thread, not per asyncio task: a block that awaits shares its choice with the thread's other tasks.
+    """
     name = None if name is None else _check_name(name)
     outer = getattr(_context, "backend", None)
     _context.backend = name

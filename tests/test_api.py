@@ -262,3 +262,28 @@ def test_common_call_fast_path_builds_the_general_problem(shapes, kwargs, grad):
     for a, b in ((fast.q, general.q), (fast.k, general.k), (fast.v, general.v)):
         assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
     assert _common_call(q, k[:1] if k.shape[0] > 1 else k[:, :, :1], v, False, None, False) is None
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = dispatch.requested_backend()
+        with fused_attn.use_backend("cpu"):
+            seen["other inner"] = dispatch.requested_backend()
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with fused_attn.use_backend("reference"):
+        inside.set()
+        done.wait()
+        seen["main"] = dispatch.requested_backend()
+    t.join()
+    assert seen == {"other": None, "other inner": "cpu", "main": "reference"}
+    assert dispatch.requested_backend() is None
