@@ -168,9 +168,11 @@ def test_first_call_of_the_process_under_compile(monkeypatch):
         if isinstance(b, dispatch.KernelBackend):
             monkeypatch.setattr(b, "_ops", None)
             monkeypatch.setattr(b, "_import_error", None)
+    monkeypatch.setattr(dispatch.BACKENDS["triton"], "module", "no_such_module")  # as if triton were missing
     q, k, v = leaves((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
     assert_no_graph_breaks(sdpa_causal(None), q, k, v)
     assert dispatch.BACKENDS["cpu"]._ops is not None
+    assert "not available in this install" in fused_attn.explain_dispatch(q, k, v)["triton"]
 
 
 def test_fallback_warning_under_compile(monkeypatch):
