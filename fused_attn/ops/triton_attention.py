@@ -422,8 +422,13 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 
               100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
 SMEM_LIMIT_DEFAULT = 99 * 1024
 # Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
-REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 100,
+REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 66,
                    ("dq", 4): 100}
+# Inputs that are not 16-byte aligned (see _aligned) load element by element, an address and a
+# value register each: their tiles get this share of the budget. Measured on sm_90's pointer
+# path: fp16/bf16 head dims up to 128 then compile without spills; head dim 256 spills with every
+# config (40 to 552 bytes), a known limitation of misaligned inputs.
+MISALIGNED_REGISTER_SHARE = 0.5
 # Hopper's wgmma and datacenter Blackwell's tcgen05 MMAs cover 64 rows per warpgroup: smaller
 # forward query blocks fall back to mma.sync. Consumer Blackwell (sm_120) has mma.sync only.
 WGMMA_MIN_BLOCK_M = 64
@@ -441,7 +446,7 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int) -> bool:
+def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, aligned: bool) -> bool:
     """Rough shared-memory and register estimates, calibrated on the compile table."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     threads = 32 * cfg.num_warps
@@ -456,17 +461,18 @@ def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int) 
     else:  # dq: q, do, dq in registers; k/v tiles streamed
         smem = cfg.num_stages * bn * (d + dv) * elem + bm * (d + dv) * elem
         regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
-    return smem <= smem_limit(arch) and regs <= REGISTER_BUDGET[kind, elem]
+    budget = REGISTER_BUDGET[kind, elem] * (1 if aligned else MISALIGNED_REGISTER_SHARE)
+    return smem <= smem_limit(arch) and regs <= budget
 
 
 def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int,
-                  length: Optional[int] = None) -> List[triton.Config]:
-    """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype and arch,
-    and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than it.
-    Never empty; kept configs stay in their declared order."""
+                  length: Optional[int] = None, aligned: bool = True) -> List[triton.Config]:
+    """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype, arch and
+    alignment, and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than
+    it. Never empty; kept configs stay in their declared order."""
     configs = CONFIGS[kind][elem_bytes]
     d, dv = block_d(head_dim), block_d(head_dim_v)
-    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch)]
+    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned)]
     if not kept:  # never empty: fall back to the smallest tiles
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     if length is not None:
@@ -476,10 +482,12 @@ def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, ar
     return kept
 
 
-def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: int, length: int) -> triton.Config:
+def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: int, length: int,
+                 aligned: bool = True) -> triton.Config:
     """Deterministic mode's config: the first config, in declared order, that prune_configs keeps for
-    this (kind, arch, dtype, head dims, length bucket). A pure function, so every process picks it."""
-    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length)[0]
+    this (kind, arch, dtype, head dims, length bucket, alignment). A pure function, so every process
+    picks it."""
+    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned)[0]
 
 
 # Autotune keys. Triton keys its tuning cache on these arguments' values plus the dtype of each
@@ -498,7 +506,7 @@ def prune_hook(kind: str):
     length bucket, never a tensor: on the TMA path Q, K, V and O are TensorDescriptors."""
     def prune(configs, named_args, **kwargs):
         return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], ELEM_BYTES[kwargs["DTYPE"]],
-                             kwargs["ARCH"], named_args[TUNED_LENGTH[kind]])
+                             kwargs["ARCH"], named_args[TUNED_LENGTH[kind]], kwargs["ALIGNED"])
     return prune
 
 
@@ -602,7 +610,7 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
     if INTERPRETED:
         return triton.Config(dict(INTERPRETER_BLOCKS), pre_hook=_tma_block_shapes)
     if deterministic:
-        return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length)
+        return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length, meta["ALIGNED"])
     return None
 
 
