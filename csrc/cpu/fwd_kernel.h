@@ -37,6 +37,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "config.h"
 #include "gemm.h"
@@ -309,6 +310,45 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_
   }
 }
 
+// The math path multiplies P (0 where masked) by every row of V, so a NaN or inf in
+// v[j, e] makes out[i, e] NaN for each row i that does not see key j (0 * NaN, 0 * inf).
+// The tiles do that for the keys of the blocks they visit; this sets it for the rest (key
+// blocks past a query block's causal diagonal), so that out does not depend on the tiling.
+// A vectorisable check of each kv head (v * 0 is NaN only for NaN / inf), and a scan of its
+// columns only where it finds one.
+template <typename scalar_t>
+void poison_unseen_nonfinite_v(const AttnParams& p) {
+  const int64_t group = p.Hq / p.Hk;
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+  at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> last_bad(p.Ev);
+    for (int64_t bhk = begin; bhk < end; ++bhk) {
+      const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
+      const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
+      float probe = 0.0f;
+      for (int64_t j = 0; j < p.S; ++j) {
+        const scalar_t* row = v_bh + j * p.v_sl;
+#pragma omp simd reduction(+ : probe)
+        for (int64_t e = 0; e < p.Ev; ++e) probe += static_cast<float>(row[e]) * 0.0f;
+      }
+      if (probe == probe) continue;
+      std::fill(last_bad.begin(), last_bad.end(), int64_t(-1));
+      for (int64_t j = 0; j < p.S; ++j)
+        for (int64_t e = 0; e < p.Ev; ++e)
+          if (!std::isfinite(static_cast<double>(v_bh[j * p.v_sl + e]))) last_bad[e] = j;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        scalar_t* out_bh = out + (b * p.Hq + h) * p.L * p.Ev;
+        for (int64_t i = 0; i < p.L; ++i) {
+          const int64_t seen = visible_keys(p, i, 0, p.S);  // keys [0, seen)
+          for (int64_t e = 0; e < p.Ev; ++e)
+            if (last_bad[e] >= seen) out_bh[i * p.Ev + e] = std::numeric_limits<scalar_t>::quiet_NaN();
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void attention_forward(AttnParams p) {
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
@@ -446,6 +486,7 @@ void attention_forward(AttnParams p) {
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
+  if (p.causal) poison_unseen_nonfinite_v<scalar_t>(p);
 }
 
 }  // namespace fused_attn::cpu

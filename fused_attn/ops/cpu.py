@@ -20,6 +20,14 @@ Dtypes fp32, bf16, fp16 (fp32 accumulation, lse fp32) and fp64 (fp64 throughout,
 what ``torch.autograd.gradcheck`` needs). Head dims E and Ev up to 256, independent.
 Causal: query i sees key j iff j <= i + offset (0 upper-left, S - L lower-right); a row
 that sees no key outputs 0, lse = -inf, and gets zero gradients.
+
+Numerics at the edges: any finite scale (1e-30 to 1e30, negative too) gives exact row maxima:
+the softmax subtracts the max before it scales, so no FMA contraction can move it; the
+backward recomputes the exp2 max and row sum of rows whose |lse| is too large to recompute
+P from the stored lse (|lse| log2 e > 32). NaN in, NaN out as in the math path: a NaN score
+makes its row's out, lse and gradients NaN, a +inf score gives lse = +inf, -inf scores get
+P = 0. Strides are 64-bit throughout: a size-1 dim may carry any stride, and a leading dim past
+BLAS's int is copied before the BLAS call.
 """
 from __future__ import annotations
 
