@@ -54,8 +54,9 @@ class MultiheadAttention(nn.Module):
       key is then visible to every query). The returned weights use ``attn_mask`` itself.
       Without ``attn_mask`` it raises, as torch's documented path does (torch's
       inference fast path silently ignores it).
-    * A query that may see no key at all (all of its keys masked) outputs zeros
-      (torch: NaN); its returned weights are NaN, as torch's.
+    * A query that may see no key at all (all of its keys masked) outputs zeros (torch 2.13:
+      NaN with ``need_weights=True``, whose output it computes from the weights; zeros with
+      ``need_weights=False``); its returned weights are NaN, as torch's.
     * In training with ``dropout > 0`` the returned weights are those before dropout
       (the output uses dropped-out weights, as in torch).
     * There is no nested-tensor fast path.
