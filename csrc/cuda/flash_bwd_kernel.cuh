@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       const int row = m0 + i;
       const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
       const float lse2 = row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
-      const float delta = row < p.len_q ? p.delta.load(idx) : 0.f;
       smem_store(sLse + st * kM + i, lse2);
+      const float delta = row < p.len_q ? p.delta.load(idx) : 0.f;
       smem_store(sDelta + st * kM + i, delta);
     }
   };
