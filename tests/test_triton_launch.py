@@ -158,6 +158,17 @@ def test_arch_limits(decisions):
     assert {a: T.smem_limit(a) // kb for a in want} == want
 
 
+def test_triton_versions():
+    """Triton 3.6 to 3.9 (and later) are accepted; older ones are refused by an ImportError, which
+    the dispatcher reports as the backend's reason. (The launch path and the compiles of this file
+    were also run by hand under Triton 3.6.0; CI installs 3.9.)"""
+    from fused_attn.ops import triton_attention as T
+    assert T.triton_version_problem("3.5.1") == "Triton 3.5.1 is older than 3.6, the oldest these kernels support"
+    assert T.triton_version_problem("2.3.0") is not None
+    for ok in ("3.6.0", "3.7.1", "3.9.0", "3.9.0+git1234abc", "3.10.0"):
+        assert T.triton_version_problem(ok) is None, ok
+
+
 def test_deterministic_mode_skips_the_autotuner():
     """torch.use_deterministic_algorithms(True): no config is timed, the autotuner never runs, and
     each launch runs fixed_config (the first kept config), the same in two fresh processes."""

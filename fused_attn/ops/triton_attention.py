@@ -51,7 +51,22 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+MIN_TRITON = (3, 6)  # host TensorDescriptor, in-kernel desc.load/store as used here: checked on 3.6 and 3.9
+
+
+def triton_version_problem(version: str) -> Optional[str]:
+    """Why Triton ``version`` cannot run these kernels (None: it can)."""
+    numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+    if numbers < MIN_TRITON:
+        return f"Triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest these kernels support"
+    return None
+
+
+if triton_version_problem(triton.__version__):  # the dispatcher reports an ImportError as the backend's refusal
+    raise ImportError(triton_version_problem(triton.__version__))
+
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from ..reference import CausalMode
 from ._common import allow_tf32, fake_backward, fake_forward, last_dim_contiguous, new_output
