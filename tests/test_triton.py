@@ -128,6 +128,12 @@ def test_config_pruning():
     assert all(c.kwargs["BLOCK_M"] >= T.WGMMA_MIN_BLOCK_M for c in T.prune_configs("fwd", 128, 128, 2, 90))
     big = T.prune_configs("fwd", 128, 128, 2, 90, length=8192)
     assert any(c.kwargs["BLOCK_M"] == 128 for c in big)
+    # misaligned inputs (unvectorised loads) get half the register budget: smaller tiles, never none
+    for kind in ("fwd", "dkdv", "dq"):
+        for d in (64, 128, 256):
+            aligned, misaligned = (T.prune_configs(kind, d, d, 2, 90, aligned=a) for a in (True, False))
+            assert misaligned and (set(misaligned) <= set(aligned) or len(misaligned) == 1)
+    assert len(T.prune_configs("fwd", 128, 128, 2, 90, aligned=False)) < len(big)
 
 
 def test_fp32_precision_follows_torch_setting(monkeypatch):

@@ -176,6 +176,9 @@ def test_deterministic_mode_skips_the_autotuner():
     assert first == second
     assert first["bench_calls"] == 0 and first["autotuner_runs"] == 0
     assert all(c["launched"] == c["first_kept"] for c in first["cases"])
+    for c in first["cases"]:  # without the autotuner, the config's pre-hook still sized the descriptors
+        if c["kind"] == "fwd" and c["arch"] >= 90 and c["dtype"] != "fp32":
+            assert c["q_type"] == f"tensordesc<{c['dtype']}[1, 1, {c['launched'][0]}, {c['E']}]>", c
     # the autotuned mode (fake timings: the last config wins) would have picked others
     assert any(c["launched"] != c["autotuned"] for c in first["cases"])
 
@@ -261,8 +264,9 @@ def _deterministic(A, T, torch):
                     kept = [[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages]
                             for c in T.prune_configs(kind, E, E, T.ELEM_BYTES[dtype], arch, length)]
                     launched = [_config(r) for r in cap.records if r["kind"] == kind]
+                    q_type = [r["signature"]["Q"] for r in cap.records if r["kind"] == kind][0]
                     cases.append(dict(arch=arch, dtype=dtype, E=E, kind=kind, launched=launched[0],
-                                      first_kept=kept[0], autotuned=kept[-1]))
+                                      first_kept=kept[0], autotuned=kept[-1], q_type=q_type))
     return dict(cases=cases, bench_calls=bench_calls, autotuner_runs=len(runs))
 
 

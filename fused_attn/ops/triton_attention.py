@@ -564,7 +564,7 @@ class Launch:
     kind: str  # "fwd", "pre", "dkdv", "dq": a key of KERNELS
     args: tuple  # positional arguments: tensors or descriptors, strides, sizes, scalars
     meta: dict  # constexpr keyword arguments, all but the config's block sizes
-    grid: Callable[[dict], Tuple[int]]  # of the kernel's arguments and the config's block sizes
+    grid: Callable[[dict], Tuple[int, int, int]]  # of the kernel's arguments and the config's block sizes
     config: Optional[triton.Config]
 
     def named_args(self) -> dict:
@@ -580,7 +580,7 @@ def _grid(length: int, heads: int, block: str) -> Callable[[dict], Tuple[int, in
 
     def grid(meta):
         blocks = triton.cdiv(length, meta[block])
-        if blocks > MAX_GRID_X or z > MAX_GRID_YZ:
+        if blocks > MAX_GRID_X or z > MAX_GRID_YZ or heads > MAX_GRID_X:  # bh is an int32 in the kernels
             raise ValueError(f"fused_attn triton: {blocks} blocks of {meta[block]} rows x {heads} batch*heads "
                              f"exceed CUDA's grid ({MAX_GRID_X} x {MAX_GRID_YZ} x {MAX_GRID_YZ})")
         return (blocks, y, z)
