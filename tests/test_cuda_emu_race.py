@@ -125,6 +125,13 @@ def test_raw_shared_dereference_faults_with_a_message():
             "memory at byte offset 0") in r.stderr
 
 
+def test_thread_exiting_with_cp_async_in_flight_fails(emu):
+    with pytest.raises(RuntimeError) as e:
+        emu.run_smem_race(10)  # threads 0-15: cp.async, commit, return
+    assert ("kernel 'probe_smem_race' block (0,0,0) thread (0,0,0): exited with 1 cp.async copies in flight "
+            "(cp.async.wait_group 0 must cover every copy before the thread exits)") in race_message(e)
+
+
 def test_cp_async_destination_read_by_its_thread_before_wait_fails(emu):
     src = (torch.arange(512) % 251 + 1).to(torch.uint8)
     with pytest.raises(RuntimeError) as e:

@@ -125,7 +125,7 @@ at::Tensor run_cp_async_visibility(const at::Tensor& src, int64_t mode) {
 // The shared-memory tracker probes (modes in test_kernels.cuh): one block of nthreads
 // threads with 4 * nthreads bytes of shared memory; returns out (nthreads,).
 at::Tensor run_smem_race(int64_t mode, int64_t nthreads) {
-  TORCH_CHECK(mode >= 0 && mode <= 9, "mode must be 0..9, got ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= 10, "mode must be 0..10, got ", mode);
   TORCH_CHECK(nthreads >= 64 && nthreads % 32 == 0 && nthreads <= 1024, "nthreads must be a multiple of 32 in [64, 1024], got ",
               nthreads);
   auto out = torch::full({nthreads}, -1, torch::kInt32);

@@ -182,7 +182,8 @@ __global__ void probe_oob(GPtr<const float> x, GPtr<float> y, int64_t shift, int
 // mode 6: s[t] = v, a shuffle, read s[t ^ 1] (a race: a shuffle does not order memory);
 // mode 7: a store one slot past the block's shared memory (bounds error);
 // mode 8: a 4-byte load at shared byte offset 2 (misaligned);
-// mode 9: a raw store through the shared pointer (faults under emulation: never call it in-process).
+// mode 9: a raw store through the shared pointer (faults under emulation: never call it in-process);
+// mode 10: threads 0-15 issue a zero-filling cp.async into their 16 bytes and exit without waiting.
 __global__ void probe_smem_race(GPtr<int32_t> out, int mode) {
   FA_DYNAMIC_SMEM(smem);
   int32_t* s = reinterpret_cast<int32_t*>(smem);
@@ -214,6 +215,9 @@ __global__ void probe_smem_race(GPtr<int32_t> out, int mode) {
     r = fa::smem_load(reinterpret_cast<const int32_t*>(smem + 2));
   } else if (mode == 9) {
     s[t] = v;
+  } else if (mode == 10) {
+    if (t < 16) fa::cp_async_cg16(s + 4 * t, out, 0, 0);
+    fa::cp_async_commit();
   }
   out.store(t, r);
 }
