@@ -27,7 +27,8 @@ INTERPRETER_ONLY = pytest.mark.skipif(not T.INTERPRETED, reason="CPU tensors rea
 I1 = "issue 12 item 1: fp32 gradients degrade as scores grow (a planned design change)"
 I1_FWD = "issue 12 item 1, the forward too: CPU fp32 out 2.4x plain PyTorch's max error at scores ~ 80"
 I2 = "issue 12 item 2: CPU gradients wrong at |scale| >= 1e9 (still after 8d92f7e; dq 1e4-1e14 where 0)"
-I3 = "issue 12 item 3: a NaN of v reaches CPU rows that see no key (still after 8d92f7e)"
+I3 = ("issue 12 item 3: a row that sees no key stays out 0 (the item; api.py's contract), but a NaN of v reaches "
+      "it on the CPU (8d92f7e follows torch's dense P V there)")
 I6 = ("issue 12 item 6: the interpreter truncates P and dS to bf16 inside the kernel; at large scores its bf16 "
       "gradients are worse than plain PyTorch's (test vehicle only)")
 NEW_NAN_LSE = "found by the fuzz suite: a row whose scores hold a NaN gets lse -inf, not NaN"
