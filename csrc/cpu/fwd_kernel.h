@@ -302,12 +302,8 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_
     }
   }
 #endif
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    online_softmax(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
-  } else {
-    online_softmax_lowp(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
-    convert_tile(s, ld, p16, ld16, rows, cols);
-  }
+  online_softmax(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) convert_tile(s, ld, p16, ld16, rows, cols);
 }
 
 // The math path multiplies P (0 where masked) by every row of V, so a NaN or inf in

@@ -56,8 +56,9 @@ inline bool& portable_only() {
 }
 
 // 2^x for x <= 0 in fp32: 2^round(x) built in the exponent bits times a polynomial
-// for 2^f, |f| <= 0.5: degree 7 (truncation error 5e-9, below half an fp32 ulp), or
-// degree 4 (4e-5) where P is rounded to bf16 / fp16 anyway (LOW_PRECISION).
+// for 2^f, |f| <= 0.5 of degree 7 (truncation error 5e-9, below half an fp32 ulp). The
+// 16-bit forward rounds P to bf16 / fp16, but its row sums (hence lse = m + log2 l) are
+// fp32: a lower degree left lse 4e-5 to 7.5e-5 off, all of it where lse is near 0.
 // Returns 0 below -126 (no denormals), including for -inf; NaN for NaN.
 // Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^n / n!.
 constexpr float EXP2_C1 = 0.6931471805599453f, EXP2_C2 = 0.2402265069591007f, EXP2_C3 = 0.05550410866482158f,
@@ -66,15 +67,10 @@ constexpr float EXP2_C1 = 0.6931471805599453f, EXP2_C2 = 0.2402265069591007f, EX
 
 // 2^f on [0, 1) for the AVX-512 softmax (f = x - floor(x), then scalef by floor(x)):
 // near-minimax polynomials (relative-error least squares with Lawson reweighting),
-// coefficients lowest first; max relative error 1.9e-9 (degree 6), 2.6e-6 (4), 7.5e-5 (3).
+// coefficients lowest first; max relative error 1.9e-9 (degree 6).
 constexpr float EXP2_01_D6[7] = {1.0f, 0.6931470036506653f, 0.24022983014583588f, 0.055483341217041016f,
                                  0.009678840637207031f, 0.0012439694255590439f, 0.0002170222724089399f};
-constexpr float EXP2_01_D4[5] = {1.0000026226043701f, 0.6930038332939148f, 0.24144279956817627f,
-                                 0.052011482417583466f, 0.013534121215343475f};
-constexpr float EXP2_01_D3[4] = {0.9999251365661621f, 0.6958339810371399f, 0.22606706619262695f,
-                                 0.07802402973175049f};
 
-template <bool LOW_PRECISION = false>
 FA_ALWAYS_INLINE float exp2_fast(float x) {
   constexpr float ROUND_MAGIC = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   constexpr float C1 = EXP2_C1, C2 = EXP2_C2, C3 = EXP2_C3, C4 = EXP2_C4, C5 = EXP2_C5, C6 = EXP2_C6, C7 = EXP2_C7;
@@ -82,15 +78,12 @@ FA_ALWAYS_INLINE float exp2_fast(float x) {
   const float xc = nan ? 0.0f : (x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x));
   const float n = (xc + ROUND_MAGIC) - ROUND_MAGIC;
   const float f = xc - n;
-  const float p = LOW_PRECISION
-      ? 1.0f + f * (C1 + f * (C2 + f * (C3 + f * C4)))
-      : 1.0f + f * (C1 + f * (C2 + f * (C3 + f * (C4 + f * (C5 + f * (C6 + f * C7))))));
+  const float p = 1.0f + f * (C1 + f * (C2 + f * (C3 + f * (C4 + f * (C5 + f * (C6 + f * C7))))));
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   const float e = p * __builtin_bit_cast(float, bits);
   return nan ? x : e;
 }
 
-template <bool LOW_PRECISION = false>
 FA_ALWAYS_INLINE double exp2_fast(double x) { return std::exp2(x); }
 
 // Online softmax, one key block (raw scores s; sgn, asc as in the header): for each row,
@@ -98,7 +91,7 @@ FA_ALWAYS_INLINE double exp2_fast(double x) { return std::exp2(x); }
 // l = l * corr + rowsum(P) with corr = exp2((m_old - m) * asc). A row whose visible
 // scores so far are all -inf (or NaN) keeps m = -inf and takes P against 0 instead: 0
 // for -inf, NaN for NaN; it stays unseen (l = 0) only without NaN.
-template <bool LOW_PRECISION, typename acc_t>
+template <typename acc_t>
 FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
                                           const int64_t* nvalid, acc_t sgn, acc_t asc, acc_t* m, acc_t* l,
                                           acc_t* corr) {
@@ -117,7 +110,7 @@ FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, in
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < nv; ++c) {
-      const acc_t e = exp2_fast<LOW_PRECISION>((row[c] * sgn - m_use) * asc);
+      const acc_t e = exp2_fast((row[c] * sgn - m_use) * asc);
       row[c] = e;
       sum += e;
     }
@@ -160,7 +153,7 @@ FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 softmax_exponent(__m512 s, __m512 sgn, 
 template <int OUT>
 FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c, int64_t cols, int64_t nv, __m512 x) {
   const __mmask16 kc = lane_mask(cols - c), kv = lane_mask(nv - c);
-  const __m512 e = OUT == 2 ? exp2_avx512(x, kv, EXP2_01_D4) : exp2_avx512(x, kv, EXP2_01_D3);
+  const __m512 e = exp2_avx512(x, kv, EXP2_01_D6);
   if constexpr (OUT == 1) {
     _mm256_mask_storeu_epi16(out + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
   } else if constexpr (OUT == 3) {  // round to nearest even (a quiet NaN stays NaN)
@@ -282,15 +275,11 @@ FA_ALWAYS_INLINE void dscores_impl(acc_t* dp, const acc_t* p, int64_t ld, int64_
 
 FA_CPU_ISA_CLONES void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
                                       float sgn, float asc, float* m, float* l, float* corr) {
-  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
-}
-FA_CPU_ISA_CLONES void online_softmax_lowp(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                                           float sgn, float asc, float* m, float* l, float* corr) {
-  online_softmax_impl<true>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
+  online_softmax_impl(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
 inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
                            double sgn, double asc, double* m, double* l, double* corr) {
-  online_softmax_impl<false>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
+  online_softmax_impl(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
 
 FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
