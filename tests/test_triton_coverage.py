@@ -2,8 +2,8 @@
 
 The interpreter runs the kernels' Python source, so a line tracer sees which kernel
 statements ran. A handful of calls that cover the code paths (each causal mode, ragged
-tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, the
-forward's tensor-descriptor path)
+tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, fp32's
+fp64 lse, the forward's tensor-descriptor path)
 must together execute every statement inside every @triton.jit function.
 """
 import ast
@@ -54,6 +54,7 @@ def test_every_kernel_statement_runs(monkeypatch):
         for mode, dtype, lse_grad, tma in [(CausalMode.NONE, torch.float16, False, False),
                                            (CausalMode.UPPER_LEFT, torch.bfloat16, True, False),
                                            (CausalMode.LOWER_RIGHT, torch.float16, False, False),
+                                           (CausalMode.UPPER_LEFT, torch.float32, True, False),
                                            (CausalMode.LOWER_RIGHT, torch.float16, False, True)]:
             monkeypatch.setattr(T, "INTERPRETER_TMA", tma)
             q, k, v = make_inputs(1, 4, 2, 70, 45, 40, 24, dtype)

@@ -40,10 +40,27 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def fake_forward(q, k, v, causal, scale):
-    """Shapes of a backend's forward op (out (B, H, L, Ev), lse (B, H, L)), for torch.compile."""
+# What each backend's forward saves for its backward, which rebuilds P = exp(s * scale - lse)
+# from it (issue 12 item 1). In fp32, lse is rounded to an ulp of itself: at scores ~ 1e3 that
+# is ~6e-5, so P at a row's largest score misses 1 / l by that much relative and the fp32
+# gradients came out hundreds of times worse than plain fp32 PyTorch's. CPU: fp32 lse, and for
+# rows with a large |lse| the backward recomputes the row max and sum exactly (see
+# csrc/cpu/bwd_kernel.h). Triton: an fp64 lse for fp32 inputs (saved_lse_dtype), joined from the
+# forward's fp32 row max and its fp64 log-sum, which the backward splits into two fp32 halves,
+# hi + lo, so that s * scale * log2(e) - hi is exact at the row max. CUDA: fp16/bf16 only, where
+# P is rounded to 16 bits before its dots and an fp32 lse is more than precise enough. The caller
+# always gets the public lse (lse_dtype); autograd.py hands the saved one to the backward.
+def saved_lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lse a backend that saves fp64 for fp32 inputs returns from its forward op: fp64 for
+    fp32 and fp64 inputs, fp32 for fp16 and bf16."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def fake_forward(q, k, v, causal, scale, saved_dtype=None):
+    """Shapes of a backend's forward op (out (B, H, L, Ev), lse (B, H, L)), for torch.compile.
+    ``saved_dtype``: the dtype of the lse the op returns (None: the public one, lse_dtype)."""
     B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=lse_dtype(q.dtype))
+    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=saved_dtype or lse_dtype(q.dtype))
 
 
 def fake_backward(dout, dlse, q, k, v, out, lse, causal, scale):

@@ -1,7 +1,8 @@
 """Triton fused attention, forward and backward (FlashAttention-2 algorithm).
 
 Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit
-stride on the last dim; out (B, Hq, L, Ev); lse (B, Hq, L) fp32, natural log.
+stride on the last dim; out (B, Hq, L, Ev); lse (B, Hq, L), natural log: fp32 for fp16/bf16
+inputs, fp64 for fp32 inputs (the autograd function hands callers an fp32 copy).
 GQA/MQA: q head h reads kv head h // (Hq // Hk).
 dtypes fp16, bf16, fp32 (fp32 dots are IEEE unless the user allowed TF32).
 Head dims 1..256, padded inside the kernel to a power of two >= 16 by masked loads.
@@ -19,7 +20,15 @@ out = 0 and lse = -inf; its gradients are 0.
 Backward: delta = rowsum(dO * O) - dlse (the lse gradient enters here, since
 d lse / d s = P); a dK/dV kernel per key block loops over the query blocks of
 every q head in its group (so GQA sums need no atomics), and a dQ kernel per query
-block loops over key blocks; both recompute P = exp2(s * log2e - lse * log2e).
+block loops over key blocks; both recompute P = exp2((s * log2e - hi) - lo), where hi + lo is
+lse * log2e (_lse_log2). For fp32 inputs the forward joins its fp32 row max m (log2 units) and
+ln l in an fp64 lse and the backward splits lse * log2e into fp32 hi and lo: at a row's largest
+score s * log2e - hi is exact, so P = 1 / l to fp32 precision however large the scores (an fp32
+lse is off by an ulp of itself, ~6e-5 at lse ~ 1e3, which made fp32 gradients hundreds of times
+worse than plain PyTorch's: issue 12 item 1). Cost: a few fp64 operations per row per block.
+For fp16/bf16 the lse stays fp32 and lo = 0 (P is rounded to 16 bits before its dots anyway).
+Not fixed by this: delta = rowsum(dO * O) is summed in another order than dP, so in a row whose
+P is one-hot dS = P (dP - delta) is a few ulps of dP instead of 0 (tests/test_large_scores.py).
 
 Determinism: no atomics anywhere, so one config gives bitwise-identical results run after run.
 Default (autotuned) mode: the first call with each tuning key times every config the prune keeps
@@ -69,10 +78,12 @@ if triton_version_problem(triton.__version__):  # the dispatcher reports an Impo
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from ..reference import CausalMode
-from ._common import allow_tf32, fake_backward, fake_forward, last_dim_contiguous, new_output
+from ._common import allow_tf32, fake_backward, fake_forward, last_dim_contiguous, new_output, saved_lse_dtype
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # for the kernels, which read module globals only as constexprs
+_LN2 = tl.constexpr(LN2)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -201,7 +212,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if LSE.dtype.element_ty == tl.float64:  # fp32 inputs: m_i (exact, in log2 units) and ln l joined in fp64
+        lse = tl.where(seen, m_i.to(tl.float64) * _LN2 + tl.log(l_safe.to(tl.float64)), float("-inf"))
+    else:
+        lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
     if TMA:  # rows past L and columns past Ev are clipped by the descriptor
         O.store([b32, h32, start_m, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, BLOCK_DV]))
     else:
@@ -209,6 +223,25 @@ def _fwd_kernel(Q, K, V, O, LSE,
         tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
                  mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit
+def _lse_log2(ptrs, mask):
+    """lse * log2(e) of the rows at ``ptrs`` as fp32 (hi, lo), for P = exp2((s * qk_scale - hi) - lo).
+    An fp64 lse (fp32 inputs) splits into hi = fp32(t) and lo = fp32(t - hi), so that at a row's
+    largest score, which the forward rounded to fp32 exactly as here, s * qk_scale - hi is exact and
+    P = 1 / l to fp32 precision however large the scores. lo is 0 where t is +-inf (a row that sees
+    no key keeps P = 0, an inf score row keeps today's P) and NaN only where hi is NaN.
+    An fp32 lse (fp16/bf16 inputs, whose P is rounded to 16 bits anyway) gives lo = 0."""
+    lse = tl.load(ptrs, mask=mask, other=0.0)
+    if ptrs.dtype.element_ty == tl.float64:
+        t = lse * _LOG2E
+        hi = t.to(tl.float32)
+        lo = tl.where(t == hi, 0.0, t - hi).to(tl.float32)
+    else:
+        hi = lse * _LOG2E
+        lo = tl.zeros_like(hi)
+    return hi, lo
 
 
 @triton.jit
@@ -248,11 +281,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                      mask=(offs_d[:, None] < HEAD_DIM) & in_l[None, :], other=0.0)
         do = tl.load(do_base + row0 * stride_dom + rows[:, None] * stride_dom + offs_dv[None, :],
                      mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=in_l, other=0.0) * 1.4426950408889634
+        lse_hi, lse_lo = _lse_log2(lse_base + offs_m, in_l)
         delta = tl.load(delta_base + offs_m, mask=in_l, other=0.0)
         # Rows past L load q = dO = 0, so they add nothing to dK or dV; keys past S are never stored.
         st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
+        pt = tl.math.exp2((st - lse_hi[None, :]) - lse_lo[None, :])
         if MASKED:
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, pt, 0.0)
         dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
@@ -316,8 +349,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset,
-                  qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S,
+                  causal_offset, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
@@ -338,7 +371,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
             vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
                          mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
         s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None])
         if MASKED:
             visible = offs_n[None, :] < S
             if CAUSAL:
@@ -372,17 +405,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dom + rows[:, None] * stride_dom
                  + offs_dv[None, :], mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     row_ids = (b * H + h) * L + offs_m
-    lse = tl.load(LSE + row_ids, mask=in_l, other=0.0) * 1.4426950408889634
+    lse_hi, lse_lo = _lse_log2(LSE + row_ids, in_l)
     delta = tl.load(DELTA + row_ids, mask=in_l, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full, S,
-                       causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
+    dq = _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full,
+                       S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
                        DOT_FP32, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, full, hi, S,
-                       causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
+    dq = _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, stride_vn, offs_m, full, hi,
+                       S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
                        DOT_FP32, PRECISION)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -704,7 +737,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tupl
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
-    lse = new_output((B, H, L), torch.float32, q.device)
+    lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     launch = forward_plan(q, k, v, out, lse, causal, scale, device_arch(q.device),
                           torch.are_deterministic_algorithms_enabled())
     _run(launch, q.device)
@@ -736,7 +769,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple
     return _forward(q, k, v, causal, scale)
 
 
-forward.register_fake(fake_forward)
+@forward.register_fake
+def _(q, k, v, causal, scale):
+    return fake_forward(q, k, v, causal, scale, saved_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fused_attn::triton_bwd", mutates_args=())
