@@ -14,8 +14,10 @@ namespace {
 
 constexpr int64_t CAUSAL_NONE = 0, CAUSAL_UPPER_LEFT = 1, CAUSAL_LOWER_RIGHT = 2;
 
+// The saved lse (lse_t in params.h): fp64 for fp32 and fp64 inputs, fp32 for bf16 / fp16.
 c10::ScalarType lse_dtype(c10::ScalarType dt) {
-  return dt == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+  return dt == c10::ScalarType::Double || dt == c10::ScalarType::Float ? c10::ScalarType::Double
+                                                                      : c10::ScalarType::Float;
 }
 
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {

@@ -1,21 +1,27 @@
 // Fused attention backward on the CPU: recomputes P from the saved lse, never
 // forming anything of size L x S.
 //
-// 1. delta = rowsum(dO * O) - dlse per query row (the lse gradient enters here:
-//    d lse / d s = P, so dS = P * (dP - delta) covers both outputs' gradients).
-//    Rows with |lse| past LSE2_RECOMPUTE_ABOVE (config.h) get their exp2 max and row sum
-//    recomputed from the same score GEMMs as step 2 (recompute_row_stats), so that P
-//    does not inherit the stored lse's rounding.
+// 1. delta = rowsum(dO * O) and dlse per query row (the lse gradient enters with it:
+//    d lse / d s = P, so dS = P * ((dP - delta) + dlse) covers both outputs' gradients).
+//    lse as the exponent's row terms: fp32 inputs save it in fp64 (fwd_kernel.h), taken
+//    here as a score hi and a remainder lo, P = exp2((sign(scale) s - hi) |scale| log2 e - lo)
+//    from the raw scores s, exact at the row's max as in the forward; other dtypes take
+//    P = exp2(s log2 e scale - hi - lo). Rows with |lse| past LSE2_RECOMPUTE_ABOVE*
+//    (config.h) get their exp2 reference and row sum recomputed from the same score GEMMs
+//    as step 2 (recompute_row_stats), so that P does not inherit the stored lse's rounding.
 // 2. One task per (batch, kv head, chunk of key blocks), taken by threads from a shared
 //    counter. For each key block of BWD_TILE.block_k keys it accumulates dK, dV in fp32 (fp64) over the query
 //    blocks of every q head in the group (GQA sums in a fixed order, no atomics):
-//      S  = (scale log2 e) Q K^T;  P = exp2(S - lse log2 e)   (causal mask, skipped blocks)
-//      dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta)
+//      S  = Q K^T;  P from S and the row terms of step 1   (causal mask, skipped blocks)
+//      dV += P^T dO;  dP = dO V^T;  dS = P * ((dP - delta) + dlse)
 //      dK += scale dS^T Q;  dQ_chunk += scale dS K
 //    dQ accumulates in one fp32 (fp64) buffer per chunk of key blocks. Chunks exist
 //    only to feed every thread when B * Hk is smaller than the thread count; key
 //    blocks are dealt to chunks round-robin (balanced under causal masks).
 // 3. dQ = sum over chunks, in order: deterministic for a given thread count.
+//    fp32: where P > DS_EXACT_ABOVE (one key per row at most, the one a large-score row
+//    all but picks) dS = P ((dP - delta) + dlse) takes dP = dO . v and delta in double
+//    (exact_dscore, tile_ops.h): in fp32 both sides' rounding would swamp the difference.
 // GEMMs: fp32 on AVX-512 through our micro-kernel (gemm_avx512.h), with K^T and V^T of
 // the key block transposed once per block, P and dS made in the epilogues of the S and dP
 // GEMMs (ProbsEpilogue, DScoresEpilogue), and P^T, dS^T read in place; otherwise BLAS
@@ -43,66 +49,79 @@ namespace fused_attn::cpu {
 #ifdef FA_CPU_HAVE_AVX512_PATH
 // fp32 on AVX-512, the elementwise steps in the GEMMs' epilogues (tiles row-major, ld;
 // c0 = the panel's first column):
-// P = exp2((sc s - lse2[r]) - lse2_lo[r]), 0 past nvalid[r], from the score tile Q K^T in
-// registers; sc s rounded once and never contracted with the subtraction (the same
-// product StoreEpilogue makes, which recompute_row_stats relies on).
+// P = exp2((g s - hi[r]) a - lo[r]), 0 past nvalid[r], from the raw score tile Q K^T in
+// registers (g = sign(scale), a = |scale| log2 e; hi, lo from step 1): g s - hi is exact
+// near the row's max and the scale multiplies the difference, as in the forward.
 struct ProbsEpilogue {
   float* p;
   int64_t ld, c0;
-  float sc;
+  float g, a;
   const int64_t* nvalid;
-  const float* lse2;
-  const float* lse2_lo;
+  const float* hi;
+  const float* lo;
   template <int MR, int NV>
   FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
-    const __m512 vsc = _mm512_set1_ps(sc);
+    const __m512 vg = _mm512_set1_ps(g), va = _mm512_set1_ps(a);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const int64_t row = m0 + r, nv = nvalid[row] - c0;
-      const __m512 hi = _mm512_set1_ps(lse2[row]), lo = _mm512_set1_ps(lse2_lo[row]);
+      const __m512 h = _mm512_set1_ps(hi[row]), o = _mm512_set1_ps(lo[row]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        const __m512 y = _mm512_mul_round_ps(c[r][v], vsc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 x = _mm512_sub_ps(_mm512_sub_ps(y, hi), lo);
+        const __m512 x = _mm512_sub_ps(softmax_exponent(c[r][v], vg, h, va), o);
         const __m512 e = exp2_avx512(x, lane_mask(nv - 16 * v), EXP2_01_D6);
         _mm512_mask_storeu_ps(p + row * ld + c0 + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), e);
       }
     }
   }
 };
-// dS = P * (dP - delta[r]) from the tile dP = dO V^T in registers.
+// dS = P * ((dP - delta[r]) + dlse[r]) from the tile dP = dO V^T in registers; where
+// P > DS_EXACT_ABOVE, exact_dscore (tile_ops.h) from dO's row and V's (in place).
 struct DScoresEpilogue {
   float* ds;
   const float* p;
   int64_t ld, c0;
   const float* delta;
+  const float* dlse;
+  const double* delta64;
+  const float* dout;
+  int64_t do_sl;
+  const float* v;
+  int64_t v_sl, Ev;
   template <int MR, int NV>
   FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const int64_t at = (m0 + r) * ld + c0;
-      const __m512 d = _mm512_set1_ps(delta[m0 + r]);
+      const __m512 d = _mm512_set1_ps(delta[m0 + r]), dl = _mm512_set1_ps(dlse[m0 + r]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         const __mmask16 k = v == NV - 1 ? tail : __mmask16(0xFFFF);
         const __m512 pv = _mm512_maskz_loadu_ps(k, p + at + 16 * v);
-        _mm512_mask_storeu_ps(ds + at + 16 * v, k, _mm512_mul_ps(pv, _mm512_sub_ps(c[r][v], d)));
+        _mm512_mask_storeu_ps(ds + at + 16 * v, k, _mm512_mul_ps(pv, _mm512_add_ps(_mm512_sub_ps(c[r][v], d), dl)));
+        __mmask16 big = _mm512_mask_cmp_ps_mask(k, pv, _mm512_set1_ps(DS_EXACT_ABOVE), _CMP_GT_OQ);
+        while (__builtin_expect(big != 0, 0)) {
+          const int lane = __builtin_ctz(big);
+          big &= big - 1;
+          const int64_t col = c0 + 16 * v + lane, row = m0 + r;
+          ds[at + 16 * v + lane] = exact_dscore(dout + row * do_sl, this->v + col * v_sl, Ev, delta64[row],
+                                                p[at + 16 * v + lane], dlse[row]);
+        }
       }
     }
   }
 };
 #endif
 
-// Step 1b of attention_backward: for the rows marked in `exact` (B * Hq * L), lse2 = the
-// row's max of y = sc Q K^T (the scaled scores exactly as step 2's GEMMs make them, on the
-// same blocks) and lse2_lo = log2 of the row's sum of exp2(y - max). Step 2's
-// P = exp2((y - lse2) - lse2_lo) is then 1 / l at the max however large the scores.
+// Step 1b of attention_backward: for the rows marked in `exact` (B * Hq * L), hi = the
+// row's max of t = g s (s = alpha Q K^T, the scores exactly as step 2's GEMMs make them, on
+// the same blocks) and lo = log2 of the row's sum of exp2((t - max) a). Step 2's
+// P = exp2((t - hi) a - lo) is then 1 / l at the max however large the scores.
 template <typename scalar_t, typename acc_t>
 void recompute_row_stats(const AttnParams& p, bool use_micro, int64_t BQ, int64_t BK, const uint8_t* exact,
-                         acc_t* lse2, acc_t* lse2_lo) {
+                         acc_t alpha, acc_t g, acc_t a, acc_t* hi, acc_t* lo) {
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   const int64_t n_kblocks = (p.S + BK - 1) / BK, group = p.Hq / p.Hk;
-  const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
@@ -134,30 +153,31 @@ void recompute_row_stats(const AttnParams& p, bool use_micro, int64_t BQ, int64_
             if (use_micro) {
               if (!transposed) transpose_f32_avx512(cols, p.E, k_blk, p.k_sl, k_t, BK);
               transposed = true;
-              gemm_f32_avx512<false>(rows, kc, p.E, score_scale, q_blk, p.q_sl, k_t, BK, s, BK, false);
+              gemm_f32_avx512<false>(rows, kc, p.E, alpha, q_blk, p.q_sl, k_t, BK, s, BK, false);
             }
           }
 #endif
-          if (!use_micro) gemm(false, true, rows, kc, p.E, score_scale, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
+          if (!use_micro) gemm(false, true, rows, kc, p.E, alpha, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
           for (int64_t r = 0; r < rows; ++r) {
             if (!ex[i0 + r]) continue;
             const acc_t* y = s + r * BK;
             const int64_t nv = visible_keys(p, i0 + r, j0, kc);
             acc_t mx = NEG_INF;
-            for (int64_t c = 0; c < nv; ++c) mx = y[c] > mx ? y[c] : mx;
+            for (int64_t c = 0; c < nv; ++c) mx = g * y[c] > mx ? g * y[c] : mx;
             const double m_old = m_row[i0 + r], m_new = std::max<double>(m_old, mx);
             if (m_new == double(NEG_INF)) continue;
             double sum = 0;
-            for (int64_t c = 0; c < nv; ++c) sum += std::exp2(double(y[c]) - m_new);
-            l_row[i0 + r] = (m_old == m_new ? l_row[i0 + r] : l_row[i0 + r] * std::exp2(m_old - m_new)) + sum;
+            for (int64_t c = 0; c < nv; ++c) sum += std::exp2((double(g * y[c]) - m_new) * double(a));
+            l_row[i0 + r] =
+                (m_old == m_new ? l_row[i0 + r] : l_row[i0 + r] * std::exp2((m_old - m_new) * double(a))) + sum;
             m_row[i0 + r] = m_new;
           }
         }
       }
       for (int64_t i = 0; i < p.L; ++i) {
         if (!ex[i]) continue;
-        lse2[bh * p.L + i] = static_cast<acc_t>(m_row[i]);
-        lse2_lo[bh * p.L + i] = static_cast<acc_t>(std::log2(l_row[i]));
+        hi[bh * p.L + i] = static_cast<acc_t>(m_row[i]);
+        lo[bh * p.L + i] = static_cast<acc_t>(std::log2(l_row[i]));
       }
     }
   });
@@ -186,33 +206,68 @@ void attention_backward(AttnParams p) {
   const auto* v = static_cast<const scalar_t*>(p.v);
   const auto* out = static_cast<const scalar_t*>(p.out);
   const auto* dout = static_cast<const scalar_t*>(p.dout);
-  const auto* lse = static_cast<const acc_t*>(p.lse);
-  const auto* dlse = static_cast<const acc_t*>(p.dlse);
+  using lse_type = lse_t<scalar_t, acc_t>;
+  const auto* lse = static_cast<const lse_type*>(p.lse);
+  const auto* dlse = static_cast<const lse_type*>(p.dlse);
+  // P = exp2((g s - hi) a - lo) from the scores s = alpha Q K^T (probs_impl, tile_ops.h).
+  // fp32: raw scores, g = sign(scale), a = |scale| log2 e (the forward's), the scale applied
+  // after the subtraction as in the forward; otherwise s already in log2 units.
+  const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
+  const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
+  const acc_t alpha = FP32 ? acc_t(1) : score_scale;
+  const acc_t g = FP32 ? score_sgn : acc_t(1);
+  const acc_t a = FP32 ? score_asc : acc_t(1);
 
-  // 1. delta, and lse in the exp2 domain as hi + lo (lse * log2 e in double, split, so the
-  //    change of base adds no rounding to the exponent of P).
-  at::Tensor rowstats = at::empty({3, p.B * p.Hq * p.L}, at::TensorOptions().dtype(acc_dtype));
+  // 1. delta = rowsum(dO * O) (fp32: also in double, delta64, for exact_dscore) and dlse,
+  //    kept apart (dscores_impl), and lse log2 e in double split as hi a + lo, so that
+  //    neither the change of base nor the split adds rounding to the exponent of P. fp32
+  //    (lse saved in fp64): hi = lse log2 e / a rounded to fp32, a score value (g s - hi exact
+  //    near the row's max), lo the remainder, |lo| <= |lse log2 e| 2^-24.
+  const int64_t n_rows = p.B * p.Hq * p.L;
+  at::Tensor rowstats = at::empty({4, n_rows}, at::TensorOptions().dtype(acc_dtype));
   acc_t* delta = rowstats.data_ptr<acc_t>();
-  acc_t* lse2 = delta + p.B * p.Hq * p.L;
-  acc_t* lse2_lo = lse2 + p.B * p.Hq * p.L;
-  at::Tensor exact_t = at::empty({p.B * p.Hq * p.L}, at::TensorOptions().dtype(at::kByte));
+  acc_t* dl = delta + n_rows;
+  acc_t* hi = dl + n_rows;
+  acc_t* lo = hi + n_rows;
+  at::Tensor delta64_t = at::empty({FP32 ? n_rows : 0}, at::TensorOptions().dtype(at::kDouble));
+  double* delta64 = delta64_t.data_ptr<double>();
+  at::Tensor exact_t = at::empty({n_rows}, at::TensorOptions().dtype(at::kByte));
   uint8_t* exact = exact_t.data_ptr<uint8_t>();
-  at::parallel_for(0, p.B * p.Hq * p.L, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / p.L, i = row % p.L, b = bh / p.Hq, h = bh % p.Hq;
       const scalar_t* o = out + row * p.Ev;
       const scalar_t* d = dout + b * p.do_sb + h * p.do_sh + i * p.do_sl;
-      acc_t sum = 0;
-      for (int64_t c = 0; c < p.Ev; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
-      delta[row] = sum - (dlse ? dlse[row] : acc_t(0));
+      if constexpr (FP32) {
+        delta64[row] = dot_f64(d, o, p.Ev);
+        delta[row] = static_cast<float>(delta64[row]);
+      } else {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < p.Ev; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+        delta[row] = sum;
+      }
+      dl[row] = dlse ? static_cast<acc_t>(dlse[row]) : acc_t(0);
       const double t = static_cast<double>(lse[row]) * LOG2E;
-      lse2[row] = static_cast<acc_t>(t);
-      lse2_lo[row] = std::isinf(t) ? acc_t(0) : static_cast<acc_t>(t - static_cast<double>(lse2[row]));
-      exact[row] = std::isfinite(t) && std::abs(t) > LSE2_RECOMPUTE_ABOVE;
+      if (!std::isfinite(t)) {  // -inf: the row sees nothing; +inf, NaN: P NaN or 0 as in the forward
+        hi[row] = static_cast<acc_t>(t);
+        lo[row] = 0;
+        exact[row] = 0;
+        continue;
+      }
+      if constexpr (FP32) {
+        constexpr double MAX = std::numeric_limits<float>::max();
+        hi[row] = static_cast<float>(std::clamp(t / double(a), -MAX, MAX));
+        lo[row] = static_cast<float>(t - double(hi[row]) * double(a));
+        exact[row] = std::abs(t) > LSE2_RECOMPUTE_ABOVE_FP64_LSE;
+      } else {
+        hi[row] = static_cast<acc_t>(t);
+        lo[row] = static_cast<acc_t>(t - static_cast<double>(hi[row]));
+        exact[row] = std::abs(t) > LSE2_RECOMPUTE_ABOVE;
+      }
     }
   });
-  if (std::find(exact, exact + p.B * p.Hq * p.L, uint8_t(1)) != exact + p.B * p.Hq * p.L)
-    recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, lse2, lse2_lo);
+  if (std::find(exact, exact + n_rows, uint8_t(1)) != exact + n_rows)
+    recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, alpha, g, a, hi, lo);
 
   // 2. dK, dV per key block; dQ per chunk.
   at::Tensor dq_acc_t = at::zeros({n_chunks, p.B * p.Hq * p.L * p.E}, at::TensorOptions().dtype(acc_dtype));
@@ -266,20 +321,22 @@ void attention_backward(AttnParams p) {
             const int64_t kc = p.causal ? std::min(cols, i0 + rows + p.offset - j0) : cols;
             const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
             const scalar_t* do_blk = dout + b * p.do_sb + h * p.do_sh + i0 * p.do_sl;
-            const acc_t* lse2_blk = lse2 + bh * p.L + i0;
-            const acc_t* lse2_lo_blk = lse2_lo + bh * p.L + i0;
+            const acc_t* hi_blk = hi + bh * p.L + i0;
+            const acc_t* lo_blk = lo + bh * p.L + i0;
             const acc_t* delta_blk = delta + bh * p.L + i0;
+            const acc_t* dl_blk = dl + bh * p.L + i0;
+            const double* delta64_blk = FP32 ? delta64 + bh * p.L + i0 : nullptr;
             for (int64_t r = 0; r < rows; ++r)
-              nvalid[r] = lse2_blk[r] == -std::numeric_limits<acc_t>::infinity() ? 0 : visible_keys(p, i0 + r, j0, kc);
+              nvalid[r] = hi_blk[r] == -std::numeric_limits<acc_t>::infinity() ? 0 : visible_keys(p, i0 + r, j0, kc);
             acc_t* dq_blk = dq_chunk + (bh * p.L + i0) * p.E;
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
                 gemm_f32_panels<false>(rows, kc, p.E, q_blk, p.q_sl, k_t, BK, [&](int64_t c0) {
-                  return ProbsEpilogue{s, BK, c0, score_scale, nvalid, lse2_blk, lse2_lo_blk};
+                  return ProbsEpilogue{s, BK, c0, g, a, nvalid, hi_blk, lo_blk};
                 });
                 gemm_f32_panels<false>(rows, kc, p.Ev, do_blk, p.do_sl, v_t, BK, [&](int64_t c0) {
-                  return DScoresEpilogue{dp, s, BK, c0, delta_blk};
+                  return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_sl, v_blk, p.v_sl, p.Ev};
                 });
                 gemm_f32_avx512<true>(kc, p.Ev, rows, 1.0f, s, BK, do_blk, p.do_sl, dv_acc, p.Ev, true);
                 gemm_f32_avx512<true>(kc, p.E, rows, scale, dp, BK, q_blk, p.q_sl, dk_acc, p.E, true);
@@ -288,10 +345,17 @@ void attention_backward(AttnParams p) {
               }
             }
 #endif
-            gemm(false, true, rows, kc, p.E, score_scale, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
-            probs(s, BK, rows, kc, nvalid, lse2_blk, lse2_lo_blk);
+            gemm(false, true, rows, kc, p.E, alpha, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
+            probs(s, BK, rows, kc, nvalid, g, a, hi_blk, lo_blk);
             gemm(false, true, rows, kc, p.Ev, acc_t(1), do_blk, p.do_sl, v_blk, p.v_sl, acc_t(0), dp, BK);
-            dscores(dp, s, BK, rows, kc, delta_blk);
+            dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
+            if constexpr (FP32) {  // as DScoresEpilogue
+              for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < kc; ++c)
+                  if (s[r * BK + c] > DS_EXACT_ABOVE)
+                    dp[r * BK + c] = exact_dscore(do_blk + r * p.do_sl, v_blk + c * p.v_sl, p.Ev, delta64_blk[r],
+                                                  s[r * BK + c], dl_blk[r]);
+            }
             if constexpr (LOW_PRECISION) {
               convert_tile(s, BK, t16, BK, rows, kc);
               gemm(true, false, kc, p.Ev, rows, acc_t(1), t16, BK, do_blk, p.do_sl, acc_t(1), dv_acc, p.Ev);

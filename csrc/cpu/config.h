@@ -14,12 +14,15 @@ constexpr double LN2 = 0.6931471805599453;    // ln(2): lse back to the natural 
 // rescales or recomputes the row's P so far.
 constexpr float LAZY_MAX_SLACK = 8.0f;
 
-// Backward: a row whose lse (log2 units) exceeds this in magnitude has its exp2 max and
-// row sum recomputed from the backward's own scores before P is formed (bwd_kernel.h):
-// the stored lse's rounding (|lse| 2^-24 in fp32) would pass to every P of the row, and
-// beyond ~2^24 (scale 1e9 on randn) make P 0 or inf. Typical rows (lse2 ~ log2 S + a few)
-// stay below it and cost nothing.
+// Backward: a row whose lse (log2 units) exceeds this in magnitude has its exp2 reference
+// and row sum recomputed from the backward's own scores before P is formed (bwd_kernel.h):
+// the stored lse's rounding (|lse| 2^-24 in fp32, 2^-53 in fp64) would pass to every P of
+// the row, and beyond ~2^24 (fp32 lse; scale 1e9 on randn) make P 0 or inf. Typical rows
+// (lse2 ~ log2 S + a few) stay below it and cost nothing. fp32 lse (bf16 / fp16 inputs)
+// and fp64 inputs: 32. fp32 inputs save their lse in fp64, whose rounding stays below
+// 2^-32 up to 2^20.
 constexpr double LSE2_RECOMPUTE_ABOVE = 32.0;
+constexpr double LSE2_RECOMPUTE_ABOVE_FP64_LSE = 1048576.0;  // 2^20
 
 // Largest head dim (of q/k and of v) the kernels take.
 constexpr int64_t MAX_HEAD_DIM = 256;

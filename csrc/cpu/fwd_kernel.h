@@ -6,7 +6,8 @@
 //   S = Q K^T                                  (tile GEMM)
 //   online softmax: T = sign(scale) S, m = max(T), P = exp2((T - m) |scale| log2 e)
 //   acc = acc * exp2((m_old - m) |scale| log2 e) + P V          (tile GEMM)
-// and writes out = acc / l, lse = (m |scale| log2 e + log2 l) ln 2. Scores are scaled
+// and writes out = acc / l, lse = (m |scale| log2 e + log2 l) ln 2 (in fp64 for fp32 and
+// fp64 inputs: bwd_kernel.h rebuilds P from it). Scores are scaled
 // after the max is subtracted (tile_ops.h), so any finite scale, 1e-30 to 1e30 and
 // negative, gives exact row maxima. Key blocks wholly above the causal
 // diagonal are never visited and the diagonal block is cut at the last row's last key;
@@ -369,7 +370,8 @@ void attention_forward(AttnParams p) {
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
-  auto* lse = static_cast<acc_t*>(p.lse);
+  using lse_type = lse_t<scalar_t, acc_t>;
+  auto* lse = static_cast<lse_type*>(p.lse);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
   const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(p.E) : p.E;
@@ -467,7 +469,7 @@ void attention_forward(AttnParams p) {
         }
       }
       scalar_t* out_blk = out + (bh * p.L + i0) * p.Ev;
-      acc_t* lse_blk = lse + bh * p.L + i0;
+      auto* lse_blk = lse + bh * p.L + i0;
       // l = 0: the row saw no key (or only -inf scores): out 0, lse -inf. l NaN (a NaN score)
       // makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf (out NaN: inf - inf).
       for (int64_t r = 0; r < rows; ++r) {
@@ -477,7 +479,7 @@ void attention_forward(AttnParams p) {
         const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()
             ? double(m[r])
             : double(m[r]) * double(score_asc) + std::log2(double(l[r]));
-        lse_blk[r] = seen ? static_cast<acc_t>(lse2 * LN2) : -std::numeric_limits<acc_t>::infinity();
+        lse_blk[r] = seen ? static_cast<lse_type>(lse2 * LN2) : -std::numeric_limits<lse_type>::infinity();
       }
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);

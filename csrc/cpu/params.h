@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_attn::cpu {
 
@@ -18,7 +19,7 @@ struct AttnParams {
   int64_t k_sb, k_sh, k_sl;
   int64_t v_sb, v_sh, v_sl;
   // Forward outputs / saved for backward, contiguous: out (B, Hq, L, Ev), lse (B, Hq, L)
-  // (acc dtype: fp32, fp64 for fp64 inputs).
+  // (lse_t below: fp64 for fp32 and fp64 inputs, fp32 for bf16 / fp16).
   void* out;
   void* lse;
   // Backward only: dout (B, Hq, L, Ev) any strides; dq / dk / dv contiguous like q / k / v;
@@ -34,6 +35,11 @@ struct AttnParams {
   bool causal;
   int64_t offset;  // causal: query i sees key j iff j <= i + offset
 };
+
+// The saved lse's type: fp64 for fp32 inputs too, so that the backward's P is exact at a
+// row's largest score (bwd_kernel.h); fp32 for 16-bit inputs, whose P is rounded anyway.
+template <typename scalar_t, typename acc_t>
+using lse_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, acc_t>;
 
 // Keys [j0, j0 + cols) that query row i may see: a prefix of length in [0, cols].
 inline int64_t visible_keys(const AttnParams& p, int64_t i, int64_t j0, int64_t cols) {

@@ -10,8 +10,9 @@
 // P = exp2((t - m) * asc). The difference is exact near the max and nothing is left for
 // a compiler to contract into an FMA (s * sc - m as one FMA gives the max's exponent the
 // rounding error of s * sc, which at |s * sc| ~ 1e10 is ~1e3, not 0), so any finite
-// scale works. The backward gets scores y already scaled by its GEMM (or by an explicit,
-// uncontractible multiply) and takes P = exp2(y - lse2).
+// scale works. The backward takes P = exp2((g s - hi) a - lo) with per-row hi, lo: fp32 the
+// same way from raw scores (g = sgn, a = asc), other dtypes from scores its GEMM already
+// scaled by scale log2 e (g = a = 1).
 //
 // NaN and inf follow the math path: a NaN score makes the row's P, l, out and lse NaN;
 // a -inf score gets P = 0; a +inf score (the row's max) gets P = NaN and lse = +inf.
@@ -245,32 +246,51 @@ inline bool avx512_enabled() {
 #endif
 }
 
-// Backward: P = exp2(s - lse2 - lse2_lo) in place (lse2 + lse2_lo = lse * log2(e)), 0 past
-// nvalid.
+// Backward: P = exp2((g s - hi[r]) a - lo[r]) in place, 0 past nvalid. fp32 inputs: s the
+// raw scores, g = sign(scale), a = |scale| log2 e, hi a t value near the row's max (the
+// subtraction exact there) and hi a + lo = lse log2 e; otherwise s already scaled by
+// scale log2 e, g = a = 1 and hi + lo = lse log2 e (bwd_kernel.h, step 1).
 template <typename acc_t>
-FA_ALWAYS_INLINE void probs_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
-                                 const int64_t* nvalid, const acc_t* lse2, const acc_t* lse2_lo) {
+FA_ALWAYS_INLINE void probs_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                                 acc_t g, acc_t a, const acc_t* hi, const acc_t* lo) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = s + r * ld;
     const int64_t nv = nvalid[r];
-    const acc_t hi = lse2[r], lo = lse2_lo[r];
+    const acc_t h = hi[r], o = lo[r];
 #pragma omp simd
-    for (int64_t c = 0; c < nv; ++c) row[c] = exp2_fast(row[c] - hi - lo);
+    for (int64_t c = 0; c < nv; ++c) row[c] = exp2_fast((row[c] * g - h) * a - o);
     for (int64_t c = nv; c < cols; ++c) row[c] = 0;
   }
 }
 
-// Backward: dS = P * (dP - delta) in place in dp (delta = rowsum(dO * O) - dlse).
+// Backward: dS = P * ((dP - delta) + dlse) in place in dp (delta = rowsum(dO * O); dlse
+// apart, so that where delta equals dP bitwise, a row whose P is one-hot, dS is exactly
+// P dlse, as the math path's softmax backward gives).
 template <typename acc_t>
 FA_ALWAYS_INLINE void dscores_impl(acc_t* dp, const acc_t* p, int64_t ld, int64_t rows, int64_t cols,
-                                   const acc_t* delta) {
+                                   const acc_t* delta, const acc_t* dlse) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* d = dp + r * ld;
     const acc_t* pr = p + r * ld;
-    const acc_t dr = delta[r];
+    const acc_t dr = delta[r], dl = dlse[r];
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) d[c] = pr[c] * (d[c] - dr);
+    for (int64_t c = 0; c < cols; ++c) d[c] = pr[c] * ((d[c] - dr) + dl);
   }
+}
+
+// Backward, fp32: dS of a key that holds most of its row's probability (P > DS_EXACT_ABOVE),
+// P ((dP - delta) + dlse) with dP = dO . v and the difference in double (delta64: rowsum(dO * O)
+// in double). There dP - delta is a small difference of two values of size |dO| |v|: in fp32
+// both sides' rounding (~sqrt(Ev) ulps) would swamp it, which the math path avoids by
+// reusing its dP inside delta. One key per row at most, O(L Ev) in all.
+constexpr float DS_EXACT_ABOVE = 0.5f;
+inline double dot_f64(const float* a, const float* b, int64_t n) {
+  double sum = 0.0;
+  for (int64_t e = 0; e < n; ++e) sum += double(a[e]) * double(b[e]);
+  return sum;
+}
+inline float exact_dscore(const float* dout_row, const float* v_row, int64_t Ev, double delta64, float p, float dl) {
+  return static_cast<float>(double(p) * ((dot_f64(dout_row, v_row, Ev) - delta64) + double(dl)));
 }
 
 FA_CPU_ISA_CLONES void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
@@ -282,22 +302,22 @@ inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, co
   online_softmax_impl(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
 
-FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                             const float* lse2, const float* lse2_lo) {
-  probs_impl(s, ld, rows, cols, nvalid, lse2, lse2_lo);
+FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float g,
+                             float a, const float* hi, const float* lo) {
+  probs_impl(s, ld, rows, cols, nvalid, g, a, hi, lo);
 }
-inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                  const double* lse2, const double* lse2_lo) {
-  probs_impl(s, ld, rows, cols, nvalid, lse2, lse2_lo);
+inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, double g, double a,
+                  const double* hi, const double* lo) {
+  probs_impl(s, ld, rows, cols, nvalid, g, a, hi, lo);
 }
 
 FA_CPU_ISA_CLONES void dscores(float* dp, const float* p, int64_t ld, int64_t rows, int64_t cols,
-                               const float* delta) {
-  dscores_impl(dp, p, ld, rows, cols, delta);
+                               const float* delta, const float* dlse) {
+  dscores_impl(dp, p, ld, rows, cols, delta, dlse);
 }
-inline void dscores(double* dp, const double* p, int64_t ld, int64_t rows, int64_t cols,
-                    const double* delta) {
-  dscores_impl(dp, p, ld, rows, cols, delta);
+inline void dscores(double* dp, const double* p, int64_t ld, int64_t rows, int64_t cols, const double* delta,
+                    const double* dlse) {
+  dscores_impl(dp, p, ld, rows, cols, delta, dlse);
 }
 
 // Multiply row r of a (rows x cols) tile by f[r] (skipped where f[r] == 1).

@@ -16,15 +16,20 @@ task for the forward's GEMMs.
 Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit stride
 on the last dim and rows that do not overlap (others are copied once); out (B, Hq, L, Ev);
 lse (B, Hq, L), natural log. GQA: q head h reads kv head h // (Hq // Hk).
-Dtypes fp32, bf16, fp16 (fp32 accumulation, lse fp32) and fp64 (fp64 throughout, lse fp64:
-what ``torch.autograd.gradcheck`` needs). Head dims E and Ev up to 256, independent.
+Dtypes fp32, bf16, fp16 (fp32 accumulation) and fp64 (fp64 throughout: what
+``torch.autograd.gradcheck`` needs). The forward op's lse is fp64 for fp32 and fp64 inputs
+(``saved_lse_dtype``; the public lse is fp32 for fp32), fp32 for bf16 / fp16. Head dims E
+and Ev up to 256, independent.
 Causal: query i sees key j iff j <= i + offset (0 upper-left, S - L lower-right); a row
 that sees no key outputs 0, lse = -inf, and gets zero gradients.
 
 Numerics at the edges: any finite scale (1e-30 to 1e30, negative too) gives exact row maxima:
-the softmax subtracts the max before it scales, so no FMA contraction can move it; the
-backward recomputes the exp2 max and row sum of rows whose |lse| is too large to recompute
-P from the stored lse (|lse| log2 e > 32). NaN in, NaN out as in the math path: a NaN score
+the softmax subtracts the max before it scales, so no FMA contraction can move it. The
+backward rebuilds P from the fp64 lse (fp32 inputs) the same way, the scale applied after
+the row's score is subtracted, and recomputes the exp2 max and row sum of rows whose |lse| is
+too large to recompute P from the stored lse (|lse| log2 e > 2^20 for fp32 inputs, 32 for
+the others). Large scores: where one key holds most of a row's probability, its dS takes
+dP - delta in double, as exact as the math path's softmax backward. NaN in, NaN out as in the math path: a NaN score
 makes its row's out, lse and gradients NaN, a +inf score gives lse = +inf, -inf scores get
 P = 0. Strides are 64-bit throughout: a size-1 dim may carry any stride, and a leading dim past
 BLAS's int is copied before the BLAS call.
@@ -36,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import fake_backward, fake_forward, last_dim_contiguous, lse_dtype, new_output
+from ._common import fake_backward, last_dim_contiguous, new_output
 
 try:
     from .. import _C_cpu as _C
@@ -48,6 +53,19 @@ except ImportError as e:  # built without the C++ extension, or a broken build
 
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def saved_lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lse the forward op returns and the backward op takes: fp64 for fp32 and fp64 inputs
+    (the backward rebuilds P from it exactly at a row's largest score, csrc/cpu/bwd_kernel.h;
+    the autograd function hands callers the public fp32 one), fp32 for bf16 / fp16."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _fake_forward(q, k, v, causal, scale):
+    """Shapes and dtypes of the forward op (out (B, H, L, Ev), lse (B, H, L)), for torch.compile."""
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=saved_lse_dtype(q.dtype))
 
 
 def _operand(t: Tensor) -> Tensor:
@@ -62,7 +80,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tupl
     q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
-    lse = new_output((B, H, L), lse_dtype(q.dtype), q.device)
+    lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     _C.forward(q, k, v, out, lse, causal, scale)
     return out, lse
 
@@ -84,7 +102,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple
     return _forward(q, k, v, causal, scale)
 
 
-forward.register_fake(fake_forward)
+forward.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("fused_attn::cpu_bwd", mutates_args=(), device_types="cpu")
