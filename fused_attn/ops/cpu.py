@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import fake_backward, last_dim_contiguous, new_output
+from ._common import fake_backward, fake_forward, last_dim_contiguous, new_output, saved_lse_dtype
 
 try:
     from .. import _C_cpu as _C
@@ -55,17 +55,8 @@ MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def saved_lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The lse the forward op returns and the backward op takes: fp64 for fp32 and fp64 inputs
-    (the backward rebuilds P from it exactly at a row's largest score, csrc/cpu/bwd_kernel.h;
-    the autograd function hands callers the public fp32 one), fp32 for bf16 / fp16."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _fake_forward(q, k, v, causal, scale):
-    """Shapes and dtypes of the forward op (out (B, H, L, Ev), lse (B, H, L)), for torch.compile."""
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=saved_lse_dtype(q.dtype))
+    return fake_forward(q, k, v, causal, scale, saved_dtype=saved_lse_dtype(q.dtype))
 
 
 def _operand(t: Tensor) -> Tensor:
