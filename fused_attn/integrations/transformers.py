@@ -1,0 +1,150 @@
+"""Hugging Face transformers models with their attention on fused_attn.
+
+    import fused_attn.integrations.transformers as fa_hf
+    fa_hf.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fused_attn")
+    # or, on a loaded model: model.set_attn_implementation("fused_attn")
+
+:func:`register` puts two functions under the name ``"fused_attn"``, and a model needs both:
+:func:`attention_forward` in ``transformers.AttentionInterface`` (the attention itself) and
+:func:`attention_mask` in ``transformers.masking_utils.AttentionMaskInterface`` (the mask the model
+builds once per forward and hands to every layer). transformers builds no mask at all for an
+implementation that has no mask function: padding would be silently ignored.
+
+Needs transformers 5.4 or newer (``pip install fused_attn[transformers]``), whose mask functions take
+``q_length`` and ``q_offset``; it serves the models whose attention goes through ``AttentionInterface``
+and whose masks come from ``transformers.masking_utils`` (T5 from transformers 5.15 on). What runs where:
+
+- The fused kernels run every call without padding whose pattern is plain causal or full: a causal
+  LM's prefill, a chunked prefill onto a KV cache and each decoding step (causal aligned lower-right,
+  as the new queries follow the cached keys), an encoder or cross-attention on an unpadded batch. The
+  mask function returns None there and the attention function passes ``is_causal=True``,
+  ``causal_lower_right(L, S)`` or nothing.
+- fused_attn's reference backend (O(L*S) memory; fused_attn says once why) runs every call with a
+  materialised mask: padding (left or right), sliding windows, chunked or packed-sequence masks,
+  custom mask overlays, a 4-D mask passed by the user, a StaticCache whose tail slots are still
+  empty, T5's relative position bias (an additive float mask, which T5 passes to every attention,
+  a zero one to cross-attention), and dropout in training. The fused kernels take no mask tensors yet.
+- Rows that see no key at all (a left-padded query position) give zeros, as torch's SDPA does with
+  a boolean mask. ``softcap``, attention sinks (``s_aux``) and paged caches (continuous batching)
+  raise.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function, causal_mask_function,
+                                        sdpa_mask)
+from transformers.utils.import_utils import is_tracing
+
+from ..api import scaled_dot_product_attention
+
+MIN_VERSION = "5.4"
+if Version(transformers.__version__) < Version(MIN_VERSION):
+    raise ImportError(f"fused_attn.integrations.transformers needs transformers>={MIN_VERSION} (mask functions that "
+                      f"take q_length and q_offset), found {transformers.__version__}: "
+                      "pip install 'fused_attn[transformers]'")
+
+NAME = "fused_attn"
+UNSUPPORTED = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
+
+
+def register() -> str:
+    """Register the attention and mask functions under ``"fused_attn"`` (idempotent); returns the name,
+    for ``attn_implementation=`` of ``from_pretrained`` / ``from_config`` or ``model.set_attn_implementation``."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, attention_mask)
+    return NAME
+
+
+def _traced(*values) -> bool:
+    return any(isinstance(v, Tensor) and is_tracing(v) for v in values)
+
+
+def _no_padding(padding: Optional[Tensor], kv_length: int, kv_offset: int) -> bool:
+    """Whether the 2-D padding mask (B, seen tokens + q_length), True = token, keeps every key in view.
+    transformers pads a mask shorter than the keys with False (a StaticCache's empty tail)."""
+    if padding is None:
+        return True
+    if padding.shape[-1] < kv_offset + kv_length:
+        return False
+    return bool(padding[:, kv_offset:kv_offset + kv_length].all())
+
+
+def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=causal_mask_function, attention_mask: Optional[Tensor] = None,
+                   allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
+                   **kwargs) -> Optional[Tensor]:
+    """The mask function (``AttentionMaskInterface``): None where :func:`attention_forward` can run the
+    fused kernels, else transformers' boolean SDPA mask (B, 1, q_length, kv_length), True = may attend.
+
+    None means: no key is padding and the pattern is full (``bidirectional_mask_function``) or causal
+    with the queries at the end of the keys (``causal_mask_function`` and q_offset - kv_offset =
+    kv_length - q_length, i.e. aligned lower-right), so :func:`attention_forward` needs only the
+    module's ``is_causal``. Anything else (padding, sliding windows, packed sequences, overlays, an
+    empty StaticCache tail, a caller that forbids the skip, or traced inputs) is materialised.
+    """
+    plain = False
+    if not _traced(attention_mask, q_offset) and _no_padding(attention_mask, kv_length, kv_offset):
+        if mask_function is bidirectional_mask_function:
+            plain = allow_is_bidirectional_skip
+        elif mask_function is causal_mask_function:
+            plain = allow_is_causal_skip and int(q_offset) - kv_offset == kv_length - q_length
+    if plain:
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+
+
+def _with_position_bias(position_bias: Tensor, mask: Optional[Tensor], causal: bool, L: int, S: int) -> Tensor:
+    """T5's relative position bias (1 or B, H, L, S) and the mask as one additive float mask; masked
+    positions get -inf (a row with none left outputs zeros)."""
+    if mask is None and causal and L > 1:
+        mask = torch.ones(L, S, dtype=torch.bool, device=position_bias.device).tril(S - L)  # lower-right
+    if mask is None:
+        return position_bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, position_bias, float("-inf"))
+    return position_bias + mask
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, position_bias: Optional[Tensor] = None,
+                      **kwargs) -> Tuple[Tensor, None]:
+    """The attention function (``AttentionInterface``): query (B, Hq, L, E), key and value (B, Hk, S, E / Ev),
+    Hk dividing Hq (GQA without copies); returns ((B, L, Hq, Ev), None) like transformers' SDPA function.
+
+    ``attention_mask`` is what :func:`attention_mask` built: None runs the fused kernels (causal per the
+    ``is_causal`` argument, else the module's ``is_causal``: upper-left when L = S, lower-right when the
+    queries follow cached keys, none for one query); a boolean or float mask, ``position_bias`` (T5) or
+    dropout runs on the reference backend. Attention weights are never returned.
+    """
+    for name, what in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='{NAME}' does not support {what} (`{name}` was passed); "
+                             "use attn_implementation='eager'")
+    if kwargs.get("cache") is not None and not isinstance(kwargs["cache"], Cache):  # one the function must update
+        raise ValueError(f"attn_implementation='{NAME}' does not support paged caches (continuous batching); "
+                         "use attn_implementation='sdpa'")
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    L, S = query.shape[2], key.shape[2]
+    mask, upper_left = attention_mask, False
+    if position_bias is not None:
+        mask = _with_position_bias(position_bias, attention_mask, causal, L, S)
+    elif mask is None and causal and L > 1:
+        if L < S:
+            mask = causal_lower_right(L, S)
+        else:
+            upper_left = True
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=upper_left,
+                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
