@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn import _emu
+from fused_attn import _emu, reference
 from fused_attn.ops import cuda
 from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
@@ -192,3 +192,62 @@ def test_backward_op_schema_and_fake(with_dlse):
     dlse = torch.randn_like(lse) if with_dlse else None
     torch.library.opcheck(cuda.backward, (torch.randn_like(out), dlse, q, k, v, out, lse, 2, 0.2),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- the grid: (tiles, heads, batch) -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grid_covers_every_tile_head_and_batch(dtype):
+    """The three backward kernels over several tiles (query rows / 4 in the preprocess, key and
+    query blocks), 4 q heads on 2 kv heads, 3 batches: a block that reads the wrong coordinates
+    writes another slice or leaves a poisoned one."""
+    check_backend("cuda", *_inputs(3, 4, 2, 70, 130, 32, 32, dtype), CausalMode.NONE, with_lse_grad=True)
+
+
+# ---- NaN in, NaN out (see tests/test_cuda_emu_forward.py for the inputs) -------------------
+
+SPECIAL_CASES = [(w, m) for w in ("nan_q", "inf_q", "nan_k", "ninf_k", "nan_v", "inf_v") for m in CAUSAL
+                 if m is CausalMode.NONE or not w.endswith("_q")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("what,mode", SPECIAL_CASES, ids=lambda x: getattr(x, "name", x))
+def test_nan_inf_placement_backward(what, mode, dtype):
+    """dq, dk, dv of sum(out * dout): NaN / +-inf at exactly the elements where the fp64
+    reference (autograd through fused_attn.reference on the same 16-bit values) has them, but
+    a pair the causal mask hides contributes nothing: the keys no row sees get dk = dv = 0
+    (the dense reference's P of a NaN row is NaN at its hidden keys too). A NaN / inf query
+    under a causal mask is left out: 0 * NaN at its hidden pairs reaches dk in the dense
+    reference and in the tiles a kernel visits, not in those it skips."""
+    from attn_cases import run_attention, sdpa_causal_args
+    from test_cuda_emu_forward import same_placement, special_inputs
+
+    q, k, v = special_inputs(what, mode, dtype)
+    L, S = q.shape[2], k.shape[2]
+    kw = dict(**sdpa_causal_args(mode, L, S))
+    got = run_attention("cuda", q, k, v, mode, kw, True, False, 1)
+    ref = run_attention(None, q, k, v, mode, kw, True, False, 1, compute_dtype=torch.float64)
+    allowed = reference.causal_mask(L, S, mode)
+    if allowed is not None:
+        unseen = ~allowed.any(0)
+        assert unseen.any() or mode is CausalMode.LOWER_RIGHT  # upper-left with L < S: keys no row sees
+        for name in ("dk", "dv"):
+            ref[name][..., unseen, :] = 0
+            assert torch.equal(got[name][..., unseen, :], torch.zeros_like(got[name][..., unseen, :])), name
+    for name in ("dq", "dk", "dv"):
+        same_placement(name, got[name], ref[name].to(got[name].dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_that_see_no_key_get_zero_gradients_despite_nan_in_v(dtype):
+    """Lower-right causal with L > S: dq of the rows that see no key is 0 even with a NaN in v
+    (their dS = P (dP - delta) would be 0 * NaN); the rows that see it get NaN."""
+    q, k, v = _inputs(1, 2, 2, 70, 20, 32, 32, dtype)
+    v[0, 0, 0, 3] = float("nan")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fused_attn.scaled_dot_product_attention(q, k, v, **sdpa_causal_args(CausalMode.LOWER_RIGHT, 70, 20),
+                                                  backend="cuda")
+    dq, dk, dv = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    assert torch.equal(dq[:, :, :50], torch.zeros_like(dq[:, :, :50]))
+    assert torch.isnan(dq[0, 0, 50:]).all() and torch.isfinite(dq[0, 1]).all()
+    assert torch.isfinite(dv).all()  # dV = P^T dO does not read v

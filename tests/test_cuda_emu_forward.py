@@ -152,3 +152,76 @@ def test_emulator_speed_is_reported(capsys):
         print(f"\nemulated flash_fwd (1, 4, 256, 256, d=128) fp16: {seconds * 1e3:.0f} ms, {blocks} blocks, "
               f"{switches} fiber switches, {flops / seconds / 1e9:.2f} GFLOP/s emulated")
     assert blocks == 4 * math.ceil(256 / 128)
+
+
+# ---- the grid: (tiles, heads, batch) -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grid_covers_every_tile_head_and_batch(dtype):
+    """2 query tiles x 4 heads x 3 batches (GQA 4:2): each block computes its own slice; one
+    that reads the wrong coordinates writes the wrong slice or leaves a poisoned one."""
+    check_forward(*_qkv(3, 4, 2, 130, 20, 32, 32, dtype), CausalMode.NONE)
+    if DEVICE == "cpu":
+        assert _emu.load().last_launch_stats()[1] == 2 * 4 * 3  # blocks launched
+
+
+# ---- NaN in, NaN out (torch's math path; the fp64 reference on the same 16-bit values) ----
+
+SPECIAL = {"nan_q": ("q", float("nan")), "inf_q": ("q", float("inf")), "nan_k": ("k", float("nan")),
+           "ninf_k": ("k", float("-inf")), "nan_v": ("v", float("nan")), "inf_v": ("v", float("inf"))}
+
+
+def special_inputs(what, mode, dtype, L=37, S=45):
+    """Random q, k, v (1, 2 heads) with one NaN / inf: in q at row 5 of head 1, in k or v at key 0
+    of head 0, which every row sees (L <= S), so the reference's dense P V does not spread it
+    to rows a causal kernel skips."""
+    q, k, v = _qkv(1, 2, 2, L, S, 32, 32, dtype)
+    name, value = SPECIAL[what]
+    t, idx = {"q": (q, (0, 1, 5, 3)), "k": (k, (0, 0, 0, 3)), "v": (v, (0, 0, 0, 3))}[name]
+    t[idx] = value
+    return q, k, v
+
+
+def same_placement(name, got, want):
+    """NaN, +inf and -inf at exactly the same elements."""
+    for kind, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        g, w = f(got), f(want)
+        assert torch.equal(g, w), (f"{name}: {kind} at {int(g.sum())} elements, the reference has {int(w.sum())}; "
+                                   f"first differences at {(g != w).nonzero()[:4].tolist()}")
+
+
+def reference_with_nan_lse(ref):
+    """The reference's lse of a row whose scores hold a NaN is -inf (its 'saw a key' test is
+    denominator > 0); torch's logsumexp, and the contract, say NaN: such rows are those whose
+    output is NaN with lse -inf."""
+    nan_rows = torch.isnan(ref["out"]).any(-1) & torch.isneginf(ref["lse"])
+    return dict(ref, lse=torch.where(nan_rows, float("nan"), ref["lse"]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("what", list(SPECIAL))
+def test_nan_inf_placement_forward(what, mode, dtype):
+    from attn_cases import run_attention, sdpa_causal_args
+
+    q, k, v = special_inputs(what, mode, dtype)
+    kw = dict(**sdpa_causal_args(mode, q.shape[2], k.shape[2]))
+    got = run_attention("cuda", q, k, v, mode, kw, False, False, 0)
+    ref = reference_with_nan_lse(run_attention(None, q, k, v, mode, kw, False, False, 0, compute_dtype=torch.float64))
+    assert not torch.isfinite(ref["out"]).all()  # the special value reaches the output
+    for name in ("out", "lse"):
+        same_placement(name, got[name], ref[name].to(got[name].dtype))
+        keep = torch.isfinite(ref[name])
+        assert torch.allclose(got[name][keep].double(), ref[name][keep], atol=2e-2, rtol=2e-2), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_that_see_no_key_ignore_nan_and_inf_in_v(dtype):
+    """Lower-right causal with L > S: rows 0 .. L - S - 1 see no key and output 0 (lse -inf)
+    however v holds a NaN and an inf; the rows that see those keys get them."""
+    q, k, v = _qkv(1, 2, 2, 70, 20, 32, 32, dtype)
+    v[0, 0, 0, 3], v[0, 1, 19, 4] = float("nan"), float("inf")
+    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=causal_lower_right(70, 20), backend="cuda")
+    assert torch.equal(out[:, :, :50], torch.zeros_like(out[:, :, :50])) and torch.isneginf(lse[:, :, :50]).all()
+    assert torch.isnan(out[0, 0, 50:, 3]).all() and torch.isposinf(out[0, 1, 69, 4])
+    assert torch.isfinite(lse[:, :, 50:]).all()

@@ -23,6 +23,8 @@
 // h / (Hq / Hk). Causal: query i sees key j iff j <= i + offset; tiles wholly above the
 // diagonal are skipped, only tiles crossing it are masked. A row that sees no key has
 // lse = -inf; it is treated as lse = +inf here, so its P, and all its gradients, are 0.
+// NaN in, NaN out: a NaN lse makes the row's P NaN, and so dQ of the row and dK / dV of every
+// key it sees; a +inf lse and a NaN delta follow the reference too (bwd_lse_log2, bwd_ds).
 //
 // Shared memory is accessed only through cp.async, ldmatrix and smem_load / smem_store
 // (the dK/dV kernel's lse, delta, P^T and dS^T), so that under emulation every access is
@@ -61,8 +63,16 @@ struct BwdParams {
 };
 
 // lse in log2 units for P = exp2(s * scale_log2 - lse2); rows past L and rows that see no
-// key (lse = -inf) get +inf, so their P is exactly 0.
+// key (lse = -inf) get +inf, so their P is exactly 0. A +inf lse (a +inf score) stays +inf:
+// P is then NaN at the +inf scores and 0 elsewhere, as the reference's.
 FA_DEVICE float bwd_lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// dS = P * (dP - delta), but 0 in a row that sees no key (lse2 +inf with a number for delta:
+// O = 0 there), where dP may hold 0 * NaN of v. A +inf-lse row has out NaN, so delta NaN and
+// dS NaN, as the reference's.
+FA_DEVICE float bwd_ds(float pv, float dp, float lse2, float delta) {
+  return lse2 == INFINITY && delta == delta ? 0.f : pv * (dp - delta);
+}
 
 // ---- 1. delta = rowsum(dO * O) - dlse: one warp per row ----------------------------------
 template <class T>
@@ -205,10 +215,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int qc = qc0 + nt * 8 + 2 * t + (i & 1);
-        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - smem_load(tLse + qc));
-        if (masked && key_lo + 8 * (i >> 1) > m0 + qc + p.causal_offset) pv = 0.f;
+        const float lse2 = smem_load(tLse + qc);
+        // a hidden pair has P = dS = 0 exactly, whatever NaN the row's lse or delta holds
+        const bool hidden = masked && key_lo + 8 * (i >> 1) > m0 + qc + p.causal_offset;
+        const float pv = hidden ? 0.f : exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2);
         acc_s[nt][i] = pv;
-        acc_dp[nt][i] = pv * (acc_dp[nt][i] - smem_load(tDelta + qc));
+        acc_dp[nt][i] = hidden ? 0.f : bwd_ds(pv, acc_dp[nt][i], lse2, smem_load(tDelta + qc));
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -370,13 +382,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2[i >> 1]);
-        if (masked) {
+        float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2[i >> 1]), dp = acc_dp[nt][i];
+        if (masked) {  // past len_k or above the diagonal: P = dP = 0, so a NaN of v there stays out
           const int col = n0 + nt * 8 + 2 * t + (i & 1);
           const int64_t row = row_lo + 8 * (i >> 1);
-          if (col >= p.len_k || (p.causal && col > row + p.causal_offset)) pv = 0.f;
+          if (col >= p.len_k || (p.causal && col > row + p.causal_offset)) pv = dp = 0.f;
         }
-        acc_s[nt][i] = pv * (acc_dp[nt][i] - delta[i >> 1]);
+        acc_s[nt][i] = pv * (dp - delta[i >> 1]);
       }
     }
 
@@ -397,7 +409,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   }
   cp_async_wait<0>();
 
-  // ---- epilogue: dQ * scale (rows that see no key get zeros) ----
+  // ---- epilogue: dQ * scale (rows that see no key get zeros: every pair of theirs is hidden) ----
   const int64_t dq_base = b * p.dq_batch_stride + h * p.dq_head_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

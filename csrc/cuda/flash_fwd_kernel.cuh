@@ -15,7 +15,10 @@
 // Dtypes: fp16, bf16 (Traits::Elem). Causal: query i sees key j iff j <= i + offset
 // (offset 0: upper-left, S - L: lower-right); key blocks past the diagonal are skipped,
 // only blocks crossing it (or the ragged end of S) are masked. A row that sees no key
-// gets out = 0 and lse = -inf.
+// (or whose scores are all -inf) gets out = 0 and lse = -inf, whatever v holds.
+// NaN in, NaN out, as torch's math path: the row max propagates NaN (nan_max; fmaxf would
+// drop it), so a NaN score makes the row's out and lse NaN; a +inf score makes lse +inf and
+// out NaN; a NaN / inf in v reaches the columns of the rows that weigh its key.
 //
 // Shared memory (Q tile, kStages K/V tiles) is written only by cp.async and read only by
 // ldmatrix. The __syncthreads() at the top of the main loop orders both directions: each
@@ -33,6 +36,9 @@ namespace fa {
 
 constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = exp2(x * LOG2E)
 constexpr float kLn2 = 0.6931471805599453f;     // ln(2)
+
+// max(a, b), NaN if either is NaN (fmaxf returns the other operand).
+FA_DEVICE float nan_max(float a, float b) { return b > a || b != b ? b : a; }
 
 // A times one 16x16 B tile, given as the four registers of an ldmatrix x4 (two 16x8 halves),
 // accumulated into the two 16x8 accumulators c0 (columns 0-7) and c1 (columns 8-15).
@@ -169,10 +175,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]));
-      mx = fmaxf(mx, shfl_xor(kFullMask, mx, 1));  // the 4 lanes of a quad share the row
-      mx = fmaxf(mx, shfl_xor(kFullMask, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet: p = 0, no NaN
+      for (int nt = 0; nt < kN / 8; ++nt) mx = nan_max(mx, nan_max(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]));
+      mx = nan_max(mx, shfl_xor(kFullMask, mx, 1));  // the 4 lanes of a quad share the row
+      mx = nan_max(mx, shfl_xor(kFullMask, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx;  // a row with no visible key yet: p = 0 (NaN stays NaN)
       const float correction = exp2_approx(row_max[r] - m_use);
       row_max[r] = mx;
       float sum = 0.f;
@@ -218,16 +224,20 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     l += shfl_xor(kFullMask, l, 2);
     const int row = m0 + 16 * warp + g + 8 * r;
     if (row >= p.len_q) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    // l == 0: no visible key (out 0 even where 0 * NaN of v made acc_o NaN). l NaN: a NaN or
+    // +inf score (row_max NaN or +inf, which lse keeps).
+    const bool empty = l == 0.f;
+    const float inv = empty ? 0.f : 1.f / l;
 #pragma unroll
     for (int dt = 0; dt < kD / 8; ++dt) {
       const int col = dt * 8 + 2 * t;
       if (col < p.head_dim_v)
         p.o.template store_vec<uint32_t>(o_base + row * p.o_row_stride + col,
-                                         pack2<T>(acc_o[dt][2 * r] * inv, acc_o[dt][2 * r + 1] * inv));
+                                         empty ? 0u : pack2<T>(acc_o[dt][2 * r] * inv, acc_o[dt][2 * r + 1] * inv));
     }
     if (t == 0)
-      p.lse.store((int64_t(b) * p.heads_q + h) * p.len_q + row, l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY);
+      p.lse.store((int64_t(b) * p.heads_q + h) * p.len_q + row,
+                  empty ? -INFINITY : row_max[r] == INFINITY ? INFINITY : row_max[r] * kLn2 + logf(l));
   }
 }
 

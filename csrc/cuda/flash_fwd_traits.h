@@ -1,7 +1,11 @@
 // Tile traits of the forward kernel, one per head-dim bucket (plain C++: also read
 // by the compile table's manifest). Numbers are chosen so that the shared memory of
-// every bucket fits sm_86/89's 99 KB per block, and two blocks share an sm_80 SM
-// where the head dim allows (kMinBlocksPerSm = 2, enforced by __launch_bounds__).
+// every bucket fits sm_86/89's 99 KB per block, and two blocks share an SM where the
+// head dim and the arch allow (kMinBlocksPerSm = 2, enforced by __launch_bounds__, which
+// caps registers at 128 per thread): on sm_80 / sm_90 for head dims up to 192; never on
+// the 100 KB-per-SM archs (sm_86, sm_89, sm_120), where one block fills the SM and the
+// cap would be paid for nothing. The arch is the one nvcc compiles for (__CUDA_ARCH__; a
+// JIT from PTX keeps the PTX's), FA_MANIFEST_ARCH for the compile table's manifest, else sm_80.
 #pragma once
 
 #include <type_traits>
@@ -13,6 +17,28 @@ namespace fa {
 // Head dims the kernel is instantiated for; a smaller head dim runs in the next bucket
 // up (its missing columns are zero-filled in shared memory and never stored).
 constexpr int kHeadDimBuckets[] = {32, 64, 96, 128, 160, 192, 224, 256};
+
+#if defined(__CUDA_ARCH__)
+#define FA_TARGET_ARCH __CUDA_ARCH__
+#elif defined(FA_MANIFEST_ARCH)
+#define FA_TARGET_ARCH FA_MANIFEST_ARCH
+#else
+#define FA_TARGET_ARCH 800
+#endif
+
+// Shared memory per SM (bytes) of __CUDA_ARCH__-style `arch`: 164 KB on sm_80 / sm_87,
+// 228 KB on sm_90 / sm_100 / sm_103 / sm_110, 100 KB elsewhere (sm_86, sm_89, sm_120, sm_121).
+constexpr int smem_per_sm(int arch) {
+  return arch == 800 || arch == 870 ? 164 * 1024
+         : arch == 900 || arch == 1000 || arch == 1030 || arch == 1100 ? 228 * 1024
+                                                                           : 100 * 1024;
+}
+
+// 2 where two blocks of `smem_bytes` (plus the driver's 1 KB each) fit both the arch's SM and
+// sm_80's (the register budget of 128 per thread the buckets were sized for), else 1.
+constexpr int min_blocks_per_sm(int smem_bytes, int arch) {
+  return 2 * (smem_bytes + 1024) <= (smem_per_sm(arch) < 164 * 1024 ? smem_per_sm(arch) : 164 * 1024) ? 2 : 1;
+}
 
 template <int kHeadDim_, bool kIsBf16_>
 struct FwdTraits {
@@ -33,7 +59,7 @@ struct FwdTraits {
   static constexpr int kSmemQ = kBlockM * kRowStride * 2;
   static constexpr int kSmemKVStage = kBlockN * kRowStride * 2;
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKVStage;
-  static constexpr int kMinBlocksPerSm = 2 * (kSmemBytes + 1024) <= 164 * 1024 ? 2 : 1;
+  static constexpr int kMinBlocksPerSm = min_blocks_per_sm(kSmemBytes, FA_TARGET_ARCH);
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head-dim buckets are multiples of 32 up to 256");
   static_assert(kBlockN % 16 == 0, "key tiles are whole mma k-steps");

@@ -147,10 +147,18 @@ def parse_ptxas(text: str, arch: str) -> List[KernelRow]:
     return list(rows.values())
 
 
-def manifest() -> Dict[str, Tuple[int, int, int]]:
-    """Launch shape of the kernels that declare one: demangled-name key -> (threads,
-    min blocks per SM, dynamic smem bytes). Read from csrc/cuda/kernel_manifest.h
-    through a tiny host program (the traits are plain C++)."""
+def cuda_arch_macro(arch: str) -> int:
+    """__CUDA_ARCH__ of the code nvcc compiles for ``arch`` (see :func:`gencode`): 800 for
+    sm_80 and for an arch JIT-compiled from the compute_80 PTX, 900 for sm_90a."""
+    virtual = arch if arch in SASS_ARCHS else PTX_ARCH
+    return int(re.sub(r"\D", "", virtual)) * 10
+
+
+def manifest(arch: str = "80") -> Dict[str, Tuple[int, int, int]]:
+    """Launch shape of the kernels that declare one, as compiled for ``arch``: demangled-name
+    key -> (threads, min blocks per SM, dynamic smem bytes). Read from csrc/cuda/kernel_manifest.h
+    through a tiny host program (the traits are plain C++; FA_MANIFEST_ARCH stands in for
+    __CUDA_ARCH__, on which the minimum blocks per SM depend)."""
     header = CSRC / "cuda" / "kernel_manifest.h"
     if not header.is_file():
         return {}
@@ -158,7 +166,8 @@ def manifest() -> Dict[str, Tuple[int, int, int]]:
     with tempfile.TemporaryDirectory() as d:
         src, exe = Path(d) / "m.cpp", Path(d) / "m"
         src.write_text('#include "cuda/kernel_manifest.h"\nint main() { fa::print_kernel_manifest(); }\n')
-        subprocess.run([cxx, "-std=c++17", "-DFUSED_ATTN_EMULATE", f"-I{CSRC}", str(src), "-o", str(exe)],
+        subprocess.run([cxx, "-std=c++17", "-DFUSED_ATTN_EMULATE", f"-DFA_MANIFEST_ARCH={cuda_arch_macro(arch)}",
+                        f"-I{CSRC}", str(src), "-o", str(exe)],
                        check=True, capture_output=True, text=True)
         out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     table = {}
@@ -222,7 +231,7 @@ def compile_table(archs=ARCHS, jobs: Optional[int] = None, tus: Optional[List[Pa
         raise FileNotFoundError("nvcc not found (set NVCC or put it on PATH)")
     tus = tus if tus is not None else translation_units()
     jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
-    shapes = manifest()
+    shapes = {arch: manifest(arch) for arch in archs}
     rows: List[KernelRow] = []
     problems: List[str] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -235,11 +244,11 @@ def compile_table(archs=ARCHS, jobs: Optional[int] = None, tus: Optional[List[Pa
             rows += got
         problems += [e for e in (f.result() for f in bindings) if e]
     for r in rows:
-        check(r, shapes)
+        check(r, shapes[r.arch])
         problems += [f"sm_{r.arch} {r.kernel}: {p}" for p in r.problems]
     if tus == translation_units():  # the full set: every declared kernel must have been compiled
-        for key in shapes:
-            for arch in archs:
+        for arch in archs:
+            for key in shapes[arch]:
                 if not any(r.arch == arch and key in r.kernel for r in rows):
                     problems.append(f"sm_{arch}: no compiled kernel for manifest entry {key!r}")
     rows.sort(key=lambda r: (re.sub(r"\d+", lambda m: m.group().zfill(8), r.kernel), r.arch))  # 32 before 128
