@@ -90,7 +90,10 @@ def attention(
     seen = denom > 0
     safe = torch.where(seen, denom, torch.ones_like(denom))
     p = e / safe
-    lse = torch.where(seen, torch.log(safe) + m, torch.full_like(m, float("-inf")))
+    # A row that sees no key: lse -inf, out 0 (but 0 * NaN where v holds a NaN: the dense P V of
+    # torch's math path). A row whose scores hold a NaN: denom is NaN, and so are lse and out.
+    empty = denom == 0
+    lse = torch.where(seen, torch.log(safe) + m, torch.full_like(m, float("-inf")).masked_fill(~empty, float("nan")))
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p)
     out = torch.matmul(p, v)
