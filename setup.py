@@ -82,8 +82,11 @@ def extensions():
     ext_modules = []
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if cpu_sources and os.environ.get("FUSED_ATTN_SKIP_CPU_BUILD") != "1":
+        # -fno-trapping-math (as torch builds): without it GCC keeps the softmax's clamps as
+        # branches (a compare may trap) and leaves the portable exp2 loops scalar.
         ext_modules.append(cpp_extension.CppExtension(
-            "fused_attn._C_cpu", cpu_sources, extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
+            "fused_attn._C_cpu", cpu_sources,
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
             extra_link_args=["-fopenmp"]))
     cuda_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
     if (cuda_sources and torch.version.cuda and cpp_extension.CUDA_HOME is not None
