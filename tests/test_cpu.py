@@ -5,6 +5,10 @@ the kernel's error against the fp64 reference at most 2x plain PyTorch's error i
 same dtype. Outputs are NaN-poisoned before the kernels run (FUSED_ATTN_POISON=1), so
 an element a kernel forgets to write fails the comparison.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
@@ -229,7 +233,7 @@ def portable_kernels():
     """The fallbacks CPUs without AVX-512 / AMX run: compiler-vectorised softmax, BLAS only."""
     cpu._C.set_portable_only(True)
     yield
-    cpu._C.set_portable_only(False)
+    cpu._C.set_portable_only(cpu.ISA != "native")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -246,3 +250,56 @@ def test_ops_register_fake_and_schema():
     for dlse in (torch.randn_like(lse), None):
         torch.library.opcheck(torch.ops.fused_attn.cpu_bwd.default,
                               (torch.randn_like(out), dlse, q, k, v, out, lse, 2, 0.25))
+
+
+def _cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo to read the CPU's features from")
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+def _in_subprocess(isa, code):
+    """Run ``code`` after ``from fused_attn.ops import cpu`` in a fresh interpreter with FUSED_ATTN_CPU_ISA=isa."""
+    env = dict(os.environ, FUSED_ATTN_CPU_ISA=isa)
+    return subprocess.run([sys.executable, "-c", "from fused_attn.ops import cpu\n" + code], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "portable", " Portable "])
+def test_isa_env_selects_the_path(isa):
+    """FUSED_ATTN_CPU_ISA picks the path once, at import; path() says which; the kernels run on it."""
+    code = ("import torch, fused_attn\n"
+            "from fused_attn.reference import CausalMode, attention\n"
+            "q, k, v = (torch.randn(1, 2, 37, 40) for _ in range(3))\n"
+            "out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend='cpu')\n"
+            "ref = attention(q.double(), k.double(), v.double(), causal=CausalMode.UPPER_LEFT)[0]\n"
+            "err = (out.double() - ref).abs().max()\n"
+            "print(cpu.ISA, cpu._C.has_avx512(), float(err))\n"
+            "print(cpu.path())")
+    done = _in_subprocess(isa, code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, path = done.stdout.strip().splitlines()[-2:]
+    got_isa, avx512, err = first.split()
+    assert got_isa == isa.strip().lower()
+    assert float(err) < 1e-5, done.stdout
+    want_avx512 = isa == "native" and _cpu_has_avx512()
+    assert avx512 == str(want_avx512), done.stdout
+    assert path.startswith("avx512" if want_avx512 else "portable"), path
+    if got_isa == "avx2":
+        assert "no AVX2-specific kernel" in path, path
+
+
+@pytest.mark.parametrize("value", ["avx512", "sse2", "native,avx2"])
+def test_isa_env_rejects_unknown_values(value):
+    """An unknown FUSED_ATTN_CPU_ISA raises on first CPU use, naming the allowed values."""
+    code = ("import torch, fused_attn\n"
+            "fused_attn.scaled_dot_product_attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), backend='cpu')")
+    env = dict(os.environ, FUSED_ATTN_CPU_ISA=value)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "ValueError" in done.stderr and f"FUSED_ATTN_CPU_ISA={value!r}" in done.stderr, done.stderr[-3000:]
+    for allowed in ("native", "portable", "avx2"):
+        assert allowed in done.stderr.splitlines()[-1]

@@ -33,9 +33,20 @@ dP - delta in double, as exact as the math path's softmax backward. NaN in, NaN 
 makes its row's out, lse and gradients NaN, a +inf score gives lse = +inf, -inf scores get
 P = 0. Strides are 64-bit throughout: a size-1 dim may carry any stride, and a leading dim past
 BLAS's int is copied before the BLAS call.
+
+Which path runs: ``FUSED_ATTN_CPU_ISA``, read once when this module is imported (first CPU
+use): ``native`` (default: the AVX-512 paths where the CPU has AVX-512, else the portable
+ones), ``portable`` (the fallbacks CPUs without AVX-512 / AMX run: compiler-vectorised
+softmax, GEMMs through PyTorch's BLAS, no oneDNN brgemm), or ``avx2``, which today is the
+same as ``portable``: there is no AVX2-specific kernel yet. The portable loops are GCC
+clones for x86-64-v4 / x86-64-v3 (AVX2 + FMA) / baseline x86-64 picked by the CPU's
+features when the extension loads, so on an AVX-512 CPU they still run their AVX-512 clone;
+PyTorch's BLAS follows its own settings (``MKL_ENABLE_INSTRUCTIONS=AVX2``). ``path()`` says
+which path runs.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -53,6 +64,37 @@ except ImportError as e:  # built without the C++ extension, or a broken build
 
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ISA_ENV = "FUSED_ATTN_CPU_ISA"
+ISAS = ("native", "avx2", "portable")
+
+
+def _isa_from_env() -> str:
+    """FUSED_ATTN_CPU_ISA, checked: one of ISAS (unset or empty: native)."""
+    raw = os.environ.get(ISA_ENV, "")
+    isa = raw.strip().lower() or "native"
+    if isa not in ISAS:
+        raise ValueError(f"{ISA_ENV}={raw!r} is not a CPU path; allowed: native (default: AVX-512 where the CPU has "
+                         "it), portable (no AVX-512 / oneDNN paths), avx2 (for now the same as portable: there is no "
+                         "AVX2-specific kernel yet)")
+    return isa
+
+
+ISA = _isa_from_env()
+if _C is not None:
+    _C.set_portable_only(ISA != "native")
+
+
+def path() -> str:
+    """Which CPU path the kernels take in this process, and why."""
+    if _C is None:
+        return _IMPORT_ERROR
+    if _C.has_avx512():
+        return ("avx512: fp32 on the register-blocked micro-kernel with the softmax in its epilogues, hand-vectorised "
+                "16-bit softmax, oneDNN brgemm for the bf16 / fp16 forward where available")
+    why = ("the CPU lacks AVX-512" if ISA == "native" else
+           f"{ISA_ENV}={ISA}" + ("; no AVX2-specific kernel yet, avx2 runs the portable path" if ISA == "avx2" else ""))
+    return (f"portable ({why}): compiler-vectorised softmax (GCC clones for x86-64-v4 / v3 / baseline, picked by "
+            "the CPU's features), GEMMs through PyTorch's BLAS")
 
 
 def _fake_forward(q, k, v, causal, scale):
