@@ -18,6 +18,12 @@ during one call, from the profiler's allocation events (inputs are allocated bef
 OpenMP worker threads allocate is not seen, so use --threads 1 to count everything).
 Output: a table on screen, and a CSV, a markdown table and a PNG per run in --out
 (default benchmarks/out/).
+
+CPU path: --cpu-isa avx2 (or portable) times what an AVX2 machine runs, on any x86 CPU: the
+run happens in a child process started with FUSED_ATTN_CPU_ISA set (fused_attn/ops/cpu.py;
+avx2 is the portable path until an AVX2 kernel exists) and with PyTorch pinned to AVX2
+(CPU_ISA_PINS: ATen's kernels, MKL, oneDNN; read when torch loads, hence the child). The
+header says which path each side took.
 """
 from __future__ import annotations
 
@@ -49,6 +55,11 @@ BWD_FLOPS_FACTOR = 2.5  # backward = 2.5 x forward (two GEMMs forward, five back
 CSV_COLUMNS = ("device", "provider", "dtype", "B", "H", "L", "S", "E", "causal", "mode", "median_ms", "q1_ms",
                "q3_ms", "iqr_ms", "gflops", "pct_peak", "peak_mem_mb", "x_sdpa")
 # Dense peak TFLOP/s by device name fragment: (bf16/fp16 tensor core, fp32 without TF32).
+# --cpu-isa: environment of the child process. torch reads these when it loads.
+CPU_ISAS = ("native", "avx2", "portable")
+CPU_ISA_PINS = {"native": {},
+                "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+CPU_ISA_PINS["portable"] = CPU_ISA_PINS["avx2"]  # the portable path stands in for CPUs without AVX-512
 GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0),
                    "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L4": (121.0, 30.3), "4090": (165.0, 82.6)}
 
@@ -300,7 +311,17 @@ def machine_description(device: str) -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    from fused_attn.ops import cpu
+    return (f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; fused_attn {cpu.ISA_ENV}={cpu.ISA}: {cpu.path().split(':')[0]}")
+
+
+def run_pinned(argv: List[str], isa: str) -> int:
+    """Run this benchmark again in a child process with fused_attn and torch pinned to ``isa``."""
+    env = dict(os.environ, FUSED_ATTN_CPU_ISA=isa, **CPU_ISA_PINS[isa])
+    pins = " ".join(f"{k}={v}" for k, v in sorted(CPU_ISA_PINS[isa].items()))
+    print(f"# --cpu-isa {isa}: child process with FUSED_ATTN_CPU_ISA={isa} {pins}", flush=True)
+    return subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, env=env).returncode
 
 
 def _peak_for(device: str, dtype: torch.dtype) -> Optional[float]:
@@ -330,7 +351,20 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--name", default=None, help="file stem of the CSV and PNG (default: timestamp)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--from-csv", default=None, help="re-render the table, markdown and plot of an earlier run")
+    ap.add_argument("--cpu-isa", choices=CPU_ISAS, default=None,
+                    help="CPU path of fused_attn and torch, set in a child process: avx2 / portable pin both to "
+                         "AVX2 (fused_attn's avx2 is its portable path until an AVX2 kernel exists)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    if args.cpu_isa is not None and os.environ.get("FUSED_ATTN_CPU_ISA") != args.cpu_isa:
+        if args.device != "cpu" or args.from_csv:
+            ap.error("--cpu-isa applies to --device cpu runs only")
+        args.name = args.name or f"bench_cpu_{args.cpu_isa}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+        rc = run_pinned(argv + ["--name", args.name], args.cpu_isa)
+        if rc != 0:
+            sys.exit(rc)
+        with open(os.path.join(args.out, args.name + ".csv")) as f:
+            return list(csv.DictReader(f))
     if args.from_csv:
         with open(args.from_csv) as f:
             rows = [{k: (v if k in ("device", "provider", "dtype", "mode") else float(v)) for k, v in r.items()}

@@ -24,3 +24,20 @@ def test_bench_cli_small_shape(tmp_path):
     assert len(rows) == len(providers) * 2 * 3
     assert all(float(r["gflops"]) > 0 for r in rows)
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+def test_bench_cli_cpu_isa_avx2(tmp_path):
+    """--cpu-isa avx2 reruns the benchmark in a child pinned to AVX2: fused_attn's portable path, torch's AVX2."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device", "cpu", "--cpu-isa", "avx2",
+           "--shapes", "1,2,64,32", "--dtypes", "float32", "--causal", "causal", "--modes", "fwd", "--providers",
+           "sdpa-math", "fused_attn-cpu", "--reps", "2", "--min-time", "0", "--no-plot", "--out", str(tmp_path),
+           "--name", "isa"]
+    env = {k: v for k, v in os.environ.items() if k not in ("FUSED_ATTN_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "# --cpu-isa avx2: child process with FUSED_ATTN_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2" in done.stdout
+    assert "torch CPU capability AVX2; fused_attn FUSED_ATTN_CPU_ISA=avx2: portable" in done.stdout, done.stdout
+    with open(tmp_path / "isa.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"sdpa-math", "fused_attn-cpu"}
+    assert all(float(r["gflops"]) > 0 for r in rows)
