@@ -37,6 +37,7 @@ def test_bench_cli_cpu_isa_avx2(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "# --cpu-isa avx2: child process with FUSED_ATTN_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2" in done.stdout
     assert "torch CPU capability AVX2; fused_attn FUSED_ATTN_CPU_ISA=avx2: portable" in done.stdout, done.stdout
+    assert "loops at avx2" in done.stdout, done.stdout
     with open(tmp_path / "isa.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == {"sdpa-math", "fused_attn-cpu"}

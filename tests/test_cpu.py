@@ -228,12 +228,20 @@ def test_memory_grows_linearly_in_L():
     assert peaks["cpu", 1024] < peaks["reference", 1024] / 8, peaks
 
 
-@pytest.fixture
-def portable_kernels():
-    """The fallbacks CPUs without AVX-512 / AMX run: compiler-vectorised softmax, BLAS only."""
+VEC_ISAS = ["avx512", "avx2", "baseline"]
+
+
+@pytest.fixture(params=VEC_ISAS)
+def portable_kernels(request):
+    """The fallbacks CPUs without AVX-512 / AMX run (compiler-vectorised softmax, BLAS only),
+    each version of their loops the CPU can run."""
+    cpu._C.set_vec_isa(request.param)
+    if cpu._C.vec_isa() != request.param:
+        cpu._set_path(cpu.ISA)
+        pytest.skip(f"the CPU cannot run the {request.param} loops")
     cpu._C.set_portable_only(True)
     yield
-    cpu._C.set_portable_only(cpu.ISA != "native")
+    cpu._set_path(cpu.ISA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -252,13 +260,17 @@ def test_ops_register_fake_and_schema():
                               (torch.randn_like(out), dlse, q, k, v, out, lse, 2, 0.25))
 
 
-def _cpu_has_avx512():
+def _cpu_best_vec_isa():
+    """avx512, avx2 or baseline, from /proc/cpuinfo (x86-64-v4 / v3 as GCC reads them)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
+            flags = set(next(line for line in f if line.startswith("flags")).split())
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo to read the CPU's features from")
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+    if v3 | {"avx512f", "avx512bw", "avx512cd", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if v3 <= flags else "baseline"
 
 
 def _in_subprocess(isa, code):
@@ -277,19 +289,24 @@ def test_isa_env_selects_the_path(isa):
             "out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend='cpu')\n"
             "ref = attention(q.double(), k.double(), v.double(), causal=CausalMode.UPPER_LEFT)[0]\n"
             "err = (out.double() - ref).abs().max()\n"
-            "print(cpu.ISA, cpu._C.has_avx512(), float(err))\n"
+            "print(cpu.ISA, cpu._C.has_avx512(), cpu._C.vec_isa(), float(err))\n"
             "print(cpu.path())")
     done = _in_subprocess(isa, code)
     assert done.returncode == 0, done.stderr[-3000:]
     first, path = done.stdout.strip().splitlines()[-2:]
-    got_isa, avx512, err = first.split()
+    got_isa, avx512, vec, err = first.split()
     assert got_isa == isa.strip().lower()
     assert float(err) < 1e-5, done.stdout
-    want_avx512 = isa == "native" and _cpu_has_avx512()
+    best = _cpu_best_vec_isa()
+    want_avx512 = got_isa == "native" and best == "avx512"
     assert avx512 == str(want_avx512), done.stdout
+    want_vec = {"native": best, "avx2": "baseline" if best == "baseline" else "avx2", "portable": "baseline"}[got_isa]
+    assert vec == want_vec, done.stdout
     assert path.startswith("avx512" if want_avx512 else "portable"), path
+    if not want_avx512:
+        assert f"loops at {want_vec}" in path, path
     if got_isa == "avx2":
-        assert "no AVX2-specific kernel" in path, path
+        assert "no hand-written AVX2 kernel" in path, path
 
 
 @pytest.mark.parametrize("value", ["avx512", "sse2", "native,avx2"])

@@ -34,12 +34,16 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 
 @pytest.fixture(params=["avx512", "portable"])
 def isa(request):
-    """The AVX-512 kernels (micro-kernel, hand-vectorised softmax), then the portable fallbacks."""
+    """The AVX-512 kernels (micro-kernel, hand-vectorised softmax), then the portable fallbacks
+    with their loops at AVX2 where the CPU has it (what AVX2 CPUs run; tests/test_cpu.py's
+    test_portable_fallback covers the other versions)."""
     if request.param == "avx512" and not cpu._C.has_avx512():
         pytest.skip("the CPU lacks AVX-512: only the portable kernels run here")
+    if request.param == "portable":
+        cpu._C.set_vec_isa("avx2")
     cpu._C.set_portable_only(request.param == "portable")
     yield request.param
-    cpu._C.set_portable_only(cpu.ISA != "native")
+    cpu._set_path(cpu.ISA)
 
 
 def _mask(mode, L, S):

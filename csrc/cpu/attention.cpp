@@ -150,6 +150,16 @@ void test_transpose_f32(const at::Tensor& src, at::Tensor& dst) {
 #endif
 }
 
+void set_vec_isa(const std::string& name) {
+  for (int i = 0; i <= int(VecIsa::AVX512); ++i) {
+    if (name == VEC_ISA_NAMES[i]) {
+      vec_isa_cap() = VecIsa(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "vec isa must be avx512, avx2 or baseline, got '", name, "'");
+}
+
 }  // namespace
 }  // namespace fused_attn::cpu
 
@@ -159,6 +169,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fused_attn::cpu::backward, "attention backward into (dq, dk, dv)");
   m.def("set_portable_only", [](bool on) { fused_attn::cpu::portable_only() = on; },
         "tests: run the portable fallbacks instead of the AVX-512 softmax and oneDNN brgemm");
+  m.def("set_vec_isa", &fused_attn::cpu::set_vec_isa,
+        "the most the compiler-vectorised loops may use: avx512 (default: the CPU's best), avx2 or baseline");
+  m.def("vec_isa", [] { return std::string(fused_attn::cpu::VEC_ISA_NAMES[int(fused_attn::cpu::vec_isa())]); },
+        "which version of the compiler-vectorised loops runs: avx512, avx2 or baseline");
   m.def("set_blas_ld_limit", [](int64_t limit) { fused_attn::cpu::blas_ld_limit() = limit; },
         "tests: the largest leading dim passed to BLAS as is (default 2^31 - 1); larger ones are copied");
   m.def("has_avx512", &fused_attn::cpu::avx512_enabled, "whether the AVX-512 paths run (CPU has it, not portable-only)");

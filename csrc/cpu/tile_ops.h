@@ -18,8 +18,10 @@
 // a -inf score gets P = 0; a +inf score (the row's max) gets P = NaN and lse = +inf.
 //
 // Two implementations: portable loops written for the compiler's vectoriser (`omp simd`
-// reductions, a branch-free exp2), compiled for AVX-512, AVX2+FMA and baseline x86-64
-// and picked at load time (GCC function multi-versioning); and, for the 16-bit forward's
+// reductions, a branch-free exp2; vectorised only with -fno-trapping-math, setup.py),
+// compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline x86-64 and picked
+// per call by vec_isa(): the CPU's best, capped by set_vec_isa (FUSED_ATTN_CPU_ISA=avx2
+// runs the AVX2 versions on an AVX-512 CPU, as an AVX2 CPU would); and, for the 16-bit forward's
 // softmax, AVX-512 intrinsics used where the CPU has AVX-512. fp32 on AVX-512 does this
 // work in the micro-kernel's epilogues instead (SoftmaxEpilogue in fwd_kernel.h,
 // ProbsEpilogue / DScoresEpilogue in bwd_kernel.h), sharing exp2_avx512 from here.
@@ -28,6 +30,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,9 +44,7 @@
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FA_CPU_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FA_CPU_ISA_CLONES
+#define FA_CPU_ISA_VERSIONS 1
 #endif
 #define FA_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -55,6 +56,49 @@ inline bool& portable_only() {
   static bool only = false;
   return only;
 }
+
+// The versions of the compiler-vectorised loops (FA_CPU_VEC_VERSIONS below).
+enum class VecIsa : int { BASELINE = 0, AVX2 = 1, AVX512 = 2 };
+constexpr const char* VEC_ISA_NAMES[] = {"baseline", "avx2", "avx512"};
+
+// The best version this CPU runs.
+inline VecIsa cpu_vec_isa() {
+#ifdef FA_CPU_ISA_VERSIONS
+  static const VecIsa best = __builtin_cpu_supports("x86-64-v4")   ? VecIsa::AVX512
+                             : __builtin_cpu_supports("x86-64-v3") ? VecIsa::AVX2
+                                                                    : VecIsa::BASELINE;
+  return best;
+#else
+  return VecIsa::BASELINE;
+#endif
+}
+
+// The most the loops may use (set_vec_isa in attention.cpp: FUSED_ATTN_CPU_ISA=avx2, tests).
+inline VecIsa& vec_isa_cap() {
+  static VecIsa cap = VecIsa::AVX512;
+  return cap;
+}
+
+inline VecIsa vec_isa() { return std::min(cpu_vec_isa(), vec_isa_cap()); }
+
+// `void name params`, one version per VecIsa of `name##_impl args` (the loop, inlined into
+// each so that it is vectorised for that target), chosen per call by vec_isa().
+#ifdef FA_CPU_ISA_VERSIONS
+#define FA_CPU_VEC_VERSIONS(name, params, args)                                                      \
+  __attribute__((target("arch=x86-64-v4"))) inline void name##_avx512 params { name##_impl args; } \
+  __attribute__((target("arch=x86-64-v3"))) inline void name##_avx2 params { name##_impl args; }   \
+  inline void name##_baseline params { name##_impl args; }                                         \
+  inline void name params {                                                                        \
+    switch (vec_isa()) {                                                                           \
+      case VecIsa::AVX512: return name##_avx512 args;                                              \
+      case VecIsa::AVX2: return name##_avx2 args;                                                  \
+      default: return name##_baseline args;                                                        \
+    }                                                                                              \
+  }
+#else
+#define FA_CPU_VEC_VERSIONS(name, params, args) \
+  inline void name params { name##_impl args; }
+#endif
 
 // 2^x for x <= 0 in fp32: 2^round(x) built in the exponent bits times a polynomial
 // for 2^f, |f| <= 0.5 of degree 7 (truncation error 5e-9, below half an fp32 ulp). The
@@ -293,28 +337,28 @@ inline float exact_dscore(const float* dout_row, const float* v_row, int64_t Ev,
   return static_cast<float>(double(p) * ((dot_f64(dout_row, v_row, Ev) - delta64) + double(dl)));
 }
 
-FA_CPU_ISA_CLONES void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
-                                      float sgn, float asc, float* m, float* l, float* corr) {
-  online_softmax_impl(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
-}
+FA_CPU_VEC_VERSIONS(online_softmax,
+                    (float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sgn, float asc,
+                     float* m, float* l, float* corr),
+                    (s, ld, rows, cols, nvalid, sgn, asc, m, l, corr))
 inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
                            double sgn, double asc, double* m, double* l, double* corr) {
   online_softmax_impl(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
 }
 
-FA_CPU_ISA_CLONES void probs(float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float g,
-                             float a, const float* hi, const float* lo) {
-  probs_impl(s, ld, rows, cols, nvalid, g, a, hi, lo);
-}
+FA_CPU_VEC_VERSIONS(probs,
+                    (float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float g, float a,
+                     const float* hi, const float* lo),
+                    (s, ld, rows, cols, nvalid, g, a, hi, lo))
 inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, double g, double a,
                   const double* hi, const double* lo) {
   probs_impl(s, ld, rows, cols, nvalid, g, a, hi, lo);
 }
 
-FA_CPU_ISA_CLONES void dscores(float* dp, const float* p, int64_t ld, int64_t rows, int64_t cols,
-                               const float* delta, const float* dlse) {
-  dscores_impl(dp, p, ld, rows, cols, delta, dlse);
-}
+FA_CPU_VEC_VERSIONS(dscores,
+                    (float* dp, const float* p, int64_t ld, int64_t rows, int64_t cols, const float* delta,
+                     const float* dlse),
+                    (dp, p, ld, rows, cols, delta, dlse))
 inline void dscores(double* dp, const double* p, int64_t ld, int64_t rows, int64_t cols, const double* delta,
                     const double* dlse) {
   dscores_impl(dp, p, ld, rows, cols, delta, dlse);
@@ -340,8 +384,8 @@ FA_ALWAYS_INLINE uint16_t bf16_bits(float x) {
 }
 
 // fp32 tile -> 16-bit GEMM operand (the same layout).
-FA_CPU_ISA_CLONES void convert_tile(const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst,
-                                    int64_t rows, int64_t cols) {
+FA_ALWAYS_INLINE void convert_tile_impl(const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst,
+                                        int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ld_dst);
     const float* s = src + r * ld_src;
@@ -349,6 +393,9 @@ FA_CPU_ISA_CLONES void convert_tile(const float* src, int64_t ld_src, c10::BFloa
     for (int64_t c = 0; c < cols; ++c) d[c] = bf16_bits(s[c]);
   }
 }
+FA_CPU_VEC_VERSIONS(convert_tile,
+                    (const float* src, int64_t ld_src, c10::BFloat16* dst, int64_t ld_dst, int64_t rows, int64_t cols),
+                    (src, ld_src, dst, ld_dst, rows, cols))
 inline void convert_tile(const float* src, int64_t ld_src, c10::Half* dst, int64_t ld_dst,
                          int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r)

@@ -36,13 +36,14 @@ BLAS's int is copied before the BLAS call.
 
 Which path runs: ``FUSED_ATTN_CPU_ISA``, read once when this module is imported (first CPU
 use): ``native`` (default: the AVX-512 paths where the CPU has AVX-512, else the portable
-ones), ``portable`` (the fallbacks CPUs without AVX-512 / AMX run: compiler-vectorised
-softmax, GEMMs through PyTorch's BLAS, no oneDNN brgemm), or ``avx2``, which today is the
-same as ``portable``: there is no AVX2-specific kernel yet. The portable loops are GCC
-clones for x86-64-v4 / x86-64-v3 (AVX2 + FMA) / baseline x86-64 picked by the CPU's
-features when the extension loads, so on an AVX-512 CPU they still run their AVX-512 clone;
-PyTorch's BLAS follows its own settings (``MKL_ENABLE_INSTRUCTIONS=AVX2``). ``path()`` says
-which path runs.
+ones), ``avx2`` or ``portable``. The portable path is what CPUs without AVX-512 / AMX run:
+compiler-vectorised softmax loops, GEMMs through PyTorch's BLAS, no oneDNN brgemm; its
+loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline x86-64
+(SSE2), and run the CPU's best by default. ``avx2`` is the portable path with its loops at
+AVX2 (what an AVX2 CPU such as AMD Zen 3 runs, on any CPU that has AVX2; there is no
+hand-written AVX2 kernel yet); ``portable`` the same at baseline x86-64. PyTorch's BLAS
+follows its own settings (``MKL_ENABLE_INSTRUCTIONS=AVX2``; benchmarks/bench.py --cpu-isa
+sets them). ``path()`` says which path runs.
 """
 from __future__ import annotations
 
@@ -74,14 +75,20 @@ def _isa_from_env() -> str:
     isa = raw.strip().lower() or "native"
     if isa not in ISAS:
         raise ValueError(f"{ISA_ENV}={raw!r} is not a CPU path; allowed: native (default: AVX-512 where the CPU has "
-                         "it), portable (no AVX-512 / oneDNN paths), avx2 (for now the same as portable: there is no "
-                         "AVX2-specific kernel yet)")
+                         "it), avx2 (the portable path's loops at AVX2; no hand-written AVX2 kernel yet), portable "
+                         "(the same at baseline x86-64)")
     return isa
+
+
+def _set_path(isa: str) -> None:
+    """Point the extension at path ``isa`` (one of ISAS); tests restore ISA with it."""
+    _C.set_portable_only(isa != "native")
+    _C.set_vec_isa({"native": "avx512", "avx2": "avx2", "portable": "baseline"}[isa])
 
 
 ISA = _isa_from_env()
 if _C is not None:
-    _C.set_portable_only(ISA != "native")
+    _set_path(ISA)
 
 
 def path() -> str:
@@ -91,10 +98,10 @@ def path() -> str:
     if _C.has_avx512():
         return ("avx512: fp32 on the register-blocked micro-kernel with the softmax in its epilogues, hand-vectorised "
                 "16-bit softmax, oneDNN brgemm for the bf16 / fp16 forward where available")
-    why = ("the CPU lacks AVX-512" if ISA == "native" else
-           f"{ISA_ENV}={ISA}" + ("; no AVX2-specific kernel yet, avx2 runs the portable path" if ISA == "avx2" else ""))
-    return (f"portable ({why}): compiler-vectorised softmax (GCC clones for x86-64-v4 / v3 / baseline, picked by "
-            "the CPU's features), GEMMs through PyTorch's BLAS")
+    why = "the CPU lacks AVX-512" if ISA == "native" else f"{ISA_ENV}={ISA}"
+    if ISA == "avx2":
+        why += "; no hand-written AVX2 kernel yet"
+    return (f"portable ({why}): compiler-vectorised softmax loops at {_C.vec_isa()}, GEMMs through PyTorch's BLAS")
 
 
 def _fake_forward(q, k, v, causal, scale):
