@@ -212,10 +212,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
+    # l = 0: the row saw no key, lse -inf. l NaN: a NaN score (lse NaN) or a +inf one (inf - inf;
+    # lse +inf, its max). Out is NaN in both, through acc.
+    unseen = tl.where(l_i == 0.0, float("-inf"), tl.where(m_i == float("inf"), float("inf"), float("nan")))
     if LSE.dtype.element_ty == tl.float64:  # fp32 inputs: m_i (exact, in log2 units) and ln l joined in fp64
-        lse = tl.where(seen, m_i.to(tl.float64) * _LN2 + tl.log(l_safe.to(tl.float64)), float("-inf"))
+        lse = tl.where(seen, m_i.to(tl.float64) * _LN2 + tl.log(l_safe.to(tl.float64)), unseen)
     else:
-        lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+        lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, unseen)
     if TMA:  # rows past L and columns past Ev are clipped by the descriptor
         O.store([b32, h32, start_m, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, BLOCK_DV]))
     else:
