@@ -231,7 +231,10 @@ def compile_table(archs=ARCHS, jobs: Optional[int] = None, tus: Optional[List[Pa
         raise FileNotFoundError("nvcc not found (set NVCC or put it on PATH)")
     tus = tus if tus is not None else translation_units()
     jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
-    shapes = {arch: manifest(arch) for arch in archs}
+    by_macro = {}  # one manifest per __CUDA_ARCH__ (sm_80 and sm_120, JIT from compute_80 PTX, share 800)
+    for arch in archs:
+        by_macro.setdefault(cuda_arch_macro(arch), manifest(arch))
+    shapes = {arch: by_macro[cuda_arch_macro(arch)] for arch in archs}
     rows: List[KernelRow] = []
     problems: List[str] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
