@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import fused_attn  # noqa: E402
 from fused_attn import dispatch, reference  # noqa: E402
 from fused_attn.problem import make_problem  # noqa: E402
-from fused_attn.reference import CausalMode  # noqa: E402
+from fused_attn.spec import CausalMode  # noqa: E402
 from fused_attn.testing import peak_memory_bytes  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -99,7 +99,7 @@ def _sdpa_provider(backend) -> Provider:
 
 def _fused_provider(name: str) -> Provider:
     def make(q, k, v, causal):
-        if dispatch.BACKENDS[name].refusal(make_problem(q, k, v, is_causal=causal), explicit=True) is not None:
+        if dispatch.get(name).refusal(make_problem(q, k, v, is_causal=causal), explicit=True) is not None:
             return None
         return lambda: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name)
     return Provider(f"fused_attn-{name}", make)

@@ -1,7 +1,13 @@
 """The one place that decides which backend runs an attention call.
 
-Backends are tried in the order :func:`order` gives for the problem's device; each
-answers :meth:`refusal` with ``None`` (it can run the problem) or a short reason it cannot. The requested backend comes
+Backends are keyed by (operation, name): the operation is what the call computes (today
+``"attention"``; KV-cache decoding and additive attention enter here as their own operations,
+with their own backends), the name what users choose (``backend=``). For one operation,
+backends are tried in the order :func:`order` gives for the problem's device; each answers
+:meth:`refusal` with ``None`` (it can run the problem) or a short reason it cannot. A kernel
+backend's reason comes from its module's ``CAPABILITIES`` (data: devices, dtypes, head dims,
+features; see ``fused_attn.spec.Capabilities``) and then its ``hardware_refusal`` (code: the
+import, the GPU's arch, grid limits, test vehicles). The requested backend comes
 from, in this order: the ``backend=`` argument, the innermost
 :func:`use_backend` context (per thread), the ``FUSED_ATTN_BACKEND`` environment variable
 (read at every call), else automatic choice. An explicit backend that cannot run
@@ -32,7 +38,6 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .autograd import FusedAttention
 from .ops._common import lse_dtype
 from .problem import Problem
 
@@ -42,17 +47,16 @@ ENV_VAR = "FUSED_ATTN_BACKEND"
 _context = threading.local()
 _said: set = set()
 
-MAX_KERNEL_HEAD_DIM = 256
-
 
 @torch.compiler.assume_constant_result
-def _import_error(backend: str) -> Optional[str]:
-    """Import the op module of kernel backend ``backend`` once; the ImportError's message, or None.
+def _import_error(op: str, name: str) -> Optional[str]:
+    """Import the op module of kernel backend ``name`` of operation ``op`` once; the ImportError's
+    message, or None.
 
     Imported on first use (triton, the CUDA extension), not when fused_attn is. Under
     torch.compile this runs when the function is compiled, outside the traced graph.
     """
-    b = BACKENDS[backend]
+    b = BACKENDS[(op, name)]
     if b._ops is None and b._import_error is None:
         try:
             b._ops = importlib.import_module(f"fused_attn.ops.{b.module}")
@@ -74,36 +78,32 @@ def _say_once(msg: str) -> bool:
 class KernelBackend:
     """A fused kernel backend whose ops live in ``fused_attn.ops.<module>``."""
 
-    def __init__(self, name: str, module: str):
-        self.name, self.module = name, module
+    def __init__(self, op: str, name: str, module: str):
+        self.op, self.name, self.module = op, name, module
         self._ops: Optional[ModuleType] = None
         self._import_error: Optional[str] = None
 
     def ops(self) -> ModuleType:
         """The backend's op module; raises ImportError if it cannot be imported."""
-        why = _import_error(self.name)
+        why = _import_error(self.op, self.name)
         if why is not None:
             raise ImportError(why)
         return self._ops
 
     def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
-        if p.mask is not None:
-            return f"a {'boolean' if p.mask.dtype == torch.bool else 'float'} attn_mask tensor is not supported (only causal masks and CausalBias)"
-        if p.dropout_p > 0.0:
-            return f"dropout_p > 0 is not supported (got {p.dropout_p})"
-        E, Ev = p.head_dim, p.head_dim_v
-        if not (0 < E <= MAX_KERNEL_HEAD_DIM and 0 < Ev <= MAX_KERNEL_HEAD_DIM):
-            if E == 0 or Ev == 0:
-                return f"head dims of 0 are not supported, got E = {E}, Ev = {Ev}"
-            return f"head dims up to {MAX_KERNEL_HEAD_DIM} are supported, got E = {E}, Ev = {Ev}"
+        """Why this backend cannot run ``p`` (None: it can): its capabilities, then its hardware checks."""
         try:
             ops = self.ops()
         except ImportError as e:
             return f"not available in this install ({e})"
-        return ops.why_not(p, explicit)
+        return (ops.CAPABILITIES.refusal(self.name, p.features(), p.dtype, p.device, p.head_dim, p.head_dim_v)
+                or ops.hardware_refusal(p, explicit))
 
-    def run(self, p: Problem):
-        return FusedAttention.apply(p.q, p.k, p.v, self.ops(), p.causal, p.scale)
+    def run(self, p: Problem) -> Tuple[Tensor, Tensor]:
+        """(out, lse) through the backend's forward op, which is differentiable (fused_attn.autograd)."""
+        out, lse = self.ops().forward(p.q, p.k, p.v, *p.spec.op_args())
+        public = lse_dtype(p.dtype)
+        return out, lse if lse.dtype == public else lse.to(public)
 
 
 class ReferenceBackend:
@@ -116,17 +116,24 @@ class ReferenceBackend:
 
     def run(self, p: Problem):
         dt = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.dropout_p, p.causal, p.scale,
+        out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
                                        compute_dtype=dt)
         return out.to(p.dtype), lse.to(lse_dtype(p.dtype))
 
 
+ATTENTION = "attention"  # the operation of scaled_dot_product_attention and attention_with_lse
 BACKENDS = {
-    "triton": KernelBackend("triton", "triton_attention"),
-    "cuda": KernelBackend("cuda", "cuda"),
-    "cpu": KernelBackend("cpu", "cpu"),
-    "reference": ReferenceBackend(),
+    (ATTENTION, "triton"): KernelBackend(ATTENTION, "triton", "triton_attention"),
+    (ATTENTION, "cuda"): KernelBackend(ATTENTION, "cuda", "cuda"),
+    (ATTENTION, "cpu"): KernelBackend(ATTENTION, "cpu", "cpu"),
+    (ATTENTION, "reference"): ReferenceBackend(),
 }
+NAMES = tuple(dict.fromkeys(name for _, name in BACKENDS))  # what backend= accepts
+
+
+def get(name: str, op: str = ATTENTION):
+    """Backend ``name`` of operation ``op``."""
+    return BACKENDS[(op, name)]
 # Automatic choice: the expected fastest first (to be confirmed by GPU benchmarks). On
 # Hopper the Triton kernels use wgmma and TMA while the CUDA kernels use Ampere's
 # mma.sync; before Hopper both use mma.sync and the hand-written CUDA kernels go first.
@@ -143,7 +150,7 @@ def order(device: torch.device) -> tuple:
 
 
 def _check_name(name: str) -> str:
-    if name not in BACKENDS:
+    if name not in NAMES:
         raise ValueError(f"unknown fused_attn backend {name!r}; choose one of {', '.join(ORDER)} or None for automatic")
     return name
 
@@ -173,13 +180,13 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
     return _check_name(name)
 
 
-def refusals(p: Problem, explicit: bool = False) -> Dict[str, Optional[str]]:
+def refusals(p: Problem, explicit: bool = False, op: str = ATTENTION) -> Dict[str, Optional[str]]:
     """Each backend's reason for refusing ``p`` (None where it can run it), in automatic order."""
-    return {name: BACKENDS[name].refusal(p, explicit) for name in order(p.device)}
+    return {name: get(name, op).refusal(p, explicit) for name in order(p.device)}
 
 
 def run(p: Problem, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of ``p`` on the backend :func:`choose` picks (canonical shapes)."""
+    """``(out, lse)`` of attention problem ``p`` on the backend :func:`choose` picks (canonical shapes)."""
     chosen = choose(p, backend)
     if p.S == 0 or math.prod(p.out_shape[:-1]) == 0:
         return _attend_to_nothing(p)
@@ -198,21 +205,23 @@ def _attend_to_nothing(p: Problem) -> Tuple[Tensor, Tensor]:
     return out, torch.full(out.shape[:-1], float("-inf"), dtype=lse_dtype(p.dtype), device=p.device)
 
 
-def choose(p: Problem, backend: Optional[str] = None):
+def choose(p: Problem, backend: Optional[str] = None, op: str = ATTENTION):
+    """The backend of operation ``op`` that runs ``p``: the requested one (which raises if it
+    cannot), else the first in :func:`order` that can."""
     name = requested_backend(backend)
     if name is not None:
-        why = BACKENDS[name].refusal(p, explicit=True)
+        why = get(name, op).refusal(p, explicit=True)
         if why is not None:
             raise RuntimeError(f"fused_attn backend {name!r} cannot run this call: {why}")
-        return BACKENDS[name]
+        return get(name, op)
     reasons = {}
     for name in order(p.device):
-        why = BACKENDS[name].refusal(p, explicit=False)
+        why = get(name, op).refusal(p, explicit=False)
         if why is None:
             if name == "reference" and reasons:
                 msg = "fused_attn: running naive PyTorch attention (O(L*S) memory) because " + "; ".join(
                     f"{n}: {r}" for n, r in reasons.items())
                 _say_once(msg)
-            return BACKENDS[name]
+            return get(name, op)
         reasons[name] = why
     raise AssertionError("the reference backend refuses nothing")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import FrozenSet, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from .reference import CausalMode
+from .spec import AttnSpec, CausalMode
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,11 +32,15 @@ class Problem:
     k: Tensor  # (B, Hk, S, E)
     v: Tensor  # (B, Hk, S, Ev)
     mask: Optional[Tensor]  # bool / float, (B, Hq, L, S) possibly with stride-0 dims; applies with causal
-    causal: CausalMode
-    scale: float
-    dropout_p: float
-    needs_grad: bool
+    spec: AttnSpec
     out_shape: Tuple[int, ...]  # shape of the output the user gets back
+
+    def features(self) -> FrozenSet[str]:
+        """The optional features (``spec.FEATURES``) this call uses."""
+        used = self.spec.features()
+        if self.mask is not None:
+            used = used | {"bool_mask" if self.mask.dtype == torch.bool else "float_mask"}
+        return used
 
     @property
     def L(self) -> int:
@@ -117,9 +121,8 @@ def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
         return None
     if not (q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES and q.device == k.device == v.device):
         return None
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return Problem(q, k, v, None, CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE, 1.0 / math.sqrt(E),
-                   0.0, needs_grad, (B, Hq, L, vs[3]))
+    spec = AttnSpec(scale=1.0 / math.sqrt(E), causal=CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE)
+    return Problem(q, k, v, None, spec, (B, Hq, L, vs[3]))
 
 
 def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -231,6 +234,5 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     else:
         q, k, v = (t.reshape(1, 1, t.shape[0], t.shape[1]) for t in (q, k, v))
 
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     out_shape = out_batch + (L, v.shape[-1])
-    return Problem(q, k, v, mask, causal, scale, float(dropout_p), needs_grad, out_shape)
+    return Problem(q, k, v, mask, AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p)), out_shape)

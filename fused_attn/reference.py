@@ -16,32 +16,12 @@ It materialises the full ``(B, H, L, S)`` score matrix on purpose. Numerics:
 """
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-
-class CausalMode(IntEnum):
-    """Which key a query may see. ``offset`` below is what the kernels take."""
-
-    NONE = 0
-    UPPER_LEFT = 1   # query i sees keys j <= i (torch's ``is_causal=True``)
-    LOWER_RIGHT = 2  # query i sees keys j <= i + (S - L) (FlashAttention's, KV-cache decoding)
-
-    def offset(self, L: int, S: int) -> int:
-        """Query i sees key j iff ``j <= i + offset`` (meaningless for NONE)."""
-        return S - L if self is CausalMode.LOWER_RIGHT else 0
-
-
-def causal_mask(L: int, S: int, mode: CausalMode, device=None) -> Optional[Tensor]:
-    """Boolean ``(L, S)`` mask, True where a query may attend; None when not causal."""
-    if mode is CausalMode.NONE:
-        return None
-    i = torch.arange(L, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    return j <= i + mode.offset(L, S)
+from .spec import CausalMode, causal_mask
 
 
 def attention(

@@ -139,13 +139,13 @@ def fake_gpu(arch: int):
     cap = Capture(arch)
     previous_driver = driver._active
     previous_hook = knobs.runtime.jit_cache_hook
-    device_arch, why_not = T.device_arch, T.why_not
+    device_arch, hardware_refusal = T.device_arch, T.hardware_refusal
     _current.append(cap)
     driver.set_active(FakeDriver(arch))
     knobs.runtime.jit_cache_hook = _record
     T.device_arch = lambda device: arch
     # CPU tensors stand in for GPU tensors: the launch path reads only data_ptr, strides, dtype
-    T.why_not = lambda p, explicit: None if p.device.type == "cpu" else why_not(p, explicit)
+    T.hardware_refusal = lambda p, explicit: None if p.device.type == "cpu" else hardware_refusal(p, explicit)
     for kernel in T.KERNELS.values():
         kernel.run = _recording_run(kernel)
     try:
@@ -153,7 +153,7 @@ def fake_gpu(arch: int):
     finally:
         for kernel in T.KERNELS.values():
             del kernel.run
-        T.device_arch, T.why_not = device_arch, why_not
+        T.device_arch, T.hardware_refusal = device_arch, hardware_refusal
         knobs.runtime.jit_cache_hook = previous_hook
         driver.set_active(previous_driver)
         _current.pop()

@@ -173,7 +173,7 @@ def test_explicit_backend_unsupported_dtype_and_head_dim():
 
 def _spy(monkeypatch):
     ran = []
-    for name, b in dispatch.BACKENDS.items():
+    for (_, name), b in dispatch.BACKENDS.items():
         monkeypatch.setattr(b, "run", (lambda f, n: lambda p: (ran.append(n), f(p))[1])(b.run, name))
     return ran
 
@@ -238,7 +238,7 @@ def test_automatic_order_by_device(monkeypatch):
     for major, expected in ((8, dispatch.ORDER_BEFORE_HOPPER), (9, dispatch.ORDER)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         assert dispatch.order(torch.device("cuda")) == expected
-    assert set(dispatch.ORDER) == set(dispatch.ORDER_BEFORE_HOPPER) == set(dispatch.BACKENDS)
+    assert set(dispatch.ORDER) == set(dispatch.ORDER_BEFORE_HOPPER) == set(dispatch.NAMES)
 
 
 @pytest.mark.parametrize("shapes,kwargs", [
@@ -256,9 +256,10 @@ def test_common_call_fast_path_builds_the_general_problem(shapes, kwargs, grad):
     fast = _common_call(q, k, v, kwargs.get("is_causal", False), None, kwargs.get("enable_gqa", False))
     general = make_problem(q, k, v, scale=shapes[0][-1] ** -0.5, **kwargs)  # a scale: the general path
     assert fast is not None
-    for field in ("causal", "dropout_p", "needs_grad", "out_shape", "mask"):
+    for field in ("out_shape", "mask"):
         assert getattr(fast, field) == getattr(general, field), field
-    assert fast.scale == pytest.approx(general.scale, rel=1e-15)
+    assert (fast.spec.causal, fast.spec.dropout_p) == (general.spec.causal, general.spec.dropout_p)
+    assert fast.spec.scale == pytest.approx(general.spec.scale, rel=1e-15)
     for a, b in ((fast.q, general.q), (fast.k, general.k), (fast.v, general.v)):
         assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
     assert _common_call(q, k[:1] if k.shape[0] > 1 else k[:, :, :1], v, False, None, False) is None

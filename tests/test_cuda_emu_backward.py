@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn import _emu, reference
+from fused_attn import _emu, dispatch, reference
 from fused_attn.ops import cuda
 from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
@@ -164,7 +164,7 @@ def test_bad_inputs_say_what_was_passed():
 def test_training_is_allowed_through_cuda():
     q, k, v = _inputs(1, 2, 2, 16, 16, 32, 32, torch.float16)
     q.requires_grad_()
-    assert cuda.why_not(make_problem(q, k, v), explicit=True) is None
+    assert dispatch.get("cuda").refusal(make_problem(q, k, v), explicit=True) is None
     out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cuda")
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()

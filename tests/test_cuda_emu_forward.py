@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fused_attn
-from fused_attn import _emu, reference
+from fused_attn import _emu, dispatch, reference
 from fused_attn.ops import cuda
 from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
@@ -129,16 +129,16 @@ def _problem(dtype=torch.float16, requires_grad=False):
 
 
 def test_refusals_say_why():
-    assert cuda.why_not(_problem(), explicit=True) is None
-    assert "float16 or bfloat16" in cuda.why_not(_problem(torch.float32), explicit=True)
-    assert cuda.why_not(_problem(requires_grad=True), explicit=True) is None  # training: tests/test_cuda_emu_backward.py
+    assert dispatch.get("cuda").refusal(_problem(), explicit=True) is None
+    assert "not supported (float16, bfloat16)" in dispatch.get("cuda").refusal(_problem(torch.float32), explicit=True)
+    assert dispatch.get("cuda").refusal(_problem(requires_grad=True), explicit=True) is None  # training: tests/test_cuda_emu_backward.py
 
 
 @emulator_only
 def test_emulator_runs_only_by_name(monkeypatch):
-    assert "asked for by name" in cuda.why_not(_problem(), explicit=False)
+    assert "asked for by name" in dispatch.get("cuda").refusal(_problem(), explicit=False)
     monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE")
-    assert "FUSED_ATTN_CUDA_EMULATE=1" in cuda.why_not(_problem(), explicit=True)
+    assert "FUSED_ATTN_CUDA_EMULATE=1" in dispatch.get("cuda").refusal(_problem(), explicit=True)
 
 
 @emulator_only

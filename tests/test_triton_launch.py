@@ -241,7 +241,7 @@ def _decisions(A, T, torch):
         device_arch = T.device_arch
         T.device_arch = lambda device: arch
         try:
-            refusals[arch] = T.why_not(SimpleNamespace(dtype=torch.float16, device=torch.device("cuda")), True)
+            refusals[arch] = T.hardware_refusal(SimpleNamespace(dtype=torch.float16, device=torch.device("cuda")), True)
         finally:
             T.device_arch = device_arch
     return dict(cases=cases, many_heads=[_summary(r) for r in cap.records if r["phase"] == "launch"],

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
 from ..api import scaled_dot_product_attention
-from ..reference import CausalMode, causal_mask
+from ..spec import CausalMode, causal_mask
 
 
 @dataclass

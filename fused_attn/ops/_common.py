@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Callable
 
 import torch
+
+from ..spec import OP_ARGS_SCHEMA, AttnSpec
 
 POISON_ENV = "FUSED_ATTN_POISON"
 
@@ -56,13 +59,46 @@ def saved_lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def fake_forward(q, k, v, causal, scale, saved_dtype=None):
-    """Shapes of a backend's forward op (out (B, H, L, Ev), lse (B, H, L)), for torch.compile.
-    ``saved_dtype``: the dtype of the lse the op returns (None: the public one, lse_dtype)."""
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=saved_dtype or lse_dtype(q.dtype))
-
-
-def fake_backward(dout, dlse, q, k, v, out, lse, causal, scale):
-    """Shapes of a backend's backward op (contiguous dq, dk, dv), for torch.compile."""
+def _fake_backward(dout, dlse, q, k, v, out, lse, *op_args):
+    """Shapes of a backend's backward op (dq, dk, dv like q, k, v), for torch.compile."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def define_ops(backend: str, forward, backward, device_types, saved_lse: Callable[[torch.dtype], torch.dtype]):
+    """Defines and returns backend ``backend``'s ops, ``torch.ops.fused_attn.<backend>_fwd`` and
+    ``<backend>_bwd``, for the devices in ``device_types``:
+
+    * ``<backend>_fwd(q, k, v, <spec>) -> (out (B, Hq, L, Ev), lse (B, Hq, L))`` runs
+      ``forward(q, k, v, spec)``; lse's dtype is ``saved_lse(q.dtype)`` (what the backward reads);
+    * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)`` runs
+      ``backward(dout, dlse, q, k, v, out, lse, spec)``;
+
+    where ``<spec>`` is ``AttnSpec.op_args()`` (schema ``OP_ARGS_SCHEMA``) and ``spec`` the
+    AttnSpec rebuilt from it. Registers their fake implementations (torch.compile, export) and
+    the autograd formula (``fused_attn.autograd``)."""
+    from .. import autograd
+
+    fwd_name, bwd_name = f"fused_attn::{backend}_fwd", f"fused_attn::{backend}_bwd"
+    torch.library.define(fwd_name, f"(Tensor q, Tensor k, Tensor v, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor)")
+    torch.library.define(bwd_name, "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+                                   f"Tensor lse, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+
+    def fwd_impl(q, k, v, *op_args):
+        return forward(q, k, v, AttnSpec.from_op_args(*op_args))
+
+    def bwd_impl(dout, dlse, q, k, v, out, lse, *op_args):
+        return backward(dout, dlse, q, k, v, out, lse, AttnSpec.from_op_args(*op_args))
+
+    def fwd_fake(q, k, v, *op_args):
+        B, H, L, _ = q.shape
+        return q.new_empty((B, H, L, v.shape[3])), q.new_empty((B, H, L), dtype=saved_lse(q.dtype))
+
+    for device_type in device_types:
+        torch.library.impl(fwd_name, device_type)(fwd_impl)
+        torch.library.impl(bwd_name, device_type)(bwd_impl)
+    torch.library.register_fake(fwd_name)(fwd_fake)
+    torch.library.register_fake(bwd_name)(_fake_backward)
+    fwd_op = getattr(torch.ops.fused_attn, f"{backend}_fwd").default
+    bwd_op = getattr(torch.ops.fused_attn, f"{backend}_bwd").default
+    autograd.register(fwd_op, bwd_op, backend)
+    return fwd_op, bwd_op

@@ -53,7 +53,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import fake_backward, fake_forward, last_dim_contiguous, new_output, saved_lse_dtype
+from ..spec import AttnSpec, Capabilities
+from ._common import define_ops, last_dim_contiguous, new_output, saved_lse_dtype
 
 try:
     from .. import _C_cpu as _C
@@ -63,8 +64,8 @@ except ImportError as e:  # built without the C++ extension, or a broken build
     _IMPORT_ERROR = (f"the C++ extension fused_attn._C_cpu did not import ({e}); reinstall with "
                      "`pip install --no-build-isolation .` and torch installed")
 
-MAX_HEAD_DIM = 256
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+                            features=frozenset({"causal"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -104,10 +105,6 @@ def path() -> str:
     return (f"portable ({why}): compiler-vectorised softmax loops at {_C.vec_isa()}, GEMMs through PyTorch's BLAS")
 
 
-def _fake_forward(q, k, v, causal, scale):
-    return fake_forward(q, k, v, causal, scale, saved_dtype=saved_lse_dtype(q.dtype))
-
-
 def _operand(t: Tensor) -> Tensor:
     """Unit stride on the last dim and rows that do not overlap (e.g. an expanded L)."""
     t = last_dim_contiguous(t)
@@ -116,55 +113,33 @@ def _operand(t: Tensor) -> Tensor:
     return t
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, Tensor]:
     q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
-    _C.forward(q, k, v, out, lse, causal, scale)
+    _C.forward(q, k, v, out, lse, *spec.op_args())
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, causal, scale)
+    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args())
     return dq, dk, dv
 
 
-@torch.library.custom_op("fused_attn::cpu_fwd", mutates_args=(), device_types="cpu")
-def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, causal, scale)
+forward, backward = define_ops("cpu", _forward, _backward, ("cpu",), saved_lse_dtype)
 
 
-forward.register_fake(_fake_forward)
-
-
-@torch.library.custom_op("fused_attn::cpu_bwd", mutates_args=(), device_types="cpu")
-def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
-
-
-backward.register_fake(fake_backward)
-
-
-def why_not(p, explicit: bool) -> Optional[str]:
-    """Why the CPU kernels cannot run problem ``p`` (None: they can)."""
-    if _C is None:
-        return _IMPORT_ERROR
-    if p.device.type != "cpu":
-        return f"tensors are on {p.device}; the cpu backend runs CPU tensors only"
-    if p.dtype not in DTYPES:
-        return f"dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)"
-    if max(p.head_dim, p.head_dim_v) > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM} are supported, got E = {p.head_dim}, Ev = {p.head_dim_v}"
-    return None
+def hardware_refusal(p, explicit: bool) -> Optional[str]:
+    """Why this install cannot run problem ``p`` beyond what CAPABILITIES says (None: it can)."""
+    return _IMPORT_ERROR
 
 
 def gemm_backend() -> str:

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import fake_backward, fake_forward, new_output
+from ..spec import AttnSpec, Capabilities
+from ._common import define_ops, new_output
 
 try:
     from .. import _C_cuda  # noqa: F401  (importing registers torch.ops.fused_attn.cuda_{fwd,bwd}_out)
@@ -47,8 +48,8 @@ except ImportError as e:  # no nvcc / CUDA torch at install time, or a broken bu
     _IMPORT_ERROR = f"the CUDA extension fused_attn._C_cuda is not available ({e})"
 
 EMULATE_ENV = "FUSED_ATTN_CUDA_EMULATE"
-DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16), features=frozenset({"causal"}),
+                            device_note=": cpu through the emulator")
 MIN_CAPABILITY = (8, 0)  # mma.sync with bf16, cp.async, ldmatrix: the only features the kernels use
 MAX_GRID_YZ = 65535  # grid y (query heads) and z (batch) limit of a CUDA launch
 
@@ -91,10 +92,8 @@ def arch_refusal(capability: Tuple[int, int], built: Optional[Sequence[str]]) ->
             f"JIT from; rebuild with FUSED_ATTN_CUDA_ARCHS=native (this GPU) or an entry with +PTX, e.g. '80+PTX'")
 
 
-def why_not(p, explicit: bool) -> Optional[str]:
-    """None if this backend can run problem ``p``, else the reason it cannot."""
-    if p.dtype not in DTYPES:
-        return f"the CUDA kernels take float16 or bfloat16, got {p.dtype}"
+def hardware_refusal(p, explicit: bool) -> Optional[str]:
+    """Why this install or GPU cannot run problem ``p`` beyond what CAPABILITIES says (None: it can)."""
     B, H = p.q.shape[0], p.q.shape[1]
     if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
         return (f"batch and query heads must each be <= {MAX_GRID_YZ} (CUDA grid z and y), got batch {B} "
@@ -103,8 +102,6 @@ def why_not(p, explicit: bool) -> Optional[str]:
         if _C_cuda is None:
             return _IMPORT_ERROR
         return arch_refusal(torch.cuda.get_device_capability(p.device), built_archs())
-    if p.device.type != "cpu":
-        return f"tensors on {p.device} are not supported"
     if os.environ.get(EMULATE_ENV) != "1":
         return f"CPU tensors run the CUDA kernels only under emulation: set {EMULATE_ENV}=1 and ask for backend 'cuda'"
     if not explicit:
@@ -122,7 +119,7 @@ def _operand(t: Tensor) -> Tensor:
     return t if aligned else t.contiguous()
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, Tensor]:
     B, H, L, _ = q.shape
     ev = v.shape[-1]
     q, k, v = _operand(q), _operand(k), _operand(v)
@@ -132,24 +129,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tupl
         if _C_cuda is None:
             raise RuntimeError(_IMPORT_ERROR)
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        torch.ops.fused_attn.cuda_fwd_out(q, k, v, out, lse, int(causal), float(scale), stream)
+        torch.ops.fused_attn.cuda_fwd_out(q, k, v, out, lse, *spec.op_args(), stream)
     else:
         from .. import _emu
 
-        _emu.load().flash_fwd(q, k, v, out, lse, int(causal), float(scale))
+        _emu.load().flash_fwd(q, k, v, out, lse, *spec.op_args())
     return (out if out.shape[-1] == ev else out[..., :ev].contiguous()), lse
 
 
-@torch.library.custom_op("fused_attn::cuda_fwd", mutates_args=(), device_types=("cpu", "cuda"))
-def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, causal, scale)
-
-
-forward.register_fake(fake_forward)
-
-
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec) -> Tuple[Tensor, Tensor, Tensor]:
     E, ev = q.shape[-1], v.shape[-1]
     q, k, v, out, dout = (_operand(t) for t in (q, k, v, out, dout))  # zero padding adds 0 to rowsum(dO * O)
     lse = lse.contiguous()
@@ -163,19 +152,12 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
         if _C_cuda is None:
             raise RuntimeError(_IMPORT_ERROR)
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        torch.ops.fused_attn.cuda_bwd_out(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, int(causal), float(scale),
-                                          stream)
+        torch.ops.fused_attn.cuda_bwd_out(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *spec.op_args(), stream)
     else:
         from .. import _emu
 
-        _emu.load().flash_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, int(causal), float(scale))
+        _emu.load().flash_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *spec.op_args())
     return tuple(g if g.shape[-1] == d else g[..., :d].contiguous() for g, d in ((dq, E), (dk, E), (dv, ev)))
 
 
-@torch.library.custom_op("fused_attn::cuda_bwd", mutates_args=(), device_types=("cpu", "cuda"))
-def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
-
-
-backward.register_fake(fake_backward)
+forward, backward = define_ops("cuda", _forward, _backward, ("cpu", "cuda"), lambda dtype: torch.float32)

@@ -77,8 +77,8 @@ if triton_version_problem(triton.__version__):  # the dispatcher reports an Impo
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from ..reference import CausalMode
-from ._common import allow_tf32, fake_backward, fake_forward, last_dim_contiguous, new_output, saved_lse_dtype
+from ..spec import AttnSpec, Capabilities, CausalMode
+from ._common import allow_tf32, define_ops, last_dim_contiguous, new_output, saved_lse_dtype
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -465,8 +465,10 @@ PREPROCESS_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3)
 INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32}
 # Whether the interpreter takes the forward's tensor-descriptor (Hopper TMA) path; tests run both.
 INTERPRETER_TMA = False
-# Oldest GPU the kernels run on (bf16 tensor cores, cp.async); why_not refuses older ones.
+# Oldest GPU the kernels run on (bf16 tensor cores, cp.async); hardware_refusal refuses older ones.
 MIN_ARCH = 80
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                            features=frozenset({"causal"}), device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
@@ -665,45 +667,43 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
     return None
 
 
-def _common_meta(q: Tensor, v: Tensor, causal: int, arch: Optional[int], strided) -> dict:
+def _common_meta(q: Tensor, v: Tensor, spec: AttnSpec, arch: Optional[int], strided) -> dict:
     E, EV = q.shape[3], v.shape[3]
     dot_fp32, precision = _modes(q.dtype)
     return dict(HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
-                CAUSAL=CausalMode(causal) is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision,
+                CAUSAL=spec.causal is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision,
                 ARCH=arch or 0, DTYPE=DTYPE_NAME[q.dtype], ALIGNED=all(_aligned(t) for t in strided))
 
 
-def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: int, scale: float,
+def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: AttnSpec,
                  arch: Optional[int], deterministic: bool = False) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
     (None: the interpreter)."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
-    mode = CausalMode(causal)
     tensors = (q, k, v, out)
-    meta = _common_meta(q, v, causal, arch, tensors)
+    meta = _common_meta(q, v, spec, arch, tensors)
     meta["TMA"] = use_tma(tensors, arch)
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
     args = (*tensors, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            H, H // HK, B * H, L, S, mode.offset(L, S), scale * LOG2E, _bucket(L), _bucket(S))
+            H, H // HK, B * H, L, S, spec.causal.offset(L, S), spec.scale * LOG2E, _bucket(L), _bucket(S))
     return Launch("fwd", args, meta, _grid(L, B * H, "BLOCK_M"), _config("fwd", meta, arch, _bucket(L), deterministic))
 
 
 def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, causal: int, scale: float, arch: Optional[int],
+                  delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, spec: AttnSpec, arch: Optional[int],
                   deterministic: bool = False) -> List[Launch]:
     """The backward's three launches, in order: preprocess (delta), dK/dV, dQ."""
     B, H, L, _ = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    mode = CausalMode(causal)
     pre_config = triton.Config({"BLOCK_M": 32}) if INTERPRETED else PREPROCESS_CONFIG
     pre = Launch("pre", (out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3], *dout.stride()[:3],
                          H, B * H, L),
                  dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None),
                  _grid(L, B * H, "BLOCK_M"), pre_config)
-    meta = _common_meta(q, v, causal, arch, (q, k, v, dout, dq, dk, dv))
-    offset, qk_scale = mode.offset(L, S), scale * LOG2E
+    meta = _common_meta(q, v, spec, arch, (q, k, v, dout, dq, dk, dv))
+    offset, qk_scale, scale = spec.causal.offset(L, S), spec.scale * LOG2E, spec.scale
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
                            HK, H // HK, B * HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S)),
@@ -736,19 +736,19 @@ def _run(launch: Launch, device: torch.device) -> None:
                                           num_stages=cfg.num_stages)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, Tensor]:
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
-    launch = forward_plan(q, k, v, out, lse, causal, scale, device_arch(q.device),
+    launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
                           torch.are_deterministic_algorithms_enabled())
     _run(launch, q.device)
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)
@@ -756,7 +756,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
-                             delta, dq, dk, dv, causal, scale, device_arch(q.device),
+                             delta, dq, dk, dv, spec, device_arch(q.device),
                              torch.are_deterministic_algorithms_enabled())
     for launch in launches:
         _run(launch, q.device)
@@ -767,29 +767,11 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
 # torch.library ops and the dispatcher's interface
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fused_attn::triton_fwd", mutates_args=())
-def forward(q: Tensor, k: Tensor, v: Tensor, causal: int, scale: float) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, causal, scale)
+forward, backward = define_ops("triton", _forward, _backward, ("cpu", "cuda"), saved_lse_dtype)
 
 
-@forward.register_fake
-def _(q, k, v, causal, scale):
-    return fake_forward(q, k, v, causal, scale, saved_lse_dtype(q.dtype))
-
-
-@torch.library.custom_op("fused_attn::triton_bwd", mutates_args=())
-def backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             causal: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, dlse, q, k, v, out, lse, causal, scale)
-
-
-backward.register_fake(fake_backward)
-
-
-def why_not(p, explicit: bool) -> Optional[str]:
-    """Why the Triton kernels cannot run problem ``p`` (None: they can)."""
-    if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {p.dtype} is not supported (float16, bfloat16, float32)"
+def hardware_refusal(p, explicit: bool) -> Optional[str]:
+    """Why this GPU or process cannot run problem ``p`` beyond what CAPABILITIES says (None: it can)."""
     if p.device.type == "cuda":
         if INTERPRETED:
             return "TRITON_INTERPRET=1 is set, so the kernels can only run on CPU tensors"
@@ -797,8 +779,6 @@ def why_not(p, explicit: bool) -> Optional[str]:
         if arch < MIN_ARCH:
             return f"compute capability {arch // 10}.{arch % 10} is older than {MIN_ARCH // 10}.{MIN_ARCH % 10} (Ampere)"
         return None
-    if p.device.type != "cpu":
-        return f"tensors on {p.device.type} are not supported (cuda, or cpu under the Triton interpreter)"
     if not INTERPRETED:
         return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set before import)"
     if not explicit:

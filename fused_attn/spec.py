@@ -1,0 +1,118 @@
+"""What an attention call computes, described once from the API to every kernel.
+
+:class:`AttnSpec` (frozen) holds the call's scalar semantics: which keys each query sees
+(``causal``), the softmax ``scale`` and ``dropout_p``. ``make_problem`` builds it once;
+the dispatcher, the autograd formula, the reference and the backends read it; the kernel ops
+take it flattened by :meth:`AttnSpec.op_args` (schema :data:`OP_ARGS_SCHEMA`, rebuilt by
+:meth:`AttnSpec.from_op_args`): the one place a field is turned into op arguments. In C++ the
+same fields are ``csrc/common/attn_params.h`` (``Visibility``, ``scale``).
+
+Tensors that describe the call (a mask) travel in the :class:`~fused_attn.problem.Problem`
+beside the spec. :meth:`Problem.features` names what a call uses beyond plain attention;
+each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
+derives its refusal messages from that data.
+
+A new feature (a sliding window, soft-capping, ALiBi, dropout in the kernels) adds: a field
+here (with its validation in ``make_problem``), its entry in :data:`FEATURES`, its effect in
+``reference.attention``, its op argument in ``op_args`` / ``OP_ARGS_SCHEMA``, and its name in
+the ``Capabilities`` of each backend that runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import FrozenSet, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class CausalMode(IntEnum):
+    """Which keys a query may see. Values are what the kernel ops take (``csrc/common/attn_params.h``)."""
+
+    NONE = 0
+    UPPER_LEFT = 1   # query i sees keys j <= i (torch's ``is_causal=True``)
+    LOWER_RIGHT = 2  # query i sees keys j <= i + (S - L) (FlashAttention's, KV-cache decoding)
+
+    def offset(self, L: int, S: int) -> int:
+        """Query i sees key j iff ``j <= i + offset`` (meaningless for NONE)."""
+        return S - L if self is CausalMode.LOWER_RIGHT else 0
+
+
+def causal_mask(L: int, S: int, mode: CausalMode, device=None) -> Optional[Tensor]:
+    """Boolean ``(L, S)`` mask, True where a query may attend; None when not causal."""
+    if mode is CausalMode.NONE:
+        return None
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + mode.offset(L, S)
+
+
+# Features a call may use beyond plain attention, and how a refusal names them.
+FEATURES = {
+    "causal": "a causal mask",
+    "bool_mask": "a boolean attn_mask tensor",
+    "float_mask": "a float attn_mask tensor",
+    "dropout": "dropout_p > 0",
+}
+
+# The spec's fields as the kernel ops take them (torch.library schema), in op_args' order.
+OP_ARGS_SCHEMA = "int causal, float scale"
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """The scalar semantics of one attention call (see the module docstring)."""
+
+    scale: float
+    causal: CausalMode = CausalMode.NONE
+    dropout_p: float = 0.0
+
+    def op_args(self) -> Tuple[int, float]:
+        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order."""
+        return int(self.causal), self.scale
+
+    @classmethod
+    def from_op_args(cls, causal: int, scale: float) -> "AttnSpec":
+        """The spec back from :meth:`op_args` (inside an op: the kernels' view of the call)."""
+        return cls(scale=scale, causal=CausalMode(causal))
+
+    def features(self) -> FrozenSet[str]:
+        """The :data:`FEATURES` this spec uses."""
+        used = set()
+        if self.causal is not CausalMode.NONE:
+            used.add("causal")
+        if self.dropout_p > 0.0:
+            used.add("dropout")
+        return frozenset(used)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kernel backend runs, as data: the dispatcher derives refusals from it (see
+    ``dispatch.KernelBackend.refusal``); the backend keeps code only for hardware checks."""
+
+    devices: Tuple[str, ...]          # tensor device types
+    dtypes: Tuple[torch.dtype, ...]
+    features: FrozenSet[str]          # names from FEATURES
+    max_head_dim: int = 256           # E and Ev, each in [1, max_head_dim]
+    device_note: str = ""             # said after a device refusal
+
+    def refusal(self, name: str, features: FrozenSet[str], dtype: torch.dtype, device: torch.device,
+                head_dim: int, head_dim_v: int) -> Optional[str]:
+        """Why backend ``name`` with these capabilities cannot run such a call (None: it can)."""
+        missing = sorted(features - self.features)
+        if missing:
+            allowed = [FEATURES[f] for f in sorted(self.features)]
+            also = f" (it runs {' and '.join(allowed)})" if allowed else ""
+            return "; ".join(f"{FEATURES[f]} is not supported" for f in missing) + also
+        if device.type not in self.devices:
+            return (f"tensors on {device.type} are not supported (the {name} backend runs "
+                    f"{' or '.join(self.devices)} tensors{self.device_note})")
+        if dtype not in self.dtypes:
+            return f"dtype {dtype} is not supported ({', '.join(str(d).replace('torch.', '') for d in self.dtypes)})"
+        if head_dim == 0 or head_dim_v == 0:
+            return f"head dims of 0 are not supported, got E = {head_dim}, Ev = {head_dim_v}"
+        if max(head_dim, head_dim_v) > self.max_head_dim:
+            return f"head dims up to {self.max_head_dim} are supported, got E = {head_dim}, Ev = {head_dim_v}"
+        return None
