@@ -38,7 +38,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     see :func:`fused_attn.use_backend` and the ``FUSED_ATTN_BACKEND`` environment variable).
     """
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return p.restore(*dispatch.run(p, backend))[0]
+    return p.restore_out(dispatch.run(p, backend)[0])
 
 
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

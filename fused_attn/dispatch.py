@@ -26,6 +26,7 @@ break the graph (an import's outcome is fixed for the life of the process).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops._common import lse_dtype
+from .ops._common import eager_forward, lse_dtype
 from .problem import Problem
 
 ENV_VAR = "FUSED_ATTN_BACKEND"
@@ -75,6 +76,24 @@ def _say_once(msg: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1024)
+def _capability_refusal(op: str, name: str, features, dtype, device, head_dim: int, head_dim_v: int) -> Optional[str]:
+    """``CAPABILITIES.refusal`` of backend ``name`` of ``op`` (data: one answer per configuration)."""
+    return get(name, op).ops().CAPABILITIES.refusal(name, features, dtype, device, head_dim, head_dim_v)
+
+
+def _recorded(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether something records this call, so that it must go through the torch.library op:
+    autograd (inputs that require grad), torch.compile / export / jit tracing, a dispatch mode, a
+    functorch transform, or a tensor subclass. Otherwise the op's implementation runs directly,
+    saving the dispatcher's Python layers (tens of microseconds: decoding steps, small calls)."""
+    return (torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            or not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor)
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None)
+
+
 class KernelBackend:
     """A fused kernel backend whose ops live in ``fused_attn.ops.<module>``."""
 
@@ -96,14 +115,18 @@ class KernelBackend:
             ops = self.ops()
         except ImportError as e:
             return f"not available in this install ({e})"
-        return (ops.CAPABILITIES.refusal(self.name, p.features(), p.dtype, p.device, p.head_dim, p.head_dim_v)
+        return (_capability_refusal(self.op, self.name, p.features(), p.dtype, p.device, p.head_dim, p.head_dim_v)
                 or ops.hardware_refusal(p, explicit))
 
     def run(self, p: Problem) -> Tuple[Tensor, Tensor]:
-        """(out, lse) through the backend's forward op, which is differentiable (fused_attn.autograd)."""
-        out, lse = self.ops().forward(p.q, p.k, p.v, *p.spec.op_args())
-        public = lse_dtype(p.dtype)
-        return out, lse if lse.dtype == public else lse.to(public)
+        """(out, lse) through the backend's forward op, which is differentiable (fused_attn.autograd),
+        or, where nothing records the call, straight through the op's implementation."""
+        ops = self.ops()
+        if _recorded(p.q, p.k, p.v):
+            out, lse = ops.forward(p.q, p.k, p.v, *p.spec.op_args())
+        else:
+            out, lse = eager_forward(self.name)(p.q, p.k, p.v, p.spec)
+        return out, lse
 
 
 class ReferenceBackend:
@@ -118,7 +141,7 @@ class ReferenceBackend:
         dt = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
         out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
                                        compute_dtype=dt)
-        return out.to(p.dtype), lse.to(lse_dtype(p.dtype))
+        return out.to(p.dtype), lse
 
 
 ATTENTION = "attention"  # the operation of scaled_dot_product_attention and attention_with_lse
@@ -186,7 +209,8 @@ def refusals(p: Problem, explicit: bool = False, op: str = ATTENTION) -> Dict[st
 
 
 def run(p: Problem, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of attention problem ``p`` on the backend :func:`choose` picks (canonical shapes)."""
+    """``(out, lse)`` of attention problem ``p`` on the backend :func:`choose` picks, in canonical
+    shapes; lse may be more precise than the public dtype (``Problem.restore`` casts it)."""
     chosen = choose(p, backend)
     if p.S == 0 or math.prod(p.out_shape[:-1]) == 0:
         return _attend_to_nothing(p)

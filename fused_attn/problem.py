@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
+from .ops._common import lse_dtype
 from .spec import AttnSpec, CausalMode
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,8 +68,16 @@ class Problem:
         return self.q.device
 
     def restore(self, out: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
-        """Canonical (B, Hq, L, Ev) / (B, Hq, L) results back to the user's shape."""
-        return out.reshape(self.out_shape), lse.reshape(self.out_shape[:-1])
+        """Canonical (B, Hq, L, Ev) / (B, Hq, L) results back to the user's shape, lse in its
+        public dtype (a backend may return a more precise one: ``ops._common.saved_lse_dtype``)."""
+        public = lse_dtype(self.dtype)
+        if lse.dtype != public:
+            lse = lse.to(public)
+        return self.restore_out(out), lse.reshape(self.out_shape[:-1])
+
+    def restore_out(self, out: Tensor) -> Tensor:
+        """The canonical output back to the user's shape."""
+        return out if out.dim() == len(self.out_shape) else out.reshape(self.out_shape)
 
 
 def _shape(t: Tensor) -> str:

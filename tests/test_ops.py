@@ -85,3 +85,36 @@ def test_double_backward_on_the_reference():
     assert torch.autograd.gradgradcheck(
         lambda q, k, v: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="reference"),
         (q, k, v))
+
+
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_records(monkeypatch):
+    """dispatch._recorded: a plain inference call runs the op's implementation directly (no
+    dispatcher layers); a call that autograd or a dispatch mode records goes through the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    direct = []
+    real = dispatch.eager_forward
+    monkeypatch.setattr(dispatch, "eager_forward", lambda name: (direct.append(name), real(name))[1])
+
+    class SeenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    want = fused_attn.scaled_dot_product_attention(q, k, v, backend="reference")
+    with torch.no_grad():
+        got = fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert direct == ["cpu"]
+    torch.testing.assert_close(got, want)
+    direct.clear()
+    qg = q.clone().requires_grad_()
+    fused_attn.scaled_dot_product_attention(qg, k, v, backend="cpu").sum().backward()
+    assert direct == [] and qg.grad is not None
+    with SeenOps() as mode, torch.no_grad():
+        fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")
+    assert direct == [] and "fused_attn.cpu_fwd.default" in mode.ops

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 
@@ -64,6 +64,15 @@ def _fake_backward(dout, dlse, q, k, v, out, lse, *op_args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+_EAGER_FORWARD: Dict[str, Callable] = {}
+
+
+def eager_forward(backend: str) -> Callable:
+    """``forward(q, k, v, spec)`` of backend ``backend``'s forward op, for calls nothing records
+    (see ``dispatch._recorded``)."""
+    return _EAGER_FORWARD[backend]
+
+
 def define_ops(backend: str, forward, backward, device_types, saved_lse: Callable[[torch.dtype], torch.dtype]):
     """Defines and returns backend ``backend``'s ops, ``torch.ops.fused_attn.<backend>_fwd`` and
     ``<backend>_bwd``, for the devices in ``device_types``:
@@ -78,6 +87,7 @@ def define_ops(backend: str, forward, backward, device_types, saved_lse: Callabl
     the autograd formula (``fused_attn.autograd``)."""
     from .. import autograd
 
+    _EAGER_FORWARD[backend] = forward
     fwd_name, bwd_name = f"fused_attn::{backend}_fwd", f"fused_attn::{backend}_bwd"
     torch.library.define(fwd_name, f"(Tensor q, Tensor k, Tensor v, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor)")
     torch.library.define(bwd_name, "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
