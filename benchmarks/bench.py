@@ -3,6 +3,9 @@
     python benchmarks/bench.py --device cpu --shapes 1,8,1024,64 2,8,2048,128 \
         --dtypes float32 bfloat16 --causal none causal --modes fwd fwd+bwd
 
+Shapes are B,H,L,E (L = S) or B,H,L,S,E. Per-call cost shows at tiny shapes:
+--shapes 1,1,8,16 1,8,1,1024,64 (a tiny call; one decoding step against 1024 keys).
+
 Providers: naive PyTorch (fused_attn.reference, in the inputs' dtype), torch SDPA with
 each backend torch lets you select on the device (torch.nn.attention.sdpa_kernel), every
 fused_attn kernel backend that accepts the call (triton and cuda are skipped on the CPU:
@@ -182,10 +185,13 @@ def _quartiles(xs: List[float]):
     return q[0], statistics.median(xs), q[2]
 
 
-def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, min_time, peak_tflops):
-    """All providers on one shape/dtype/causal, interleaved; returns CSV rows."""
+def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, min_time, peak_tflops, S=None):
+    """All providers on one shape/dtype/causal, interleaved; returns CSV rows. q (B, H, L, E)
+    against k, v (B, H, S, E); S defaults to L (S != L: e.g. a decoding step, L = 1)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, E, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    S = L if S is None else S
+    q = torch.randn(B, H, L, E, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, H, S, E, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
     grad_out = torch.randn(B, H, L, E, device=device, dtype=dtype)
     rows = []
     for mode in modes:
@@ -223,14 +229,14 @@ def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, mi
                 samples[name].append((time.perf_counter() - t0) / inner[name])
         medians = {n: _quartiles(s)[1] for n, s in samples.items()}
         sdpa_best = min((medians[p.name] for p in provs if p.is_sdpa and p.name in medians), default=float("nan"))
-        fl = flops(B, H, L, L, E, causal, mode)
+        fl = flops(B, H, L, S, E, causal, mode)
         for name, s in samples.items():
             q1, med, q3 = _quartiles(s)
             gflops = fl / med / 1e9
             peak_mem = peak_memory_bytes(runs[name], device)
             pct = 100.0 * gflops / 1e3 / peak_tflops if peak_tflops else float("nan")
             rows.append(dict(device=device, provider=name, dtype=str(dtype).replace("torch.", ""), B=B, H=H, L=L,
-                             S=L, E=E, causal=int(causal), mode=mode, median_ms=med * 1e3, q1_ms=q1 * 1e3,
+                             S=S, E=E, causal=int(causal), mode=mode, median_ms=med * 1e3, q1_ms=q1 * 1e3,
                              q3_ms=q3 * 1e3, iqr_ms=(q3 - q1) * 1e3, gflops=gflops, pct_peak=pct,
                              peak_mem_mb=peak_mem / 2**20, x_sdpa=sdpa_best / med))
         for t in (q, k, v):
@@ -238,16 +244,22 @@ def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, mi
     return rows
 
 
+def _shape(r) -> str:
+    """"B, H, L, E", or "B, H, L, S, E" where S != L."""
+    dims = (r["B"], r["H"], r["L"], r["E"]) if r["S"] == r["L"] else (r["B"], r["H"], r["L"], r["S"], r["E"])
+    return ", ".join(str(d) for d in dims)
+
+
 def print_table(rows, device: str) -> None:
     rate = "TFLOP/s" if device == "cuda" else "GFLOP/s"
-    head = (f"{'shape (B,H,L,E)':<18}{'dtype':<10}{'causal':<7}{'mode':<8}{'provider':<26}{'median ms':>10}"
+    head = (f"{'B,H,L[,S],E':<18}{'dtype':<10}{'causal':<7}{'mode':<8}{'provider':<26}{'median ms':>10}"
             f"{'IQR ms':>9}{rate:>9}{'%peak' if device == 'cuda' else '':>7}{'peak MB':>9}{'x sdpa':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         val = r["gflops"] / 1e3 if device == "cuda" else r["gflops"]
         pct = f"{r['pct_peak']:.0f}" if device == "cuda" and not math.isnan(r["pct_peak"]) else ""
-        print(f"{str((r['B'], r['H'], r['L'], r['E'])):<18}{r['dtype']:<10}{r['causal']:<7}{r['mode']:<8}"
+        print(f"{_shape(r):<18}{r['dtype']:<10}{r['causal']:<7}{r['mode']:<8}"
               f"{r['provider']:<26}{r['median_ms']:>10.2f}{r['iqr_ms']:>9.2f}{val:>9.1f}{pct:>7}"
               f"{r['peak_mem_mb']:>9.1f}{r['x_sdpa']:>8.2f}")
 
@@ -257,17 +269,17 @@ def markdown(rows) -> str:
     median time), and the fused_attn providers' speed-up over the fastest torch SDPA backend."""
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     unit = "TFLOP/s" if rows and rows[0]["device"] == "cuda" else "GFLOP/s"
-    lines = ["| B, H, L, E | dtype | causal | mode | " + " | ".join(f"{p} {unit} (IQR)" for p in provs)
+    lines = ["| B, H, L[, S], E | dtype | causal | mode | " + " | ".join(f"{p} {unit} (IQR)" for p in provs)
              + " | " + " | ".join(f"{p} x sdpa" for p in provs if p.startswith("fused_attn")) + " |"]
     lines.append("|" + "---|" * (4 + len(provs) + sum(p.startswith("fused_attn") for p in provs)))
-    cases = list(dict.fromkeys((r["B"], r["H"], r["L"], r["E"], r["dtype"], r["causal"], r["mode"]) for r in rows))
+    cases = list(dict.fromkeys((_shape(r), r["dtype"], r["causal"], r["mode"]) for r in rows))
     for case in cases:
-        by = {r["provider"]: r for r in rows if (r["B"], r["H"], r["L"], r["E"], r["dtype"], r["causal"], r["mode"]) == case}
+        by = {r["provider"]: r for r in rows if (_shape(r), r["dtype"], r["causal"], r["mode"]) == case}
         rate = [f"{by[p]['gflops'] / (1e3 if unit == 'TFLOP/s' else 1):.1f} ({100 * by[p]['iqr_ms'] / by[p]['median_ms']:.0f}%)"
                 if p in by else "-" for p in provs]
         ratio = [f"**{by[p]['x_sdpa']:.2f}**" if p in by else "-" for p in provs if p.startswith("fused_attn")]
-        B, H, L, E, dt, c, mode = case
-        lines.append(f"| {B}, {H}, {L}, {E} | {dt} | {'yes' if c else 'no'} | {mode} | " + " | ".join(rate + ratio) + " |")
+        shape, dt, c, mode = case
+        lines.append(f"| {shape} | {dt} | {'yes' if c else 'no'} | {mode} | " + " | ".join(rate + ratio) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +352,7 @@ def main(argv=None) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--shapes", nargs="+", default=["1,8,1024,64", "1,8,1024,128", "1,8,2048,64", "2,8,2048,128"],
-                    help="B,H,L,E (L = S)")
+                    help="B,H,L,E (L = S) or B,H,L,S,E")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--causal", nargs="+", choices=("none", "causal"), default=["none", "causal"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
@@ -396,10 +408,14 @@ def main(argv=None) -> List[dict]:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for shape in args.shapes:
-            B, H, L, E = (int(x) for x in shape.split(","))
+            dims = [int(x) for x in shape.split(",")]
+            if len(dims) not in (4, 5):
+                ap.error(f"--shapes entries are B,H,L,E or B,H,L,S,E; got {shape!r}")
+            B, H, L, E = dims[0], dims[1], dims[2], dims[-1]
+            S = dims[3] if len(dims) == 5 else L
             for c in args.causal:
                 rows += bench_case(args.device, dtype, B, H, L, E, c == "causal", args.modes, provs, args.reps,
-                                   args.warmup, args.min_time, _peak_for(args.device, dtype))
+                                   args.warmup, args.min_time, _peak_for(args.device, dtype), S=S)
     print_table(rows, args.device)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name or f"bench_{args.device}_{datetime.datetime.now():%Y%m%d_%H%M%S}")
