@@ -15,17 +15,17 @@ template <class T>
 struct BwdGrid {
   // preprocess: x rows / kRowsPerBlock, y q heads, z batch
   static unsigned pre_x(const BwdParams<T>& p) {
-    return static_cast<unsigned>((p.len_q + BwdPreTraits::kRowsPerBlock - 1) / BwdPreTraits::kRowsPerBlock);
+    return static_cast<unsigned>((p.dims.len_q + BwdPreTraits::kRowsPerBlock - 1) / BwdPreTraits::kRowsPerBlock);
   }
   // dK/dV: x key blocks, y kv heads, z batch
   template <class Kt>
   static unsigned dkdv_x(const BwdParams<T>& p) {
-    return static_cast<unsigned>((p.len_k + Kt::kBlockN - 1) / Kt::kBlockN);
+    return static_cast<unsigned>((p.dims.len_k + Kt::kBlockN - 1) / Kt::kBlockN);
   }
   // dQ: x query blocks, y q heads, z batch
   template <class Kt>
   static unsigned dq_x(const BwdParams<T>& p) {
-    return static_cast<unsigned>((p.len_q + Kt::kBlockM - 1) / Kt::kBlockM);
+    return static_cast<unsigned>((p.dims.len_q + Kt::kBlockM - 1) / Kt::kBlockM);
   }
 };
 
@@ -39,7 +39,7 @@ template <class T>
 ::fa_emu::LaunchStats run_flash_bwd_preprocess(const BwdParams<T>& p) {
   static const char* name = std::is_same<T, bf16_t>::value ? "flash_bwd_preprocess_kernel<bf16>"
                                                            : "flash_bwd_preprocess_kernel<fp16>";
-  const ::fa_emu::Dim3 grid(BwdGrid<T>::pre_x(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+  const ::fa_emu::Dim3 grid(BwdGrid<T>::pre_x(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch));
   return ::fa_emu::launch(name, grid, ::fa_emu::Dim3(BwdPreTraits::kThreads), BwdPreTraits::kSmemBytes,
                           [&] { flash_bwd_preprocess_kernel<T>(p); });
 }
@@ -54,11 +54,11 @@ template <int kD, bool kBf16>
   static const std::string dq_name = bwd_kernel_name<Kq>("flash_bwd_dq_kernel");
   const ::fa_emu::LaunchStats a = ::fa_emu::launch(
       dkdv_name.c_str(),
-      ::fa_emu::Dim3(BwdGrid<T>::template dkdv_x<Kv>(p), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch)),
+      ::fa_emu::Dim3(BwdGrid<T>::template dkdv_x<Kv>(p), static_cast<unsigned>(p.dims.heads_kv), static_cast<unsigned>(p.dims.batch)),
       ::fa_emu::Dim3(Kv::kThreads), Kv::kSmemBytes, [&] { flash_bwd_dkdv_kernel<Kv>(p); });
   const ::fa_emu::LaunchStats c = ::fa_emu::launch(
       dq_name.c_str(),
-      ::fa_emu::Dim3(BwdGrid<T>::template dq_x<Kq>(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch)),
+      ::fa_emu::Dim3(BwdGrid<T>::template dq_x<Kq>(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch)),
       ::fa_emu::Dim3(Kq::kThreads), Kq::kSmemBytes, [&] { flash_bwd_dq_kernel<Kq>(p); });
   ::fa_emu::LaunchStats s;
   s.seconds = a.seconds + c.seconds;
@@ -70,7 +70,7 @@ template <int kD, bool kBf16>
 #else
 template <class T>
 cudaError_t run_flash_bwd_preprocess(const BwdParams<T>& p, cudaStream_t stream) {
-  const dim3 grid(BwdGrid<T>::pre_x(p), p.heads_q, p.batch);
+  const dim3 grid(BwdGrid<T>::pre_x(p), p.dims.heads_q, p.dims.batch);
   flash_bwd_preprocess_kernel<T><<<grid, BwdPreTraits::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -92,9 +92,9 @@ cudaError_t run_flash_bwd(const BwdParams<typename BwdDkdvTraits<kD, kBf16>::Ele
   using Kq = BwdDqTraits<kD, kBf16>;
   using T = typename Kv::Elem;
   cudaError_t e = launch_bwd_kernel<Kv>(flash_bwd_dkdv_kernel<Kv>,
-                                        dim3(BwdGrid<T>::template dkdv_x<Kv>(p), p.heads_kv, p.batch), p, stream);
+                                        dim3(BwdGrid<T>::template dkdv_x<Kv>(p), p.dims.heads_kv, p.dims.batch), p, stream);
   if (e != cudaSuccess) return e;
-  return launch_bwd_kernel<Kq>(flash_bwd_dq_kernel<Kq>, dim3(BwdGrid<T>::template dq_x<Kq>(p), p.heads_q, p.batch), p,
+  return launch_bwd_kernel<Kq>(flash_bwd_dq_kernel<Kq>, dim3(BwdGrid<T>::template dq_x<Kq>(p), p.dims.heads_q, p.dims.batch), p,
                                stream);
 }
 #endif

@@ -14,7 +14,7 @@ template <class Kt>
 struct FwdGrid {
   // x: query blocks, y: query heads, z: batch.
   static unsigned blocks_x(const FwdParams<typename Kt::Elem>& p) {
-    return static_cast<unsigned>((p.len_q + Kt::kBlockM - 1) / Kt::kBlockM);
+    return static_cast<unsigned>((p.dims.len_q + Kt::kBlockM - 1) / Kt::kBlockM);
   }
 };
 
@@ -28,14 +28,14 @@ const char* fwd_kernel_name() {
 
 template <class Kt>
 ::fa_emu::LaunchStats run_flash_fwd(const FwdParams<typename Kt::Elem>& p) {
-  const ::fa_emu::Dim3 grid(FwdGrid<Kt>::blocks_x(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+  const ::fa_emu::Dim3 grid(FwdGrid<Kt>::blocks_x(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch));
   return ::fa_emu::launch(fwd_kernel_name<Kt>(), grid, ::fa_emu::Dim3(Kt::kThreads), Kt::kSmemBytes,
                           [&] { flash_fwd_kernel<Kt>(p); });
 }
 #else
 template <class Kt>
 cudaError_t run_flash_fwd(const FwdParams<typename Kt::Elem>& p, cudaStream_t stream) {
-  const dim3 grid(FwdGrid<Kt>::blocks_x(p), p.heads_q, p.batch);
+  const dim3 grid(FwdGrid<Kt>::blocks_x(p), p.dims.heads_q, p.dims.batch);
   auto kernel = flash_fwd_kernel<Kt>;
   if (Kt::kSmemBytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kt::kSmemBytes);

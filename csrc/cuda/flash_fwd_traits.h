@@ -10,6 +10,7 @@
 
 #include <type_traits>
 
+#include "common/attn_params.h"
 #include "cuda/primitives.cuh"
 
 namespace fa {
@@ -61,7 +62,7 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKVStage;
   static constexpr int kMinBlocksPerSm = min_blocks_per_sm(kSmemBytes, FA_TARGET_ARCH);
 
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head-dim buckets are multiples of 32 up to 256");
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= fused_attn::kMaxHeadDim, "head-dim buckets are multiples of 32 up to 256");
   static_assert(kBlockN % 16 == 0, "key tiles are whole mma k-steps");
   static_assert(kSmemBytes <= 99 * 1024, "every bucket must fit sm_86/89's 99 KB of shared memory per block");
 };

@@ -45,7 +45,7 @@ void mutant_fwd(const std::string& mutant, const at::Tensor& q, const at::Tensor
   fa::check_fwd_inputs(q, k, v, out, lse, causal);
   check_bucket(q, v);
   const fa::FwdParams<T> p = fa::make_fwd_params<T>(q, k, v, out, lse, causal, scale);
-  const Dim3 grid(fa::FwdGrid<Fwd>::blocks_x(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+  const Dim3 grid(fa::FwdGrid<Fwd>::blocks_x(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch));
 #define FA_RUN_fwd(M)                                                                                          \
   if (mutant == #M) {                                                                                          \
     const std::string name = mutant_name("flash_fwd_kernel", #M);                                              \
@@ -76,8 +76,8 @@ void mutant_bwd(const std::string& mutant, const at::Tensor& dout, const at::Ten
 #define FA_RUN_dkdv(M)                                                                                         \
   if (mutant == #M) {                                                                                          \
     const std::string name = mutant_name("flash_bwd_dkdv_kernel", #M);                                         \
-    const Dim3 grid(fa::BwdGrid<T>::dkdv_x<Dkdv>(p), static_cast<unsigned>(p.heads_kv),                       \
-                    static_cast<unsigned>(p.batch));                                                           \
+    const Dim3 grid(fa::BwdGrid<T>::dkdv_x<Dkdv>(p), static_cast<unsigned>(p.dims.heads_kv),                   \
+                    static_cast<unsigned>(p.dims.batch));                                                      \
     record(fa_emu::launch(name.c_str(), grid, Dim3(Dkdv::kThreads), Dkdv::kSmemBytes,                          \
                           [&] { fa::mutant::M::flash_bwd_dkdv_kernel<Dkdv>(p); }));                            \
     return;                                                                                                    \
@@ -85,7 +85,7 @@ void mutant_bwd(const std::string& mutant, const at::Tensor& dout, const at::Ten
 #define FA_RUN_dq(M)                                                                                           \
   if (mutant == #M) {                                                                                          \
     const std::string name = mutant_name("flash_bwd_dq_kernel", #M);                                           \
-    const Dim3 grid(fa::BwdGrid<T>::dq_x<Dq>(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch)); \
+    const Dim3 grid(fa::BwdGrid<T>::dq_x<Dq>(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch)); \
     record(fa_emu::launch(name.c_str(), grid, Dim3(Dq::kThreads), Dq::kSmemBytes,                              \
                           [&] { fa::mutant::M::flash_bwd_dq_kernel<Dq>(p); }));                                \
     return;                                                                                                    \
