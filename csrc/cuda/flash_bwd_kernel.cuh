@@ -21,8 +21,10 @@
 // unit last dim and 16-byte rows; lse and delta (B, Hq, L) contiguous fp32; fp16 / bf16;
 // head dims in buckets (cuda/flash_bwd_traits.h); GQA: q head h belongs to kv head
 // h / (Hq / Hk). Causal: query i sees key j iff j <= i + offset; tiles wholly above the
-// diagonal are skipped, only tiles crossing it are masked. A row that sees no key has
-// lse = -inf; it is treated as lse = +inf here, so its P, and all its gradients, are 0.
+// diagonal are skipped, only tiles crossing it are masked. The dK/dV and dQ kernels take the
+// forward's template flags kIsCausal and kIsEvenMN (L and S multiples of both kernels' tiles).
+// A row that sees no key has lse = -inf; it is treated as lse = +inf here, so its P, and all
+// its gradients, are 0.
 // NaN in, NaN out: a NaN lse makes the row's P NaN, and so dQ of the row and dK / dV of every
 // key it sees; a +inf lse and a NaN delta follow the reference too (bwd_lse_log2, bwd_ds).
 //
@@ -87,7 +89,8 @@ __global__ void __launch_bounds__(BwdPreTraits::kThreads) flash_bwd_preprocess_k
 }
 
 // ---- 2. dK, dV: one block per (key block, kv head, batch) ----------------------------------
-template <class Kt>
+// kIsCausal, kIsEvenMN as the forward's (L, S multiples of this kernel's kBlockM, kBlockN).
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     flash_bwd_dkdv_kernel(const BwdParams<typename Kt::Elem> p) {
   using T = typename Kt::Elem;
@@ -114,29 +117,29 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 
   // Query rows that see a key of this block start at `first` (causal); tiles of kM rows from
   // first / kM * kM to L, for each q head of the group: n_iters = group * tiles.
-  const int64_t first = p.vis.causal ? (n0 - p.vis.causal_offset > 0 ? n0 - p.vis.causal_offset : 0) : 0;
+  const int64_t first = kIsCausal ? (n0 - p.vis.causal_offset > 0 ? n0 - p.vis.causal_offset : 0) : 0;
   const int m_begin = first < p.dims.len_q ? static_cast<int>(first / kM * kM) : p.dims.len_q;
   const int tiles = (p.dims.len_q - m_begin + kM - 1) / kM;
   const int n_iters = group * tiles;
 
   auto load_q = [&](int it, int st) {
     const int h = hk * group + it / tiles, m0 = m_begin + (it % tiles) * kM;
-    load_tile<Kt, kM>(sQ + st * kM * kRS, p.q, b * p.q_stride.batch + h * p.q_stride.head, p.q_stride.row, m0,
-                      p.dims.len_q, p.dims.head_dim, tid);
-    load_tile<Kt, kM>(sdO + st * kM * kRS, p.dout, b * p.do_stride.batch + h * p.do_stride.head, p.do_stride.row, m0,
-                      p.dims.len_q, p.dims.head_dim_v, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sQ + st * kM * kRS, p.q, b * p.q_stride.batch + h * p.q_stride.head, p.q_stride.row,
+                                 m0, p.dims.len_q, p.dims.head_dim, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sdO + st * kM * kRS, p.dout, b * p.do_stride.batch + h * p.do_stride.head,
+                                 p.do_stride.row, m0, p.dims.len_q, p.dims.head_dim_v, tid);
     for (int i = tid; i < kM; i += Kt::kThreads) {  // plain stores: visible after the next barrier
       const int row = m0 + i;
       const int64_t idx = (int64_t(b) * p.dims.heads_q + h) * p.dims.len_q + row;
-      const float lse2 = row < p.dims.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
+      const float lse2 = kIsEvenMN || row < p.dims.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
       smem_store(sLse + st * kM + i, lse2);
-      const float delta = row < p.dims.len_q ? p.delta.load(idx) : 0.f;
+      const float delta = kIsEvenMN || row < p.dims.len_q ? p.delta.load(idx) : 0.f;
       smem_store(sDelta + st * kM + i, delta);
     }
   };
 
-  load_tile<Kt, kN>(sK, p.k, k_base, p.k_stride.row, n0, p.dims.len_k, p.dims.head_dim, tid);
-  load_tile<Kt, kN>(sV, p.v, v_base, p.v_stride.row, n0, p.dims.len_k, p.dims.head_dim_v, tid);
+  load_tile<Kt, kN, kIsEvenMN>(sK, p.k, k_base, p.k_stride.row, n0, p.dims.len_k, p.dims.head_dim, tid);
+  load_tile<Kt, kN, kIsEvenMN>(sV, p.v, v_base, p.v_stride.row, n0, p.dims.len_k, p.dims.head_dim_v, tid);
   if (kStages == 2 && n_iters > 0) load_q(0, 0);
   cp_async_commit();
 
@@ -198,7 +201,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     }
 
     // P^T and dS^T, masked where the tile crosses the causal diagonal, into shared memory.
-    const bool masked = p.vis.causal && n0 + kN - 1 > m0 + p.vis.causal_offset;
+    const bool masked = kIsCausal && n0 + kN - 1 > m0 + p.vis.causal_offset;
     const int key_lo = n0 + 16 * slab + g;  // key of elements 0, 1; elements 2, 3: key_lo + 8
 #pragma unroll
     for (int nt = 0; nt < kColsA / 8; ++nt) {
@@ -253,7 +256,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + 16 * slab + g + 8 * r;
-    if (key >= p.dims.len_k) continue;
+    if (!kIsEvenMN && key >= p.dims.len_k) continue;
 #pragma unroll
     for (int nt = 0; nt < kColsB / 8; ++nt) {
       const int col = dc0 + nt * 8 + 2 * t;
@@ -268,7 +271,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 }
 
 // ---- 3. dQ: one block per (query block, q head, batch) -----------------------------------
-template <class Kt>
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     flash_bwd_dq_kernel(const BwdParams<typename Kt::Elem> p) {
   using T = typename Kt::Elem;
@@ -289,9 +292,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   const int64_t k_base = b * p.k_stride.batch + hk * p.k_stride.head;
   const int64_t v_base = b * p.v_stride.batch + hk * p.v_stride.head;
 
-  int64_t n_end = p.dims.len_k;  // keys this query block sees: [0, n_end)
-  if (p.vis.causal) n_end = n_end < m0 + kM + p.vis.causal_offset ? n_end : m0 + kM + p.vis.causal_offset;
-  const int n_blocks = n_end > 0 ? static_cast<int>((n_end + kN - 1) / kN) : 0;
+  // Keys this query block sees: [0, n_end), its last row's.
+  const int n_end = kIsCausal ? p.vis.keys(m0 + kM - 1, p.dims.len_k).end : p.dims.len_k;
+  const int n_blocks = (n_end + kN - 1) / kN;
 
   const int row_lo = m0 + 16 * warp + g;  // row of accumulator elements 0, 1; 2, 3: row_lo + 8
   float lse2[2], delta[2];
@@ -299,17 +302,19 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   for (int r = 0; r < 2; ++r) {
     const int row = row_lo + 8 * r;
     const int64_t idx = (int64_t(b) * p.dims.heads_q + h) * p.dims.len_q + row;
-    lse2[r] = row < p.dims.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
-    delta[r] = row < p.dims.len_q ? p.delta.load(idx) : 0.f;
+    lse2[r] = kIsEvenMN || row < p.dims.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
+    delta[r] = kIsEvenMN || row < p.dims.len_q ? p.delta.load(idx) : 0.f;
   }
 
   auto load_kv = [&](int j, int st) {
-    load_tile<Kt, kN>(sK + st * kN * kRS, p.k, k_base, p.k_stride.row, j * kN, p.dims.len_k, p.dims.head_dim, tid);
-    load_tile<Kt, kN>(sV + st * kN * kRS, p.v, v_base, p.v_stride.row, j * kN, p.dims.len_k, p.dims.head_dim_v, tid);
+    load_tile<Kt, kN, kIsEvenMN>(sK + st * kN * kRS, p.k, k_base, p.k_stride.row, j * kN, p.dims.len_k, p.dims.head_dim,
+                                 tid);
+    load_tile<Kt, kN, kIsEvenMN>(sV + st * kN * kRS, p.v, v_base, p.v_stride.row, j * kN, p.dims.len_k,
+                                 p.dims.head_dim_v, tid);
   };
   if (n_blocks > 0) {
-    load_tile<Kt, kM>(sQ, p.q, q_base, p.q_stride.row, m0, p.dims.len_q, p.dims.head_dim, tid);
-    load_tile<Kt, kM>(sdO, p.dout, do_base, p.do_stride.row, m0, p.dims.len_q, p.dims.head_dim_v, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sQ, p.q, q_base, p.q_stride.row, m0, p.dims.len_q, p.dims.head_dim, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sdO, p.dout, do_base, p.do_stride.row, m0, p.dims.len_q, p.dims.head_dim_v, tid);
     if (kStages == 2) load_kv(0, 0);
     cp_async_commit();
   }
@@ -367,17 +372,19 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 
     // ---- P = exp2(S * scale_log2 - lse2), masked; dS = P * (dP - delta) (into acc_s) ----
     const int n0 = j * kN;
-    const bool masked = n0 + kN > p.dims.len_k || (p.vis.causal && n0 + kN - 1 > m0 + p.vis.causal_offset);
+    const bool masked = (!kIsEvenMN && n0 + kN > p.dims.len_k) || (kIsCausal && n0 + kN - 1 > m0 + p.vis.causal_offset);
+    int key_end[2] = {p.dims.len_k, p.dims.len_k};  // rows row_lo and row_lo + 8 see keys [0, key_end)
+    if (kIsCausal && masked) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) key_end[r] = p.vis.keys(row_lo + 8 * r, p.dims.len_k).end;
+    }
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2[i >> 1]), dp = acc_dp[nt][i];
-        if (masked) {  // past len_k or above the diagonal: P = dP = 0, so a NaN of v there stays out
-          const int col = n0 + nt * 8 + 2 * t + (i & 1);
-          const int64_t row = row_lo + 8 * (i >> 1);
-          if (col >= p.dims.len_k || (p.vis.causal && col > row + p.vis.causal_offset)) pv = dp = 0.f;
-        }
+        // past len_k or above the diagonal: P = dP = 0, so a NaN of v there stays out
+        if (masked && n0 + nt * 8 + 2 * t + (i & 1) >= key_end[i >> 1]) pv = dp = 0.f;
         acc_s[nt][i] = pv * (dp - delta[i >> 1]);
       }
     }
@@ -404,7 +411,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_lo + 8 * r;
-    if (row >= p.dims.len_q) continue;
+    if (!kIsEvenMN && row >= p.dims.len_q) continue;
 #pragma unroll
     for (int dt = 0; dt < kD / 8; ++dt) {
       const int col = dt * 8 + 2 * t;

@@ -13,8 +13,11 @@
 // multiples of 8 elements); lse (B, Hq, L) contiguous fp32. d, dv <= kHeadDim and
 // multiples of 8. GQA: query head h reads kv head h / (Hq / Hk).
 // Dtypes: fp16, bf16 (Traits::Elem). Causal: query i sees key j iff j <= i + offset
-// (offset 0: upper-left, S - L: lower-right); key blocks past the diagonal are skipped,
-// only blocks crossing it (or the ragged end of S) are masked. A row that sees no key
+// (offset 0: upper-left, S - L: lower-right: common/attn_params.h's Visibility); key blocks
+// past the diagonal are skipped, only blocks crossing it (or the ragged end of S) are masked.
+// Causal and "even tiles" (L, S multiples of kBlockM, kBlockN) are template flags (kIsCausal,
+// kIsEvenMN), chosen per call by cuda/static_switch.h: a non-causal instantiation carries no
+// diagonal code, an even one no bounds checks on rows or keys. A row that sees no key
 // (or whose scores are all -inf) gets out = 0 and lse = -inf, whatever v holds.
 // NaN in, NaN out, as torch's math path: the row max propagates NaN (nan_max; fmaxf would
 // drop it), so a NaN score makes the row's out and lse NaN; a +inf score makes lse +inf and
@@ -62,8 +65,9 @@ struct FwdParams : fused_attn::AttnFwdCommon<int> {
 
 // Copies rows [row0, row0 + kRows) x the first `cols` columns of a global tile into a
 // padded shared tile with 16-byte cp.async; rows >= nrows and columns >= cols are
-// zero-filled (src-size 0, the source address then stays at the tile's base).
-template <class Kt, int kRows>
+// zero-filled (src-size 0, the source address then stays at the tile's base). kEvenRows: the
+// caller knows row0 + kRows <= nrows (an even-tile kernel), so rows are not checked.
+template <class Kt, int kRows, bool kEvenRows>
 FA_DEVICE void load_tile(typename Kt::Elem* dst, const GPtr<const typename Kt::Elem>& src, int64_t base,
                          int64_t row_stride, int row0, int nrows, int cols, int tid) {
   constexpr int kC = Kt::kChunks, kTotal = kRows * kC;
@@ -73,14 +77,16 @@ FA_DEVICE void load_tile(typename Kt::Elem* dst, const GPtr<const typename Kt::E
     const int idx = tid + i * Kt::kThreads;
     if (kTotal % Kt::kThreads == 0 || idx < kTotal) {
       const int r = idx / kC, c = idx % kC;
-      const bool valid = row0 + r < nrows && c * 8 < cols;
+      const bool valid = (kEvenRows || row0 + r < nrows) && c * 8 < cols;
       cp_async_cg16(dst + r * Kt::kRowStride + c * 8, src, valid ? base + (row0 + r) * row_stride + c * 8 : base,
                     valid ? 16 : 0);
     }
   }
 }
 
-template <class Kt>
+// kIsCausal: p.vis is causal (a non-causal kernel has no diagonal code). kIsEvenMN: L and S are
+// multiples of kBlockM and kBlockN (no bounds checks on rows or keys).
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams<typename Kt::Elem> p) {
   using T = typename Kt::Elem;
   constexpr int kM = Kt::kBlockM, kN = Kt::kBlockN, kD = Kt::kHeadDim, kRS = Kt::kRowStride;
@@ -99,10 +105,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const int64_t v_base = b * p.v_stride.batch + hk * p.v_stride.head;
   const int64_t o_base = b * p.o_stride.batch + h * p.o_stride.head;
 
-  // Keys this query block sees: [0, n_end); blocks past the causal diagonal are skipped.
-  int64_t n_end = p.dims.len_k;
-  if (p.vis.causal) n_end = n_end < m0 + kM + p.vis.causal_offset ? n_end : m0 + kM + p.vis.causal_offset;
-  const int n_blocks = n_end > 0 ? static_cast<int>((n_end + kN - 1) / kN) : 0;
+  // Keys this query block sees: [0, n_end), its last row's; blocks past the causal diagonal are skipped.
+  const int n_end = kIsCausal ? p.vis.keys(m0 + kM - 1, p.dims.len_k).end : p.dims.len_k;
+  const int n_blocks = (n_end + kN - 1) / kN;
 
   float acc_o[kD / 8][4];
 #pragma unroll
@@ -112,13 +117,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 
   auto load_kv = [&](int j) {
     const int st = j % kStages;
-    load_tile<Kt, kN>(sK + st * kN * kRS, p.k, k_base, p.k_stride.row, j * kN, p.dims.len_k, p.dims.head_dim, tid);
-    load_tile<Kt, kN>(sV + st * kN * kRS, p.v, v_base, p.v_stride.row, j * kN, p.dims.len_k, p.dims.head_dim_v, tid);
+    load_tile<Kt, kN, kIsEvenMN>(sK + st * kN * kRS, p.k, k_base, p.k_stride.row, j * kN, p.dims.len_k, p.dims.head_dim, tid);
+    load_tile<Kt, kN, kIsEvenMN>(sV + st * kN * kRS, p.v, v_base, p.v_stride.row, j * kN, p.dims.len_k, p.dims.head_dim_v, tid);
   };
 
   if (n_blocks > 0) {
     // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile.
-    load_tile<Kt, kM>(sQ, p.q, q_base, p.q_stride.row, m0, p.dims.len_q, p.dims.head_dim, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sQ, p.q, q_base, p.q_stride.row, m0, p.dims.len_q, p.dims.head_dim, tid);
 #pragma unroll
     for (int j = 0; j < kStages - 1; ++j) {
       if (j < n_blocks) load_kv(j);
@@ -154,18 +159,21 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     // ---- scale into log2 units, mask, online softmax ----
     const int n0 = j * kN;
     const int row_lo = m0 + 16 * warp + g;  // row of elements 0, 1; elements 2, 3 are row_lo + 8
-    const bool masked = n0 + kN > p.dims.len_k || (p.vis.causal && n0 + kN - 1 > m0 + p.vis.causal_offset);
+    // Only tiles that reach past len_k (uneven kernels) or cross the diagonal (causal) are masked.
+    const bool masked = (!kIsEvenMN && n0 + kN > p.dims.len_k) || (kIsCausal && n0 + kN - 1 > m0 + p.vis.causal_offset);
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
+    for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        acc_s[nt][i] *= p.scale_log2;
-        if (masked) {
-          const int col = n0 + nt * 8 + 2 * t + (i & 1);
-          const int64_t row = row_lo + 8 * (i >> 1);
-          if (col >= p.dims.len_k || (p.vis.causal && col > row + p.vis.causal_offset)) acc_s[nt][i] = -INFINITY;
-        }
-      }
+      for (int i = 0; i < 4; ++i) acc_s[nt][i] *= p.scale_log2;
+    if (masked) {
+      int key_end[2];  // rows row_lo and row_lo + 8 see keys [0, key_end)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) key_end[r] = kIsCausal ? p.vis.keys(row_lo + 8 * r, p.dims.len_k).end : p.dims.len_k;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (n0 + nt * 8 + 2 * t + (i & 1) >= key_end[i >> 1]) acc_s[nt][i] = -INFINITY;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -219,7 +227,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     l += shfl_xor(kFullMask, l, 1);
     l += shfl_xor(kFullMask, l, 2);
     const int row = m0 + 16 * warp + g + 8 * r;
-    if (row >= p.dims.len_q) continue;
+    if (!kIsEvenMN && row >= p.dims.len_q) continue;
     // l == 0: no visible key (out 0 even where 0 * NaN of v made acc_o NaN). l NaN: a NaN or
     // +inf score (row_max NaN or +inf, which lse keeps).
     const bool empty = l == 0.f;

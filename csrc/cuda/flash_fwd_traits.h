@@ -15,9 +15,9 @@
 
 namespace fa {
 
-// Head dims the kernel is instantiated for; a smaller head dim runs in the next bucket
-// up (its missing columns are zero-filled in shared memory and never stored).
-constexpr int kHeadDimBuckets[] = {32, 64, 96, 128, 160, 192, 224, 256};
+// The element type of the 16-bit inputs.
+template <bool kIsBf16>
+using Elem = typename std::conditional<kIsBf16, bf16_t, half_t>::type;
 
 #if defined(__CUDA_ARCH__)
 #define FA_TARGET_ARCH __CUDA_ARCH__
@@ -43,7 +43,7 @@ constexpr int min_blocks_per_sm(int smem_bytes, int arch) {
 
 template <int kHeadDim_, bool kIsBf16_>
 struct FwdTraits {
-  using Elem = typename std::conditional<kIsBf16_, bf16_t, half_t>::type;
+  using Elem = fa::Elem<kIsBf16_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kIsBf16 = kIsBf16_;
   // Each warp owns 16 query rows; kBlockM = 16 * kWarps.
