@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fused_attn.tools import cuda_compile_table as cct
+from fused_attn.tools import gen_cuda_kernels as gen
 
 SPILLING_PTXAS = """\
 ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_80'
@@ -51,6 +52,8 @@ def test_every_kernel_compiles_for_every_arch_without_spills(capsys):
     assert {r.arch for r in rows} == set(cct.ARCHS)
     kernels = {r.kernel for r in rows}
     assert any("probe_mma<__nv_bfloat16>" in k for k in kernels) and any("probe_ldmatrix<4, true>" in k for k in kernels)
-    # every forward instantiation (head-dim bucket x dtype) was compiled for every arch, with its launch shape
+    # every forward instantiation (head-dim bucket x dtype x causal / even-tile flags) was compiled for every
+    # arch, with its launch shape
     fwd = [r for r in rows if "flash_fwd_kernel" in r.kernel]
-    assert len(fwd) == 8 * 2 * len(cct.ARCHS) and all(r.dynamic_smem and r.threads for r in fwd)
+    per_arch = len(gen.HEAD_DIMS) * len(gen.DTYPES) * 2 ** len(gen.FLAGS)
+    assert len(fwd) == per_arch * len(cct.ARCHS) and all(r.dynamic_smem and r.threads for r in fwd)

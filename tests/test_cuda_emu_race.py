@@ -183,13 +183,13 @@ def _code(line: str) -> str:
 
 
 def kernel_function(path, name: str) -> list:
-    """The lines of the kernel template `name` in `path`: from its `template <class Kt>` line to
-    the closing brace of its body (braces counted outside // comments)."""
+    """The lines of the kernel template `name` in `path`: from its `template <class Kt, ...>` line
+    to the closing brace of its body (braces counted outside // comments)."""
     lines = path.read_text().split("\n")
     head = [i for i, l in enumerate(lines)
             if re.search(rf"\b{name}\(", _code(l)) and "__global__" in lines[i] + lines[i - 1]]
     assert len(head) == 1, f"{name} declared {len(head)} times in {path}"
-    start = max(i for i in range(head[0]) if _code(lines[i]) == "template <class Kt>")
+    start = max(i for i in range(head[0]) if _code(lines[i]).startswith("template <class Kt"))
     depth, opened = 0, False
     for i in range(head[0], len(lines)):
         depth += _code(lines[i]).count("{") - _code(lines[i]).count("}")

@@ -21,8 +21,10 @@
 // unit last dim and 16-byte rows; lse and delta (B, Hq, L) contiguous fp32; fp16 / bf16;
 // head dims in buckets (cuda/flash_bwd_traits.h); GQA: q head h belongs to kv head
 // h / (Hq / Hk). Causal: query i sees key j iff j <= i + offset; tiles wholly above the
-// diagonal are skipped, only tiles crossing it are masked. A row that sees no key has
-// lse = -inf; it is treated as lse = +inf here, so its P, and all its gradients, are 0.
+// diagonal are skipped, only tiles crossing it are masked. The dK/dV and dQ kernels take the
+// forward's template flags kIsCausal and kIsEvenMN (L and S multiples of both kernels' tiles).
+// A row that sees no key has lse = -inf; it is treated as lse = +inf here, so its P, and all
+// its gradients, are 0.
 // NaN in, NaN out: a NaN lse makes the row's P NaN, and so dQ of the row and dK / dV of every
 // key it sees; a +inf lse and a NaN delta follow the reference too (bwd_lse_log2, bwd_ds).
 //
@@ -40,25 +42,15 @@
 
 namespace fa {
 
+// The shared backward parameters (common/attn_params.h: the forward's plus the gradients'
+// strides and has_dlse) plus the bounds-checked pointers and the scale in fp32 and log2 units.
 template <class T>
-struct BwdParams {
+struct BwdParams : fused_attn::AttnBwdCommon<int> {
   GPtr<const T> q, k, v, o, dout;
   GPtr<const float> lse, dlse;  // dlse: read only when has_dlse
   GPtr<float> delta;            // written by the preprocess kernel, read by the others
   GPtr<T> dq, dk, dv;
-  int64_t q_batch_stride, q_head_stride, q_row_stride;
-  int64_t k_batch_stride, k_head_stride, k_row_stride;
-  int64_t v_batch_stride, v_head_stride, v_row_stride;
-  int64_t o_batch_stride, o_head_stride, o_row_stride;
-  int64_t do_batch_stride, do_head_stride, do_row_stride;
-  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
-  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
-  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
-  int batch, heads_q, heads_kv, len_q, len_k, head_dim, head_dim_v;
-  int causal;             // 0: none; otherwise key j visible to query i iff j <= i + causal_offset
-  int64_t causal_offset;  // 0 (upper-left) or len_k - len_q (lower-right)
-  int has_dlse;
-  float scale;       // softmax scale (dQ, dK = scale * dS K, scale * dS^T Q)
+  float scale_f32;   // softmax scale (dQ, dK = scale * dS K, scale * dS^T Q)
   float scale_log2;  // scale * LOG2E
 };
 
@@ -79,11 +71,11 @@ template <class T>
 __global__ void __launch_bounds__(BwdPreTraits::kThreads) flash_bwd_preprocess_kernel(const BwdParams<T> p) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int row = blockIdx.x * BwdPreTraits::kRowsPerBlock + warp, h = blockIdx.y, b = blockIdx.z;
-  if (row >= p.len_q) return;  // the whole warp leaves together
-  const int64_t o_off = b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
-  const int64_t do_off = b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
+  if (row >= p.dims.len_q) return;  // the whole warp leaves together
+  const int64_t o_off = b * p.o_stride.batch + h * p.o_stride.head + row * p.o_stride.row;
+  const int64_t do_off = b * p.do_stride.batch + h * p.do_stride.head + row * p.do_stride.row;
   float acc = 0.f;
-  for (int c = 2 * lane; c < p.head_dim_v; c += 2 * kWarpSize) {  // head_dim_v is a multiple of 8
+  for (int c = 2 * lane; c < p.dims.head_dim_v; c += 2 * kWarpSize) {  // head_dim_v is a multiple of 8
     const uint32_t o2 = p.o.template load_vec<uint32_t>(o_off + c);
     const uint32_t d2 = p.dout.template load_vec<uint32_t>(do_off + c);
     acc += unpack_lo<T>(o2) * unpack_lo<T>(d2) + unpack_hi<T>(o2) * unpack_hi<T>(d2);
@@ -91,13 +83,14 @@ __global__ void __launch_bounds__(BwdPreTraits::kThreads) flash_bwd_preprocess_k
 #pragma unroll
   for (int m = kWarpSize / 2; m >= 1; m >>= 1) acc += shfl_xor(kFullMask, acc, m);
   if (lane == 0) {
-    const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
+    const int64_t idx = (int64_t(b) * p.dims.heads_q + h) * p.dims.len_q + row;
     p.delta.store(idx, p.has_dlse ? acc - p.dlse.load(idx) : acc);
   }
 }
 
 // ---- 2. dK, dV: one block per (key block, kv head, batch) ----------------------------------
-template <class Kt>
+// kIsCausal, kIsEvenMN as the forward's (L, S multiples of this kernel's kBlockM, kBlockN).
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     flash_bwd_dkdv_kernel(const BwdParams<typename Kt::Elem> p) {
   using T = typename Kt::Elem;
@@ -118,35 +111,35 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   const int g = lane >> 2, t = lane & 3;
   const int slab = warp % Kt::kSlabs, grp = warp / Kt::kSlabs;  // 16-key slab; column group
   const int n0 = blockIdx.x * kN, hk = blockIdx.y, b = blockIdx.z;
-  const int group = p.heads_q / p.heads_kv;
-  const int64_t k_base = b * p.k_batch_stride + hk * p.k_head_stride;
-  const int64_t v_base = b * p.v_batch_stride + hk * p.v_head_stride;
+  const int group = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t k_base = b * p.k_stride.batch + hk * p.k_stride.head;
+  const int64_t v_base = b * p.v_stride.batch + hk * p.v_stride.head;
 
   // Query rows that see a key of this block start at `first` (causal); tiles of kM rows from
   // first / kM * kM to L, for each q head of the group: n_iters = group * tiles.
-  const int64_t first = p.causal ? (n0 - p.causal_offset > 0 ? n0 - p.causal_offset : 0) : 0;
-  const int m_begin = first < p.len_q ? static_cast<int>(first / kM * kM) : p.len_q;
-  const int tiles = (p.len_q - m_begin + kM - 1) / kM;
+  const int64_t first = kIsCausal ? (n0 - p.vis.causal_offset > 0 ? n0 - p.vis.causal_offset : 0) : 0;
+  const int m_begin = first < p.dims.len_q ? static_cast<int>(first / kM * kM) : p.dims.len_q;
+  const int tiles = (p.dims.len_q - m_begin + kM - 1) / kM;
   const int n_iters = group * tiles;
 
   auto load_q = [&](int it, int st) {
     const int h = hk * group + it / tiles, m0 = m_begin + (it % tiles) * kM;
-    load_tile<Kt, kM>(sQ + st * kM * kRS, p.q, b * p.q_batch_stride + h * p.q_head_stride, p.q_row_stride, m0,
-                      p.len_q, p.head_dim, tid);
-    load_tile<Kt, kM>(sdO + st * kM * kRS, p.dout, b * p.do_batch_stride + h * p.do_head_stride, p.do_row_stride, m0,
-                      p.len_q, p.head_dim_v, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sQ + st * kM * kRS, p.q, b * p.q_stride.batch + h * p.q_stride.head, p.q_stride.row,
+                                 m0, p.dims.len_q, p.dims.head_dim, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sdO + st * kM * kRS, p.dout, b * p.do_stride.batch + h * p.do_stride.head,
+                                 p.do_stride.row, m0, p.dims.len_q, p.dims.head_dim_v, tid);
     for (int i = tid; i < kM; i += Kt::kThreads) {  // plain stores: visible after the next barrier
       const int row = m0 + i;
-      const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
-      const float lse2 = row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
+      const int64_t idx = (int64_t(b) * p.dims.heads_q + h) * p.dims.len_q + row;
+      const float lse2 = kIsEvenMN || row < p.dims.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
       smem_store(sLse + st * kM + i, lse2);
-      const float delta = row < p.len_q ? p.delta.load(idx) : 0.f;
+      const float delta = kIsEvenMN || row < p.dims.len_q ? p.delta.load(idx) : 0.f;
       smem_store(sDelta + st * kM + i, delta);
     }
   };
 
-  load_tile<Kt, kN>(sK, p.k, k_base, p.k_row_stride, n0, p.len_k, p.head_dim, tid);
-  load_tile<Kt, kN>(sV, p.v, v_base, p.v_row_stride, n0, p.len_k, p.head_dim_v, tid);
+  load_tile<Kt, kN, kIsEvenMN>(sK, p.k, k_base, p.k_stride.row, n0, p.dims.len_k, p.dims.head_dim, tid);
+  load_tile<Kt, kN, kIsEvenMN>(sV, p.v, v_base, p.v_stride.row, n0, p.dims.len_k, p.dims.head_dim_v, tid);
   if (kStages == 2 && n_iters > 0) load_q(0, 0);
   cp_async_commit();
 
@@ -184,7 +177,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks * 16 >= p.head_dim) break;
+      if (ks * 16 >= p.dims.head_dim) break;
       uint32_t a[4];  // K rows of the slab (the forward's Q fragment)
       ldmatrix<4>(a, sK + (16 * slab + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
 #pragma unroll
@@ -196,7 +189,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     }
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks * 16 >= p.head_dim_v) break;
+      if (ks * 16 >= p.dims.head_dim_v) break;
       uint32_t a[4];
       ldmatrix<4>(a, sV + (16 * slab + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
 #pragma unroll
@@ -208,7 +201,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     }
 
     // P^T and dS^T, masked where the tile crosses the causal diagonal, into shared memory.
-    const bool masked = p.causal && n0 + kN - 1 > m0 + p.causal_offset;
+    const bool masked = kIsCausal && n0 + kN - 1 > m0 + p.vis.causal_offset;
     const int key_lo = n0 + 16 * slab + g;  // key of elements 0, 1; elements 2, 3: key_lo + 8
 #pragma unroll
     for (int nt = 0; nt < kColsA / 8; ++nt) {
@@ -217,7 +210,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
         const int qc = qc0 + nt * 8 + 2 * t + (i & 1);
         const float lse2 = smem_load(tLse + qc);
         // a hidden pair has P = dS = 0 exactly, whatever NaN the row's lse or delta holds
-        const bool hidden = masked && key_lo + 8 * (i >> 1) > m0 + qc + p.causal_offset;
+        const bool hidden = masked && key_lo + 8 * (i >> 1) > m0 + qc + p.vis.causal_offset;
         const float pv = hidden ? 0.f : exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2);
         acc_s[nt][i] = pv;
         acc_dp[nt][i] = hidden ? 0.f : bwd_ds(pv, acc_dp[nt][i], lse2, smem_load(tDelta + qc));
@@ -241,12 +234,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
       for (int dp = 0; dp < kColsB / 16; ++dp) {
         const int col = dc0 + 16 * dp;
-        if (col < p.head_dim_v) {
+        if (col < p.dims.head_dim_v) {
           uint32_t bo[4];
           ldmatrix<4, true>(bo, tdO + trow * kRS + col + (lane >> 4) * 8);
           mma_m16n16k16<T>(acc_dv[2 * dp], acc_dv[2 * dp + 1], ap, bo);
         }
-        if (col < p.head_dim) {
+        if (col < p.dims.head_dim) {
           uint32_t bq[4];
           ldmatrix<4, true>(bq, tQ + trow * kRS + col + (lane >> 4) * 8);
           mma_m16n16k16<T>(acc_dk[2 * dp], acc_dk[2 * dp + 1], ads, bq);
@@ -258,27 +251,27 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   cp_async_wait<0>();  // no copy may outlive the block
 
   // ---- epilogue: dK * scale, dV (keys that no query sees get zeros) ----
-  const int64_t dk_base = b * p.dk_batch_stride + hk * p.dk_head_stride;
-  const int64_t dv_base = b * p.dv_batch_stride + hk * p.dv_head_stride;
+  const int64_t dk_base = b * p.dk_stride.batch + hk * p.dk_stride.head;
+  const int64_t dv_base = b * p.dv_stride.batch + hk * p.dv_stride.head;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + 16 * slab + g + 8 * r;
-    if (key >= p.len_k) continue;
+    if (!kIsEvenMN && key >= p.dims.len_k) continue;
 #pragma unroll
     for (int nt = 0; nt < kColsB / 8; ++nt) {
       const int col = dc0 + nt * 8 + 2 * t;
-      if (col < p.head_dim)
-        p.dk.template store_vec<uint32_t>(dk_base + key * p.dk_row_stride + col,
-                                          pack2<T>(acc_dk[nt][2 * r] * p.scale, acc_dk[nt][2 * r + 1] * p.scale));
-      if (col < p.head_dim_v)
-        p.dv.template store_vec<uint32_t>(dv_base + key * p.dv_row_stride + col,
+      if (col < p.dims.head_dim)
+        p.dk.template store_vec<uint32_t>(dk_base + key * p.dk_stride.row + col,
+                                          pack2<T>(acc_dk[nt][2 * r] * p.scale_f32, acc_dk[nt][2 * r + 1] * p.scale_f32));
+      if (col < p.dims.head_dim_v)
+        p.dv.template store_vec<uint32_t>(dv_base + key * p.dv_stride.row + col,
                                           pack2<T>(acc_dv[nt][2 * r], acc_dv[nt][2 * r + 1]));
     }
   }
 }
 
 // ---- 3. dQ: one block per (query block, q head, batch) -----------------------------------
-template <class Kt>
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     flash_bwd_dq_kernel(const BwdParams<typename Kt::Elem> p) {
   using T = typename Kt::Elem;
@@ -293,33 +286,35 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.heads_q / p.heads_kv);
-  const int64_t q_base = b * p.q_batch_stride + h * p.q_head_stride;
-  const int64_t do_base = b * p.do_batch_stride + h * p.do_head_stride;
-  const int64_t k_base = b * p.k_batch_stride + hk * p.k_head_stride;
-  const int64_t v_base = b * p.v_batch_stride + hk * p.v_head_stride;
+  const int hk = h / (p.dims.heads_q / p.dims.heads_kv);
+  const int64_t q_base = b * p.q_stride.batch + h * p.q_stride.head;
+  const int64_t do_base = b * p.do_stride.batch + h * p.do_stride.head;
+  const int64_t k_base = b * p.k_stride.batch + hk * p.k_stride.head;
+  const int64_t v_base = b * p.v_stride.batch + hk * p.v_stride.head;
 
-  int64_t n_end = p.len_k;  // keys this query block sees: [0, n_end)
-  if (p.causal) n_end = n_end < m0 + kM + p.causal_offset ? n_end : m0 + kM + p.causal_offset;
-  const int n_blocks = n_end > 0 ? static_cast<int>((n_end + kN - 1) / kN) : 0;
+  // Keys this query block sees: [0, n_end), its last row's.
+  const int n_end = kIsCausal ? p.vis.keys(m0 + kM - 1, p.dims.len_k).end : p.dims.len_k;
+  const int n_blocks = (n_end + kN - 1) / kN;
 
   const int row_lo = m0 + 16 * warp + g;  // row of accumulator elements 0, 1; 2, 3: row_lo + 8
   float lse2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_lo + 8 * r;
-    const int64_t idx = (int64_t(b) * p.heads_q + h) * p.len_q + row;
-    lse2[r] = row < p.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
-    delta[r] = row < p.len_q ? p.delta.load(idx) : 0.f;
+    const int64_t idx = (int64_t(b) * p.dims.heads_q + h) * p.dims.len_q + row;
+    lse2[r] = kIsEvenMN || row < p.dims.len_q ? bwd_lse_log2(p.lse.load(idx)) : INFINITY;
+    delta[r] = kIsEvenMN || row < p.dims.len_q ? p.delta.load(idx) : 0.f;
   }
 
   auto load_kv = [&](int j, int st) {
-    load_tile<Kt, kN>(sK + st * kN * kRS, p.k, k_base, p.k_row_stride, j * kN, p.len_k, p.head_dim, tid);
-    load_tile<Kt, kN>(sV + st * kN * kRS, p.v, v_base, p.v_row_stride, j * kN, p.len_k, p.head_dim_v, tid);
+    load_tile<Kt, kN, kIsEvenMN>(sK + st * kN * kRS, p.k, k_base, p.k_stride.row, j * kN, p.dims.len_k, p.dims.head_dim,
+                                 tid);
+    load_tile<Kt, kN, kIsEvenMN>(sV + st * kN * kRS, p.v, v_base, p.v_stride.row, j * kN, p.dims.len_k,
+                                 p.dims.head_dim_v, tid);
   };
   if (n_blocks > 0) {
-    load_tile<Kt, kM>(sQ, p.q, q_base, p.q_row_stride, m0, p.len_q, p.head_dim, tid);
-    load_tile<Kt, kM>(sdO, p.dout, do_base, p.do_row_stride, m0, p.len_q, p.head_dim_v, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sQ, p.q, q_base, p.q_stride.row, m0, p.dims.len_q, p.dims.head_dim, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sdO, p.dout, do_base, p.do_stride.row, m0, p.dims.len_q, p.dims.head_dim_v, tid);
     if (kStages == 2) load_kv(0, 0);
     cp_async_commit();
   }
@@ -352,7 +347,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
       for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks * 16 >= p.head_dim) break;
+      if (ks * 16 >= p.dims.head_dim) break;
       uint32_t a[4];
       ldmatrix<4>(a, sQ + (16 * warp + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
 #pragma unroll
@@ -364,7 +359,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
     }
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks * 16 >= p.head_dim_v) break;
+      if (ks * 16 >= p.dims.head_dim_v) break;
       uint32_t a[4];
       ldmatrix<4>(a, sdO + (16 * warp + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
 #pragma unroll
@@ -377,17 +372,19 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
 
     // ---- P = exp2(S * scale_log2 - lse2), masked; dS = P * (dP - delta) (into acc_s) ----
     const int n0 = j * kN;
-    const bool masked = n0 + kN > p.len_k || (p.causal && n0 + kN - 1 > m0 + p.causal_offset);
+    const bool masked = (!kIsEvenMN && n0 + kN > p.dims.len_k) || (kIsCausal && n0 + kN - 1 > m0 + p.vis.causal_offset);
+    int key_end[2] = {p.dims.len_k, p.dims.len_k};  // rows row_lo and row_lo + 8 see keys [0, key_end)
+    if (kIsCausal && masked) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) key_end[r] = p.vis.keys(row_lo + 8 * r, p.dims.len_k).end;
+    }
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float pv = exp2_approx(acc_s[nt][i] * p.scale_log2 - lse2[i >> 1]), dp = acc_dp[nt][i];
-        if (masked) {  // past len_k or above the diagonal: P = dP = 0, so a NaN of v there stays out
-          const int col = n0 + nt * 8 + 2 * t + (i & 1);
-          const int64_t row = row_lo + 8 * (i >> 1);
-          if (col >= p.len_k || (p.causal && col > row + p.causal_offset)) pv = dp = 0.f;
-        }
+        // past len_k or above the diagonal: P = dP = 0, so a NaN of v there stays out
+        if (masked && n0 + nt * 8 + 2 * t + (i & 1) >= key_end[i >> 1]) pv = dp = 0.f;
         acc_s[nt][i] = pv * (dp - delta[i >> 1]);
       }
     }
@@ -400,7 +397,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
                              pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
-        if (dp * 16 >= p.head_dim) break;
+        if (dp * 16 >= p.dims.head_dim) break;
         uint32_t bk[4];
         ldmatrix<4, true>(bk, tK + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRS + 16 * dp + (lane >> 4) * 8);
         mma_m16n16k16<T>(acc_dq[2 * dp], acc_dq[2 * dp + 1], a, bk);
@@ -410,17 +407,17 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm)
   cp_async_wait<0>();
 
   // ---- epilogue: dQ * scale (rows that see no key get zeros: every pair of theirs is hidden) ----
-  const int64_t dq_base = b * p.dq_batch_stride + h * p.dq_head_stride;
+  const int64_t dq_base = b * p.dq_stride.batch + h * p.dq_stride.head;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_lo + 8 * r;
-    if (row >= p.len_q) continue;
+    if (!kIsEvenMN && row >= p.dims.len_q) continue;
 #pragma unroll
     for (int dt = 0; dt < kD / 8; ++dt) {
       const int col = dt * 8 + 2 * t;
-      if (col < p.head_dim)
-        p.dq.template store_vec<uint32_t>(dq_base + row * p.dq_row_stride + col,
-                                          pack2<T>(acc_dq[dt][2 * r] * p.scale, acc_dq[dt][2 * r + 1] * p.scale));
+      if (col < p.dims.head_dim)
+        p.dq.template store_vec<uint32_t>(dq_base + row * p.dq_stride.row + col,
+                                          pack2<T>(acc_dq[dt][2 * r] * p.scale_f32, acc_dq[dt][2 * r + 1] * p.scale_f32));
     }
   }
 }

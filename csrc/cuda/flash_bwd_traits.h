@@ -16,7 +16,7 @@
 
 #include <type_traits>
 
-#include "cuda/primitives.cuh"
+#include "cuda/flash_fwd_traits.h"
 
 namespace fa {
 
@@ -32,7 +32,7 @@ struct BwdPreTraits {
 
 template <int kHeadDim_, bool kIsBf16_>
 struct BwdDkdvTraits {
-  using Elem = typename std::conditional<kIsBf16_, bf16_t, half_t>::type;
+  using Elem = fa::Elem<kIsBf16_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kIsBf16 = kIsBf16_;
   static constexpr int kWarps = kHeadDim <= 128 ? 8 : 4;
@@ -63,7 +63,7 @@ struct BwdDkdvTraits {
 
 template <int kHeadDim_, bool kIsBf16_>
 struct BwdDqTraits {
-  using Elem = typename std::conditional<kIsBf16_, bf16_t, half_t>::type;
+  using Elem = fa::Elem<kIsBf16_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kIsBf16 = kIsBf16_;
   static constexpr int kWarps = kHeadDim <= 128 ? 8 : 4;

@@ -60,41 +60,47 @@ inline void check_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hk && v.size(2) == S && k.size(3) == q.size(3),
               "shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(Hq % Hk == 0, "query heads (", Hq, ") must be a multiple of key/value heads (", Hk, ")");
-  TORCH_CHECK(q.size(3) <= 256 && v.size(3) <= 256, "head dims must be <= 256, got E = ", q.size(3), ", Ev = ", v.size(3));
+  TORCH_CHECK(q.size(3) <= fused_attn::kMaxHeadDim && v.size(3) <= fused_attn::kMaxHeadDim, "head dims must be <= ",
+              fused_attn::kMaxHeadDim, ", got E = ", q.size(3), ", Ev = ", v.size(3));
   TORCH_CHECK(out.size(0) == B && out.size(1) == Hq && out.size(2) == L && out.size(3) == v.size(3),
               "out must be (B, Hq, L, Ev) = (", B, ", ", Hq, ", ", L, ", ", v.size(3), "), got ", out.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == at::IntArrayRef({B, Hq, L}),
               "lse must be a contiguous float32 (B, Hq, L) tensor, got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK(B <= 65535 && Hq <= 65535, "batch and heads must be <= 65535 (grid z and y), got ", B, " and ", Hq);
   TORCH_CHECK(L < (int64_t(1) << 31) && S < (int64_t(1) << 31), "sequence lengths must be < 2^31, got ", L, " and ", S);
-  TORCH_CHECK(causal >= 0 && causal <= 2, "causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ", causal);
+  TORCH_CHECK(fused_attn::valid_causal_mode(causal), "causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ", causal);
 }
 
 // The head dim that picks the traits bucket.
 inline int fwd_head_dim(const at::Tensor& q, const at::Tensor& v) { return static_cast<int>(std::max(q.size(3), v.size(3))); }
 
+// The (B, H, rows) strides of a 4-D operand (its head dim has unit stride: checked above).
+inline fused_attn::Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The parameters the forward and backward share, from the forward's tensors (checked by
+// check_fwd_inputs: sizes fit int, causal is a CausalMode).
+inline fused_attn::AttnFwdCommon<int> make_fwd_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& out, int64_t causal, double scale) {
+  fused_attn::AttnFwdCommon<int> c;
+  c.dims = {static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+            static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3)),
+            static_cast<int>(v.size(3))};
+  c.q_stride = strides_of(q), c.k_stride = strides_of(k), c.v_stride = strides_of(v), c.o_stride = strides_of(out);
+  c.vis = fused_attn::make_visibility(causal, q.size(2), k.size(2));
+  c.scale = scale;
+  return c;
+}
+
 template <class T>
 FwdParams<T> make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                              at::Tensor& lse, int64_t causal, double scale) {
   FwdParams<T> p;
+  static_cast<fused_attn::AttnFwdCommon<int>&>(p) = make_fwd_common(q, k, v, out, causal, scale);
   p.q = global_ptr<const T>(q, "q");
   p.k = global_ptr<const T>(k, "k");
   p.v = global_ptr<const T>(v, "v");
   p.o = global_ptr<T>(out, "out");
   p.lse = global_ptr<float>(lse, "lse");
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
-  p.batch = static_cast<int>(q.size(0));
-  p.heads_q = static_cast<int>(q.size(1));
-  p.heads_kv = static_cast<int>(k.size(1));
-  p.len_q = static_cast<int>(q.size(2));
-  p.len_k = static_cast<int>(k.size(2));
-  p.head_dim = static_cast<int>(q.size(3));
-  p.head_dim_v = static_cast<int>(v.size(3));
-  p.causal = causal != 0;
-  p.causal_offset = causal == 2 ? k.size(2) - q.size(2) : 0;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
   return p;
 }

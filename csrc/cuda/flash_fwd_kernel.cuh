@@ -13,8 +13,11 @@
 // multiples of 8 elements); lse (B, Hq, L) contiguous fp32. d, dv <= kHeadDim and
 // multiples of 8. GQA: query head h reads kv head h / (Hq / Hk).
 // Dtypes: fp16, bf16 (Traits::Elem). Causal: query i sees key j iff j <= i + offset
-// (offset 0: upper-left, S - L: lower-right); key blocks past the diagonal are skipped,
-// only blocks crossing it (or the ragged end of S) are masked. A row that sees no key
+// (offset 0: upper-left, S - L: lower-right: common/attn_params.h's Visibility); key blocks
+// past the diagonal are skipped, only blocks crossing it (or the ragged end of S) are masked.
+// Causal and "even tiles" (L, S multiples of kBlockM, kBlockN) are template flags (kIsCausal,
+// kIsEvenMN), chosen per call by cuda/static_switch.h: a non-causal instantiation carries no
+// diagonal code, an even one no bounds checks on rows or keys. A row that sees no key
 // (or whose scores are all -inf) gets out = 0 and lse = -inf, whatever v holds.
 // NaN in, NaN out, as torch's math path: the row max propagates NaN (nan_max; fmaxf would
 // drop it), so a NaN score makes the row's out and lse NaN; a +inf score makes lse +inf and
@@ -29,6 +32,7 @@
 // barrier is reported as a race.
 #pragma once
 
+#include "common/attn_params.h"
 #include "cuda/flash_fwd_traits.h"
 #include "cuda/primitives.cuh"
 
@@ -49,25 +53,21 @@ FA_DEVICE void mma_m16n16k16(float (&c0)[4], float (&c1)[4], const uint32_t (&a)
   mma_m16n8k16<T>(c1, a, b1, c1);
 }
 
+// The shared forward parameters (common/attn_params.h: dims, strides, visibility, scale;
+// 32-bit index arithmetic on the GPU) plus the bounds-checked pointers and the scale in log2 units.
 template <class T>
-struct FwdParams {
+struct FwdParams : fused_attn::AttnFwdCommon<int> {
   GPtr<const T> q, k, v;
   GPtr<T> o;
   GPtr<float> lse;
-  int64_t q_batch_stride, q_head_stride, q_row_stride;
-  int64_t k_batch_stride, k_head_stride, k_row_stride;
-  int64_t v_batch_stride, v_head_stride, v_row_stride;
-  int64_t o_batch_stride, o_head_stride, o_row_stride;
-  int batch, heads_q, heads_kv, len_q, len_k, head_dim, head_dim_v;
-  int causal;             // 0: none; otherwise key j visible to query i iff j <= i + causal_offset
-  int64_t causal_offset;  // 0 (upper-left) or len_k - len_q (lower-right)
-  float scale_log2;       // softmax scale * LOG2E
+  float scale_log2;  // softmax scale * LOG2E
 };
 
 // Copies rows [row0, row0 + kRows) x the first `cols` columns of a global tile into a
 // padded shared tile with 16-byte cp.async; rows >= nrows and columns >= cols are
-// zero-filled (src-size 0, the source address then stays at the tile's base).
-template <class Kt, int kRows>
+// zero-filled (src-size 0, the source address then stays at the tile's base). kEvenRows: the
+// caller knows row0 + kRows <= nrows (an even-tile kernel), so rows are not checked.
+template <class Kt, int kRows, bool kEvenRows>
 FA_DEVICE void load_tile(typename Kt::Elem* dst, const GPtr<const typename Kt::Elem>& src, int64_t base,
                          int64_t row_stride, int row0, int nrows, int cols, int tid) {
   constexpr int kC = Kt::kChunks, kTotal = kRows * kC;
@@ -77,14 +77,16 @@ FA_DEVICE void load_tile(typename Kt::Elem* dst, const GPtr<const typename Kt::E
     const int idx = tid + i * Kt::kThreads;
     if (kTotal % Kt::kThreads == 0 || idx < kTotal) {
       const int r = idx / kC, c = idx % kC;
-      const bool valid = row0 + r < nrows && c * 8 < cols;
+      const bool valid = (kEvenRows || row0 + r < nrows) && c * 8 < cols;
       cp_async_cg16(dst + r * Kt::kRowStride + c * 8, src, valid ? base + (row0 + r) * row_stride + c * 8 : base,
                     valid ? 16 : 0);
     }
   }
 }
 
-template <class Kt>
+// kIsCausal: p.vis is causal (a non-causal kernel has no diagonal code). kIsEvenMN: L and S are
+// multiples of kBlockM and kBlockN (no bounds checks on rows or keys).
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams<typename Kt::Elem> p) {
   using T = typename Kt::Elem;
   constexpr int kM = Kt::kBlockM, kN = Kt::kBlockN, kD = Kt::kHeadDim, kRS = Kt::kRowStride;
@@ -97,16 +99,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane >> 2, t = lane & 3;  // mma groupID / thread in group
   const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.heads_q / p.heads_kv);
-  const int64_t q_base = b * p.q_batch_stride + h * p.q_head_stride;
-  const int64_t k_base = b * p.k_batch_stride + hk * p.k_head_stride;
-  const int64_t v_base = b * p.v_batch_stride + hk * p.v_head_stride;
-  const int64_t o_base = b * p.o_batch_stride + h * p.o_head_stride;
+  const int hk = h / (p.dims.heads_q / p.dims.heads_kv);
+  const int64_t q_base = b * p.q_stride.batch + h * p.q_stride.head;
+  const int64_t k_base = b * p.k_stride.batch + hk * p.k_stride.head;
+  const int64_t v_base = b * p.v_stride.batch + hk * p.v_stride.head;
+  const int64_t o_base = b * p.o_stride.batch + h * p.o_stride.head;
 
-  // Keys this query block sees: [0, n_end); blocks past the causal diagonal are skipped.
-  int64_t n_end = p.len_k;
-  if (p.causal) n_end = n_end < m0 + kM + p.causal_offset ? n_end : m0 + kM + p.causal_offset;
-  const int n_blocks = n_end > 0 ? static_cast<int>((n_end + kN - 1) / kN) : 0;
+  // Keys this query block sees: [0, n_end), its last row's; blocks past the causal diagonal are skipped.
+  const int n_end = kIsCausal ? p.vis.keys(m0 + kM - 1, p.dims.len_k).end : p.dims.len_k;
+  const int n_blocks = (n_end + kN - 1) / kN;
 
   float acc_o[kD / 8][4];
 #pragma unroll
@@ -116,13 +117,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 
   auto load_kv = [&](int j) {
     const int st = j % kStages;
-    load_tile<Kt, kN>(sK + st * kN * kRS, p.k, k_base, p.k_row_stride, j * kN, p.len_k, p.head_dim, tid);
-    load_tile<Kt, kN>(sV + st * kN * kRS, p.v, v_base, p.v_row_stride, j * kN, p.len_k, p.head_dim_v, tid);
+    load_tile<Kt, kN, kIsEvenMN>(sK + st * kN * kRS, p.k, k_base, p.k_stride.row, j * kN, p.dims.len_k, p.dims.head_dim, tid);
+    load_tile<Kt, kN, kIsEvenMN>(sV + st * kN * kRS, p.v, v_base, p.v_stride.row, j * kN, p.dims.len_k, p.dims.head_dim_v, tid);
   };
 
   if (n_blocks > 0) {
     // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile.
-    load_tile<Kt, kM>(sQ, p.q, q_base, p.q_row_stride, m0, p.len_q, p.head_dim, tid);
+    load_tile<Kt, kM, kIsEvenMN>(sQ, p.q, q_base, p.q_stride.row, m0, p.dims.len_q, p.dims.head_dim, tid);
 #pragma unroll
     for (int j = 0; j < kStages - 1; ++j) {
       if (j < n_blocks) load_kv(j);
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     for (int i = 0; i < kN / 8; ++i) acc_s[i][0] = acc_s[i][1] = acc_s[i][2] = acc_s[i][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      if (ks * 16 >= p.head_dim) break;
+      if (ks * 16 >= p.dims.head_dim) break;
       uint32_t a[4];  // matrices: rows 0-7 / 8-15 x cols 0-7, then x cols 8-15
       ldmatrix<4>(a, sQ + (16 * warp + (lane & 15)) * kRS + 16 * ks + (lane >> 4) * 8);
 #pragma unroll
@@ -158,18 +159,21 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     // ---- scale into log2 units, mask, online softmax ----
     const int n0 = j * kN;
     const int row_lo = m0 + 16 * warp + g;  // row of elements 0, 1; elements 2, 3 are row_lo + 8
-    const bool masked = n0 + kN > p.len_k || (p.causal && n0 + kN - 1 > m0 + p.causal_offset);
+    // Only tiles that reach past len_k (uneven kernels) or cross the diagonal (causal) are masked.
+    const bool masked = (!kIsEvenMN && n0 + kN > p.dims.len_k) || (kIsCausal && n0 + kN - 1 > m0 + p.vis.causal_offset);
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
+    for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        acc_s[nt][i] *= p.scale_log2;
-        if (masked) {
-          const int col = n0 + nt * 8 + 2 * t + (i & 1);
-          const int64_t row = row_lo + 8 * (i >> 1);
-          if (col >= p.len_k || (p.causal && col > row + p.causal_offset)) acc_s[nt][i] = -INFINITY;
-        }
-      }
+      for (int i = 0; i < 4; ++i) acc_s[nt][i] *= p.scale_log2;
+    if (masked) {
+      int key_end[2];  // rows row_lo and row_lo + 8 see keys [0, key_end)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) key_end[r] = kIsCausal ? p.vis.keys(row_lo + 8 * r, p.dims.len_k).end : p.dims.len_k;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (n0 + nt * 8 + 2 * t + (i & 1) >= key_end[i >> 1]) acc_s[nt][i] = -INFINITY;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -207,7 +211,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
                              pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
-        if (dp * 16 >= p.head_dim_v) break;
+        if (dp * 16 >= p.dims.head_dim_v) break;
         uint32_t bv[4];  // .trans matrices: keys 0-7 / 8-15 x d 0-7, then x d 8-15
         ldmatrix<4, true>(bv, tV + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRS + 16 * dp + (lane >> 4) * 8);
         mma_m16n16k16<T>(acc_o[2 * dp], acc_o[2 * dp + 1], a, bv);
@@ -223,7 +227,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     l += shfl_xor(kFullMask, l, 1);
     l += shfl_xor(kFullMask, l, 2);
     const int row = m0 + 16 * warp + g + 8 * r;
-    if (row >= p.len_q) continue;
+    if (!kIsEvenMN && row >= p.dims.len_q) continue;
     // l == 0: no visible key (out 0 even where 0 * NaN of v made acc_o NaN). l NaN: a NaN or
     // +inf score (row_max NaN or +inf, which lse keeps).
     const bool empty = l == 0.f;
@@ -231,12 +235,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 #pragma unroll
     for (int dt = 0; dt < kD / 8; ++dt) {
       const int col = dt * 8 + 2 * t;
-      if (col < p.head_dim_v)
-        p.o.template store_vec<uint32_t>(o_base + row * p.o_row_stride + col,
+      if (col < p.dims.head_dim_v)
+        p.o.template store_vec<uint32_t>(o_base + row * p.o_stride.row + col,
                                          empty ? 0u : pack2<T>(acc_o[dt][2 * r] * inv, acc_o[dt][2 * r + 1] * inv));
     }
     if (t == 0)
-      p.lse.store((int64_t(b) * p.heads_q + h) * p.len_q + row,
+      p.lse.store((int64_t(b) * p.dims.heads_q + h) * p.dims.len_q + row,
                   empty ? -INFINITY : row_max[r] == INFINITY ? INFINITY : row_max[r] * kLn2 + logf(l));
   }
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/static_switch.h"
 
 #ifdef FA_EMULATE
 #include <string>
@@ -14,29 +15,35 @@ template <class Kt>
 struct FwdGrid {
   // x: query blocks, y: query heads, z: batch.
   static unsigned blocks_x(const FwdParams<typename Kt::Elem>& p) {
-    return static_cast<unsigned>((p.len_q + Kt::kBlockM - 1) / Kt::kBlockM);
+    return static_cast<unsigned>((p.dims.len_q + Kt::kBlockM - 1) / Kt::kBlockM);
+  }
+  // L and S are whole tiles: the kIsEvenMN kernel (no bounds checks) runs.
+  static bool is_even_mn(const FwdParams<typename Kt::Elem>& p) {
+    return p.dims.len_q % Kt::kBlockM == 0 && p.dims.len_k % Kt::kBlockN == 0;
   }
 };
 
 #ifdef FA_EMULATE
-template <class Kt>
-const char* fwd_kernel_name() {
-  static const std::string name = "flash_fwd_kernel<hdim " + std::to_string(Kt::kHeadDim) +
-                                  (Kt::kIsBf16 ? ", bf16>" : ", fp16>");
-  return name.c_str();
+// "flash_fwd_kernel<hdim 64, fp16, causal 1, even_mn 0>": the launch's name in the emulator's
+// reports and in last_launch_kernels().
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
+std::string kernel_name(const char* what) {
+  return std::string(what) + "<hdim " + std::to_string(Kt::kHeadDim) + (Kt::kIsBf16 ? ", bf16" : ", fp16") +
+         ", causal " + (kIsCausal ? "1" : "0") + ", even_mn " + (kIsEvenMN ? "1>" : "0>");
 }
 
-template <class Kt>
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 ::fa_emu::LaunchStats run_flash_fwd(const FwdParams<typename Kt::Elem>& p) {
-  const ::fa_emu::Dim3 grid(FwdGrid<Kt>::blocks_x(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  return ::fa_emu::launch(fwd_kernel_name<Kt>(), grid, ::fa_emu::Dim3(Kt::kThreads), Kt::kSmemBytes,
-                          [&] { flash_fwd_kernel<Kt>(p); });
+  static const std::string name = kernel_name<Kt, kIsCausal, kIsEvenMN>("flash_fwd_kernel");
+  const ::fa_emu::Dim3 grid(FwdGrid<Kt>::blocks_x(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch));
+  return ::fa_emu::launch(name.c_str(), grid, ::fa_emu::Dim3(Kt::kThreads), Kt::kSmemBytes,
+                          [&] { flash_fwd_kernel<Kt, kIsCausal, kIsEvenMN>(p); });
 }
 #else
-template <class Kt>
+template <class Kt, bool kIsCausal, bool kIsEvenMN>
 cudaError_t run_flash_fwd(const FwdParams<typename Kt::Elem>& p, cudaStream_t stream) {
-  const dim3 grid(FwdGrid<Kt>::blocks_x(p), p.heads_q, p.batch);
-  auto kernel = flash_fwd_kernel<Kt>;
+  const dim3 grid(FwdGrid<Kt>::blocks_x(p), p.dims.heads_q, p.dims.batch);
+  auto kernel = flash_fwd_kernel<Kt, kIsCausal, kIsEvenMN>;
   if (Kt::kSmemBytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kt::kSmemBytes);
     if (e != cudaSuccess) return e;
@@ -46,17 +53,18 @@ cudaError_t run_flash_fwd(const FwdParams<typename Kt::Elem>& p, cudaStream_t st
 }
 #endif
 
-// Calls f(FwdTraits<bucket, kBf16>{}) for the bucket that holds head dim d.
-template <bool kBf16, class F>
-auto with_fwd_traits(int d, F&& f) {
-  if (d <= 32) return f(FwdTraits<32, kBf16>{});
-  if (d <= 64) return f(FwdTraits<64, kBf16>{});
-  if (d <= 96) return f(FwdTraits<96, kBf16>{});
-  if (d <= 128) return f(FwdTraits<128, kBf16>{});
-  if (d <= 160) return f(FwdTraits<160, kBf16>{});
-  if (d <= 192) return f(FwdTraits<192, kBf16>{});
-  if (d <= 224) return f(FwdTraits<224, kBf16>{});
-  return f(FwdTraits<256, kBf16>{});
+// Runs the forward instantiation for p (cuda/static_switch.h): the head-dim bucket of d, and
+// the causal and even-tile flags from p. `stream`: the CUDA stream (none under emulation).
+template <bool kBf16, class... Stream>
+auto run_fwd(const FwdParams<Elem<kBf16>>& p, int d, Stream... stream) {
+  return head_dim_switch(d, [&](auto kd) {
+    using Kt = FwdTraits<decltype(kd)::value, kBf16>;
+    return bool_switch(
+        [&](auto causal, auto even_mn) {
+          return run_flash_fwd<Kt, decltype(causal)::value, decltype(even_mn)::value>(p, stream...);
+        },
+        p.vis.causal != fused_attn::kCausalNone, FwdGrid<Kt>::is_even_mn(p));
+  });
 }
 
 }  // namespace fa

@@ -10,13 +10,14 @@
 
 #include <type_traits>
 
+#include "common/attn_params.h"
 #include "cuda/primitives.cuh"
 
 namespace fa {
 
-// Head dims the kernel is instantiated for; a smaller head dim runs in the next bucket
-// up (its missing columns are zero-filled in shared memory and never stored).
-constexpr int kHeadDimBuckets[] = {32, 64, 96, 128, 160, 192, 224, 256};
+// The element type of the 16-bit inputs.
+template <bool kIsBf16>
+using Elem = typename std::conditional<kIsBf16, bf16_t, half_t>::type;
 
 #if defined(__CUDA_ARCH__)
 #define FA_TARGET_ARCH __CUDA_ARCH__
@@ -42,7 +43,7 @@ constexpr int min_blocks_per_sm(int smem_bytes, int arch) {
 
 template <int kHeadDim_, bool kIsBf16_>
 struct FwdTraits {
-  using Elem = typename std::conditional<kIsBf16_, bf16_t, half_t>::type;
+  using Elem = fa::Elem<kIsBf16_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kIsBf16 = kIsBf16_;
   // Each warp owns 16 query rows; kBlockM = 16 * kWarps.
@@ -61,7 +62,7 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kSmemQ + 2 * kStages * kSmemKVStage;
   static constexpr int kMinBlocksPerSm = min_blocks_per_sm(kSmemBytes, FA_TARGET_ARCH);
 
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head-dim buckets are multiples of 32 up to 256");
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= fused_attn::kMaxHeadDim, "head-dim buckets are multiples of 32 up to 256");
   static_assert(kBlockN % 16 == 0, "key tiles are whole mma k-steps");
   static_assert(kSmemBytes <= 99 * 1024, "every bucket must fit sm_86/89's 99 KB of shared memory per block");
 };

@@ -207,6 +207,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto& s = last_stats();
     return pybind11::make_tuple(s.seconds, s.blocks, s.threads, s.switches);
   }, "(seconds, blocks, threads, fiber switches) of the last launch");
+  m.def("last_launch_kernels", [] { return last_stats().kernels; },
+        "the kernel(s) of the last launch, ';'-joined: e.g. 'flash_fwd_kernel<hdim 64, fp16, causal 1, even_mn 0>'");
   m.def("flash_fwd", &flash_fwd, "the CUDA forward kernel, emulated: writes out and lse");
   m.def("flash_bwd", &flash_bwd, "the CUDA backward kernels, emulated: writes dq, dk, dv and delta");
 }

@@ -5,7 +5,7 @@
 #include "cuda/flash_bwd_kernel.cuh"
 
 namespace fa_emu_bwd {
-// Preprocess, then dK/dV and dQ of the head-dim bucket that holds d; returns the
+// Preprocess, then dK/dV and dQ of the instantiation for p and d (as the forward); returns the
 // statistics of the dK/dV and dQ launches summed.
 fa_emu::LaunchStats run_fp16(const fa::BwdParams<fa::half_t>& p, int d);
 fa_emu::LaunchStats run_bf16(const fa::BwdParams<fa::bf16_t>& p, int d);

@@ -7,7 +7,8 @@
 // K (flash_fwd_kernel, flash_bwd_dkdv_kernel, flash_bwd_dq_kernel) it defines K in namespace
 // fa::mutant::M (the rest of the kernel headers is shared, unmutated), and the list
 // FA_MUTANTS(X) of X(kind, M) entries, kind = fwd, dkdv or dq. Mutants run in the hdim-64
-// fp16 bucket only (one instantiation each keeps this module's build short).
+// fp16 bucket, non-causal with uneven tiles, only (one instantiation each keeps this module's
+// build short; the race test's problem has that shape).
 #include <torch/extension.h>
 
 #include <string>
@@ -45,12 +46,13 @@ void mutant_fwd(const std::string& mutant, const at::Tensor& q, const at::Tensor
   fa::check_fwd_inputs(q, k, v, out, lse, causal);
   check_bucket(q, v);
   const fa::FwdParams<T> p = fa::make_fwd_params<T>(q, k, v, out, lse, causal, scale);
-  const Dim3 grid(fa::FwdGrid<Fwd>::blocks_x(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+  TORCH_CHECK(causal == 0 && !fa::FwdGrid<Fwd>::is_even_mn(p), "the mutant kernels are built non-causal with uneven tiles only");
+  const Dim3 grid(fa::FwdGrid<Fwd>::blocks_x(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch));
 #define FA_RUN_fwd(M)                                                                                          \
   if (mutant == #M) {                                                                                          \
     const std::string name = mutant_name("flash_fwd_kernel", #M);                                              \
     record(fa_emu::launch(name.c_str(), grid, Dim3(Fwd::kThreads), Fwd::kSmemBytes,                            \
-                          [&] { fa::mutant::M::flash_fwd_kernel<Fwd>(p); }));                                  \
+                          [&] { fa::mutant::M::flash_fwd_kernel<Fwd, false, false>(p); }));                    \
     return;                                                                                                    \
   }
 #define FA_RUN_dkdv(M)
@@ -71,23 +73,24 @@ void mutant_bwd(const std::string& mutant, const at::Tensor& dout, const at::Ten
   fa::check_bwd_inputs(dout, no_dlse, q, k, v, out, lse, dq, dk, dv, delta, causal);
   check_bucket(q, v);
   const fa::BwdParams<T> p = fa::make_bwd_params<T>(dout, no_dlse, q, k, v, out, lse, dq, dk, dv, delta, causal, scale);
+  TORCH_CHECK(causal == 0 && !fa::BwdGrid<T>::is_even_mn<64>(p), "the mutant kernels are built non-causal with uneven tiles only");
   fa::run_flash_bwd_preprocess<T>(p);
 #define FA_RUN_fwd(M)
 #define FA_RUN_dkdv(M)                                                                                         \
   if (mutant == #M) {                                                                                          \
     const std::string name = mutant_name("flash_bwd_dkdv_kernel", #M);                                         \
-    const Dim3 grid(fa::BwdGrid<T>::dkdv_x<Dkdv>(p), static_cast<unsigned>(p.heads_kv),                       \
-                    static_cast<unsigned>(p.batch));                                                           \
+    const Dim3 grid(fa::BwdGrid<T>::dkdv_x<Dkdv>(p), static_cast<unsigned>(p.dims.heads_kv),                   \
+                    static_cast<unsigned>(p.dims.batch));                                                      \
     record(fa_emu::launch(name.c_str(), grid, Dim3(Dkdv::kThreads), Dkdv::kSmemBytes,                          \
-                          [&] { fa::mutant::M::flash_bwd_dkdv_kernel<Dkdv>(p); }));                            \
+                          [&] { fa::mutant::M::flash_bwd_dkdv_kernel<Dkdv, false, false>(p); }));              \
     return;                                                                                                    \
   }
 #define FA_RUN_dq(M)                                                                                           \
   if (mutant == #M) {                                                                                          \
     const std::string name = mutant_name("flash_bwd_dq_kernel", #M);                                           \
-    const Dim3 grid(fa::BwdGrid<T>::dq_x<Dq>(p), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch)); \
+    const Dim3 grid(fa::BwdGrid<T>::dq_x<Dq>(p), static_cast<unsigned>(p.dims.heads_q), static_cast<unsigned>(p.dims.batch)); \
     record(fa_emu::launch(name.c_str(), grid, Dim3(Dq::kThreads), Dq::kSmemBytes,                              \
-                          [&] { fa::mutant::M::flash_bwd_dq_kernel<Dq>(p); }));                                \
+                          [&] { fa::mutant::M::flash_bwd_dq_kernel<Dq, false, false>(p); }));                  \
     return;                                                                                                    \
   }
   FA_MUTANTS(FA_RUN)

@@ -677,6 +677,7 @@ LaunchStats launch(const char* kernel_name, Dim3 grid, Dim3 block, std::size_t s
                              std::to_string(kMaxSmemBytes) + "-byte limit of any target GPU");
   install_segv_handler();
   LaunchStats stats;
+  stats.kernels = kernel_name;
   stats.blocks = nblocks;
   stats.threads = nblocks * nthreads;
   if (nblocks == 0) return stats;

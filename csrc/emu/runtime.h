@@ -109,6 +109,7 @@ void cp_async_wait(int n);
 struct LaunchStats {
   double seconds = 0;
   uint64_t blocks = 0, threads = 0, switches = 0;
+  std::string kernels;  // the kernel's name (";"-joined where stats of several launches are summed)
 };
 // Runs body() once per thread of every block. Throws std::runtime_error on a
 // kernel error. Worker OS threads: FUSED_ATTN_EMU_THREADS (default: up to 4).

@@ -5,8 +5,10 @@
 // Only torch's dispatcher headers and Python.h are included: no pybind11, so this file
 // compiles quickly with nvcc.
 //
-// Kernel instantiations live in csrc/cuda/instantiations/ (one per head-dim bucket and
-// dtype, so nvcc compiles them in parallel); this file only checks inputs and launches.
+// Kernel instantiations live in csrc/cuda/instantiations/ (one file per head-dim bucket and
+// dtype, each holding the causal x even-tile variants, so nvcc compiles them in parallel),
+// generated with their extern declarations (cuda/generated/kernel_externs.h) by
+// `python -m fused_attn.tools.gen_cuda_kernels`; this file only checks inputs and launches.
 // setup.py builds it (with every csrc/cuda/**/*.cu) when torch has CUDA and nvcc is found;
 // fused_attn/tools/cuda_compile_table.py compiles it against torch's headers in CI.
 #include <Python.h>
@@ -18,35 +20,8 @@
 #include "cuda/flash_bwd_launch.cuh"
 #include "cuda/flash_fwd_api.h"
 #include "cuda/flash_fwd_launch.cuh"
+#include "cuda/generated/kernel_externs.h"
 
-namespace fa {
-#define FA_EXTERN_FWD(D)                                                                                   \
-  extern template cudaError_t run_flash_fwd<FwdTraits<D, false>>(const FwdParams<half_t>&, cudaStream_t); \
-  extern template cudaError_t run_flash_fwd<FwdTraits<D, true>>(const FwdParams<bf16_t>&, cudaStream_t);
-FA_EXTERN_FWD(32)
-FA_EXTERN_FWD(64)
-FA_EXTERN_FWD(96)
-FA_EXTERN_FWD(128)
-FA_EXTERN_FWD(160)
-FA_EXTERN_FWD(192)
-FA_EXTERN_FWD(224)
-FA_EXTERN_FWD(256)
-#undef FA_EXTERN_FWD
-#define FA_EXTERN_BWD(D)                                                                         \
-  extern template cudaError_t run_flash_bwd<D, false>(const BwdParams<half_t>&, cudaStream_t); \
-  extern template cudaError_t run_flash_bwd<D, true>(const BwdParams<bf16_t>&, cudaStream_t);
-FA_EXTERN_BWD(32)
-FA_EXTERN_BWD(64)
-FA_EXTERN_BWD(96)
-FA_EXTERN_BWD(128)
-FA_EXTERN_BWD(160)
-FA_EXTERN_BWD(192)
-FA_EXTERN_BWD(224)
-FA_EXTERN_BWD(256)
-#undef FA_EXTERN_BWD
-extern template cudaError_t run_flash_bwd_preprocess<half_t>(const BwdParams<half_t>&, cudaStream_t);
-extern template cudaError_t run_flash_bwd_preprocess<bf16_t>(const BwdParams<bf16_t>&, cudaStream_t);
-}  // namespace fa
 
 // What setup.py compiled the kernels for, "+"-separated ("sm_80+sm_90a+compute_80": machine
 // code for sm_80 and sm_90a, PTX for compute_80), passed as -DFUSED_ATTN_BUILT_ARCHS=...
@@ -96,10 +71,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   cudaError_t err;
   if (q.scalar_type() == at::kHalf) {
     const auto p = fa::make_fwd_params<fa::half_t>(q, k, v, out, lse, causal, scale);
-    err = fa::with_fwd_traits<false>(d, [&](auto kt) { return fa::run_flash_fwd<decltype(kt)>(p, stream); });
+    err = fa::run_fwd<false>(p, d, stream);
   } else {
     const auto p = fa::make_fwd_params<fa::bf16_t>(q, k, v, out, lse, causal, scale);
-    err = fa::with_fwd_traits<true>(d, [&](auto kt) { return fa::run_flash_fwd<decltype(kt)>(p, stream); });
+    err = fa::run_fwd<true>(p, d, stream);
   }
   check_launch(err, "flash_fwd", q);
 }
@@ -118,13 +93,11 @@ void backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, con
   if (q.scalar_type() == at::kHalf) {
     const auto p = fa::make_bwd_params<fa::half_t>(dout, dl, q, k, v, out, lse, dq, dk, dv, delta, causal, scale);
     err = fa::run_flash_bwd_preprocess(p, stream);
-    if (err == cudaSuccess)
-      err = fa::with_bwd_bucket(d, [&](auto kd) { return fa::run_flash_bwd<decltype(kd)::value, false>(p, stream); });
+    if (err == cudaSuccess) err = fa::run_bwd<false>(p, d, stream);
   } else {
     const auto p = fa::make_bwd_params<fa::bf16_t>(dout, dl, q, k, v, out, lse, dq, dk, dv, delta, causal, scale);
     err = fa::run_flash_bwd_preprocess(p, stream);
-    if (err == cudaSuccess)
-      err = fa::with_bwd_bucket(d, [&](auto kd) { return fa::run_flash_bwd<decltype(kd)::value, true>(p, stream); });
+    if (err == cudaSuccess) err = fa::run_bwd<true>(p, d, stream);
   }
   check_launch(err, "flash_bwd", q);
 }
