@@ -125,49 +125,51 @@ struct DScoresEpilogue {
 template <typename scalar_t, typename acc_t>
 void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int64_t BK, const uint8_t* exact,
                          acc_t alpha, acc_t g, acc_t a, acc_t* hi, acc_t* lo) {
+  const Dims& d = p.dims;
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
-  const int64_t n_kblocks = (p.dims.len_k + BK - 1) / BK, group = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t n_kblocks = (d.len_k + BK - 1) / BK, group = d.heads_q / d.heads_kv;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
-  at::parallel_for(0, p.dims.batch * p.dims.heads_q, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({BQ * BK + (use_micro ? BK * p.dims.head_dim : 0)}, at::TensorOptions().dtype(acc_dtype));
-    at::Tensor stats = at::empty({2 * p.dims.len_q}, at::TensorOptions().dtype(at::kDouble));
+  at::parallel_for(0, d.batch * d.heads_q, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({BQ * BK + (use_micro ? BK * d.head_dim : 0)}, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor stats = at::empty({2 * d.len_q}, at::TensorOptions().dtype(at::kDouble));
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* k_t = s + BQ * BK;
     double* m_row = stats.data_ptr<double>();
-    double* l_row = m_row + p.dims.len_q;
+    double* l_row = m_row + d.len_q;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const uint8_t* ex = exact + bh * p.dims.len_q;
-      if (std::find(ex, ex + p.dims.len_q, uint8_t(1)) == ex + p.dims.len_q) continue;
-      const int64_t b = bh / p.dims.heads_q, h = bh % p.dims.heads_q, hk = h / group;
-      std::fill(m_row, m_row + p.dims.len_q, double(NEG_INF));
-      std::fill(l_row, l_row + p.dims.len_q, 0.0);
+      const uint8_t* ex = exact + bh * d.len_q;
+      if (std::find(ex, ex + d.len_q, uint8_t(1)) == ex + d.len_q) continue;
+      const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group;
+      std::fill(m_row, m_row + d.len_q, double(NEG_INF));
+      std::fill(l_row, l_row + d.len_q, 0.0);
       for (int64_t kb = 0; kb < n_kblocks; ++kb) {
-        const int64_t j0 = kb * BK, cols = std::min(BK, p.dims.len_k - j0);
+        const int64_t j0 = kb * BK, cols = std::min(BK, d.len_k - j0);
         const scalar_t* k_blk = k + b * p.k_stride.batch + hk * p.k_stride.head + j0 * p.k_stride.row;
         bool transposed = false;
         // The query blocks of step 2 for this key block, the same GEMM calls.
-        const RowRange seeing = rows_seeing(p.vis, p.dims.len_q, p.dims.len_k, j0, j0 + cols);
+        const RowRange seeing = rows_seeing(p.vis, d.len_q, d.len_k, j0, j0 + cols);
         for (int64_t i0 = seeing.begin; i0 < seeing.end; i0 += BQ) {
-          const int64_t rows = std::min(BQ, p.dims.len_q - i0);
+          const int64_t rows = std::min(BQ, d.len_q - i0);
           if (std::find(ex + i0, ex + i0 + rows, uint8_t(1)) == ex + i0 + rows) continue;
-          const int64_t kc = block_cols(p.vis, p.dims.len_k, i0, rows, j0, cols);
+          const int64_t kc = block_cols(p.vis, d.len_k, i0, rows, j0, cols);
           const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (use_micro) {
-              if (!transposed) transpose_f32_avx512(cols, p.dims.head_dim, k_blk, p.k_stride.row, k_t, BK);
+              if (!transposed) transpose_f32_avx512(cols, d.head_dim, k_blk, p.k_stride.row, k_t, BK);
               transposed = true;
-              gemm_f32_avx512<false>(rows, kc, p.dims.head_dim, alpha, q_blk, p.q_stride.row, k_t, BK, s, BK, false);
+              gemm_f32_avx512<false>(rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_t, BK, s, BK, false);
             }
           }
 #endif
-          if (!use_micro) gemm(false, true, rows, kc, p.dims.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row, acc_t(0), s, BK);
+          if (!use_micro) gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row,
+                               acc_t(0), s, BK);
           for (int64_t r = 0; r < rows; ++r) {
             if (!ex[i0 + r]) continue;
             const acc_t* y = s + r * BK;
-            const KeyInterval keys = tile_interval(p.vis.keys<int64_t>(i0 + r, p.dims.len_k), j0, kc);
+            const KeyInterval keys = tile_interval(p.vis.keys<int64_t>(i0 + r, d.len_k), j0, kc);
             acc_t mx = NEG_INF;
             for (int64_t c = keys.begin; c < keys.end; ++c) mx = g * y[c] > mx ? g * y[c] : mx;
             const double m_old = m_row[i0 + r], m_new = std::max<double>(m_old, mx);
@@ -180,10 +182,10 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
           }
         }
       }
-      for (int64_t i = 0; i < p.dims.len_q; ++i) {
+      for (int64_t i = 0; i < d.len_q; ++i) {
         if (!ex[i]) continue;
-        hi[bh * p.dims.len_q + i] = static_cast<acc_t>(m_row[i]);
-        lo[bh * p.dims.len_q + i] = static_cast<acc_t>(std::log2(l_row[i]));
+        hi[bh * d.len_q + i] = static_cast<acc_t>(m_row[i]);
+        lo[bh * d.len_q + i] = static_cast<acc_t>(std::log2(l_row[i]));
       }
     }
   });
@@ -191,18 +193,20 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
 
 template <typename scalar_t, typename acc_t>
 void attention_backward(AttnBwdParams p) {
+  const Dims& d = p.dims;
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   // fp32 on AVX-512: our micro-kernel (gemm_avx512.h) on K^T / V^T transposed once per key
   // block; elsewhere BLAS (MKL) on the operands in place.
   const bool use_micro = FP32 && avx512_enabled();
   const TileConfig tile_cfg = BWD_TILE;
-  const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, p.dims.len_q);
-  const int64_t BK = std::min<int64_t>(tile_cfg.block_k, p.dims.len_k);
-  const int64_t n_kblocks = (p.dims.len_k + BK - 1) / BK;
-  const int64_t group = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, d.len_q);
+  const int64_t BK = std::min<int64_t>(tile_cfg.block_k, d.len_k);
+  const int64_t n_kblocks = (d.len_k + BK - 1) / BK;
+  const int64_t group = d.heads_q / d.heads_kv;
   const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks = std::min(n_kblocks, std::max<int64_t>(1, (threads + p.dims.batch * p.dims.heads_kv - 1) / (p.dims.batch * p.dims.heads_kv)));
+  const int64_t kv_heads = d.batch * d.heads_kv;
+  const int64_t n_chunks = std::min(n_kblocks, std::max<int64_t>(1, (threads + kv_heads - 1) / kv_heads));
   const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -229,7 +233,7 @@ void attention_backward(AttnBwdParams p) {
   //    neither the change of base nor the split adds rounding to the exponent of P. fp32
   //    (lse saved in fp64): hi = lse log2 e / a rounded to fp32, a score value (g s - hi exact
   //    near the row's max), lo the remainder, |lo| <= |lse log2 e| 2^-24.
-  const int64_t n_rows = p.dims.batch * p.dims.heads_q * p.dims.len_q;
+  const int64_t n_rows = d.batch * d.heads_q * d.len_q;
   at::Tensor rowstats = at::empty({4, n_rows}, at::TensorOptions().dtype(acc_dtype));
   acc_t* delta = rowstats.data_ptr<acc_t>();
   acc_t* dl = delta + n_rows;
@@ -241,15 +245,15 @@ void attention_backward(AttnBwdParams p) {
   uint8_t* exact = exact_t.data_ptr<uint8_t>();
   at::parallel_for(0, n_rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / p.dims.len_q, i = row % p.dims.len_q, b = bh / p.dims.heads_q, h = bh % p.dims.heads_q;
-      const scalar_t* o = out + row * p.dims.head_dim_v;
-      const scalar_t* d = dout + b * p.do_stride.batch + h * p.do_stride.head + i * p.do_stride.row;
+      const int64_t bh = row / d.len_q, i = row % d.len_q, b = bh / d.heads_q, h = bh % d.heads_q;
+      const scalar_t* o = out + row * d.head_dim_v;
+      const scalar_t* dor = dout + b * p.do_stride.batch + h * p.do_stride.head + i * p.do_stride.row;
       if constexpr (FP32) {
-        delta64[row] = dot_f64(d, o, p.dims.head_dim_v);
+        delta64[row] = dot_f64(dor, o, d.head_dim_v);
         delta[row] = static_cast<float>(delta64[row]);
       } else {
         acc_t sum = 0;
-        for (int64_t c = 0; c < p.dims.head_dim_v; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+        for (int64_t c = 0; c < d.head_dim_v; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(dor[c]);
         delta[row] = sum;
       }
       dl[row] = dlse ? static_cast<acc_t>(dlse[row]) : acc_t(0);
@@ -276,125 +280,140 @@ void attention_backward(AttnBwdParams p) {
     recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, alpha, g, a, hi, lo);
 
   // 2. dK, dV per key block; dQ per chunk.
-  at::Tensor dq_acc_t = at::zeros({n_chunks, p.dims.batch * p.dims.heads_q * p.dims.len_q * p.dims.head_dim}, at::TensorOptions().dtype(acc_dtype));
+  at::Tensor dq_acc_t = at::zeros({n_chunks, d.batch * d.heads_q * d.len_q * d.head_dim},
+                                  at::TensorOptions().dtype(acc_dtype));
   acc_t* dq_acc = dq_acc_t.data_ptr<acc_t>();
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
-  const int64_t n_tasks = p.dims.batch * p.dims.heads_kv * n_chunks;
+  const int64_t n_tasks = d.batch * d.heads_kv * n_chunks;
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     const int64_t tile = BQ * BK;
-    const int64_t n_t = use_micro ? BK * (p.dims.head_dim + p.dims.head_dim_v) : 0;  // K^T and V^T of the key block
-    at::Tensor scratch = at::empty({2 * tile + BK * p.dims.head_dim + BK * p.dims.head_dim_v + n_t}, at::TensorOptions().dtype(acc_dtype));
+    const int64_t n_t = use_micro ? BK * (d.head_dim + d.head_dim_v) : 0;  // K^T and V^T of the key block
+    at::Tensor scratch = at::empty({2 * tile + BK * d.head_dim + BK * d.head_dim_v + n_t},
+                                   at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({LOW_PRECISION ? tile : 0}, at::TensorOptions().dtype(in_dtype));
     std::vector<KeyInterval> iv_buf(BQ);
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* dp = s + tile;
     acc_t* dk_acc = dp + tile;
-    acc_t* dv_acc = dk_acc + BK * p.dims.head_dim;
-    acc_t* k_t = dv_acc + BK * p.dims.head_dim_v;  // E x BK
-    acc_t* v_t = k_t + BK * p.dims.head_dim;      // Ev x BK
+    acc_t* dv_acc = dk_acc + BK * d.head_dim;
+    acc_t* k_t = dv_acc + BK * d.head_dim_v;  // E x BK
+    acc_t* v_t = k_t + BK * d.head_dim;      // Ev x BK
     scalar_t* t16 = scratch16.data_ptr<scalar_t>();
     KeyInterval* iv = iv_buf.data();
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t chunk = idx % n_chunks, bhk = idx / n_chunks;
-      const int64_t b = bhk / p.dims.heads_kv, hk = bhk % p.dims.heads_kv;
+      const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
       const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
-      acc_t* dq_chunk = dq_acc + chunk * p.dims.batch * p.dims.heads_q * p.dims.len_q * p.dims.head_dim;
+      acc_t* dq_chunk = dq_acc + chunk * d.batch * d.heads_q * d.len_q * d.head_dim;
       for (int64_t kb = chunk; kb < n_kblocks; kb += n_chunks) {
-        const int64_t j0 = kb * BK, cols = std::min(BK, p.dims.len_k - j0);
+        const int64_t j0 = kb * BK, cols = std::min(BK, d.len_k - j0);
         const scalar_t* k_blk = k_bh + j0 * p.k_stride.row;
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
-        std::fill(dk_acc, dk_acc + cols * p.dims.head_dim, acc_t(0));
-        std::fill(dv_acc, dv_acc + cols * p.dims.head_dim_v, acc_t(0));
+        std::fill(dk_acc, dk_acc + cols * d.head_dim, acc_t(0));
+        std::fill(dv_acc, dv_acc + cols * d.head_dim_v, acc_t(0));
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
           if (use_micro) {
-            transpose_f32_avx512(cols, p.dims.head_dim, k_blk, p.k_stride.row, k_t, BK);
-            transpose_f32_avx512(cols, p.dims.head_dim_v, v_blk, p.v_stride.row, v_t, BK);
+            transpose_f32_avx512(cols, d.head_dim, k_blk, p.k_stride.row, k_t, BK);
+            transpose_f32_avx512(cols, d.head_dim_v, v_blk, p.v_stride.row, v_t, BK);
           }
         }
 #endif
         // Query rows before the first or after the last that sees a key of this block skip
         // it entirely; query blocks start at the first.
-        const RowRange seeing = rows_seeing(p.vis, p.dims.len_q, p.dims.len_k, j0, j0 + cols);
+        const RowRange seeing = rows_seeing(p.vis, d.len_q, d.len_k, j0, j0 + cols);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const int64_t bh = b * p.dims.heads_q + h;
+          const int64_t bh = b * d.heads_q + h;
           for (int64_t i0 = seeing.begin; i0 < seeing.end; i0 += BQ) {
-            const int64_t rows = std::min(BQ, p.dims.len_q - i0);
+            const int64_t rows = std::min(BQ, d.len_q - i0);
             // The block's keys [0, kc) up to the last one some row of the query block sees.
-            const int64_t kc = block_cols(p.vis, p.dims.len_k, i0, rows, j0, cols);
+            const int64_t kc = block_cols(p.vis, d.len_k, i0, rows, j0, cols);
             const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
             const scalar_t* do_blk = dout + b * p.do_stride.batch + h * p.do_stride.head + i0 * p.do_stride.row;
-            const acc_t* hi_blk = hi + bh * p.dims.len_q + i0;
-            const acc_t* lo_blk = lo + bh * p.dims.len_q + i0;
-            const acc_t* delta_blk = delta + bh * p.dims.len_q + i0;
-            const acc_t* dl_blk = dl + bh * p.dims.len_q + i0;
-            const double* delta64_blk = FP32 ? delta64 + bh * p.dims.len_q + i0 : nullptr;
+            const acc_t* hi_blk = hi + bh * d.len_q + i0;
+            const acc_t* lo_blk = lo + bh * d.len_q + i0;
+            const acc_t* delta_blk = delta + bh * d.len_q + i0;
+            const acc_t* dl_blk = dl + bh * d.len_q + i0;
+            const double* delta64_blk = FP32 ? delta64 + bh * d.len_q + i0 : nullptr;
             // Rows' keys; a row whose lse is -inf saw none in the forward and sees none here.
-            if (tile_intervals(p.vis, p.dims.len_k, i0, rows, j0, kc, iv) == TileMask::NONE) continue;
+            if (tile_intervals(p.vis, d.len_k, i0, rows, j0, kc, iv) == TileMask::NONE) continue;
             for (int64_t r = 0; r < rows; ++r)
               if (hi_blk[r] == -std::numeric_limits<acc_t>::infinity()) iv[r] = {0, 0};
             const bool masked = classify_tile(iv, rows, kc) != TileMask::FULL;
-            acc_t* dq_blk = dq_chunk + (bh * p.dims.len_q + i0) * p.dims.head_dim;
+            acc_t* dq_blk = dq_chunk + (bh * d.len_q + i0) * d.head_dim;
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
                 if (masked)
-                  gemm_f32_panels<false>(rows, kc, p.dims.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
+                  gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
                     return ProbsEpilogue<true>{s, BK, c0, g, a, iv, hi_blk, lo_blk};
                   });
                 else
-                  gemm_f32_panels<false>(rows, kc, p.dims.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
+                  gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
                     return ProbsEpilogue<false>{s, BK, c0, g, a, nullptr, hi_blk, lo_blk};
                   });
-                gemm_f32_panels<false>(rows, kc, p.dims.head_dim_v, do_blk, p.do_stride.row, v_t, BK, [&](int64_t c0) {
-                  return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_stride.row, v_blk, p.v_stride.row, p.dims.head_dim_v};
+                gemm_f32_panels<false>(rows, kc, d.head_dim_v, do_blk, p.do_stride.row, v_t, BK, [&](int64_t c0) {
+                  return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_stride.row, v_blk,
+                                         p.v_stride.row, d.head_dim_v};
                 });
-                gemm_f32_avx512<true>(kc, p.dims.head_dim_v, rows, 1.0f, s, BK, do_blk, p.do_stride.row, dv_acc, p.dims.head_dim_v, true);
-                gemm_f32_avx512<true>(kc, p.dims.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, dk_acc, p.dims.head_dim, true);
-                gemm_f32_avx512<false>(rows, p.dims.head_dim, kc, scale, dp, BK, k_blk, p.k_stride.row, dq_blk, p.dims.head_dim, true);
+                gemm_f32_avx512<true>(kc, d.head_dim_v, rows, 1.0f, s, BK, do_blk, p.do_stride.row, dv_acc,
+                                      d.head_dim_v, true);
+                gemm_f32_avx512<true>(kc, d.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, dk_acc, d.head_dim,
+                                      true);
+                gemm_f32_avx512<false>(rows, d.head_dim, kc, scale, dp, BK, k_blk, p.k_stride.row, dq_blk, d.head_dim,
+                                       true);
                 continue;
               }
             }
 #endif
-            gemm(false, true, rows, kc, p.dims.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row, acc_t(0), s, BK);
+            gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row, acc_t(0), s,
+                 BK);
             probs(s, BK, rows, kc, masked ? iv : nullptr, g, a, hi_blk, lo_blk);
-            gemm(false, true, rows, kc, p.dims.head_dim_v, acc_t(1), do_blk, p.do_stride.row, v_blk, p.v_stride.row, acc_t(0), dp, BK);
+            gemm(false, true, rows, kc, d.head_dim_v, acc_t(1), do_blk, p.do_stride.row, v_blk, p.v_stride.row,
+                 acc_t(0), dp, BK);
             dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
             if constexpr (FP32) {  // as DScoresEpilogue
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t c = 0; c < kc; ++c)
                   if (s[r * BK + c] > DS_EXACT_ABOVE)
-                    dp[r * BK + c] = exact_dscore(do_blk + r * p.do_stride.row, v_blk + c * p.v_stride.row, p.dims.head_dim_v, delta64_blk[r],
+                    dp[r * BK + c] = exact_dscore(do_blk + r * p.do_stride.row, v_blk + c * p.v_stride.row,
+                                                  d.head_dim_v, delta64_blk[r],
                                                   s[r * BK + c], dl_blk[r]);
             }
             if constexpr (LOW_PRECISION) {
               convert_tile(s, BK, t16, BK, rows, kc);
-              gemm(true, false, kc, p.dims.head_dim_v, rows, acc_t(1), t16, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc, p.dims.head_dim_v);
+              gemm(true, false, kc, d.head_dim_v, rows, acc_t(1), t16, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc,
+                   d.head_dim_v);
               convert_tile(dp, BK, t16, BK, rows, kc);
-              gemm(true, false, kc, p.dims.head_dim, rows, scale, t16, BK, q_blk, p.q_stride.row, acc_t(1), dk_acc, p.dims.head_dim);
-              gemm(false, false, rows, p.dims.head_dim, kc, scale, t16, BK, k_blk, p.k_stride.row, acc_t(1), dq_blk, p.dims.head_dim);
+              gemm(true, false, kc, d.head_dim, rows, scale, t16, BK, q_blk, p.q_stride.row, acc_t(1), dk_acc,
+                   d.head_dim);
+              gemm(false, false, rows, d.head_dim, kc, scale, t16, BK, k_blk, p.k_stride.row, acc_t(1), dq_blk,
+                   d.head_dim);
             } else {
-              gemm(true, false, kc, p.dims.head_dim_v, rows, acc_t(1), s, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc, p.dims.head_dim_v);
-              gemm(true, false, kc, p.dims.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, acc_t(1), dk_acc, p.dims.head_dim);
-              gemm(false, false, rows, p.dims.head_dim, kc, scale, dp, BK, k_blk, p.k_stride.row, acc_t(1), dq_blk, p.dims.head_dim);
+              gemm(true, false, kc, d.head_dim_v, rows, acc_t(1), s, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc,
+                   d.head_dim_v);
+              gemm(true, false, kc, d.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, acc_t(1), dk_acc,
+                   d.head_dim);
+              gemm(false, false, rows, d.head_dim, kc, scale, dp, BK, k_blk, p.k_stride.row, acc_t(1), dq_blk,
+                   d.head_dim);
             }
           }
         }
-        scalar_t* dk_blk = dk + (bhk * p.dims.len_k + j0) * p.dims.head_dim;
-        scalar_t* dv_blk = dv + (bhk * p.dims.len_k + j0) * p.dims.head_dim_v;
-        for (int64_t x = 0; x < cols * p.dims.head_dim; ++x) dk_blk[x] = static_cast<scalar_t>(dk_acc[x]);
-        for (int64_t x = 0; x < cols * p.dims.head_dim_v; ++x) dv_blk[x] = static_cast<scalar_t>(dv_acc[x]);
+        scalar_t* dk_blk = dk + (bhk * d.len_k + j0) * d.head_dim;
+        scalar_t* dv_blk = dv + (bhk * d.len_k + j0) * d.head_dim_v;
+        for (int64_t x = 0; x < cols * d.head_dim; ++x) dk_blk[x] = static_cast<scalar_t>(dk_acc[x]);
+        for (int64_t x = 0; x < cols * d.head_dim_v; ++x) dv_blk[x] = static_cast<scalar_t>(dv_acc[x]);
       }
     }
   });
 
   // 3. dQ = sum of the chunks' partial sums, in chunk order.
   auto* dq = static_cast<scalar_t*>(p.dq);
-  const int64_t n_dq = p.dims.batch * p.dims.heads_q * p.dims.len_q * p.dims.head_dim;
+  const int64_t n_dq = d.batch * d.heads_q * d.len_q * d.head_dim;
   at::parallel_for(0, n_dq, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t x = begin; x < end; ++x) {
       acc_t sum = dq_acc[x];

@@ -194,15 +194,16 @@ struct PackedKV {
   at::Tensor buf, tmp;  // tmp: the unaligned 16-bit path's K^T / V block before packing
 
   PackedKV(const AttnFwdParams& params, int64_t block_k) : p(params) {
+    const Dims& d = p.dims;
     const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
-    Ep = padded_E(p.dims.head_dim);
+    Ep = padded_E(d.head_dim);
     BK = block_k;  // a multiple of PANEL
-    Evp = (p.dims.head_dim_v + PANEL - 1) / PANEL * PANEL;
-    n_kblocks = (p.dims.len_k + BK - 1) / BK;
+    Evp = (d.head_dim_v + PANEL - 1) / PANEL * PANEL;
+    n_kblocks = (d.len_k + BK - 1) / BK;
     k_elems = Ep * BK;
     v_elems = VNNI ? BK * Evp : 0;
     buf = at::empty({n_kblocks * (k_elems + v_elems)}, at::TensorOptions().dtype(dt));
-    vnni_words = p.dims.head_dim % 2 == 0 && p.k_stride.row % 2 == 0 && p.k_stride.head % 2 == 0 &&
+    vnni_words = d.head_dim % 2 == 0 && p.k_stride.row % 2 == 0 && p.k_stride.head % 2 == 0 &&
                  p.k_stride.batch % 2 == 0 &&
                  reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
   }
@@ -210,26 +211,29 @@ struct PackedKV {
   // Make bhk (b * Hk + kv head) the packed head, with its keys [0, key_end) packed (a
   // causal task needs only those; the head's later tasks extend them).
   void pack(int64_t bhk, int64_t key_end) {
+    const Dims& d = p.dims;
     if (bhk != head) {
       head = bhk;
       n_packed = 0;
     }
-    const int64_t b = bhk / p.dims.heads_kv, hk = bhk % p.dims.heads_kv;
+    const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
     const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
     const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
     for (; n_packed * BK < key_end; ++n_packed) {
       const int64_t j0 = n_packed * BK;
-      pack_block(k + j0 * p.k_stride.row, v + j0 * p.v_stride.row, std::min(BK, p.dims.len_k - j0),
+      pack_block(k + j0 * p.k_stride.row, v + j0 * p.v_stride.row, std::min(BK, d.len_k - j0),
                  buf.data_ptr<scalar_t>() + n_packed * (k_elems + v_elems));
     }
   }
 
   // One key block of cols keys (K rows k_blk, V rows v_blk) into dst.
   void pack_block(const scalar_t* k_blk, const scalar_t* v_blk, int64_t cols, scalar_t* dst) {
+    const Dims& d = p.dims;
     if constexpr (!VNNI) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
       for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
-        transpose_f32_avx512(std::min(PANEL, cols - c0), p.dims.head_dim, k_blk + c0 * p.k_stride.row, p.k_stride.row, dst + c0 * Ep, PANEL);
+        transpose_f32_avx512(std::min(PANEL, cols - c0), d.head_dim, k_blk + c0 * p.k_stride.row, p.k_stride.row,
+                             dst + c0 * Ep, PANEL);
 #endif
       return;
     }
@@ -240,13 +244,15 @@ struct PackedKV {
       for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
         float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
         const int64_t n = std::max<int64_t>(0, std::min(PANEL, cols - c0));
-        if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL, scalar_t(0));
+        if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL,
+                                 scalar_t(0));
         if (n > 0)
-          transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_stride.row), p.k_stride.row / 2, panel,
-                               PANEL);
+          transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_stride.row),
+                               p.k_stride.row / 2, panel, PANEL);
       }
       for (int64_t c0 = 0; c0 < Evp; c0 += PANEL)
-        interleave_rows_avx512(cols, BK, std::min(PANEL, p.dims.head_dim_v - c0), v_blk + c0, p.v_stride.row, dst + k_elems + c0 * BK);
+        interleave_rows_avx512(cols, BK, std::min(PANEL, d.head_dim_v - c0), v_blk + c0, p.v_stride.row,
+                               dst + k_elems + c0 * BK);
       return;
     }
 #endif
@@ -255,8 +261,9 @@ struct PackedKV {
     scalar_t* vt = kt + k_elems;              // V block, BK x Evp row-major
     std::fill(kt, kt + k_elems + v_elems, scalar_t(0));
     for (int64_t j = 0; j < cols; ++j)
-      for (int64_t e = 0; e < p.dims.head_dim; ++e) kt[e * BK + j] = k_blk[j * p.k_stride.row + e];
-    for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_stride.row, v_blk + j * p.v_stride.row + p.dims.head_dim_v, vt + j * Evp);
+      for (int64_t e = 0; e < d.head_dim; ++e) kt[e * BK + j] = k_blk[j * p.k_stride.row + e];
+    for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_stride.row, v_blk + j * p.v_stride.row + d.head_dim_v,
+                                                 vt + j * Evp);
     for (int64_t c0 = 0; c0 < BK; c0 += PANEL) pack_panel(Ep, BK, kt + c0, dst + c0 * Ep);
     for (int64_t c0 = 0; c0 < Evp; c0 += PANEL) pack_panel(BK, Evp, vt + c0, dst + k_elems + c0 * BK);
   }
@@ -338,35 +345,37 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const KeyInt
 // value outside the row's keys [begin, end), before begin or from end on.
 template <typename scalar_t>
 void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
-  const int64_t group = p.dims.heads_q / p.dims.heads_kv;
+  const Dims& d = p.dims;
+  const int64_t group = d.heads_q / d.heads_kv;
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
-  at::parallel_for(0, p.dims.batch * p.dims.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> first_bad(p.dims.head_dim_v), last_bad(p.dims.head_dim_v);
+  at::parallel_for(0, d.batch * d.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> first_bad(d.head_dim_v), last_bad(d.head_dim_v);
     for (int64_t bhk = begin; bhk < end; ++bhk) {
-      const int64_t b = bhk / p.dims.heads_kv, hk = bhk % p.dims.heads_kv;
+      const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
       float probe = 0.0f;
-      for (int64_t j = 0; j < p.dims.len_k; ++j) {
+      for (int64_t j = 0; j < d.len_k; ++j) {
         const scalar_t* row = v_bh + j * p.v_stride.row;
 #pragma omp simd reduction(+ : probe)
-        for (int64_t e = 0; e < p.dims.head_dim_v; ++e) probe += static_cast<float>(row[e]) * 0.0f;
+        for (int64_t e = 0; e < d.head_dim_v; ++e) probe += static_cast<float>(row[e]) * 0.0f;
       }
       if (probe == probe) continue;
-      std::fill(first_bad.begin(), first_bad.end(), p.dims.len_k);
+      std::fill(first_bad.begin(), first_bad.end(), d.len_k);
       std::fill(last_bad.begin(), last_bad.end(), int64_t(-1));
-      for (int64_t j = 0; j < p.dims.len_k; ++j)
-        for (int64_t e = 0; e < p.dims.head_dim_v; ++e)
+      for (int64_t j = 0; j < d.len_k; ++j)
+        for (int64_t e = 0; e < d.head_dim_v; ++e)
           if (!std::isfinite(static_cast<double>(v_bh[j * p.v_stride.row + e]))) {
             first_bad[e] = std::min(first_bad[e], j);
             last_bad[e] = j;
           }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        scalar_t* out_bh = out + (b * p.dims.heads_q + h) * p.dims.len_q * p.dims.head_dim_v;
-        for (int64_t i = 0; i < p.dims.len_q; ++i) {
-          const KeyInterval seen = p.vis.keys<int64_t>(i, p.dims.len_k);
-          for (int64_t e = 0; e < p.dims.head_dim_v; ++e)
-            if (first_bad[e] < seen.begin || last_bad[e] >= seen.end) out_bh[i * p.dims.head_dim_v + e] = std::numeric_limits<scalar_t>::quiet_NaN();
+        scalar_t* out_bh = out + (b * d.heads_q + h) * d.len_q * d.head_dim_v;
+        for (int64_t i = 0; i < d.len_q; ++i) {
+          const KeyInterval seen = p.vis.keys<int64_t>(i, d.len_k);
+          for (int64_t e = 0; e < d.head_dim_v; ++e)
+            if (first_bad[e] < seen.begin || last_bad[e] >= seen.end)
+              out_bh[i * d.head_dim_v + e] = std::numeric_limits<scalar_t>::quiet_NaN();
         }
       }
     }
@@ -375,6 +384,7 @@ void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
 
 template <typename scalar_t, typename acc_t>
 void attention_forward(AttnFwdParams p) {
+  const Dims& d = p.dims;
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   // Packed K^T / V: for 16-bit inputs through oneDNN's brgemm (AMX), for fp32 through our
@@ -385,11 +395,11 @@ void attention_forward(AttnFwdParams p) {
   const bool use_micro = FP32 && avx512_enabled();
   const bool use_packed = use_brgemm || use_micro;
   const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
-  const int64_t BQ = std::min<int64_t>(tile.block_q, p.dims.len_q);
+  const int64_t BQ = std::min<int64_t>(tile.block_q, d.len_q);
   // With packing the key block is a whole number of packing panels.
-  const int64_t BK = std::min<int64_t>(tile.block_k, (p.dims.len_k + 63) / 64 * 64);
-  const int64_t n_qblocks = (p.dims.len_q + BQ - 1) / BQ;
-  const int64_t group = p.dims.heads_q / p.dims.heads_kv;
+  const int64_t BK = std::min<int64_t>(tile.block_k, (d.len_k + 63) / 64 * 64);
+  const int64_t n_qblocks = (d.len_q + BQ - 1) / BQ;
+  const int64_t group = d.heads_q / d.heads_kv;
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
@@ -401,21 +411,21 @@ void attention_forward(AttnFwdParams p) {
   auto* lse = static_cast<lse_type*>(p.lse);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(p.dims.head_dim) : p.dims.head_dim;
+  const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(d.head_dim) : d.head_dim;
 
   // Tasks: per (batch, head), query blocks last to first (causal: heaviest first).
-  const int64_t n_tasks = p.dims.batch * p.dims.heads_q * n_qblocks;
+  const int64_t n_tasks = d.batch * d.heads_q * n_qblocks;
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
-    const int64_t n_acc = BQ * BK + BQ * p.dims.head_dim_v + 3 * BQ + (use_micro ? 16 * BQ : 0);
+    const int64_t n_acc = BQ * BK + BQ * d.head_dim_v + 3 * BQ + (use_micro ? 16 * BQ : 0);
     at::Tensor scratch = at::empty({n_acc}, at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({(LOW_PRECISION ? BQ * BK : 0) + (use_brgemm ? BQ * Ep : 0)},
                                      at::TensorOptions().dtype(in_dtype));
     std::vector<KeyInterval> iv_buf(BQ);
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* acc = s + BQ * BK;
-    acc_t* m = acc + BQ * p.dims.head_dim_v;
+    acc_t* m = acc + BQ * d.head_dim_v;
     acc_t* l = m + BQ;
     acc_t* corr = l + BQ;
     acc_t* sum16 = corr + BQ;  // fp32 micro path: rows x 16 partial row sums
@@ -429,9 +439,9 @@ void attention_forward(AttnFwdParams p) {
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t bh = idx / n_qblocks;
-      const int64_t b = bh / p.dims.heads_q, h = bh % p.dims.heads_q, hk = h / group, bhk = b * p.dims.heads_kv + hk;
+      const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group, bhk = b * d.heads_kv + hk;
       const int64_t i0 = (n_qblocks - 1 - idx % n_qblocks) * BQ;
-      const int64_t rows = std::min(BQ, p.dims.len_q - i0);
+      const int64_t rows = std::min(BQ, d.len_q - i0);
       const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
       const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
@@ -441,8 +451,8 @@ void attention_forward(AttnFwdParams p) {
       int64_t ld_qa = p.q_stride.row;
       if (use_brgemm) {
         for (int64_t r = 0; r < rows; ++r) {
-          std::copy(q_blk + r * p.q_stride.row, q_blk + r * p.q_stride.row + p.dims.head_dim, q_pad + r * Ep);
-          std::fill(q_pad + r * Ep + p.dims.head_dim, q_pad + (r + 1) * Ep, scalar_t(0));
+          std::copy(q_blk + r * p.q_stride.row, q_blk + r * p.q_stride.row + d.head_dim, q_pad + r * Ep);
+          std::fill(q_pad + r * Ep + d.head_dim, q_pad + (r + 1) * Ep, scalar_t(0));
         }
         q_a = q_pad;
         ld_qa = Ep;
@@ -450,18 +460,18 @@ void attention_forward(AttnFwdParams p) {
 
       std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
       std::fill(l, l + rows, acc_t(0));
-      std::fill(acc, acc + rows * p.dims.head_dim_v, acc_t(0));
+      std::fill(acc, acc + rows * d.head_dim_v, acc_t(0));
       // The block's keys: [min begin, max end) of its rows' (causal: up to the last row's
       // diagonal). Key blocks run on the BK grid of the packed K / V; the last one is cut at
       // the range's end, a first one's keys before its start are masked. Blocks no row sees
       // are skipped; blocks every row sees wholly take the unmasked path (tile_iv nullptr).
-      const KeyInterval keys = block_keys(p.vis, p.dims.len_k, i0, rows);
+      const KeyInterval keys = block_keys(p.vis, d.len_k, i0, rows);
       if constexpr (LOW_PRECISION || FP32) {
         if (packed) packed->pack(bhk, keys.end);
       }
       for (int64_t j0 = keys.begin / BK * BK; j0 < keys.end; j0 += BK) {
         const int64_t cols = std::min(BK, keys.end - j0);
-        const TileMask mask = tile_intervals(p.vis, p.dims.len_k, i0, rows, j0, cols, iv);
+        const TileMask mask = tile_intervals(p.vis, d.len_k, i0, rows, j0, cols, iv);
         if (mask == TileMask::NONE) continue;
         const KeyInterval* tile_iv = mask == TileMask::FULL ? nullptr : iv;
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
@@ -473,7 +483,8 @@ void attention_forward(AttnFwdParams p) {
             packed->scores_softmax(j0 / BK, q_blk, p.q_stride.row, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
                                    sum16);
             fold_softmax_block(rows, m, l, corr, sum16, score_asc);
-            gemm_f32_avx512<false>(rows, p.dims.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, p.dims.head_dim_v, true, corr);
+            gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
+                                   true, corr);
             continue;
           }
         }
@@ -482,32 +493,36 @@ void attention_forward(AttnFwdParams p) {
           if (use_brgemm) packed->scores(j0 / BK, q_a, ld_qa, rows, cols, s, BK);
         }
         if (!use_packed)
-          gemm(false, true, rows, cols, p.dims.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row, p.k_stride.row, acc_t(0), s, BK);
+          gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row,
+               p.k_stride.row, acc_t(0), s, BK);
         softmax_step<scalar_t>(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr, p16, BK);
         if constexpr (LOW_PRECISION) {
-          scale_rows(acc, p.dims.head_dim_v, rows, p.dims.head_dim_v, corr);
+          scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);
           if (use_brgemm) {
             // The VNNI reduction dim runs in pairs: an odd tail gets one zero column of P.
             const int64_t k_even = (cols + 1) / 2 * 2;
             if (k_even != cols)
               for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
-            packed->accumulate(j0 / BK, p16, BK, rows, k_even, p.dims.head_dim_v, acc);
+            packed->accumulate(j0 / BK, p16, BK, rows, k_even, d.head_dim_v, acc);
           } else {
-            gemm(false, false, rows, p.dims.head_dim_v, cols, acc_t(1), p16, BK, v_blk, p.v_stride.row, acc_t(1), acc, p.dims.head_dim_v);
+            gemm(false, false, rows, d.head_dim_v, cols, acc_t(1), p16, BK, v_blk, p.v_stride.row, acc_t(1), acc,
+                 d.head_dim_v);
           }
         } else {
-          scale_rows(acc, p.dims.head_dim_v, rows, p.dims.head_dim_v, corr);
-          gemm(false, false, rows, p.dims.head_dim_v, cols, acc_t(1), s, BK, v_blk, p.v_stride.row, acc_t(1), acc, p.dims.head_dim_v);
+          scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);
+          gemm(false, false, rows, d.head_dim_v, cols, acc_t(1), s, BK, v_blk, p.v_stride.row, acc_t(1), acc,
+               d.head_dim_v);
         }
       }
-      scalar_t* out_blk = out + (bh * p.dims.len_q + i0) * p.dims.head_dim_v;
-      auto* lse_blk = lse + bh * p.dims.len_q + i0;
+      scalar_t* out_blk = out + (bh * d.len_q + i0) * d.head_dim_v;
+      auto* lse_blk = lse + bh * d.len_q + i0;
       // l = 0: the row saw no key (or only -inf scores): out 0, lse -inf. l NaN (a NaN score)
       // makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf (out NaN: inf - inf).
       for (int64_t r = 0; r < rows; ++r) {
         const bool seen = l[r] != acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
-        for (int64_t c = 0; c < p.dims.head_dim_v; ++c) out_blk[r * p.dims.head_dim_v + c] = static_cast<scalar_t>(acc[r * p.dims.head_dim_v + c] * inv);
+        for (int64_t c = 0; c < d.head_dim_v; ++c)
+          out_blk[r * d.head_dim_v + c] = static_cast<scalar_t>(acc[r * d.head_dim_v + c] * inv);
         const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()
             ? double(m[r])
             : double(m[r]) * double(score_asc) + std::log2(double(l[r]));

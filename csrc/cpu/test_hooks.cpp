@@ -145,10 +145,12 @@ void test_softmax_step(const at::Tensor& q, const at::Tensor& k, const at::Tenso
           const int64_t n = std::min(PANEL, a.cols - c0);
           if (a.tile_iv)
             micro_panel<false>(a.rows, n, a.E, q.data_ptr<float>(), a.E, kt.data() + c0, a.cols,
-                               SoftmaxEpilogue<true>{p.data_ptr<float>(), ld, c0, a.tile_iv, sgn, asc, mp, sum16.data()});
+                               SoftmaxEpilogue<true>{p.data_ptr<float>(), ld, c0, a.tile_iv, sgn, asc, mp,
+                                                     sum16.data()});
           else
             micro_panel<false>(a.rows, n, a.E, q.data_ptr<float>(), a.E, kt.data() + c0, a.cols,
-                               SoftmaxEpilogue<false>{p.data_ptr<float>(), ld, c0, nullptr, sgn, asc, mp, sum16.data()});
+                               SoftmaxEpilogue<false>{p.data_ptr<float>(), ld, c0, nullptr, sgn, asc, mp,
+                                                      sum16.data()});
         }
         fold_softmax_block(a.rows, mp, lp, cp, sum16.data(), asc);
         return;

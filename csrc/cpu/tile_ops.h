@@ -6,15 +6,14 @@
 // interval [begin, end) of columns row r may see, relative to the tile (causal diagonal,
 // ragged tail, a window's start; begin == end for a row that sees nothing), or iv is
 // nullptr where every row sees every column (the unmasked path); the rest of the row is
-// written as 0. Every exponential is an
-// exp2. The forward takes raw scores s and subtracts before it scales: with t = sgn * s
-// (sgn = the sign of scale), a row's reference m (a t value) and asc = |scale| log2(e),
-// P = exp2((t - m) * asc). The difference is exact near the max and nothing is left for
-// a compiler to contract into an FMA (s * sc - m as one FMA gives the max's exponent the
-// rounding error of s * sc, which at |s * sc| ~ 1e10 is ~1e3, not 0), so any finite
-// scale works. The backward takes P = exp2((g s - hi) a - lo) with per-row hi, lo: fp32 the
-// same way from raw scores (g = sgn, a = asc), other dtypes from scores its GEMM already
-// scaled by scale log2 e (g = a = 1).
+// written as 0. Every exponential is an exp2. The forward takes raw scores s and subtracts
+// before it scales: with t = sgn * s (sgn = the sign of scale), a row's reference m (a t
+// value) and asc = |scale| log2(e), P = exp2((t - m) * asc). The difference is exact near
+// the max and nothing is left for a compiler to contract into an FMA (s * sc - m as one FMA
+// gives the max's exponent the rounding error of s * sc, which at |s * sc| ~ 1e10 is ~1e3,
+// not 0), so any finite scale works. The backward takes P = exp2((g s - hi) a - lo) with
+// per-row hi, lo: fp32 the same way from raw scores (g = sgn, a = asc), other dtypes from
+// scores its GEMM already scaled by scale log2 e (g = a = 1).
 //
 // NaN and inf follow the math path: a NaN score makes the row's P, l, out and lse NaN;
 // a -inf score gets P = 0; a +inf score (the row's max) gets P = NaN and lse = +inf.
