@@ -5,7 +5,8 @@ when torch is importable at build time, so install with
 ``pip install --no-build-isolation .`` after installing torch (or build in place:
 ``python setup.py build_ext --inplace``):
 
-* ``fused_attn._C_cpu`` from ``csrc/cpu/*.cpp`` (any machine; skip with
+* ``fused_attn._C_cpu`` from ``csrc/cpu/*.cpp``: the binding (attention.cpp), path
+  selection (isa.cpp) and test hooks (test_hooks.cpp) (any machine; skip with
   FUSED_ATTN_SKIP_CPU_BUILD=1);
 * ``fused_attn._C_cuda`` from ``csrc/cuda/**`` when torch has CUDA and finds the CUDA
   toolkit (CUDA_HOME, nvcc on PATH or /usr/local/cuda; skip with FUSED_ATTN_SKIP_CUDA_BUILD=1).
@@ -85,7 +86,7 @@ def extensions():
         # -fno-trapping-math (as torch builds): without it GCC keeps the softmax's clamps as
         # branches (a compare may trap) and leaves the portable exp2 loops scalar.
         ext_modules.append(cpp_extension.CppExtension(
-            "fused_attn._C_cpu", cpu_sources,
+            "fused_attn._C_cpu", cpu_sources, include_dirs=[os.path.abspath("csrc")],
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
             extra_link_args=["-fopenmp"]))
     cuda_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))

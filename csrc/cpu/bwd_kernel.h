@@ -12,7 +12,7 @@
 // 2. One task per (batch, kv head, chunk of key blocks), taken by threads from a shared
 //    counter. For each key block of BWD_TILE.block_k keys it accumulates dK, dV in fp32 (fp64) over the query
 //    blocks of every q head in the group (GQA sums in a fixed order, no atomics):
-//      S  = Q K^T;  P from S and the row terms of step 1   (causal mask, skipped blocks)
+//      S  = Q K^T;  P from S and the row terms of step 1   (masked to each row's keys)
 //      dV += P^T dO;  dP = dO V^T;  dS = P * ((dP - delta) + dlse)
 //      dK += scale dS^T Q;  dQ_chunk += scale dS K
 //    dQ accumulates in one fp32 (fp64) buffer per chunk of key blocks. Chunks exist
@@ -37,6 +37,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "config.h"
 #include "gemm.h"
@@ -49,14 +50,16 @@ namespace fused_attn::cpu {
 #ifdef FA_CPU_HAVE_AVX512_PATH
 // fp32 on AVX-512, the elementwise steps in the GEMMs' epilogues (tiles row-major, ld;
 // c0 = the panel's first column):
-// P = exp2((g s - hi[r]) a - lo[r]), 0 past nvalid[r], from the raw score tile Q K^T in
-// registers (g = sign(scale), a = |scale| log2 e; hi, lo from step 1): g s - hi is exact
-// near the row's max and the scale multiplies the difference, as in the forward.
+// P = exp2((g s - hi[r]) a - lo[r]), 0 outside row r's keys iv[r] (MASKED; otherwise
+// every column), from the raw score tile Q K^T in registers (g = sign(scale),
+// a = |scale| log2 e; hi, lo from step 1): g s - hi is exact near the row's max and the
+// scale multiplies the difference, as in the forward.
+template <bool MASKED>
 struct ProbsEpilogue {
   float* p;
   int64_t ld, c0;
   float g, a;
-  const int64_t* nvalid;
+  const KeyInterval* iv;  // MASKED only
   const float* hi;
   const float* lo;
   template <int MR, int NV>
@@ -64,13 +67,15 @@ struct ProbsEpilogue {
     const __m512 vg = _mm512_set1_ps(g), va = _mm512_set1_ps(a);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const int64_t row = m0 + r, nv = nvalid[row] - c0;
+      const int64_t row = m0 + r;
+      const int64_t cb = MASKED ? iv[row].begin - c0 : 0, ce = MASKED ? iv[row].end - c0 : 0;
       const __m512 h = _mm512_set1_ps(hi[row]), o = _mm512_set1_ps(lo[row]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
         const __m512 x = _mm512_sub_ps(softmax_exponent(c[r][v], vg, h, va), o);
-        const __m512 e = exp2_avx512(x, lane_mask(nv - 16 * v), EXP2_01_D6);
-        _mm512_mask_storeu_ps(p + row * ld + c0 + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), e);
+        const __mmask16 k = v == NV - 1 ? tail : __mmask16(0xFFFF);
+        const __m512 e = exp2_avx512(x, MASKED ? lane_range(cb - 16 * v, ce - 16 * v) : k, EXP2_01_D6);
+        _mm512_mask_storeu_ps(p + row * ld + c0 + 16 * v, k, e);
       }
     }
   }
@@ -118,85 +123,90 @@ struct DScoresEpilogue {
 // the same blocks) and lo = log2 of the row's sum of exp2((t - max) a). Step 2's
 // P = exp2((t - hi) a - lo) is then 1 / l at the max however large the scores.
 template <typename scalar_t, typename acc_t>
-void recompute_row_stats(const AttnParams& p, bool use_micro, int64_t BQ, int64_t BK, const uint8_t* exact,
+void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int64_t BK, const uint8_t* exact,
                          acc_t alpha, acc_t g, acc_t a, acc_t* hi, acc_t* lo) {
+  const Dims& d = p.dims;
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
-  const int64_t n_kblocks = (p.S + BK - 1) / BK, group = p.Hq / p.Hk;
+  const int64_t n_kblocks = (d.len_k + BK - 1) / BK, group = d.heads_q / d.heads_kv;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
-  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({BQ * BK + (use_micro ? BK * p.E : 0)}, at::TensorOptions().dtype(acc_dtype));
-    at::Tensor stats = at::empty({2 * p.L}, at::TensorOptions().dtype(at::kDouble));
+  at::parallel_for(0, d.batch * d.heads_q, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({BQ * BK + (use_micro ? BK * d.head_dim : 0)}, at::TensorOptions().dtype(acc_dtype));
+    at::Tensor stats = at::empty({2 * d.len_q}, at::TensorOptions().dtype(at::kDouble));
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* k_t = s + BQ * BK;
     double* m_row = stats.data_ptr<double>();
-    double* l_row = m_row + p.L;
+    double* l_row = m_row + d.len_q;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const uint8_t* ex = exact + bh * p.L;
-      if (std::find(ex, ex + p.L, uint8_t(1)) == ex + p.L) continue;
-      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / group;
-      std::fill(m_row, m_row + p.L, double(NEG_INF));
-      std::fill(l_row, l_row + p.L, 0.0);
+      const uint8_t* ex = exact + bh * d.len_q;
+      if (std::find(ex, ex + d.len_q, uint8_t(1)) == ex + d.len_q) continue;
+      const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group;
+      std::fill(m_row, m_row + d.len_q, double(NEG_INF));
+      std::fill(l_row, l_row + d.len_q, 0.0);
       for (int64_t kb = 0; kb < n_kblocks; ++kb) {
-        const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
-        const scalar_t* k_blk = k + b * p.k_sb + hk * p.k_sh + j0 * p.k_sl;
+        const int64_t j0 = kb * BK, cols = std::min(BK, d.len_k - j0);
+        const scalar_t* k_blk = k + b * p.k_stride.batch + hk * p.k_stride.head + j0 * p.k_stride.row;
         bool transposed = false;
         // The query blocks of step 2 for this key block, the same GEMM calls.
-        for (int64_t i0 = p.causal ? std::max<int64_t>(0, j0 - p.offset) : 0; i0 < p.L; i0 += BQ) {
-          const int64_t rows = std::min(BQ, p.L - i0);
+        const RowRange seeing = rows_seeing(p.vis, d.len_q, d.len_k, j0, j0 + cols);
+        for (int64_t i0 = seeing.begin; i0 < seeing.end; i0 += BQ) {
+          const int64_t rows = std::min(BQ, d.len_q - i0);
           if (std::find(ex + i0, ex + i0 + rows, uint8_t(1)) == ex + i0 + rows) continue;
-          const int64_t kc = p.causal ? std::min(cols, i0 + rows + p.offset - j0) : cols;
-          const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
+          const int64_t kc = block_cols(p.vis, d.len_k, i0, rows, j0, cols);
+          const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (use_micro) {
-              if (!transposed) transpose_f32_avx512(cols, p.E, k_blk, p.k_sl, k_t, BK);
+              if (!transposed) transpose_f32_avx512(cols, d.head_dim, k_blk, p.k_stride.row, k_t, BK);
               transposed = true;
-              gemm_f32_avx512<false>(rows, kc, p.E, alpha, q_blk, p.q_sl, k_t, BK, s, BK, false);
+              gemm_f32_avx512<false>(rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_t, BK, s, BK, false);
             }
           }
 #endif
-          if (!use_micro) gemm(false, true, rows, kc, p.E, alpha, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
+          if (!use_micro) gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row,
+                               acc_t(0), s, BK);
           for (int64_t r = 0; r < rows; ++r) {
             if (!ex[i0 + r]) continue;
             const acc_t* y = s + r * BK;
-            const int64_t nv = visible_keys(p, i0 + r, j0, kc);
+            const KeyInterval keys = tile_interval(p.vis.keys<int64_t>(i0 + r, d.len_k), j0, kc);
             acc_t mx = NEG_INF;
-            for (int64_t c = 0; c < nv; ++c) mx = g * y[c] > mx ? g * y[c] : mx;
+            for (int64_t c = keys.begin; c < keys.end; ++c) mx = g * y[c] > mx ? g * y[c] : mx;
             const double m_old = m_row[i0 + r], m_new = std::max<double>(m_old, mx);
             if (m_new == double(NEG_INF)) continue;
             double sum = 0;
-            for (int64_t c = 0; c < nv; ++c) sum += std::exp2((double(g * y[c]) - m_new) * double(a));
+            for (int64_t c = keys.begin; c < keys.end; ++c) sum += std::exp2((double(g * y[c]) - m_new) * double(a));
             l_row[i0 + r] =
                 (m_old == m_new ? l_row[i0 + r] : l_row[i0 + r] * std::exp2((m_old - m_new) * double(a))) + sum;
             m_row[i0 + r] = m_new;
           }
         }
       }
-      for (int64_t i = 0; i < p.L; ++i) {
+      for (int64_t i = 0; i < d.len_q; ++i) {
         if (!ex[i]) continue;
-        hi[bh * p.L + i] = static_cast<acc_t>(m_row[i]);
-        lo[bh * p.L + i] = static_cast<acc_t>(std::log2(l_row[i]));
+        hi[bh * d.len_q + i] = static_cast<acc_t>(m_row[i]);
+        lo[bh * d.len_q + i] = static_cast<acc_t>(std::log2(l_row[i]));
       }
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void attention_backward(AttnParams p) {
+void attention_backward(AttnBwdParams p) {
+  const Dims& d = p.dims;
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   // fp32 on AVX-512: our micro-kernel (gemm_avx512.h) on K^T / V^T transposed once per key
   // block; elsewhere BLAS (MKL) on the operands in place.
   const bool use_micro = FP32 && avx512_enabled();
   const TileConfig tile_cfg = BWD_TILE;
-  const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, p.L);
-  const int64_t BK = std::min<int64_t>(tile_cfg.block_k, p.S);
-  const int64_t n_kblocks = (p.S + BK - 1) / BK;
-  const int64_t group = p.Hq / p.Hk;
+  const int64_t BQ = std::min<int64_t>(tile_cfg.block_q, d.len_q);
+  const int64_t BK = std::min<int64_t>(tile_cfg.block_k, d.len_k);
+  const int64_t n_kblocks = (d.len_k + BK - 1) / BK;
+  const int64_t group = d.heads_q / d.heads_kv;
   const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks = std::min(n_kblocks, std::max<int64_t>(1, (threads + p.B * p.Hk - 1) / (p.B * p.Hk)));
+  const int64_t kv_heads = d.batch * d.heads_kv;
+  const int64_t n_chunks = std::min(n_kblocks, std::max<int64_t>(1, (threads + kv_heads - 1) / kv_heads));
   const acc_t score_scale = static_cast<acc_t>(p.scale * LOG2E);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -208,7 +218,7 @@ void attention_backward(AttnParams p) {
   const auto* dout = static_cast<const scalar_t*>(p.dout);
   using lse_type = lse_t<scalar_t, acc_t>;
   const auto* lse = static_cast<const lse_type*>(p.lse);
-  const auto* dlse = static_cast<const lse_type*>(p.dlse);
+  const auto* dlse = p.has_dlse ? static_cast<const lse_type*>(p.dlse) : nullptr;
   // P = exp2((g s - hi) a - lo) from the scores s = alpha Q K^T (probs_impl, tile_ops.h).
   // fp32: raw scores, g = sign(scale), a = |scale| log2 e (the forward's), the scale applied
   // after the subtraction as in the forward; otherwise s already in log2 units.
@@ -223,7 +233,7 @@ void attention_backward(AttnParams p) {
   //    neither the change of base nor the split adds rounding to the exponent of P. fp32
   //    (lse saved in fp64): hi = lse log2 e / a rounded to fp32, a score value (g s - hi exact
   //    near the row's max), lo the remainder, |lo| <= |lse log2 e| 2^-24.
-  const int64_t n_rows = p.B * p.Hq * p.L;
+  const int64_t n_rows = d.batch * d.heads_q * d.len_q;
   at::Tensor rowstats = at::empty({4, n_rows}, at::TensorOptions().dtype(acc_dtype));
   acc_t* delta = rowstats.data_ptr<acc_t>();
   acc_t* dl = delta + n_rows;
@@ -235,15 +245,15 @@ void attention_backward(AttnParams p) {
   uint8_t* exact = exact_t.data_ptr<uint8_t>();
   at::parallel_for(0, n_rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / p.L, i = row % p.L, b = bh / p.Hq, h = bh % p.Hq;
-      const scalar_t* o = out + row * p.Ev;
-      const scalar_t* d = dout + b * p.do_sb + h * p.do_sh + i * p.do_sl;
+      const int64_t bh = row / d.len_q, i = row % d.len_q, b = bh / d.heads_q, h = bh % d.heads_q;
+      const scalar_t* o = out + row * d.head_dim_v;
+      const scalar_t* dor = dout + b * p.do_stride.batch + h * p.do_stride.head + i * p.do_stride.row;
       if constexpr (FP32) {
-        delta64[row] = dot_f64(d, o, p.Ev);
+        delta64[row] = dot_f64(dor, o, d.head_dim_v);
         delta[row] = static_cast<float>(delta64[row]);
       } else {
         acc_t sum = 0;
-        for (int64_t c = 0; c < p.Ev; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d[c]);
+        for (int64_t c = 0; c < d.head_dim_v; ++c) sum += static_cast<acc_t>(o[c]) * static_cast<acc_t>(dor[c]);
         delta[row] = sum;
       }
       dl[row] = dlse ? static_cast<acc_t>(dlse[row]) : acc_t(0);
@@ -270,116 +280,140 @@ void attention_backward(AttnParams p) {
     recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, alpha, g, a, hi, lo);
 
   // 2. dK, dV per key block; dQ per chunk.
-  at::Tensor dq_acc_t = at::zeros({n_chunks, p.B * p.Hq * p.L * p.E}, at::TensorOptions().dtype(acc_dtype));
+  at::Tensor dq_acc_t = at::zeros({n_chunks, d.batch * d.heads_q * d.len_q * d.head_dim},
+                                  at::TensorOptions().dtype(acc_dtype));
   acc_t* dq_acc = dq_acc_t.data_ptr<acc_t>();
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
-  const int64_t n_tasks = p.B * p.Hk * n_chunks;
+  const int64_t n_tasks = d.batch * d.heads_kv * n_chunks;
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     const int64_t tile = BQ * BK;
-    const int64_t n_t = use_micro ? BK * (p.E + p.Ev) : 0;  // K^T and V^T of the key block
-    at::Tensor scratch = at::empty({2 * tile + BK * p.E + BK * p.Ev + n_t}, at::TensorOptions().dtype(acc_dtype));
+    const int64_t n_t = use_micro ? BK * (d.head_dim + d.head_dim_v) : 0;  // K^T and V^T of the key block
+    at::Tensor scratch = at::empty({2 * tile + BK * d.head_dim + BK * d.head_dim_v + n_t},
+                                   at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({LOW_PRECISION ? tile : 0}, at::TensorOptions().dtype(in_dtype));
-    at::Tensor nvalid_t = at::empty({BQ}, at::TensorOptions().dtype(at::kLong));
+    std::vector<KeyInterval> iv_buf(BQ);
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* dp = s + tile;
     acc_t* dk_acc = dp + tile;
-    acc_t* dv_acc = dk_acc + BK * p.E;
-    acc_t* k_t = dv_acc + BK * p.Ev;  // E x BK
-    acc_t* v_t = k_t + BK * p.E;      // Ev x BK
+    acc_t* dv_acc = dk_acc + BK * d.head_dim;
+    acc_t* k_t = dv_acc + BK * d.head_dim_v;  // E x BK
+    acc_t* v_t = k_t + BK * d.head_dim;      // Ev x BK
     scalar_t* t16 = scratch16.data_ptr<scalar_t>();
-    int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
+    KeyInterval* iv = iv_buf.data();
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t chunk = idx % n_chunks, bhk = idx / n_chunks;
-      const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
-      const scalar_t* k_bh = k + b * p.k_sb + hk * p.k_sh;
-      const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
-      acc_t* dq_chunk = dq_acc + chunk * p.B * p.Hq * p.L * p.E;
+      const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
+      const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
+      const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
+      acc_t* dq_chunk = dq_acc + chunk * d.batch * d.heads_q * d.len_q * d.head_dim;
       for (int64_t kb = chunk; kb < n_kblocks; kb += n_chunks) {
-        const int64_t j0 = kb * BK, cols = std::min(BK, p.S - j0);
-        const scalar_t* k_blk = k_bh + j0 * p.k_sl;
-        const scalar_t* v_blk = v_bh + j0 * p.v_sl;
-        std::fill(dk_acc, dk_acc + cols * p.E, acc_t(0));
-        std::fill(dv_acc, dv_acc + cols * p.Ev, acc_t(0));
+        const int64_t j0 = kb * BK, cols = std::min(BK, d.len_k - j0);
+        const scalar_t* k_blk = k_bh + j0 * p.k_stride.row;
+        const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
+        std::fill(dk_acc, dk_acc + cols * d.head_dim, acc_t(0));
+        std::fill(dv_acc, dv_acc + cols * d.head_dim_v, acc_t(0));
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
           if (use_micro) {
-            transpose_f32_avx512(cols, p.E, k_blk, p.k_sl, k_t, BK);
-            transpose_f32_avx512(cols, p.Ev, v_blk, p.v_sl, v_t, BK);
+            transpose_f32_avx512(cols, d.head_dim, k_blk, p.k_stride.row, k_t, BK);
+            transpose_f32_avx512(cols, d.head_dim_v, v_blk, p.v_stride.row, v_t, BK);
           }
         }
 #endif
-        // Query rows before the first one that sees key j0 skip this block entirely.
-        const int64_t first_row = p.causal ? std::max<int64_t>(0, j0 - p.offset) : 0;
+        // Query rows before the first or after the last that sees a key of this block skip
+        // it entirely; query blocks start at the first.
+        const RowRange seeing = rows_seeing(p.vis, d.len_q, d.len_k, j0, j0 + cols);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const int64_t bh = b * p.Hq + h;
-          for (int64_t i0 = first_row; i0 < p.L; i0 += BQ) {
-            const int64_t rows = std::min(BQ, p.L - i0);
-            // Keys of this block that some row of the query block sees (causal diagonal).
-            const int64_t kc = p.causal ? std::min(cols, i0 + rows + p.offset - j0) : cols;
-            const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
-            const scalar_t* do_blk = dout + b * p.do_sb + h * p.do_sh + i0 * p.do_sl;
-            const acc_t* hi_blk = hi + bh * p.L + i0;
-            const acc_t* lo_blk = lo + bh * p.L + i0;
-            const acc_t* delta_blk = delta + bh * p.L + i0;
-            const acc_t* dl_blk = dl + bh * p.L + i0;
-            const double* delta64_blk = FP32 ? delta64 + bh * p.L + i0 : nullptr;
+          const int64_t bh = b * d.heads_q + h;
+          for (int64_t i0 = seeing.begin; i0 < seeing.end; i0 += BQ) {
+            const int64_t rows = std::min(BQ, d.len_q - i0);
+            // The block's keys [0, kc) up to the last one some row of the query block sees.
+            const int64_t kc = block_cols(p.vis, d.len_k, i0, rows, j0, cols);
+            const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
+            const scalar_t* do_blk = dout + b * p.do_stride.batch + h * p.do_stride.head + i0 * p.do_stride.row;
+            const acc_t* hi_blk = hi + bh * d.len_q + i0;
+            const acc_t* lo_blk = lo + bh * d.len_q + i0;
+            const acc_t* delta_blk = delta + bh * d.len_q + i0;
+            const acc_t* dl_blk = dl + bh * d.len_q + i0;
+            const double* delta64_blk = FP32 ? delta64 + bh * d.len_q + i0 : nullptr;
+            // Rows' keys; a row whose lse is -inf saw none in the forward and sees none here.
+            if (tile_intervals(p.vis, d.len_k, i0, rows, j0, kc, iv) == TileMask::NONE) continue;
             for (int64_t r = 0; r < rows; ++r)
-              nvalid[r] = hi_blk[r] == -std::numeric_limits<acc_t>::infinity() ? 0 : visible_keys(p, i0 + r, j0, kc);
-            acc_t* dq_blk = dq_chunk + (bh * p.L + i0) * p.E;
+              if (hi_blk[r] == -std::numeric_limits<acc_t>::infinity()) iv[r] = {0, 0};
+            const bool masked = classify_tile(iv, rows, kc) != TileMask::FULL;
+            acc_t* dq_blk = dq_chunk + (bh * d.len_q + i0) * d.head_dim;
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
-                gemm_f32_panels<false>(rows, kc, p.E, q_blk, p.q_sl, k_t, BK, [&](int64_t c0) {
-                  return ProbsEpilogue{s, BK, c0, g, a, nvalid, hi_blk, lo_blk};
+                if (masked)
+                  gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
+                    return ProbsEpilogue<true>{s, BK, c0, g, a, iv, hi_blk, lo_blk};
+                  });
+                else
+                  gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
+                    return ProbsEpilogue<false>{s, BK, c0, g, a, nullptr, hi_blk, lo_blk};
+                  });
+                gemm_f32_panels<false>(rows, kc, d.head_dim_v, do_blk, p.do_stride.row, v_t, BK, [&](int64_t c0) {
+                  return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_stride.row, v_blk,
+                                         p.v_stride.row, d.head_dim_v};
                 });
-                gemm_f32_panels<false>(rows, kc, p.Ev, do_blk, p.do_sl, v_t, BK, [&](int64_t c0) {
-                  return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_sl, v_blk, p.v_sl, p.Ev};
-                });
-                gemm_f32_avx512<true>(kc, p.Ev, rows, 1.0f, s, BK, do_blk, p.do_sl, dv_acc, p.Ev, true);
-                gemm_f32_avx512<true>(kc, p.E, rows, scale, dp, BK, q_blk, p.q_sl, dk_acc, p.E, true);
-                gemm_f32_avx512<false>(rows, p.E, kc, scale, dp, BK, k_blk, p.k_sl, dq_blk, p.E, true);
+                gemm_f32_avx512<true>(kc, d.head_dim_v, rows, 1.0f, s, BK, do_blk, p.do_stride.row, dv_acc,
+                                      d.head_dim_v, true);
+                gemm_f32_avx512<true>(kc, d.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, dk_acc, d.head_dim,
+                                      true);
+                gemm_f32_avx512<false>(rows, d.head_dim, kc, scale, dp, BK, k_blk, p.k_stride.row, dq_blk, d.head_dim,
+                                       true);
                 continue;
               }
             }
 #endif
-            gemm(false, true, rows, kc, p.E, alpha, q_blk, p.q_sl, k_blk, p.k_sl, acc_t(0), s, BK);
-            probs(s, BK, rows, kc, nvalid, g, a, hi_blk, lo_blk);
-            gemm(false, true, rows, kc, p.Ev, acc_t(1), do_blk, p.do_sl, v_blk, p.v_sl, acc_t(0), dp, BK);
+            gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row, acc_t(0), s,
+                 BK);
+            probs(s, BK, rows, kc, masked ? iv : nullptr, g, a, hi_blk, lo_blk);
+            gemm(false, true, rows, kc, d.head_dim_v, acc_t(1), do_blk, p.do_stride.row, v_blk, p.v_stride.row,
+                 acc_t(0), dp, BK);
             dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
             if constexpr (FP32) {  // as DScoresEpilogue
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t c = 0; c < kc; ++c)
                   if (s[r * BK + c] > DS_EXACT_ABOVE)
-                    dp[r * BK + c] = exact_dscore(do_blk + r * p.do_sl, v_blk + c * p.v_sl, p.Ev, delta64_blk[r],
+                    dp[r * BK + c] = exact_dscore(do_blk + r * p.do_stride.row, v_blk + c * p.v_stride.row,
+                                                  d.head_dim_v, delta64_blk[r],
                                                   s[r * BK + c], dl_blk[r]);
             }
             if constexpr (LOW_PRECISION) {
               convert_tile(s, BK, t16, BK, rows, kc);
-              gemm(true, false, kc, p.Ev, rows, acc_t(1), t16, BK, do_blk, p.do_sl, acc_t(1), dv_acc, p.Ev);
+              gemm(true, false, kc, d.head_dim_v, rows, acc_t(1), t16, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc,
+                   d.head_dim_v);
               convert_tile(dp, BK, t16, BK, rows, kc);
-              gemm(true, false, kc, p.E, rows, scale, t16, BK, q_blk, p.q_sl, acc_t(1), dk_acc, p.E);
-              gemm(false, false, rows, p.E, kc, scale, t16, BK, k_blk, p.k_sl, acc_t(1), dq_blk, p.E);
+              gemm(true, false, kc, d.head_dim, rows, scale, t16, BK, q_blk, p.q_stride.row, acc_t(1), dk_acc,
+                   d.head_dim);
+              gemm(false, false, rows, d.head_dim, kc, scale, t16, BK, k_blk, p.k_stride.row, acc_t(1), dq_blk,
+                   d.head_dim);
             } else {
-              gemm(true, false, kc, p.Ev, rows, acc_t(1), s, BK, do_blk, p.do_sl, acc_t(1), dv_acc, p.Ev);
-              gemm(true, false, kc, p.E, rows, scale, dp, BK, q_blk, p.q_sl, acc_t(1), dk_acc, p.E);
-              gemm(false, false, rows, p.E, kc, scale, dp, BK, k_blk, p.k_sl, acc_t(1), dq_blk, p.E);
+              gemm(true, false, kc, d.head_dim_v, rows, acc_t(1), s, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc,
+                   d.head_dim_v);
+              gemm(true, false, kc, d.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, acc_t(1), dk_acc,
+                   d.head_dim);
+              gemm(false, false, rows, d.head_dim, kc, scale, dp, BK, k_blk, p.k_stride.row, acc_t(1), dq_blk,
+                   d.head_dim);
             }
           }
         }
-        scalar_t* dk_blk = dk + (bhk * p.S + j0) * p.E;
-        scalar_t* dv_blk = dv + (bhk * p.S + j0) * p.Ev;
-        for (int64_t x = 0; x < cols * p.E; ++x) dk_blk[x] = static_cast<scalar_t>(dk_acc[x]);
-        for (int64_t x = 0; x < cols * p.Ev; ++x) dv_blk[x] = static_cast<scalar_t>(dv_acc[x]);
+        scalar_t* dk_blk = dk + (bhk * d.len_k + j0) * d.head_dim;
+        scalar_t* dv_blk = dv + (bhk * d.len_k + j0) * d.head_dim_v;
+        for (int64_t x = 0; x < cols * d.head_dim; ++x) dk_blk[x] = static_cast<scalar_t>(dk_acc[x]);
+        for (int64_t x = 0; x < cols * d.head_dim_v; ++x) dv_blk[x] = static_cast<scalar_t>(dv_acc[x]);
       }
     }
   });
 
   // 3. dQ = sum of the chunks' partial sums, in chunk order.
   auto* dq = static_cast<scalar_t*>(p.dq);
-  const int64_t n_dq = p.B * p.Hq * p.L * p.E;
+  const int64_t n_dq = d.batch * d.heads_q * d.len_q * d.head_dim;
   at::parallel_for(0, n_dq, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t x = begin; x < end; ++x) {
       acc_t sum = dq_acc[x];

@@ -24,9 +24,6 @@ constexpr float LAZY_MAX_SLACK = 8.0f;
 constexpr double LSE2_RECOMPUTE_ABOVE = 32.0;
 constexpr double LSE2_RECOMPUTE_ABOVE_FP64_LSE = 1048576.0;  // 2^20
 
-// Largest head dim (of q/k and of v) the kernels take.
-constexpr int64_t MAX_HEAD_DIM = 256;
-
 // Tile sizes (measured on a 2-core Emerald Rapids Xeon, E 64-128, L 1024-2048; the
 // machine is shared and noisy, so differences under ~5% were not resolved).
 // A forward task owns block_q query rows and walks the keys block_k at a time; its

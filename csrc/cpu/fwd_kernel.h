@@ -9,8 +9,10 @@
 // and writes out = acc / l, lse = (m |scale| log2 e + log2 l) ln 2 (in fp64 for fp32 and
 // fp64 inputs: bwd_kernel.h rebuilds P from it). Scores are scaled
 // after the max is subtracted (tile_ops.h), so any finite scale, 1e-30 to 1e30 and
-// negative, gives exact row maxima. Key blocks wholly above the causal
-// diagonal are never visited and the diagonal block is cut at the last row's last key;
+// negative, gives exact row maxima. Each query row sees an interval of keys
+// (Visibility::keys: causal, all of them); a task visits the key blocks of its rows'
+// [min begin, max end) only, the last one cut at the end, skips blocks none of its rows
+// sees, and masks (per row interval) only blocks that some row sees in part;
 // nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf;
 // a row with a NaN score gets NaN out and lse, one with a +inf score NaN out, lse = +inf.
 // GEMMs, on K^T (and V) of the task's kv head packed by each thread (PackedKV, O(S) memory):
@@ -95,24 +97,17 @@ FA_AVX512_TARGET __attribute__((noinline)) inline void rescale_row(float* row, i
 // lse = m asc + log2 l either way). A row with no visible key yet has m = -inf and moves
 // at its first visible tile (to -inf again if those scores are all -inf or NaN: P is
 // then taken against 0, so -inf gives 0 and NaN stays NaN).
+// MASKED: row r sees the columns iv[r] of the tile (tile_ops.h); otherwise every column
+// (a tile every row sees wholly: no masks but the panel's tail).
+template <bool MASKED>
 struct SoftmaxEpilogue {
   float* p;  // P tile (row-major, ld), column 0 = the block's first key
   int64_t ld;
   int64_t c0;  // the panel's first column
-  const int64_t* nvalid;
+  const KeyInterval* iv;  // MASKED only
   float sgn, asc;  // t = sgn s, P = exp2((t - m) asc)
   float* m;
   float* sum16;  // rows x 16
-  // After a block: corr = exp2((m before - m after) asc) (1 if unchanged, including -inf;
-  // 0 from -inf), l = l * corr + the row's sum16. corr holds m before on entry.
-  FA_AVX512_TARGET static void fold_block(int64_t rows, const float* m, float* l, float* corr, const float* sum16,
-                                          float asc) {
-    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < rows; ++r) {
-      corr[r] = corr[r] == m[r] ? 1.0f : (corr[r] == NEG_INF ? 0.0f : std::exp2((corr[r] - m[r]) * asc));
-      l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_loadu_ps(sum16 + r * 16));
-    }
-  }
   template <int MR, int NV>
   FA_AVX512_TARGET FA_ALWAYS_INLINE void apply(int64_t m0, __m512 (&c)[MR][NV], __mmask16 tail) const {
     constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -120,20 +115,29 @@ struct SoftmaxEpilogue {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const int64_t row = m0 + r;
-      const int64_t nv = nvalid[row] - c0;
       float* p_row = p + row * ld;
       __mmask16 kv[NV];
       __m512 x[NV];
       const float m_old = m[row];
       __m512 vm = _mm512_set1_ps(m_old);
       __m512 x_max = _mm512_set1_ps(NEG_INF);
+      bool any = true;  // the row sees a key of this panel
+      if constexpr (MASKED) {
+        const int64_t cb = iv[row].begin - c0, ce = iv[row].end - c0;
+        __mmask16 seen = 0;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) seen |= kv[v] = lane_range(cb - 16 * v, ce - 16 * v);
+        any = seen != 0;
+      } else {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) kv[v] = v == NV - 1 ? tail : __mmask16(0xFFFF);
+      }
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) {
-        kv[v] = lane_mask(nv - 16 * v);
         x[v] = softmax_exponent(c[r][v], vsgn, vm, vasc);
         x_max = _mm512_mask_max_ps(x_max, kv[v], x_max, x[v]);
       }
-      if (__builtin_expect((m_old == NEG_INF && nv > 0) ||
+      if (__builtin_expect((m_old == NEG_INF && any) ||
                                _mm512_cmp_ps_mask(x_max, _mm512_set1_ps(LAZY_MAX_SLACK), _CMP_GT_OQ) != 0, 0)) {
         __m512 y_max = _mm512_set1_ps(NEG_INF);
 #pragma GCC unroll 4
@@ -156,6 +160,18 @@ struct SoftmaxEpilogue {
     }
   }
 };
+
+// After a key block of SoftmaxEpilogue: corr = exp2((m before - m after) asc) (1 if
+// unchanged, including -inf; 0 from -inf), l = l * corr + the row's sum16. corr holds m
+// before on entry.
+FA_AVX512_TARGET inline void fold_softmax_block(int64_t rows, const float* m, float* l, float* corr,
+                                                const float* sum16, float asc) {
+  constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    corr[r] = corr[r] == m[r] ? 1.0f : (corr[r] == NEG_INF ? 0.0f : std::exp2((corr[r] - m[r]) * asc));
+    l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_loadu_ps(sum16 + r * 16));
+  }
+}
 #endif
 
 // K^T and V of one kv head's key blocks laid out as GEMM B operands. Each worker thread
@@ -172,47 +188,52 @@ struct PackedKV {
   static constexpr bool VNNI = !std::is_same_v<scalar_t, float>;
   static constexpr int64_t PANEL = 64;
   static int64_t padded_E(int64_t E) { return VNNI ? (E + 1) / 2 * 2 : E; }
-  AttnParams p;
+  AttnFwdParams p;
   int64_t Ep, BK, Evp, n_kblocks, k_elems, v_elems, head = -1, n_packed = 0;
   bool vnni_words;  // 16-bit: K's rows read as 32-bit words (even E and strides, aligned)
   at::Tensor buf, tmp;  // tmp: the unaligned 16-bit path's K^T / V block before packing
 
-  PackedKV(const AttnParams& params, int64_t block_k) : p(params) {
+  PackedKV(const AttnFwdParams& params, int64_t block_k) : p(params) {
+    const Dims& d = p.dims;
     const auto dt = c10::CppTypeToScalarType<scalar_t>::value;
-    Ep = padded_E(p.E);
+    Ep = padded_E(d.head_dim);
     BK = block_k;  // a multiple of PANEL
-    Evp = (p.Ev + PANEL - 1) / PANEL * PANEL;
-    n_kblocks = (p.S + BK - 1) / BK;
+    Evp = (d.head_dim_v + PANEL - 1) / PANEL * PANEL;
+    n_kblocks = (d.len_k + BK - 1) / BK;
     k_elems = Ep * BK;
     v_elems = VNNI ? BK * Evp : 0;
     buf = at::empty({n_kblocks * (k_elems + v_elems)}, at::TensorOptions().dtype(dt));
-    vnni_words = p.E % 2 == 0 && p.k_sl % 2 == 0 && p.k_sh % 2 == 0 && p.k_sb % 2 == 0 &&
+    vnni_words = d.head_dim % 2 == 0 && p.k_stride.row % 2 == 0 && p.k_stride.head % 2 == 0 &&
+                 p.k_stride.batch % 2 == 0 &&
                  reinterpret_cast<uintptr_t>(p.k) % 4 == 0;
   }
 
   // Make bhk (b * Hk + kv head) the packed head, with its keys [0, key_end) packed (a
   // causal task needs only those; the head's later tasks extend them).
   void pack(int64_t bhk, int64_t key_end) {
+    const Dims& d = p.dims;
     if (bhk != head) {
       head = bhk;
       n_packed = 0;
     }
-    const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
-    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+    const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
+    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
     for (; n_packed * BK < key_end; ++n_packed) {
       const int64_t j0 = n_packed * BK;
-      pack_block(k + j0 * p.k_sl, v + j0 * p.v_sl, std::min(BK, p.S - j0),
+      pack_block(k + j0 * p.k_stride.row, v + j0 * p.v_stride.row, std::min(BK, d.len_k - j0),
                  buf.data_ptr<scalar_t>() + n_packed * (k_elems + v_elems));
     }
   }
 
   // One key block of cols keys (K rows k_blk, V rows v_blk) into dst.
   void pack_block(const scalar_t* k_blk, const scalar_t* v_blk, int64_t cols, scalar_t* dst) {
+    const Dims& d = p.dims;
     if constexpr (!VNNI) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
       for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
-        transpose_f32_avx512(std::min(PANEL, cols - c0), p.E, k_blk + c0 * p.k_sl, p.k_sl, dst + c0 * Ep, PANEL);
+        transpose_f32_avx512(std::min(PANEL, cols - c0), d.head_dim, k_blk + c0 * p.k_stride.row, p.k_stride.row,
+                             dst + c0 * Ep, PANEL);
 #endif
       return;
     }
@@ -223,13 +244,15 @@ struct PackedKV {
       for (int64_t c0 = 0; c0 < BK; c0 += PANEL) {
         float* panel = reinterpret_cast<float*>(dst + c0 * Ep);  // Ep / 2 x PANEL words
         const int64_t n = std::max<int64_t>(0, std::min(PANEL, cols - c0));
-        if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL, scalar_t(0));
+        if (n < PANEL) std::fill(reinterpret_cast<scalar_t*>(panel), reinterpret_cast<scalar_t*>(panel) + Ep * PANEL,
+                                 scalar_t(0));
         if (n > 0)
-          transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_sl), p.k_sl / 2, panel,
-                               PANEL);
+          transpose_f32_avx512(n, Ep / 2, reinterpret_cast<const float*>(k_blk + c0 * p.k_stride.row),
+                               p.k_stride.row / 2, panel, PANEL);
       }
       for (int64_t c0 = 0; c0 < Evp; c0 += PANEL)
-        interleave_rows_avx512(cols, BK, std::min(PANEL, p.Ev - c0), v_blk + c0, p.v_sl, dst + k_elems + c0 * BK);
+        interleave_rows_avx512(cols, BK, std::min(PANEL, d.head_dim_v - c0), v_blk + c0, p.v_stride.row,
+                               dst + k_elems + c0 * BK);
       return;
     }
 #endif
@@ -238,8 +261,9 @@ struct PackedKV {
     scalar_t* vt = kt + k_elems;              // V block, BK x Evp row-major
     std::fill(kt, kt + k_elems + v_elems, scalar_t(0));
     for (int64_t j = 0; j < cols; ++j)
-      for (int64_t e = 0; e < p.E; ++e) kt[e * BK + j] = k_blk[j * p.k_sl + e];
-    for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_sl, v_blk + j * p.v_sl + p.Ev, vt + j * Evp);
+      for (int64_t e = 0; e < d.head_dim; ++e) kt[e * BK + j] = k_blk[j * p.k_stride.row + e];
+    for (int64_t j = 0; j < cols; ++j) std::copy(v_blk + j * p.v_stride.row, v_blk + j * p.v_stride.row + d.head_dim_v,
+                                                 vt + j * Evp);
     for (int64_t c0 = 0; c0 < BK; c0 += PANEL) pack_panel(Ep, BK, kt + c0, dst + c0 * Ep);
     for (int64_t c0 = 0; c0 < Evp; c0 += PANEL) pack_panel(BK, Evp, vt + c0, dst + k_elems + c0 * BK);
   }
@@ -264,14 +288,18 @@ struct PackedKV {
   }
 #ifdef FA_CPU_HAVE_AVX512_PATH
   // fp32: P (rows x cols, ld_p) of key block kb with the online softmax in the score GEMM's
-  // epilogue (SoftmaxEpilogue; m, sum16 per row as it describes).
-  void scores_softmax(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols,
-                      const int64_t* nvalid, float sgn, float asc, float* p, int64_t ld_p, float* m,
-                      float* sum16) const {
+  // epilogue (SoftmaxEpilogue; m, sum16 per row as it describes; iv nullptr: unmasked).
+  void scores_softmax(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols, const KeyInterval* iv,
+                      float sgn, float asc, float* p, int64_t ld_p, float* m, float* sum16) const {
     static_assert(!VNNI, "16-bit inputs take the brgemm path");
-    for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
-      micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
-                         SoftmaxEpilogue{p, ld_p, c0, nvalid, sgn, asc, m, sum16});
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL) {
+      if (iv)
+        micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
+                           SoftmaxEpilogue<true>{p, ld_p, c0, iv, sgn, asc, m, sum16});
+      else
+        micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
+                           SoftmaxEpilogue<false>{p, ld_p, c0, nullptr, sgn, asc, m, sum16});
+    }
   }
 #endif
   // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
@@ -284,9 +312,10 @@ struct PackedKV {
   }
 };
 
-// Online softmax of one score tile; for 16-bit inputs P lands in p16 (the PV GEMM's A).
+// Online softmax of one score tile, row r seeing the columns iv[r] (nullptr: all); for
+// 16-bit inputs P lands in p16 (the PV GEMM's A).
 template <typename scalar_t, typename acc_t>
-void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, acc_t sgn, acc_t asc,
+void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv, acc_t sgn, acc_t asc,
                   acc_t* m, acc_t* l, acc_t* corr, scalar_t* p16, int64_t ld16) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
   // (fp32 on AVX-512 never comes here: its softmax is the score GEMM's SoftmaxEpilogue.)
@@ -294,52 +323,59 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_
     if (cpu_has_avx512()) {
       auto* out16 = reinterpret_cast<uint16_t*>(p16);
       if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-        return online_softmax_avx512<2>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr, out16, ld16);
+        return online_softmax_avx512<2>(s, ld, rows, cols, iv, sgn, asc, m, l, corr, out16, ld16);
       } else if (cpu_has_avx512_bf16()) {
-        return online_softmax_avx512<1>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr, out16, ld16);
+        return online_softmax_avx512<1>(s, ld, rows, cols, iv, sgn, asc, m, l, corr, out16, ld16);
       } else {
-        return online_softmax_avx512<3>(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr, out16, ld16);
+        return online_softmax_avx512<3>(s, ld, rows, cols, iv, sgn, asc, m, l, corr, out16, ld16);
       }
     }
   }
 #endif
-  online_softmax(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
+  online_softmax(s, ld, rows, cols, iv, sgn, asc, m, l, corr);
   if constexpr (!std::is_same_v<scalar_t, acc_t>) convert_tile(s, ld, p16, ld16, rows, cols);
 }
 
 // The math path multiplies P (0 where masked) by every row of V, so a NaN or inf in
 // v[j, e] makes out[i, e] NaN for each row i that does not see key j (0 * NaN, 0 * inf).
 // The tiles do that for the keys of the blocks they visit; this sets it for the rest (key
-// blocks past a query block's causal diagonal), so that out does not depend on the tiling.
+// blocks outside a query block's key range), so that out does not depend on the tiling.
 // A vectorisable check of each kv head (v * 0 is NaN only for NaN / inf), and a scan of its
-// columns only where it finds one.
+// columns only where it finds one: row i gets NaN at e where column e holds a non-finite
+// value outside the row's keys [begin, end), before begin or from end on.
 template <typename scalar_t>
-void poison_unseen_nonfinite_v(const AttnParams& p) {
-  const int64_t group = p.Hq / p.Hk;
+void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
+  const Dims& d = p.dims;
+  const int64_t group = d.heads_q / d.heads_kv;
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
-  at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> last_bad(p.Ev);
+  at::parallel_for(0, d.batch * d.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> first_bad(d.head_dim_v), last_bad(d.head_dim_v);
     for (int64_t bhk = begin; bhk < end; ++bhk) {
-      const int64_t b = bhk / p.Hk, hk = bhk % p.Hk;
-      const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
+      const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
+      const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
       float probe = 0.0f;
-      for (int64_t j = 0; j < p.S; ++j) {
-        const scalar_t* row = v_bh + j * p.v_sl;
+      for (int64_t j = 0; j < d.len_k; ++j) {
+        const scalar_t* row = v_bh + j * p.v_stride.row;
 #pragma omp simd reduction(+ : probe)
-        for (int64_t e = 0; e < p.Ev; ++e) probe += static_cast<float>(row[e]) * 0.0f;
+        for (int64_t e = 0; e < d.head_dim_v; ++e) probe += static_cast<float>(row[e]) * 0.0f;
       }
       if (probe == probe) continue;
+      std::fill(first_bad.begin(), first_bad.end(), d.len_k);
       std::fill(last_bad.begin(), last_bad.end(), int64_t(-1));
-      for (int64_t j = 0; j < p.S; ++j)
-        for (int64_t e = 0; e < p.Ev; ++e)
-          if (!std::isfinite(static_cast<double>(v_bh[j * p.v_sl + e]))) last_bad[e] = j;
+      for (int64_t j = 0; j < d.len_k; ++j)
+        for (int64_t e = 0; e < d.head_dim_v; ++e)
+          if (!std::isfinite(static_cast<double>(v_bh[j * p.v_stride.row + e]))) {
+            first_bad[e] = std::min(first_bad[e], j);
+            last_bad[e] = j;
+          }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        scalar_t* out_bh = out + (b * p.Hq + h) * p.L * p.Ev;
-        for (int64_t i = 0; i < p.L; ++i) {
-          const int64_t seen = visible_keys(p, i, 0, p.S);  // keys [0, seen)
-          for (int64_t e = 0; e < p.Ev; ++e)
-            if (last_bad[e] >= seen) out_bh[i * p.Ev + e] = std::numeric_limits<scalar_t>::quiet_NaN();
+        scalar_t* out_bh = out + (b * d.heads_q + h) * d.len_q * d.head_dim_v;
+        for (int64_t i = 0; i < d.len_q; ++i) {
+          const KeyInterval seen = p.vis.keys<int64_t>(i, d.len_k);
+          for (int64_t e = 0; e < d.head_dim_v; ++e)
+            if (first_bad[e] < seen.begin || last_bad[e] >= seen.end)
+              out_bh[i * d.head_dim_v + e] = std::numeric_limits<scalar_t>::quiet_NaN();
         }
       }
     }
@@ -347,7 +383,8 @@ void poison_unseen_nonfinite_v(const AttnParams& p) {
 }
 
 template <typename scalar_t, typename acc_t>
-void attention_forward(AttnParams p) {
+void attention_forward(AttnFwdParams p) {
+  const Dims& d = p.dims;
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   // Packed K^T / V: for 16-bit inputs through oneDNN's brgemm (AMX), for fp32 through our
@@ -358,11 +395,11 @@ void attention_forward(AttnParams p) {
   const bool use_micro = FP32 && avx512_enabled();
   const bool use_packed = use_brgemm || use_micro;
   const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
-  const int64_t BQ = std::min<int64_t>(tile.block_q, p.L);
+  const int64_t BQ = std::min<int64_t>(tile.block_q, d.len_q);
   // With packing the key block is a whole number of packing panels.
-  const int64_t BK = std::min<int64_t>(tile.block_k, (p.S + 63) / 64 * 64);
-  const int64_t n_qblocks = (p.L + BQ - 1) / BQ;
-  const int64_t group = p.Hq / p.Hk;
+  const int64_t BK = std::min<int64_t>(tile.block_k, (d.len_k + 63) / 64 * 64);
+  const int64_t n_qblocks = (d.len_q + BQ - 1) / BQ;
+  const int64_t group = d.heads_q / d.heads_kv;
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
@@ -374,27 +411,27 @@ void attention_forward(AttnParams p) {
   auto* lse = static_cast<lse_type*>(p.lse);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(p.E) : p.E;
+  const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(d.head_dim) : d.head_dim;
 
   // Tasks: per (batch, head), query blocks last to first (causal: heaviest first).
-  const int64_t n_tasks = p.B * p.Hq * n_qblocks;
+  const int64_t n_tasks = d.batch * d.heads_q * n_qblocks;
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
-    const int64_t n_acc = BQ * BK + BQ * p.Ev + 3 * BQ + (use_micro ? 16 * BQ : 0);
+    const int64_t n_acc = BQ * BK + BQ * d.head_dim_v + 3 * BQ + (use_micro ? 16 * BQ : 0);
     at::Tensor scratch = at::empty({n_acc}, at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({(LOW_PRECISION ? BQ * BK : 0) + (use_brgemm ? BQ * Ep : 0)},
                                      at::TensorOptions().dtype(in_dtype));
-    at::Tensor nvalid_t = at::empty({BQ}, at::TensorOptions().dtype(at::kLong));
+    std::vector<KeyInterval> iv_buf(BQ);
     acc_t* s = scratch.data_ptr<acc_t>();
     acc_t* acc = s + BQ * BK;
-    acc_t* m = acc + BQ * p.Ev;
+    acc_t* m = acc + BQ * d.head_dim_v;
     acc_t* l = m + BQ;
     acc_t* corr = l + BQ;
     acc_t* sum16 = corr + BQ;  // fp32 micro path: rows x 16 partial row sums
     scalar_t* p16 = scratch16.data_ptr<scalar_t>();
     scalar_t* q_pad = p16 + (LOW_PRECISION ? BQ * BK : 0);
-    int64_t* nvalid = nvalid_t.data_ptr<int64_t>();
+    KeyInterval* iv = iv_buf.data();
     std::optional<PackedKV<scalar_t>> packed;  // this thread's packed kv head
     if constexpr (LOW_PRECISION || FP32) {
       if (use_packed) packed.emplace(p, BK);
@@ -402,20 +439,20 @@ void attention_forward(AttnParams p) {
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t bh = idx / n_qblocks;
-      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / group, bhk = b * p.Hk + hk;
+      const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group, bhk = b * d.heads_kv + hk;
       const int64_t i0 = (n_qblocks - 1 - idx % n_qblocks) * BQ;
-      const int64_t rows = std::min(BQ, p.L - i0);
-      const scalar_t* q_blk = q + b * p.q_sb + h * p.q_sh + i0 * p.q_sl;
-      const scalar_t* k_bh = k + b * p.k_sb + hk * p.k_sh;
-      const scalar_t* v_bh = v + b * p.v_sb + hk * p.v_sh;
+      const int64_t rows = std::min(BQ, d.len_q - i0);
+      const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
+      const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
+      const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
       // The packed GEMMs' A operand: Q in place for fp32; for brgemm rows x Ep, contiguous,
       // zero-padded.
       const scalar_t* q_a = q_blk;
-      int64_t ld_qa = p.q_sl;
+      int64_t ld_qa = p.q_stride.row;
       if (use_brgemm) {
         for (int64_t r = 0; r < rows; ++r) {
-          std::copy(q_blk + r * p.q_sl, q_blk + r * p.q_sl + p.E, q_pad + r * Ep);
-          std::fill(q_pad + r * Ep + p.E, q_pad + (r + 1) * Ep, scalar_t(0));
+          std::copy(q_blk + r * p.q_stride.row, q_blk + r * p.q_stride.row + d.head_dim, q_pad + r * Ep);
+          std::fill(q_pad + r * Ep + d.head_dim, q_pad + (r + 1) * Ep, scalar_t(0));
         }
         q_a = q_pad;
         ld_qa = Ep;
@@ -423,25 +460,31 @@ void attention_forward(AttnParams p) {
 
       std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
       std::fill(l, l + rows, acc_t(0));
-      std::fill(acc, acc + rows * p.Ev, acc_t(0));
-      // Keys past the last row's diagonal are invisible to the whole block.
-      const int64_t key_end = p.causal ? std::min(p.S, i0 + rows + p.offset) : p.S;
+      std::fill(acc, acc + rows * d.head_dim_v, acc_t(0));
+      // The block's keys: [min begin, max end) of its rows' (causal: up to the last row's
+      // diagonal). Key blocks run on the BK grid of the packed K / V; the last one is cut at
+      // the range's end, a first one's keys before its start are masked. Blocks no row sees
+      // are skipped; blocks every row sees wholly take the unmasked path (tile_iv nullptr).
+      const KeyInterval keys = block_keys(p.vis, d.len_k, i0, rows);
       if constexpr (LOW_PRECISION || FP32) {
-        if (packed) packed->pack(bhk, key_end);
+        if (packed) packed->pack(bhk, keys.end);
       }
-      for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
-        const int64_t cols = std::min(BK, key_end - j0);
-        for (int64_t r = 0; r < rows; ++r) nvalid[r] = visible_keys(p, i0 + r, j0, cols);
-        const scalar_t* v_blk = v_bh + j0 * p.v_sl;
+      for (int64_t j0 = keys.begin / BK * BK; j0 < keys.end; j0 += BK) {
+        const int64_t cols = std::min(BK, keys.end - j0);
+        const TileMask mask = tile_intervals(p.vis, d.len_k, i0, rows, j0, cols, iv);
+        if (mask == TileMask::NONE) continue;
+        const KeyInterval* tile_iv = mask == TileMask::FULL ? nullptr : iv;
+        const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
           if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
             std::copy(m, m + rows, corr);
             std::fill(sum16, sum16 + rows * 16, 0.0f);
-            packed->scores_softmax(j0 / BK, q_blk, p.q_sl, rows, cols, nvalid, score_sgn, score_asc, s, BK, m,
+            packed->scores_softmax(j0 / BK, q_blk, p.q_stride.row, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
                                    sum16);
-            SoftmaxEpilogue::fold_block(rows, m, l, corr, sum16, score_asc);
-            gemm_f32_avx512<false>(rows, p.Ev, cols, 1.0f, s, BK, v_blk, p.v_sl, acc, p.Ev, true, corr);
+            fold_softmax_block(rows, m, l, corr, sum16, score_asc);
+            gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
+                                   true, corr);
             continue;
           }
         }
@@ -450,32 +493,36 @@ void attention_forward(AttnParams p) {
           if (use_brgemm) packed->scores(j0 / BK, q_a, ld_qa, rows, cols, s, BK);
         }
         if (!use_packed)
-          gemm(false, true, rows, cols, p.E, acc_t(1), q_blk, p.q_sl, k_bh + j0 * p.k_sl, p.k_sl, acc_t(0), s, BK);
-        softmax_step<scalar_t>(s, BK, rows, cols, nvalid, score_sgn, score_asc, m, l, corr, p16, BK);
+          gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row,
+               p.k_stride.row, acc_t(0), s, BK);
+        softmax_step<scalar_t>(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr, p16, BK);
         if constexpr (LOW_PRECISION) {
-          scale_rows(acc, p.Ev, rows, p.Ev, corr);
+          scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);
           if (use_brgemm) {
             // The VNNI reduction dim runs in pairs: an odd tail gets one zero column of P.
             const int64_t k_even = (cols + 1) / 2 * 2;
             if (k_even != cols)
               for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
-            packed->accumulate(j0 / BK, p16, BK, rows, k_even, p.Ev, acc);
+            packed->accumulate(j0 / BK, p16, BK, rows, k_even, d.head_dim_v, acc);
           } else {
-            gemm(false, false, rows, p.Ev, cols, acc_t(1), p16, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
+            gemm(false, false, rows, d.head_dim_v, cols, acc_t(1), p16, BK, v_blk, p.v_stride.row, acc_t(1), acc,
+                 d.head_dim_v);
           }
         } else {
-          scale_rows(acc, p.Ev, rows, p.Ev, corr);
-          gemm(false, false, rows, p.Ev, cols, acc_t(1), s, BK, v_blk, p.v_sl, acc_t(1), acc, p.Ev);
+          scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);
+          gemm(false, false, rows, d.head_dim_v, cols, acc_t(1), s, BK, v_blk, p.v_stride.row, acc_t(1), acc,
+               d.head_dim_v);
         }
       }
-      scalar_t* out_blk = out + (bh * p.L + i0) * p.Ev;
-      auto* lse_blk = lse + bh * p.L + i0;
+      scalar_t* out_blk = out + (bh * d.len_q + i0) * d.head_dim_v;
+      auto* lse_blk = lse + bh * d.len_q + i0;
       // l = 0: the row saw no key (or only -inf scores): out 0, lse -inf. l NaN (a NaN score)
       // makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf (out NaN: inf - inf).
       for (int64_t r = 0; r < rows; ++r) {
         const bool seen = l[r] != acc_t(0);
         const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
-        for (int64_t c = 0; c < p.Ev; ++c) out_blk[r * p.Ev + c] = static_cast<scalar_t>(acc[r * p.Ev + c] * inv);
+        for (int64_t c = 0; c < d.head_dim_v; ++c)
+          out_blk[r * d.head_dim_v + c] = static_cast<scalar_t>(acc[r * d.head_dim_v + c] * inv);
         const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()
             ? double(m[r])
             : double(m[r]) * double(score_asc) + std::log2(double(l[r]));
@@ -484,7 +531,7 @@ void attention_forward(AttnParams p) {
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
-  if (p.causal) poison_unseen_nonfinite_v<scalar_t>(p);
+  if (!sees_every_key(p.vis)) poison_unseen_nonfinite_v<scalar_t>(p);
 }
 
 }  // namespace fused_attn::cpu

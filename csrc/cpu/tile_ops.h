@@ -2,17 +2,18 @@
 // softmax update of the forward, the probability and dS recomputation of the
 // backward, and conversions to 16-bit GEMM operands.
 //
-// Tiles are row-major with leading dimension ld; `nvalid[r]` is how many leading
-// columns of row r the row may see (causal diagonal, ragged tail, or 0 for a row
-// that sees nothing); the rest of the row is written as 0. Every exponential is an
-// exp2. The forward takes raw scores s and subtracts before it scales: with t = sgn * s
-// (sgn = the sign of scale), a row's reference m (a t value) and asc = |scale| log2(e),
-// P = exp2((t - m) * asc). The difference is exact near the max and nothing is left for
-// a compiler to contract into an FMA (s * sc - m as one FMA gives the max's exponent the
-// rounding error of s * sc, which at |s * sc| ~ 1e10 is ~1e3, not 0), so any finite
-// scale works. The backward takes P = exp2((g s - hi) a - lo) with per-row hi, lo: fp32 the
-// same way from raw scores (g = sgn, a = asc), other dtypes from scores its GEMM already
-// scaled by scale log2 e (g = a = 1).
+// Tiles are row-major with leading dimension ld; `iv[r]` (params.h: tile_intervals) is the
+// interval [begin, end) of columns row r may see, relative to the tile (causal diagonal,
+// ragged tail, a window's start; begin == end for a row that sees nothing), or iv is
+// nullptr where every row sees every column (the unmasked path); the rest of the row is
+// written as 0. Every exponential is an exp2. The forward takes raw scores s and subtracts
+// before it scales: with t = sgn * s (sgn = the sign of scale), a row's reference m (a t
+// value) and asc = |scale| log2(e), P = exp2((t - m) * asc). The difference is exact near
+// the max and nothing is left for a compiler to contract into an FMA (s * sc - m as one FMA
+// gives the max's exponent the rounding error of s * sc, which at |s * sc| ~ 1e10 is ~1e3,
+// not 0), so any finite scale works. The backward takes P = exp2((g s - hi) a - lo) with
+// per-row hi, lo: fp32 the same way from raw scores (g = sgn, a = asc), other dtypes from
+// scores its GEMM already scaled by scale log2 e (g = a = 1).
 //
 // NaN and inf follow the math path: a NaN score makes the row's P, l, out and lse NaN;
 // a -inf score gets P = 0; a +inf score (the row's max) gets P = NaN and lse = +inf.
@@ -38,48 +39,17 @@
 
 #include "config.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define FA_CPU_HAVE_AVX512_PATH 1
-#endif
+#include "isa.h"
+#include "params.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FA_CPU_ISA_VERSIONS 1
-#endif
 #define FA_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace fused_attn::cpu {
 
-// Tests switch the hand-written AVX-512 and oneDNN paths off to check the portable
-// fallbacks (what CPUs without AVX-512 / AMX run) on any machine.
-inline bool& portable_only() {
-  static bool only = false;
-  return only;
+// Row r's visible keys of a tile: iv[r], or all cols where iv is nullptr (the unmasked path).
+FA_ALWAYS_INLINE KeyInterval row_keys(const KeyInterval* iv, int64_t r, int64_t cols) {
+  return iv ? iv[r] : KeyInterval{0, cols};
 }
-
-// The versions of the compiler-vectorised loops (FA_CPU_VEC_VERSIONS below).
-enum class VecIsa : int { BASELINE = 0, AVX2 = 1, AVX512 = 2 };
-constexpr const char* VEC_ISA_NAMES[] = {"baseline", "avx2", "avx512"};
-
-// The best version this CPU runs.
-inline VecIsa cpu_vec_isa() {
-#ifdef FA_CPU_ISA_VERSIONS
-  static const VecIsa best = __builtin_cpu_supports("x86-64-v4")   ? VecIsa::AVX512
-                             : __builtin_cpu_supports("x86-64-v3") ? VecIsa::AVX2
-                                                                    : VecIsa::BASELINE;
-  return best;
-#else
-  return VecIsa::BASELINE;
-#endif
-}
-
-// The most the loops may use (set_vec_isa in attention.cpp: FUSED_ATTN_CPU_ISA=avx2, tests).
-inline VecIsa& vec_isa_cap() {
-  static VecIsa cap = VecIsa::AVX512;
-  return cap;
-}
-
-inline VecIsa vec_isa() { return std::min(cpu_vec_isa(), vec_isa_cap()); }
 
 // `void name params`, one version per VecIsa of `name##_impl args` (the loop, inlined into
 // each so that it is vectorised for that target), chosen per call by vec_isa().
@@ -138,15 +108,16 @@ FA_ALWAYS_INLINE double exp2_fast(double x) { return std::exp2(x); }
 // for -inf, NaN for NaN; it stays unseen (l = 0) only without NaN.
 template <typename acc_t>
 FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols,
-                                          const int64_t* nvalid, acc_t sgn, acc_t asc, acc_t* m, acc_t* l,
+                                          const KeyInterval* iv, acc_t sgn, acc_t asc, acc_t* m, acc_t* l,
                                           acc_t* corr) {
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = s + r * ld;
-    const int64_t nv = nvalid[r];
+    const KeyInterval keys = row_keys(iv, r, cols);
+    const int64_t cb = keys.begin, ce = keys.end;
     acc_t mx = NEG_INF;
 #pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < nv; ++c) {
+    for (int64_t c = cb; c < ce; ++c) {
       const acc_t t = row[c] * sgn;
       mx = t > mx ? t : mx;
     }
@@ -154,12 +125,13 @@ FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, in
     const acc_t m_use = m_new == NEG_INF ? acc_t(0) : m_new;
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < nv; ++c) {
+    for (int64_t c = cb; c < ce; ++c) {
       const acc_t e = exp2_fast((row[c] * sgn - m_use) * asc);
       row[c] = e;
       sum += e;
     }
-    for (int64_t c = nv; c < cols; ++c) row[c] = 0;
+    std::fill(row, row + cb, acc_t(0));
+    std::fill(row + ce, row + cols, acc_t(0));
     corr[r] = m_old == m_new ? acc_t(1) : (m_old == NEG_INF ? acc_t(0) : exp2_fast((m_old - m_new) * asc));
     l[r] = l[r] * corr[r] + sum;
     m[r] = m_new;
@@ -172,6 +144,11 @@ FA_ALWAYS_INLINE void online_softmax_impl(acc_t* s, int64_t ld, int64_t rows, in
 // The first n of 16 lanes (n clamped to [0, 16]).
 FA_ALWAYS_INLINE __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Lanes [b, e) of 16 (b, e relative to the vector's first column; any values).
+FA_ALWAYS_INLINE __mmask16 lane_range(int64_t b, int64_t e) {
+  return __mmask16(lane_mask(e) & ~lane_mask(b));
 }
 
 // 2^x in the lanes of kv, 0 elsewhere: 2^floor(x) (scalef) times one of the EXP2_01_D*
@@ -193,11 +170,13 @@ FA_AVX512_TARGET FA_ALWAYS_INLINE __m512 softmax_exponent(__m512 s, __m512 sgn, 
 
 #define FA_AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
 
-// P = exp2(x) of columns [c, c + 16) of a row, 0 past nv, stored to the 16-bit row `out`
-// (not past cols) as online_softmax_avx512's OUT says; returned for the row sum.
+// P = exp2(x) of columns [c, c + 16) of a row, 0 outside its keys [cb, ce), stored to the
+// 16-bit row `out` (not past cols) as online_softmax_avx512's OUT says; returned for the
+// row sum.
 template <int OUT>
-FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c, int64_t cols, int64_t nv, __m512 x) {
-  const __mmask16 kc = lane_mask(cols - c), kv = lane_mask(nv - c);
+FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c, int64_t cols, int64_t cb, int64_t ce,
+                                                     __m512 x) {
+  const __mmask16 kc = lane_mask(cols - c), kv = lane_range(cb - c, ce - c);
   const __m512 e = exp2_avx512(x, kv, EXP2_01_D6);
   if constexpr (OUT == 1) {
     _mm256_mask_storeu_epi16(out + c, kc, (__m256i)_mm512_cvtneps_pbh(e));
@@ -227,27 +206,28 @@ FA_AVX512_BF16_TARGET FA_ALWAYS_INLINE __m512 store_p16(uint16_t* out, int64_t c
 // without AVX512-BF16); 2 = fp16 P.
 template <int OUT>
 FA_AVX512_BF16_TARGET void online_softmax_avx512(
-    float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sgn, float asc, float* m,
+    float* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv, float sgn, float asc, float* m,
     float* l, float* corr, uint16_t* p16, int64_t ld16) {
   constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
   const __m512 vsgn = _mm512_set1_ps(sgn), vasc = _mm512_set1_ps(asc), slack = _mm512_set1_ps(LAZY_MAX_SLACK);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = s + r * ld;
     uint16_t* out = p16 + r * ld16;
-    const int64_t nv = nvalid[r];
+    const KeyInterval keys = row_keys(iv, r, cols);
+    const int64_t cb = keys.begin, ce = keys.end;
     const float m_start = m[r];
     float m_ref = m_start;
     bool moved = false;  // after a move m_ref is the max of the row's remaining scores
     __m512 vm = _mm512_set1_ps(m_ref);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t c = 0; c < cols; c += 16) {
-      const __mmask16 kv = lane_mask(nv - c);
+      const __mmask16 kv = lane_range(cb - c, ce - c);
       __m512 x = softmax_exponent(_mm512_maskz_loadu_ps(kv, row + c), vsgn, vm, vasc);
       if (__builtin_expect(!moved && kv != 0 &&
                                (m_ref == NEG_INF || _mm512_mask_cmp_ps_mask(kv, x, slack, _CMP_GT_OQ) != 0), 0)) {
         __m512 y_max = _mm512_set1_ps(NEG_INF);
-        for (int64_t c2 = c; c2 < nv; c2 += 16) {
-          const __mmask16 k2 = lane_mask(nv - c2);
+        for (int64_t c2 = c; c2 < ce; c2 += 16) {
+          const __mmask16 k2 = lane_range(cb - c2, ce - c2);
           y_max = _mm512_mask_max_ps(y_max, k2, y_max, _mm512_mul_ps(_mm512_maskz_loadu_ps(k2, row + c2), vsgn));
         }
         m_ref = _mm512_reduce_max_ps(y_max);
@@ -255,12 +235,13 @@ FA_AVX512_BF16_TARGET void online_softmax_avx512(
         vm = _mm512_set1_ps(m_ref == NEG_INF ? 0.0f : m_ref);
         vsum = _mm512_setzero_ps();
         for (int64_t c2 = 0; c2 < c; c2 += 16)
-          vsum = _mm512_add_ps(vsum, store_p16<OUT>(out, c2, cols, nv,
-                                                    softmax_exponent(_mm512_maskz_loadu_ps(lane_mask(nv - c2), row + c2),
-                                                                     vsgn, vm, vasc)));
+          vsum = _mm512_add_ps(
+              vsum, store_p16<OUT>(out, c2, cols, cb, ce,
+                                   softmax_exponent(_mm512_maskz_loadu_ps(lane_range(cb - c2, ce - c2), row + c2),
+                                                    vsgn, vm, vasc)));
         x = softmax_exponent(_mm512_maskz_loadu_ps(kv, row + c), vsgn, vm, vasc);
       }
-      vsum = _mm512_add_ps(vsum, store_p16<OUT>(out, c, cols, nv, x));
+      vsum = _mm512_add_ps(vsum, store_p16<OUT>(out, c, cols, cb, ce, x));
     }
     corr[r] = m_ref == m_start ? 1.0f : (m_start == NEG_INF ? 0.0f : exp2_fast((m_start - m_ref) * asc));
     l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(vsum);
@@ -268,42 +249,24 @@ FA_AVX512_BF16_TARGET void online_softmax_avx512(
   }
 }
 
-inline bool cpu_has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
-inline bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok && !portable_only();
-}
 #endif
 
-// Whether the hand-written AVX-512 paths run: built in, the CPU has AVX-512, and the tests
-// have not asked for the portable fallbacks.
-inline bool avx512_enabled() {
-#ifdef FA_CPU_HAVE_AVX512_PATH
-  return cpu_has_avx512();
-#else
-  return false;
-#endif
-}
-
-// Backward: P = exp2((g s - hi[r]) a - lo[r]) in place, 0 past nvalid. fp32 inputs: s the
+// Backward: P = exp2((g s - hi[r]) a - lo[r]) in place, 0 outside iv[r]. fp32 inputs: s the
 // raw scores, g = sign(scale), a = |scale| log2 e, hi a t value near the row's max (the
 // subtraction exact there) and hi a + lo = lse log2 e; otherwise s already scaled by
 // scale log2 e, g = a = 1 and hi + lo = lse log2 e (bwd_kernel.h, step 1).
 template <typename acc_t>
-FA_ALWAYS_INLINE void probs_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+FA_ALWAYS_INLINE void probs_impl(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv,
                                  acc_t g, acc_t a, const acc_t* hi, const acc_t* lo) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = s + r * ld;
-    const int64_t nv = nvalid[r];
+    const KeyInterval keys = row_keys(iv, r, cols);
+    const int64_t cb = keys.begin, ce = keys.end;
     const acc_t h = hi[r], o = lo[r];
 #pragma omp simd
-    for (int64_t c = 0; c < nv; ++c) row[c] = exp2_fast((row[c] * g - h) * a - o);
-    for (int64_t c = nv; c < cols; ++c) row[c] = 0;
+    for (int64_t c = cb; c < ce; ++c) row[c] = exp2_fast((row[c] * g - h) * a - o);
+    std::fill(row, row + cb, acc_t(0));
+    std::fill(row + ce, row + cols, acc_t(0));
   }
 }
 
@@ -338,21 +301,21 @@ inline float exact_dscore(const float* dout_row, const float* v_row, int64_t Ev,
 }
 
 FA_CPU_VEC_VERSIONS(online_softmax,
-                    (float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float sgn, float asc,
+                    (float* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv, float sgn, float asc,
                      float* m, float* l, float* corr),
-                    (s, ld, rows, cols, nvalid, sgn, asc, m, l, corr))
-inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid,
+                    (s, ld, rows, cols, iv, sgn, asc, m, l, corr))
+inline void online_softmax(double* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv,
                            double sgn, double asc, double* m, double* l, double* corr) {
-  online_softmax_impl(s, ld, rows, cols, nvalid, sgn, asc, m, l, corr);
+  online_softmax_impl(s, ld, rows, cols, iv, sgn, asc, m, l, corr);
 }
 
 FA_CPU_VEC_VERSIONS(probs,
-                    (float* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, float g, float a,
+                    (float* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv, float g, float a,
                      const float* hi, const float* lo),
-                    (s, ld, rows, cols, nvalid, g, a, hi, lo))
-inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const int64_t* nvalid, double g, double a,
+                    (s, ld, rows, cols, iv, g, a, hi, lo))
+inline void probs(double* s, int64_t ld, int64_t rows, int64_t cols, const KeyInterval* iv, double g, double a,
                   const double* hi, const double* lo) {
-  probs_impl(s, ld, rows, cols, nvalid, g, a, hi, lo);
+  probs_impl(s, ld, rows, cols, iv, g, a, hi, lo);
 }
 
 FA_CPU_VEC_VERSIONS(dscores,
