@@ -171,10 +171,10 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
         out, lse = fused_attn.attention_with_lse(*leaves, backend=backend, **kwargs)
     results = {"out": out.detach(), "lse": lse.detach()}
     if backward:
-        dout = torch.randn(out.shape, generator=g).to(q.dtype).double()
+        dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=q.dtype).double()
         total = (out.double() * dout).sum()
         if lse_grad:
-            dlse = torch.randn(lse.shape, generator=g).double()
+            dlse = torch.randn(lse.shape, generator=g).to(lse.device).double()
             total = total + (torch.where(torch.isinf(lse), 0.0, lse.double()) * dlse).sum()
         results.update(zip(("dq", "dk", "dv"), torch.autograd.grad(total, leaves)))
     return results
