@@ -1,9 +1,12 @@
-"""Shared test machinery: random inputs in every layout, and one check of a backend
-(forward, lse and gradients) against the fp64 reference under the tolerance rule."""
+"""Shared test machinery for every backend's kernel tests: the one case grid (each axis's
+values named after the path they hit, and the subset each backend runs), random inputs in
+every layout, and one check of a backend (forward, lse and gradients) against the fp64
+reference under the tolerance rule (fused_attn.testing)."""
 from __future__ import annotations
 
+import pytest
 import torch
-from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.nn.attention.bias import causal_lower_right
 
 import fused_attn
 from fused_attn import reference
@@ -11,6 +14,93 @@ from fused_attn.reference import CausalMode
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
 CAUSAL_MODES = (CausalMode.NONE, CausalMode.UPPER_LEFT, CausalMode.LOWER_RIGHT)
+
+# ---- the case grid -------------------------------------------------------------------------
+# Each axis maps a case id (named after the path it hits) to its values. The blocks the ids
+# refer to: Triton's interpreter 32 x 32 (compiled 64-128); CUDA 128 query rows forward, 64 keys
+# and 128 query rows backward; CPU 512 keys forward, 128 backward. A backend runs the subset
+# SUBSETS names: the CUDA emulator a smaller one, as it is slow.
+
+SEQLENS = {  # (L, S)
+    "L1_one-S1_one": (1, 1),  # one row and one key: a single partial tile each side
+    "L1_one-S64_whole": (1, 64),  # whole key blocks, no key tail
+    "L1_one-S203_ragged": (1, 203),  # several key blocks, a ragged last one
+    "L17_partial-S1_one": (17, 1),  # L > S: lower-right rows that see no key
+    "L17_partial-S64_whole": (17, 64),
+    "L17_partial-S203_ragged": (17, 203),
+    "L113_ragged-S1_one": (113, 1),
+    "L113_ragged-S64_whole": (113, 64),
+    "L113_ragged-S203_ragged": (113, 203),  # L < S, ragged tails both sides
+    "L97_ragged-S203_ragged": (97, 203),
+    "L203_ragged-S97_ragged": (203, 97),  # L > S over several blocks: the causal diagonal crosses tiles
+}
+L_BY_S = [name for name in SEQLENS if name.startswith(("L1_", "L17_", "L113_"))]  # (1, 17, 113) x (1, 64, 203)
+HEAD_DIMS = {  # (E, Ev)
+    "E8_below_dot_min": (8, 8),  # Triton pads it to its smallest dot (16)
+    "E16": (16, 16),
+    "E32_cuda_smallest_bucket": (32, 32),
+    "E40_not_pow2": (40, 40),  # masked inside Triton's 64-wide block; CUDA bucket 64
+    "E64": (64, 64),
+    "E72_inside_bucket": (72, 72),  # CUDA bucket 96; Triton masked inside 128
+    "E111_not_multiple_of_8": (111, 111),  # CUDA zero-pads it to 112 -> bucket 128
+    "E128": (128, 128),
+    "E160": (160, 160),
+    "E192": (192, 192),
+    "E224": (224, 224),
+    "E256_largest": (256, 256),
+    "E72_Ev40_narrower_v": (72, 40),
+    "E16_Ev256_wider_v": (16, 256),
+    "E32_Ev128_wider_v": (32, 128),
+}
+GQA = {  # Hk under Hq = 6 query heads; dK/dV sum over each kv head's group
+    "mqa_6to1": 1,
+    "gqa_6to2": 2,
+    "gqa_6to3": 3,
+}
+LAYOUTS = {  # make_inputs' layouts other than "contiguous"
+    "blhe": "blhe",  # (B, L, H, E) views: strided heads and rows
+    "sliced": "sliced",  # column slices of a wider tensor
+    "broadcast": "broadcast",  # stride-0 batch for k and v
+    "transposed": "transposed",  # head dim not unit-stride: the launchers copy
+    "mixed": "mixed",  # q (B, L, H, E) view, k head dim not unit-stride, v stride-0 heads
+}
+SUBSETS = {
+    "cpu": {
+        "seqlens": L_BY_S + ["L203_ragged-S97_ragged"],
+        "head_dims": ["E16", "E40_not_pow2", "E64", "E72_inside_bucket", "E128", "E256_largest",
+                      "E72_Ev40_narrower_v", "E16_Ev256_wider_v"],
+        "gqa": list(GQA),
+        "layouts": list(LAYOUTS),
+    },
+    "triton": {
+        "seqlens": L_BY_S + ["L203_ragged-S97_ragged"],
+        "seqlens_fp32_bf16": ["L97_ragged-S203_ragged", "L203_ragged-S97_ragged"],
+        "head_dims": ["E16", "E40_not_pow2", "E64", "E72_inside_bucket", "E111_not_multiple_of_8", "E128",
+                      "E256_largest", "E8_below_dot_min", "E72_Ev40_narrower_v", "E32_Ev128_wider_v"],
+        "gqa": list(GQA),
+        "layouts": ["blhe", "sliced", "broadcast", "transposed"],
+    },
+    "cuda": {  # the emulator: one seqlen case per path, every head-dim bucket
+        "seqlens": ["L1_one-S1_one", "L17_partial-S64_whole", "L113_ragged-S203_ragged", "L203_ragged-S97_ragged"],
+        "head_dims": ["E32_cuda_smallest_bucket", "E64", "E72_inside_bucket", "E128", "E160", "E192", "E224",
+                      "E256_largest", "E111_not_multiple_of_8", "E72_Ev40_narrower_v", "E16_Ev256_wider_v"],
+        "gqa": list(GQA),
+        "layouts": ["blhe", "sliced", "broadcast"],
+    },
+}
+_AXES = {"seqlens": SEQLENS, "head_dims": HEAD_DIMS, "gqa": GQA, "layouts": LAYOUTS}
+
+
+def grid(axis: str, backend: str, subset: str = None) -> list:
+    """``backend``'s cases of ``axis`` (SUBSETS[backend][subset or axis]) as pytest params, each
+    with its id."""
+    values = _AXES[axis]
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=name)
+            for name in SUBSETS[backend][subset or axis] for v in (values[name],)]
+
+
+def mode_id(mode: CausalMode) -> str:
+    return mode.name.lower()
 
 
 def sdpa_causal_args(mode: CausalMode, L: int, S: int) -> dict:
@@ -26,15 +116,18 @@ def sdpa_causal_args(mode: CausalMode, L: int, S: int) -> dict:
 
 
 def make_inputs(B, Hq, Hk, L, S, E, Ev, dtype, device="cpu", layout="contiguous"):
-    """q, k, v of shapes (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev) with fresh random values.
+    """q, k, v of shapes (B, Hq, L, E), (B, Hk, S, E), (B, Hk, S, Ev) with fresh random values
+    (standard normal, drawn in fp32 and rounded to ``dtype``; fp64 drawn in fp64).
 
     layout "blhe": views of (B, L, H, E) tensors (the layout after a linear projection);
     "sliced": k and v are column slices of one wider tensor (strided rows);
     "broadcast": k and v have batch 1 expanded to B (stride 0);
-    "transposed": the head dim is not the unit-stride dim (the kernels' launchers copy).
+    "transposed": the head dim is not the unit-stride dim (the kernels' launchers copy);
+    "mixed": q a (B, L, H, E) view, k with head-dim stride 2 * Hk (copied), v stride-0 heads (Ev = E).
     """
     def rnd(*shape):
-        return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
+        return torch.randn(*shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                           device=device).to(dtype)
     if layout == "contiguous":
         q, k, v = rnd(B, Hq, L, E), rnd(B, Hk, S, E), rnd(B, Hk, S, Ev)
     elif layout == "blhe":
@@ -48,6 +141,12 @@ def make_inputs(B, Hq, Hk, L, S, E, Ev, dtype, device="cpu", layout="contiguous"
         k, v = rnd(1, Hk, S, E).expand(B, -1, -1, -1), rnd(1, Hk, S, Ev).expand(B, -1, -1, -1)
     elif layout == "transposed":
         q, k, v = (rnd(B, H, d, n).transpose(-1, -2) for n, H, d in ((L, Hq, E), (S, Hk, E), (S, Hk, Ev)))
+    elif layout == "mixed":
+        if Ev != E:
+            raise ValueError(f"layout 'mixed' needs Ev == E, got E={E}, Ev={Ev}")
+        q = rnd(B, L, Hq, E).transpose(1, 2)
+        k = rnd(B, S, 2 * E, Hk)[:, :, ::2].permute(0, 3, 1, 2)
+        v = rnd(B, 1, S, E).expand(B, Hk, S, E)
     else:
         raise ValueError(layout)
     return q, k, v
@@ -72,26 +171,30 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
         out, lse = fused_attn.attention_with_lse(*leaves, backend=backend, **kwargs)
     results = {"out": out.detach(), "lse": lse.detach()}
     if backward:
-        dout = torch.randn(out.shape, generator=g).to(q.dtype).double()
+        dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=q.dtype).double()
         total = (out.double() * dout).sum()
         if lse_grad:
-            dlse = torch.randn(lse.shape, generator=g).double()
+            dlse = torch.randn(lse.shape, generator=g).to(lse.device).double()
             total = total + (torch.where(torch.isinf(lse), 0.0, lse.double()) * dlse).sum()
         results.update(zip(("dq", "dk", "dv"), torch.autograd.grad(total, leaves)))
     return results
 
 
-def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale=None):
-    """Run ``backend`` through the public API and check out, lse, dq, dk, dv. Returns the ratios."""
+def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale=None, backward=True):
+    """Run ``backend`` through the public API and check out, lse and (with ``backward``) dq, dk,
+    dv against the fp64 reference under the tolerance rule; out keeps the inputs' dtype, lse is
+    fp32 (fp64 for fp64 inputs). Returns the max error ratio of each result."""
     L, S = q.shape[-2], k.shape[-2]
     kwargs = dict(scale=scale, enable_gqa=q.shape[-3] != k.shape[-3], **sdpa_causal_args(mode, L, S))
     seed = int(torch.randint(2 ** 31, ()))
-    got = run_attention(backend, q, k, v, mode, kwargs, True, with_lse_grad, seed)
-    ref = run_attention(None, q, k, v, mode, kwargs, True, with_lse_grad, seed, compute_dtype=torch.float64)
-    base = run_attention(None, q, k, v, mode, kwargs, True, with_lse_grad, seed)
+    got = run_attention(backend, q, k, v, mode, kwargs, backward, with_lse_grad, seed)
+    ref = run_attention(None, q, k, v, mode, kwargs, backward, with_lse_grad, seed, compute_dtype=torch.float64)
+    base = run_attention(None, q, k, v, mode, kwargs, backward, with_lse_grad, seed)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    assert got["out"].dtype == q.dtype and got["lse"].dtype == lse_dtype, (got["out"].dtype, got["lse"].dtype)
     truncated = stores_bf16_by_truncation(backend, q.dtype)  # the Triton interpreter's bf16 stores
     ratios = {}
-    for name in ("out", "lse", "dq", "dk", "dv"):
+    for name in ("out", "lse", "dq", "dk", "dv")[:5 if backward else 2]:
         if name == "lse":  # fp32, stored without rounding to the inputs' dtype; the floor is the inputs'
             ratios[name] = assert_close(got[name], ref[name], base[name], name, dtype=q.dtype)
         else:

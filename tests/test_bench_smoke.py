@@ -9,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the benchmark CLI in a subprocess
 def test_bench_cli_small_shape(tmp_path):
     pytest.importorskip("matplotlib")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device", "cpu", "--shapes", "1,2,64,32",
@@ -26,6 +27,7 @@ def test_bench_cli_small_shape(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_bench_cli_cpu_isa_avx2(tmp_path):
     """--cpu-isa avx2 reruns the benchmark in a child pinned to AVX2: fused_attn's portable path, torch's AVX2."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device", "cpu", "--cpu-isa", "avx2",

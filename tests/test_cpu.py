@@ -1,8 +1,9 @@
 """The fused CPU backend (fused_attn/ops/cpu.py, csrc/cpu/) against the reference.
 
-Every result is checked under the project's one tolerance rule (fused_attn.testing):
-the kernel's error against the fp64 reference at most 2x plain PyTorch's error in the
-same dtype. Outputs are NaN-poisoned before the kernels run (FUSED_ATTN_POISON=1), so
+The cases come from the one grid (tests/attn_cases.py), and every result is checked under
+the project's one tolerance rule (attn_cases.check_backend, fused_attn.testing): the
+kernel's error against the fp64 reference at most 2x plain PyTorch's error in the same
+dtype. Outputs are NaN-poisoned before the kernels run (FUSED_ATTN_POISON=1), so
 an element a kernel forgets to write fails the comparison.
 """
 import os
@@ -11,13 +12,14 @@ import sys
 
 import pytest
 import torch
-from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.nn.attention.bias import causal_lower_right
 
 import fused_attn
-from fused_attn import reference
 from fused_attn.ops import cpu
 from fused_attn.reference import CausalMode
-from fused_attn.testing import assert_close, peak_memory_bytes
+from fused_attn.testing import peak_memory_bytes
+
+from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, sdpa_causal_args
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Lower right causal bias")]
 
@@ -26,8 +28,8 @@ def test_extension_is_built():
     """The README's install builds fused_attn._C_cpu; without it every test below would test nothing."""
     assert cpu._C is not None, cpu._IMPORT_ERROR
 
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-CAUSAL = list(CausalMode)
 
 
 @pytest.fixture(autouse=True)
@@ -35,75 +37,42 @@ def _poison(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_POISON", "1")
 
 
-def _mask(mode: CausalMode, L: int, S: int):
-    return {CausalMode.NONE: None, CausalMode.UPPER_LEFT: causal_upper_left(L, S),
-            CausalMode.LOWER_RIGHT: causal_lower_right(L, S)}[mode]
-
-
 def _finite(lse):
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
-def _run_reference(q, k, v, mode, do, dlse, scale=None):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = reference.attention(q, k, v, causal=mode, scale=scale)
-    loss = (out * do.to(out.dtype)).sum() + (_finite(lse) * dlse.to(lse.dtype)).sum()
-    return (out, lse) + torch.autograd.grad(loss, (q, k, v))
-
-
-def check_against_reference(q, k, v, mode: CausalMode, with_lse_grad: bool = True, scale=None):
-    """Forward, lse, dq, dk, dv of the cpu backend vs. the fp64 reference; returns the worst ratio."""
-    B, Hq, L, _ = q.shape
-    S, Ev = k.shape[2], v.shape[3]
-    do = torch.randn(B, Hq, L, Ev, dtype=torch.float64)
-    dlse = torch.randn(B, Hq, L, dtype=torch.float64) if with_lse_grad else torch.zeros(B, Hq, L, dtype=torch.float64)
-    ref = _run_reference(q.double(), k.double(), v.double(), mode, do, dlse, scale)
-    base = _run_reference(q, k, v, mode, do, dlse, scale)  # plain PyTorch in the inputs' dtype
-
-    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = fused_attn.attention_with_lse(qq, kk, vv, attn_mask=_mask(mode, L, S), scale=scale, enable_gqa=True,
-                                             backend="cpu")
-    assert out.dtype == q.dtype and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    loss = (out * do.to(out.dtype)).sum()
-    if with_lse_grad:  # else the kernel's backward gets dlse = None
-        loss = loss + (_finite(lse) * dlse.to(lse.dtype)).sum()
-    got = (out, lse) + torch.autograd.grad(loss, (qq, kk, vv))
-    names = ("out", "lse", "dq", "dk", "dv")
-    return max(assert_close(g, r, b, name=n, dtype=q.dtype) for g, r, b, n in zip(got, ref, base, names))
-
-
-def _qkv(B, Hq, Hk, L, S, E, Ev, dtype):
-    return (torch.randn(B, Hq, L, E, dtype=dtype), torch.randn(B, Hk, S, E, dtype=dtype),
-            torch.randn(B, Hk, S, Ev, dtype=dtype))
+def check(q, k, v, mode: CausalMode, with_lse_grad: bool = True, scale=None):
+    """out, lse, dq, dk, dv of the cpu backend vs. the fp64 reference (attn_cases.check_backend),
+    with an lse gradient unless told otherwise (else the kernel's backward gets dlse = None)."""
+    check_backend("cpu", q, k, v, mode, with_lse_grad=with_lse_grad, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("S", [1, 64, 203])
-@pytest.mark.parametrize("L", [1, 17, 113])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("L,S", grid("seqlens", "cpu"))
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_seqlens_causal_dtypes(mode, L, S, dtype):
-    check_against_reference(*_qkv(2, 2, 2, L, S, 40, 40, dtype), mode)
+    check(*make_inputs(2, 2, 2, L, S, 40, 40, dtype), mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("E,Ev", [(16, 16), (40, 40), (64, 64), (72, 72), (128, 128), (256, 256), (72, 40), (16, 256)])
+@pytest.mark.parametrize("E,Ev", grid("head_dims", "cpu"))
 def test_head_dims(E, Ev, dtype):
-    check_against_reference(*_qkv(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
+    check(*make_inputs(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("E,Ev", [(72, 40), (33, 17)])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_many_key_blocks(mode, E, Ev, dtype):
     """S = 1100 spans several key blocks of every path (forward 512, backward 128),
     so the online-softmax rescale, the packed panels of later blocks and
     a ragged last block all run; odd E takes the 16-bit packing's non-word-aligned path."""
-    check_against_reference(*_qkv(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
+    check(*make_inputs(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_heads_and_query_blocks(mode, dtype, threads):
     """Several kv heads (GQA groups of 2), batches and query blocks per head: each worker
     thread packs the kv head of its task when that changes, and a causal task packs only
@@ -111,14 +80,14 @@ def test_heads_and_query_blocks(mode, dtype, threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check_against_reference(*_qkv(2, 4, 2, 300, 700, 40, 24, dtype), mode)
+        check(*make_inputs(2, 4, 2, 300, 700, 40, 24, dtype), mode)
     finally:
         torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scores,scale", [("rising", None), ("falling", None), ("spread", None), ("spread", -0.2)])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_lazy_softmax_reference(mode, scores, scale, dtype):
     """The forward's softmax (fp32: SoftmaxEpilogue, csrc/cpu/fwd_kernel.h; 16-bit:
     online_softmax_avx512, tile_ops.h) keeps each row's exp2 reference until a score passes
@@ -130,40 +99,40 @@ def test_lazy_softmax_reference(mode, scores, scale, dtype):
     sit near +-70, the one rounding of its fp32 lse (~4e-6 relative) is passed by any
     lse-based backward (ours, FlashAttention's) to every P of the row, and dq can exceed
     2x the error of PyTorch's softmax, which keeps P (ratio up to 2.5 over a +-200 ramp)."""
-    q, k, v = _qkv(1, 2, 1, 130, 1100, 72, 40, torch.float32)
+    q, k, v = make_inputs(1, 2, 1, 130, 1100, 72, 40, torch.float32)
     if scores == "spread":
         q, k = 3 * q, 4 * k
     else:
         ramp = torch.linspace(-80.0, 0.0, 1100)
         q[..., 0] = 3.0
         k[..., 0] = ramp if scores == "rising" else ramp.flip(0)
-    check_against_reference(q.to(dtype), k.to(dtype), v.to(dtype), mode, scale=scale)
+    check(q.to(dtype), k.to(dtype), v.to(dtype), mode, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("Hk", [1, 2, 3])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("Hk", grid("gqa", "cpu"))
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_gqa(mode, Hk, dtype):
-    check_against_reference(*_qkv(2, 6, Hk, 113, 203, 64, 64, dtype), mode)
+    check(*make_inputs(2, 6, Hk, 113, 203, 64, 64, dtype), mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_noncontiguous_inputs(dtype):
-    B, H, L, S, E = 2, 3, 113, 203, 72
-    q = torch.randn(B, L, H, E, dtype=dtype).transpose(1, 2)           # (B, H, L, E) view of (B, L, H, E)
-    k = torch.randn(B, S, 2 * E, H, dtype=dtype)[:, :, ::2].permute(0, 3, 1, 2)  # last-dim stride 2: copied
-    v = torch.randn(B, 1, S, E, dtype=dtype).expand(B, H, S, E)          # stride-0 heads
-    assert not q.is_contiguous() and k.stride(-1) != 1 and v.stride(1) == 0
-    check_against_reference(q, k, v, CausalMode.UPPER_LEFT)
+@pytest.mark.parametrize("layout", grid("layouts", "cpu"))
+def test_noncontiguous_inputs(layout, dtype):
+    q, k, v = make_inputs(2, 3, 3, 113, 203, 72, 72, dtype, layout=layout)
+    assert not all(t.is_contiguous() for t in (q, k, v))
+    if layout == "mixed":
+        assert not q.is_contiguous() and k.stride(-1) != 1 and v.stride(1) == 0
+    check(q, k, v, CausalMode.UPPER_LEFT)
 
 
 def test_lse_gradient_off():
-    check_against_reference(*_qkv(1, 2, 2, 64, 64, 32, 32, torch.float32), CausalMode.NONE, with_lse_grad=False)
+    check(*make_inputs(1, 2, 2, 64, 64, 32, 32, torch.float32), CausalMode.NONE, with_lse_grad=False)
 
 
 def test_rows_that_see_no_key():
     """Lower-right causal with L > S: the first L - S rows see nothing: zeros, -inf, zero grads."""
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 203, 64, 40, 40, torch.float32))
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 2, 203, 64, 40, 40, torch.float32))
     out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=causal_lower_right(203, 64), backend="cpu")
     (out.sum() + _finite(lse).sum()).backward()
     blind = 203 - 64
@@ -174,14 +143,14 @@ def test_rows_that_see_no_key():
 
 
 def test_automatic_choice_uses_cpu_for_cpu_tensors():
-    q, k, v = _qkv(1, 2, 2, 17, 17, 16, 16, torch.float32)
+    q, k, v = make_inputs(1, 2, 2, 17, 17, 16, 16, torch.float32)
     assert fused_attn.explain_dispatch(q, k, v)["cpu"] is None
     assert torch.equal(fused_attn.scaled_dot_product_attention(q, k, v),
                        fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu"))
 
 
 def test_backward_is_deterministic():
-    q, k, v = _qkv(1, 6, 2, 203, 203, 64, 64, torch.float32)
+    q, k, v = make_inputs(1, 6, 2, 203, 203, 64, 64, torch.float32)
     grads = []
     for _ in range(2):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -191,13 +160,13 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("Hq,Hk", [(1, 1), (4, 2)])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_gradcheck_fp64(mode, Hq, Hk):
     L, S = (7, 5) if mode is CausalMode.LOWER_RIGHT else (5, 7)  # L > S: rows that see nothing
-    q, k, v = (t.requires_grad_() for t in _qkv(1, Hq, Hk, L, S, 6, 4, torch.float64))
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, Hq, Hk, L, S, 6, 4, torch.float64))
 
     def f(q, k, v):
-        out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=_mask(mode, L, S), enable_gqa=True, backend="cpu")
+        out, lse = fused_attn.attention_with_lse(q, k, v, enable_gqa=True, backend="cpu", **sdpa_causal_args(mode, L, S))
         return out, _finite(lse)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
@@ -212,7 +181,7 @@ def test_memory_grows_linearly_in_L():
         peaks = {}
         for backend in ("cpu", "reference"):
             for L in (256, 512, 1024):
-                q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 4, L, L, 64, 64, torch.float32))
+                q, k, v = (t.requires_grad_() for t in make_inputs(1, 4, 4, L, L, 64, 64, torch.float32))
 
                 def step():
                     fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend).sum().backward()
@@ -245,14 +214,14 @@ def portable_kernels(request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_portable_fallback(portable_kernels, mode, dtype):
-    check_against_reference(*_qkv(1, 6, 2, 113, 203, 72, 40, dtype), mode)
+    check(*make_inputs(1, 6, 2, 113, 203, 72, 40, dtype), mode)
 
 
 def test_ops_register_fake_and_schema():
     """torch.library.opcheck: schemas, fake (meta) implementations, autograd registration."""
-    q, k, v = _qkv(1, 2, 1, 17, 23, 16, 8, torch.float32)
+    q, k, v = make_inputs(1, 2, 1, 17, 23, 16, 8, torch.float32)
     out, lse = cpu.forward(q, k, v, int(CausalMode.LOWER_RIGHT), 0.25)
     torch.library.opcheck(torch.ops.fused_attn.cpu_fwd.default, (q, k, v, 2, 0.25))
     for dlse in (torch.randn_like(lse), None):

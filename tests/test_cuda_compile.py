@@ -40,6 +40,7 @@ def test_table_compiles_what_setup_py_ships():
         cct.compile_table(("75",))
 
 
+@pytest.mark.slow  # nvcc over every kernel and arch
 @pytest.mark.skipif(cct.nvcc_path() is None, reason="nvcc not found: cannot compile the CUDA kernels")
 def test_every_kernel_compiles_for_every_arch_without_spills(capsys):
     """Also compiles the torch binding (csrc/cuda/binding/) against torch's headers."""

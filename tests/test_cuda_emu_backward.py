@@ -1,15 +1,16 @@
 """The CUDA backward kernels (csrc/cuda/flash_bwd_kernel.cuh), emulated on the CPU or compiled on a GPU.
 
 Gradients go through autograd and the public API with backend "cuda" (forward and backward
-both on the CUDA kernels) and are checked against the fp64 reference under the one
-tolerance rule (tests/attn_cases.check_backend: out, lse, dq, dk, dv at most 2x plain
-PyTorch's error in the same dtype). Gradient outputs are NaN-poisoned first, so a missed
-write fails. By default the kernels run on CPU tensors through the emulator
-(FUSED_ATTN_CUDA_EMULATE=1), which checks every global access against its tensor's bounds
-in every test here (GPtr has no unchecked mode under emulation;
-tests/test_cuda_emu_primitives.py shows the checker firing). With FUSED_ATTN_TEST_DEVICE=cuda
-(tests/conftest.py) the same cases run on CUDA tensors through the built extension
-fused_attn._C_cuda; the emulator-only tests are skipped there.
+both on the CUDA kernels), on the cuda subset of the one case grid (tests/attn_cases.py),
+and are checked against the fp64 reference under the one tolerance rule
+(tests/attn_cases.check_backend: out, lse, dq, dk, dv at most 2x plain PyTorch's error in
+the same dtype). Gradient outputs are NaN-poisoned first, so a missed write fails. By
+default the kernels run on CPU tensors through the emulator (FUSED_ATTN_CUDA_EMULATE=1),
+which checks every global access against its tensor's bounds in every test here (GPtr has
+no unchecked mode under emulation; tests/test_cuda_emu_primitives.py shows the checker
+firing). With FUSED_ATTN_TEST_DEVICE=cuda (tests/conftest.py) the same cases run on CUDA
+tensors through the built extension fused_attn._C_cuda; the emulator-only tests are
+skipped there.
 """
 import math
 
@@ -22,13 +23,12 @@ from fused_attn.ops import cuda
 from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
 
-from attn_cases import check_backend, make_inputs, sdpa_causal_args
+from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, run_attention, sdpa_causal_args
 from conftest import DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
 DTYPES = [torch.float16, torch.bfloat16]
-CAUSAL = list(CausalMode)
 
 
 emulator_only = pytest.mark.skipif(DEVICE != "cpu", reason="tests the CPU emulator itself")
@@ -59,8 +59,8 @@ def _raw_backward(*args):
 # Ragged tails on both sides, L > S (lower-right: rows that see no key) and L < S; the lse
 # gradient enters through delta - dlse.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("L,S", [(1, 1), (17, 64), (113, 203), (203, 97)])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("L,S", grid("seqlens", "cuda"))
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_seqlens_causal_dtypes(mode, L, S, dtype):
     check_backend("cuda", *_inputs(2, 2, 2, L, S, 40, 40, dtype), mode, with_lse_grad=True)
 
@@ -68,22 +68,21 @@ def test_seqlens_causal_dtypes(mode, L, S, dtype):
 # Every head-dim bucket (32 ... 256), a dim inside a bucket (72 -> 96), one that is not a
 # multiple of 8 (111: zero-padded to 112 -> bucket 128), and E != Ev both ways.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (72, 72), (128, 128), (160, 160), (192, 192), (224, 224),
-                                  (256, 256), (111, 111), (72, 40), (16, 256)])
+@pytest.mark.parametrize("E,Ev", grid("head_dims", "cuda"))
 def test_head_dims(E, Ev, dtype):
     check_backend("cuda", *_inputs(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
 
 
 # dK/dV sum over the q heads of each kv head's group inside the kernel (no atomics).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("Hk", [1, 2, 3])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("Hk", grid("gqa", "cuda"))
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_gqa(mode, Hk, dtype):
     check_backend("cuda", *_inputs(1, 6, Hk, 113, 150, 64, 64, dtype), mode, with_lse_grad=Hk == 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast"])
+@pytest.mark.parametrize("layout", grid("layouts", "cuda"))
 def test_strided_inputs(layout, dtype):
     """(B, L, H, E) views, column slices of a wider tensor, stride-0 batch for k and v."""
     check_backend("cuda", *_inputs(2, 4, 2, 70, 133, 72, 72, dtype, layout=layout), CausalMode.UPPER_LEFT)
@@ -120,7 +119,7 @@ def test_rows_that_see_no_key_get_zero_gradients():
     assert torch.equal(dk, dk2) and torch.equal(dv, dv2)
 
 
-@pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.LOWER_RIGHT], ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.LOWER_RIGHT], ids=mode_id)
 def test_deterministic(mode):
     """No atomics: repeated backward passes give bitwise-equal gradients, whatever order the
     emulator's worker threads run the blocks in."""
@@ -206,7 +205,7 @@ def test_grid_covers_every_tile_head_and_batch(dtype):
 
 # ---- NaN in, NaN out (see tests/test_cuda_emu_forward.py for the inputs) -------------------
 
-SPECIAL_CASES = [(w, m) for w in ("nan_q", "inf_q", "nan_k", "ninf_k", "nan_v", "inf_v") for m in CAUSAL
+SPECIAL_CASES = [(w, m) for w in ("nan_q", "inf_q", "nan_k", "ninf_k", "nan_v", "inf_v") for m in CAUSAL_MODES
                  if m is CausalMode.NONE or not w.endswith("_q")]
 
 
@@ -219,7 +218,6 @@ def test_nan_inf_placement_backward(what, mode, dtype):
     (the dense reference's P of a NaN row is NaN at its hidden keys too). A NaN / inf query
     under a causal mask is left out: 0 * NaN at its hidden pairs reaches dk in the dense
     reference and in the tiles a kernel visits, not in those it skips."""
-    from attn_cases import run_attention, sdpa_causal_args
     from test_cuda_emu_forward import same_placement, special_inputs
 
     q, k, v = special_inputs(what, mode, dtype)

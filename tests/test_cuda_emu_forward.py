@@ -4,30 +4,30 @@ By default the same kernel source nvcc compiles runs here as C++ with every glob
 bounds-checked (fused_attn/_emu.py, FUSED_ATTN_CUDA_EMULATE=1, CPU tensors). With
 FUSED_ATTN_TEST_DEVICE=cuda (tests/conftest.py) the same cases run on CUDA tensors through
 the built extension fused_attn._C_cuda, with the same assertions; the few emulator-only
-tests are skipped there. Results go through the public API with backend "cuda" and are
-checked against the fp64 reference under the one tolerance rule
-(fused_attn.testing.assert_close: at most 2x plain PyTorch's error in the same dtype).
+tests are skipped there. Results go through the public API with backend "cuda" (forward only: out and lse; the
+gradients are tests/test_cuda_emu_backward.py's) on the cuda subset of the one case grid
+(tests/attn_cases.py), and are checked against the fp64 reference under the one tolerance
+rule (attn_cases.check_backend: at most 2x plain PyTorch's error in the same dtype).
 Outputs are NaN-poisoned first, so a missed write fails.
 """
 import math
 
 import pytest
 import torch
-from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.nn.attention.bias import causal_lower_right
 
 import fused_attn
-from fused_attn import _emu, dispatch, reference
-from fused_attn.ops import cuda
+from fused_attn import _emu, dispatch
 from fused_attn.problem import make_problem
 from fused_attn.reference import CausalMode
 from fused_attn.testing import assert_close
 
+from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, run_attention, sdpa_causal_args
 from conftest import DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
 DTYPES = [torch.float16, torch.bfloat16]
-CAUSAL = list(CausalMode)
 
 
 emulator_only = pytest.mark.skipif(DEVICE != "cpu", reason="tests the CPU emulator itself")
@@ -43,56 +43,40 @@ def _emulate(monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_POISON", "1")
 
 
-def _mask(mode, L, S):
-    return {CausalMode.NONE: None, CausalMode.UPPER_LEFT: causal_upper_left(L, S),
-            CausalMode.LOWER_RIGHT: causal_lower_right(L, S)}[mode]
-
-
-def _qkv(B, Hq, Hk, L, S, E, Ev, dtype):
-    return (torch.randn(B, Hq, L, E, dtype=dtype, device=DEVICE), torch.randn(B, Hk, S, E, dtype=dtype, device=DEVICE),
-            torch.randn(B, Hk, S, Ev, dtype=dtype, device=DEVICE))
+def _inputs(*shape, **kw):
+    return make_inputs(*shape, device=DEVICE, **kw)
 
 
 def check_forward(q, k, v, mode: CausalMode, scale=None):
-    """out and lse of backend "cuda" (emulated) vs. the fp64 reference; returns the worst ratio."""
-    L, S = q.shape[2], k.shape[2]
-    ref = reference.attention(q.double(), k.double(), v.double(), causal=mode, scale=scale)
-    base = reference.attention(q, k, v, causal=mode, scale=scale)  # plain PyTorch in the inputs' dtype
-    out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=_mask(mode, L, S), scale=scale, enable_gqa=True,
-                                             backend="cuda")
-    assert out.dtype == q.dtype and lse.dtype == torch.float32
-    return max(assert_close(g, r, b, name=n, dtype=q.dtype) for g, r, b, n in zip((out, lse), ref, base, ("out", "lse")))
+    """out and lse of backend "cuda" vs. the fp64 reference (attn_cases.check_backend, forward only)."""
+    check_backend("cuda", q, k, v, mode, scale=scale, backward=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("L,S", [(1, 1), (17, 64), (113, 203), (203, 97)])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("L,S", grid("seqlens", "cuda"))
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_seqlens_causal_dtypes(mode, L, S, dtype):
-    check_forward(*_qkv(2, 2, 2, L, S, 40, 40, dtype), mode)
+    check_forward(*_inputs(2, 2, 2, L, S, 40, 40, dtype), mode)
 
 
 # Every head-dim bucket (32 ... 256), a dim inside a bucket (72 -> 96), one that is not a
 # multiple of 8 (111: zero-padded to 112 -> bucket 128), and E != Ev.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("E,Ev", [(32, 32), (64, 64), (72, 72), (128, 128), (160, 160), (192, 192), (224, 224),
-                                  (256, 256), (111, 111), (72, 40), (16, 256)])
+@pytest.mark.parametrize("E,Ev", grid("head_dims", "cuda"))
 def test_head_dims(E, Ev, dtype):
-    check_forward(*_qkv(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
+    check_forward(*_inputs(1, 2, 2, 97, 203, E, Ev, dtype), CausalMode.LOWER_RIGHT)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("Hk", [1, 2, 3])
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("Hk", grid("gqa", "cuda"))
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_gqa(mode, Hk, dtype):
-    check_forward(*_qkv(2, 6, Hk, 113, 150, 64, 64, dtype), mode)
+    check_forward(*_inputs(2, 6, Hk, 113, 150, 64, 64, dtype), mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_noncontiguous_inputs(dtype):
-    B, H, L, S, E = 2, 3, 113, 203, 72
-    q = torch.randn(B, L, H, E, dtype=dtype, device=DEVICE).transpose(1, 2)  # (B, H, L, E) view of (B, L, H, E)
-    k = torch.randn(B, S, 2 * E, H, dtype=dtype, device=DEVICE)[:, :, ::2].permute(0, 3, 1, 2)  # stride 2: copied
-    v = torch.randn(B, 1, S, E, dtype=dtype, device=DEVICE).expand(B, H, S, E)  # stride-0 heads
+    q, k, v = _inputs(2, 3, 3, 113, 203, 72, 72, dtype, layout="mixed")
     assert not q.is_contiguous() and k.stride(-1) != 1 and v.stride(1) == 0
     check_forward(q, k, v, CausalMode.UPPER_LEFT)
 
@@ -100,12 +84,12 @@ def test_noncontiguous_inputs(dtype):
 @pytest.mark.parametrize("scale", [0.0, -0.3, 2.5])
 def test_unusual_scales(scale):
     """Masking happens after scaling: a negative scale must not turn -inf into +inf."""
-    check_forward(*_qkv(1, 2, 2, 70, 90, 64, 64, torch.float16), CausalMode.UPPER_LEFT, scale=scale)
+    check_forward(*_inputs(1, 2, 2, 70, 90, 64, 64, torch.float16), CausalMode.UPPER_LEFT, scale=scale)
 
 
 def test_rows_that_see_no_key():
     """Lower-right causal with L > S: the first L - S rows see nothing: zeros and lse = -inf."""
-    q, k, v = _qkv(1, 2, 2, 203, 64, 40, 40, torch.float16)
+    q, k, v = _inputs(1, 2, 2, 203, 64, 40, 40, torch.float16)
     out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=causal_lower_right(203, 64), backend="cuda")
     assert torch.equal(out[:, :, :139], torch.zeros_like(out[:, :, :139]))
     assert torch.isneginf(lse[:, :, :139]).all() and torch.isfinite(lse[:, :, 139:]).all()
@@ -122,7 +106,7 @@ def test_sdpa_entry_point_and_3d_inputs():
 # ---- dispatch ----------------------------------------------------------------------------
 
 def _problem(dtype=torch.float16, requires_grad=False):
-    q, k, v = _qkv(1, 2, 2, 16, 16, 32, 32, dtype)
+    q, k, v = _inputs(1, 2, 2, 16, 16, 32, 32, dtype)
     if requires_grad:
         q.requires_grad_()
     return make_problem(q, k, v)
@@ -144,7 +128,7 @@ def test_emulator_runs_only_by_name(monkeypatch):
 @emulator_only
 def test_emulator_speed_is_reported(capsys):
     """Not a benchmark: prints the emulator's throughput at a test shape for the record."""
-    q, k, v = _qkv(1, 4, 4, 256, 256, 128, 128, torch.float16)
+    q, k, v = _inputs(1, 4, 4, 256, 256, 128, 128, torch.float16)
     fused_attn.attention_with_lse(q, k, v, backend="cuda")
     seconds, blocks, threads, switches = _emu.load().last_launch_stats()
     flops = 4 * 4 * 256 * 256 * 128
@@ -160,7 +144,7 @@ def test_emulator_speed_is_reported(capsys):
 def test_grid_covers_every_tile_head_and_batch(dtype):
     """2 query tiles x 4 heads x 3 batches (GQA 4:2): each block computes its own slice; one
     that reads the wrong coordinates writes the wrong slice or leaves a poisoned one."""
-    check_forward(*_qkv(3, 4, 2, 130, 20, 32, 32, dtype), CausalMode.NONE)
+    check_forward(*_inputs(3, 4, 2, 130, 20, 32, 32, dtype), CausalMode.NONE)
     if DEVICE == "cpu":
         assert _emu.load().last_launch_stats()[1] == 2 * 4 * 3  # blocks launched
 
@@ -175,7 +159,7 @@ def special_inputs(what, mode, dtype, L=37, S=45):
     """Random q, k, v (1, 2 heads) with one NaN / inf: in q at row 5 of head 1, in k or v at key 0
     of head 0, which every row sees (L <= S), so the reference's dense P V does not spread it
     to rows a causal kernel skips."""
-    q, k, v = _qkv(1, 2, 2, L, S, 32, 32, dtype)
+    q, k, v = _inputs(1, 2, 2, L, S, 32, 32, dtype)
     name, value = SPECIAL[what]
     t, idx = {"q": (q, (0, 1, 5, 3)), "k": (k, (0, 0, 0, 3)), "v": (v, (0, 0, 0, 3))}[name]
     t[idx] = value
@@ -199,11 +183,9 @@ def reference_with_nan_lse(ref):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", CAUSAL, ids=lambda m: m.name)
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 @pytest.mark.parametrize("what", list(SPECIAL))
 def test_nan_inf_placement_forward(what, mode, dtype):
-    from attn_cases import run_attention, sdpa_causal_args
-
     q, k, v = special_inputs(what, mode, dtype)
     kw = dict(**sdpa_causal_args(mode, q.shape[2], k.shape[2]))
     got = run_attention("cuda", q, k, v, mode, kw, False, False, 0)
@@ -219,7 +201,7 @@ def test_nan_inf_placement_forward(what, mode, dtype):
 def test_rows_that_see_no_key_ignore_nan_and_inf_in_v(dtype):
     """Lower-right causal with L > S: rows 0 .. L - S - 1 see no key and output 0 (lse -inf)
     however v holds a NaN and an inf; the rows that see those keys get them."""
-    q, k, v = _qkv(1, 2, 2, 70, 20, 32, 32, dtype)
+    q, k, v = _inputs(1, 2, 2, 70, 20, 32, 32, dtype)
     v[0, 0, 0, 3], v[0, 1, 19, 4] = float("nan"), float("inf")
     out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=causal_lower_right(70, 20), backend="cuda")
     assert torch.equal(out[:, :, :50], torch.zeros_like(out[:, :, :50])) and torch.isneginf(lse[:, :, :50]).all()

@@ -368,6 +368,7 @@ MUTANT_RACES = [
 ]
 
 
+@pytest.mark.slow  # the mutants module: its own emulator build (minutes)
 @pytest.mark.parametrize("name,hazard,now,before,where", MUTANT_RACES, ids=[m[0] for m in MUTANT_RACES])
 def test_moved_or_deleted_barrier_is_a_race(mutants, problem, name, hazard, now, before, where):
     with pytest.raises(RuntimeError) as e:
@@ -382,6 +383,7 @@ def test_moved_or_deleted_barrier_is_a_race(mutants, problem, name, hazard, now,
     assert m["t1"] != m["t2"], msg
 
 
+@pytest.mark.slow
 def test_out_of_bounds_shared_store_in_a_kernel_fails(mutants, problem):
     # The dK/dV kernel's delta store shifted by one stage: thread 0 stores one float past the end.
     with pytest.raises(RuntimeError) as e:
@@ -392,6 +394,7 @@ def test_out_of_bounds_shared_store_in_a_kernel_fails(mutants, problem):
                     r"shared memory\)$", str(e.value)), str(e.value)
 
 
+@pytest.mark.slow
 def test_unedited_copies_run_clean_and_match_the_kernels(mutants, problem):
     """The copying machinery itself changes nothing: the control mutants give the production
     kernels' results bit for bit (and run only their own kernel: the other gradients stay NaN)."""

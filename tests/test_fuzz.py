@@ -70,22 +70,28 @@ def _cases(backend):
             for case in fuzz_cases.generate(backend, COUNTS[backend])]
 
 
+# The seeded random cases are the slow part (hundreds of problems); the named regressions
+# below stay in the fast set (python -m pytest -m "not slow").
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases("cpu"))
 def test_fuzz_cpu(case):
     fuzz_cases.check_case(case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases("reference"))
 def test_fuzz_reference(case):
     fuzz_cases.check_case(case)
 
 
+@pytest.mark.slow
 @INTERPRETER_ONLY
 @pytest.mark.parametrize("case", _cases("triton"))
 def test_fuzz_triton(case):
     fuzz_cases.check_case(case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases("cuda"))
 def test_fuzz_cuda_emulated(case, monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")

@@ -27,6 +27,7 @@ def _run(steps, tmp_path, total=60.0):
     return results, log_path.read_text()
 
 
+@pytest.mark.slow  # the whole dry run in a subprocess
 def test_dry_run_writes_the_plan_and_runs_the_environment_report(tmp_path):
     res = subprocess.run([PY, "-m", "fused_attn.tools.gpu_check", "--out", str(tmp_path), "--dry-run"],
                          cwd=gc.ROOT, capture_output=True, text=True, timeout=300)

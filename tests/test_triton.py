@@ -1,5 +1,6 @@
-"""The Triton kernels, executed on the CPU by Triton's interpreter (see conftest.py),
-against the fp64 reference under the 2x-PyTorch-error rule: out, lse, dq, dk, dv."""
+"""The Triton kernels, executed on the CPU by Triton's interpreter (see conftest.py), on the
+triton subset of the one case grid (tests/attn_cases.py), against the fp64 reference under
+the 2x-PyTorch-error rule (attn_cases.check_backend): out, lse, dq, dk, dv."""
 import pytest
 import torch
 
@@ -7,31 +8,29 @@ import fused_attn
 from fused_attn.ops import triton_attention as T
 from fused_attn.reference import CausalMode
 
-from attn_cases import CAUSAL_MODES, check_backend, make_inputs
+from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id
 
 pytestmark = pytest.mark.skipif(not T.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
 
 
 # L against S: single rows and keys, a partial block, L > S and L < S, several blocks with ragged tails.
-@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
-@pytest.mark.parametrize("L", [1, 17, 113])
-@pytest.mark.parametrize("S", [1, 64, 203])
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
+@pytest.mark.parametrize("L,S", grid("seqlens", "triton"))
 def test_causal_and_lengths(device, mode, L, S):
     q, k, v = make_inputs(1, 2, 2, L, S, 64, 64, torch.float16, device)
     check_backend("triton", q, k, v, mode)
 
 
 # every head-dim bucket, powers of two and not (masked inside the kernel), and Ev != E
-@pytest.mark.parametrize("E,Ev", [(16, 16), (40, 40), (64, 64), (72, 72), (111, 111), (128, 128), (256, 256),
-                                  (8, 8), (72, 40), (32, 128)])
+@pytest.mark.parametrize("E,Ev", grid("head_dims", "triton"))
 def test_head_dims(device, E, Ev):
     q, k, v = make_inputs(1, 2, 2, 45, 70, E, Ev, torch.float16, device)
     check_backend("triton", q, k, v, CausalMode.LOWER_RIGHT)
 
 
-@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
-@pytest.mark.parametrize("Hk", [1, 2, 3])
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
+@pytest.mark.parametrize("Hk", grid("gqa", "triton"))
 def test_gqa(device, mode, Hk):
     q, k, v = make_inputs(2, 6, Hk, 50, 77, 32, 32, torch.float16, device)
     check_backend("triton", q, k, v, mode)
@@ -39,22 +38,22 @@ def test_gqa(device, mode, Hk):
 
 # fp32 (IEEE dots) and bf16 (dot operands upcast under the interpreter only, see the kernel header)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
-@pytest.mark.parametrize("L,S", [(97, 203), (203, 97)])
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
+@pytest.mark.parametrize("L,S", grid("seqlens", "triton", "seqlens_fp32_bf16"))
 def test_dtypes(device, dtype, mode, L, S):
     q, k, v = make_inputs(1, 2, 1, L, S, 64, 64, dtype, device)
     check_backend("triton", q, k, v, mode)
 
 
-@pytest.mark.parametrize("layout", ["blhe", "sliced", "broadcast", "transposed"])
-@pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.UPPER_LEFT], ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("layout", grid("layouts", "triton"))
+@pytest.mark.parametrize("mode", [CausalMode.NONE, CausalMode.UPPER_LEFT], ids=mode_id)
 def test_strided_inputs(device, layout, mode):
     q, k, v = make_inputs(2, 4, 2, 66, 90, 48, 48, torch.float16, device, layout=layout)
     assert not q.is_contiguous() or not k.is_contiguous()
     check_backend("triton", q, k, v, mode)
 
 
-@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)
 def test_lse_gradient(device, mode):
     """The lse output is differentiable (its gradient enters the backward as delta - dlse)."""
     q, k, v = make_inputs(1, 2, 2, 70, 45, 32, 32, torch.float32, device)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # every config through Triton's compiler, twice
 @pytest.mark.skipif(os.environ.get("FUSED_ATTN_SKIP_AOT") == "1", reason="FUSED_ATTN_SKIP_AOT=1")
 def test_all_configs_compile_for_sm80_and_sm90(capsys):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -37,6 +37,7 @@ def _kernel_statements():
     return lines
 
 
+@pytest.mark.slow  # every kernel under a line tracer
 def test_every_kernel_statement_runs(monkeypatch):
     statements = _kernel_statements()
     assert {"_fwd_kernel", "_fwd_inner", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dkdv_inner",

@@ -48,6 +48,8 @@ def _block_d(e):
     return max(16, 1 << (e - 1).bit_length())
 
 
+# The worker runs (one for the launch decisions, two deterministic, one compiling) take minutes
+# between them: those tests are marked slow.
 @pytest.fixture(scope="module")
 def decisions():
     return _worker("decisions")
@@ -64,6 +66,7 @@ def _cases(decisions):
         yield case, [r for r in case["records"] if r["phase"] == "launch"], case["records"]
 
 
+@pytest.mark.slow
 def test_launch_order_and_paths(decisions):
     """Forward, preprocess, dK/dV, dQ; TMA (descriptors through the autotuner, prune and pre-hook)
     exactly for aligned fp16/bf16 on sm_90 and newer; the pointer path's specialization follows the
@@ -94,6 +97,7 @@ def test_launch_order_and_paths(decisions):
             assert ("stride_qm" in r["attrs"]) == (row_stride % 16 == 0), where
 
 
+@pytest.mark.slow
 def test_autotuner_runs_the_pruned_configs(decisions):
     """The autotuner benchmarks exactly the configs the prune keeps for the arch (in their order)
     and launches its pick (the fake benchmarker makes the last one fastest); the sm_90 and sm_100
@@ -120,6 +124,7 @@ def _config(r):
     return [r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["num_warps"], r["num_stages"]]
 
 
+@pytest.mark.slow
 def test_tuning_key(decisions):
     """A new (arch, dtype, alignment, head dim) tunes anew: fp16 and bf16 descriptors (which carry
     no dtype) do not share a config, nor do aligned and misaligned inputs; misaligned layouts share
@@ -132,6 +137,7 @@ def test_tuning_key(decisions):
         seen.add(key)
 
 
+@pytest.mark.slow
 def test_grids_fit_cuda_limits(decisions):
     """Grids are (row blocks, Y, Z): every row block of every head, Y and Z within 65535; here and
     with 2**20 heads (the old grid put batch * heads on axis 1, at most 65535)."""
@@ -147,6 +153,7 @@ def test_grids_fit_cuda_limits(decisions):
         assert y <= MAX_GRID_YZ and z <= MAX_GRID_YZ and y * z >= decisions["many_heads_count"][r["kind"]]
 
 
+@pytest.mark.slow
 def test_arch_limits(decisions):
     """Shared memory for every arch the dispatcher accepts (unknown: the smallest, 99 KB); GPUs
     older than sm_80 are refused with the reason."""
@@ -169,6 +176,7 @@ def test_triton_versions():
         assert T.triton_version_problem(ok) is None, ok
 
 
+@pytest.mark.slow
 def test_deterministic_mode_skips_the_autotuner():
     """torch.use_deterministic_algorithms(True): no config is timed, the autotuner never runs, and
     each launch runs fixed_config (the first kept config), the same in two fresh processes."""
@@ -183,6 +191,7 @@ def test_deterministic_mode_skips_the_autotuner():
     assert any(c["launched"] != c["autotuned"] for c in first["cases"])
 
 
+@pytest.mark.slow  # Triton's compiler for every arch
 def test_compiles_what_the_launch_would():
     """The launched kernels compile for their arch (shared memory within the limit, TMA instructions
     on the descriptor path, wgmma in the sm_90 fp16/bf16 forward, no TF32 in IEEE fp32, no spills
