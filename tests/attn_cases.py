@@ -10,7 +10,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 import fused_attn
 from fused_attn import reference
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
 CAUSAL_MODES = (CausalMode.NONE, CausalMode.UPPER_LEFT, CausalMode.LOWER_RIGHT)

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
 from attn_cases import run_attention, sdpa_causal_args

@@ -10,7 +10,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fused_attn
 from fused_attn import dispatch, reference
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 
 
 def torch_math(*args, **kwargs):

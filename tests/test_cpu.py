@@ -16,7 +16,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 import fused_attn
 from fused_attn.ops import cpu
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 from fused_attn.testing import peak_memory_bytes
 
 from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, sdpa_causal_args
@@ -253,7 +253,7 @@ def _in_subprocess(isa, code):
 def test_isa_env_selects_the_path(isa):
     """FUSED_ATTN_CPU_ISA picks the path once, at import; path() says which; the kernels run on it."""
     code = ("import torch, fused_attn\n"
-            "from fused_attn.reference import CausalMode, attention\n"
+            "from fused_attn.reference import attention\nfrom fused_attn.spec import CausalMode\n"
             "q, k, v = (torch.randn(1, 2, 37, 40) for _ in range(3))\n"
             "out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend='cpu')\n"
             "ref = attention(q.double(), k.double(), v.double(), causal=CausalMode.UPPER_LEFT)[0]\n"

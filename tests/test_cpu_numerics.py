@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import fused_attn
 from fused_attn import reference
 from fused_attn.ops import cpu
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 from fused_attn.testing import ERROR_RATIO, assert_close
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Lower right causal bias")]

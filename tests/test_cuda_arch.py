@@ -127,7 +127,7 @@ def test_grid_limits_at_the_edge_are_accepted(fake_gpu):
 @pytest.mark.skipif(DEVICE != "cpu", reason="calls the emulator's binding")
 def test_binding_refuses_grid_overflow(monkeypatch):
     """The binding's own check (shared by the GPU build and the emulator) stops a direct call."""
-    from fused_attn import _emu
+    from fused_attn.ops import _emu
 
     q = torch.randn(65536, 1, 1, 8).half()
     out, lse = torch.empty_like(q), torch.empty(65536, 1, 1)

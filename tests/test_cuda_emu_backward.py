@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn import _emu, dispatch, reference
+from fused_attn import dispatch, reference
+from fused_attn.ops import _emu
 from fused_attn.ops import cuda
 from fused_attn.problem import make_problem
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 
 from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, run_attention, sdpa_causal_args
 from conftest import DEVICE

@@ -1,7 +1,7 @@
 """The CUDA forward kernel (csrc/cuda/flash_fwd_kernel.cuh), emulated on the CPU or compiled on a GPU.
 
 By default the same kernel source nvcc compiles runs here as C++ with every global access
-bounds-checked (fused_attn/_emu.py, FUSED_ATTN_CUDA_EMULATE=1, CPU tensors). With
+bounds-checked (fused_attn/ops/_emu.py, FUSED_ATTN_CUDA_EMULATE=1, CPU tensors). With
 FUSED_ATTN_TEST_DEVICE=cuda (tests/conftest.py) the same cases run on CUDA tensors through
 the built extension fused_attn._C_cuda, with the same assertions; the few emulator-only
 tests are skipped there. Results go through the public API with backend "cuda" (forward only: out and lse; the
@@ -17,9 +17,10 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 import fused_attn
-from fused_attn import _emu, dispatch
+from fused_attn import dispatch
+from fused_attn.ops import _emu
 from fused_attn.problem import make_problem
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 from fused_attn.testing import assert_close
 
 from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, run_attention, sdpa_causal_args

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fused_attn import _emu
+from fused_attn.ops import _emu
 
 
 @pytest.fixture(scope="module")

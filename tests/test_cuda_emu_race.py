@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from fused_attn import _emu
+from fused_attn.ops import _emu
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_misaligned_shared_load_fails(emu):
 def test_raw_shared_dereference_faults_with_a_message():
     # A kernel that dereferences a shared pointer itself bypasses the tracker: under emulation
     # the address range it sees is PROT_NONE, so it faults, and says why, instead of going unseen.
-    code = "from fused_attn import _emu; _emu.load().run_smem_race(9)"
+    code = "from fused_attn.ops import _emu; _emu.load().run_smem_race(9)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
                        timeout=300)
     assert r.returncode == -11, (r.returncode, r.stderr[-2000:])
@@ -169,7 +169,7 @@ def test_cp_async_data_read_by_another_thread_after_wait_without_barrier_fails(e
 # ---- part 2: the real kernels with a barrier moved or deleted --------------------------------
 # Each mutant is a copy of one kernel function from csrc/cuda with a textual edit, compiled into
 # namespace fa::mutant::<name> of one extra emulator module (csrc/emu/mutants_module.cpp, built
-# by fused_attn/_emu.build into its own build directory; the edited copies are generated there).
+# by fused_attn/ops/_emu.build into its own build directory; the edited copies are generated there).
 # An edit that no longer matches the kernel source fails loudly: update it with the kernel.
 # The "control" mutants are unedited copies: they must run clean and match the production kernel
 # bit for bit, so a failing mutant fails because of its edit, not because of the copying.

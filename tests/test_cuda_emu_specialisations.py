@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn import _emu
-from fused_attn.reference import CausalMode
+from fused_attn.ops import _emu
+from fused_attn.spec import CausalMode
 
 from attn_cases import check_backend, make_inputs, sdpa_causal_args
 from conftest import DEVICE

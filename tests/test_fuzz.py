@@ -17,7 +17,7 @@ import fuzz_cases
 from attn_cases import check_backend, make_inputs, run_attention
 from fused_attn import testing
 from fused_attn.ops import triton_attention as T
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 
 COUNTS = {"cpu": 150, "reference": 60, "triton": 40, "cuda": 30}
 INTERPRETER_ONLY = pytest.mark.skipif(not T.INTERPRETED, reason="CPU tensors reach Triton only under its interpreter")

@@ -29,7 +29,7 @@ import fused_attn
 from attn_cases import run_attention
 from fused_attn import testing
 from fused_attn.ops import triton_attention as T
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 
 INTERPRETER_ONLY = pytest.mark.skipif(not T.INTERPRETED, reason="CPU tensors reach Triton only under its interpreter")
 DELTA_REASON = ("delta = rowsum(dO * O) does not cancel dP exactly in rows whose P is one-hot (plain PyTorch's "

@@ -6,7 +6,7 @@ import torch
 
 import fused_attn
 from fused_attn.ops import triton_attention as T
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 
 from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id
 

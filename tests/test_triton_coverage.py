@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fused_attn.ops import triton_attention as T
-from fused_attn.reference import CausalMode
+from fused_attn.spec import CausalMode
 
 from attn_cases import check_backend, make_inputs
 

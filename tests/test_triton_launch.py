@@ -4,7 +4,7 @@ Everything between the public call and the kernel launch runs for real: dispatch
 function, the torch.library ops, forward_plan / backward_plan, tensor descriptors, Triton's
 autotuner (its prune hook, key and config pre-hooks, with the arguments a GPU launch passes:
 TensorDescriptors on the TMA path) and Triton's specialization of the real arguments (pointer
-alignment, ints equal to 1). Only the launch itself is replaced by a record (tests/aot_triton.py,
+alignment, ints equal to 1). Only the launch itself is replaced by a record (fused_attn/tools/triton_compile_table.py,
 fake_gpu); selected records are then compiled for their arch exactly as the launch would.
 
 The kernels must not be interpreted here (TRITON_INTERPRET=1 gives no JITFunction and no
@@ -23,7 +23,7 @@ import pytest
 ARCHS = (80, 86, 90, 100, 120)
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (8, 40, 64, 72, 111, 128, 256)  # padded to 16, 64, 64, 128, 128, 128, 256
-LAYOUTS = ("aligned", "offset", "stride")  # see aot_triton.make_tensor
+LAYOUTS = ("aligned", "offset", "stride")  # see triton_compile_table.make_tensor
 B, H, HK, L, S = 2, 4, 2, 200, 333
 MAX_GRID_YZ = 65535
 
@@ -195,7 +195,7 @@ def test_deterministic_mode_skips_the_autotuner():
 def test_compiles_what_the_launch_would():
     """The launched kernels compile for their arch (shared memory within the limit, TMA instructions
     on the descriptor path, wgmma in the sm_90 fp16/bf16 forward, no TF32 in IEEE fp32, no spills
-    where the register estimates are calibrated, see aot_triton.problems): each arch x {aligned (TMA
+    where the register estimates are calibrated, see triton_compile_table.problems): each arch x {aligned (TMA
     from sm_90 on, pointers before), misaligned} x dtype at one head dim, the backward at two of
     those per arch, and every head-dim bucket on sm_90."""
     out = _worker("compile")
@@ -306,7 +306,7 @@ def _compile(A, T, torch):
 
 def main(mode: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import aot_triton as A  # unsets TRITON_INTERPRET before fused_attn's kernels are defined
+    from fused_attn.tools import triton_compile_table as A  # unsets TRITON_INTERPRET before fused_attn's kernels are defined
     import torch
     from fused_attn.ops import triton_attention as T
     assert not T.INTERPRETED

@@ -1,5 +1,5 @@
 // Python entry points of the CPU emulator (module fused_attn_emu, built on first
-// use by fused_attn/_emu.py): the forward and backward kernels and the primitive probe kernels.
+// use by fused_attn/ops/_emu.py): the forward and backward kernels and the primitive probe kernels.
 #include <torch/extension.h>
 
 #include "cuda/flash_bwd_api.h"

@@ -1,5 +1,5 @@
 // Python entry points of the mutant kernels (module fused_attn_emu_mutants), built only by
-// tests/test_cuda_emu_race.py through fused_attn/_emu.py's build(): copies of the forward and
+// tests/test_cuda_emu_race.py through fused_attn/ops/_emu.py's build(): copies of the forward and
 // backward kernels with one barrier moved or deleted (or one store moved out of bounds) by a
 // textual edit, which the emulator's shared-memory tracker must report.
 //

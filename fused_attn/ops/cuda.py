@@ -23,7 +23,7 @@ Where it runs:
   backend. setup.py's FUSED_ATTN_CUDA_ARCHS chooses what is built (default: sm_80, sm_86,
   sm_89, sm_90a machine code and compute_80 PTX, so Blackwell and later GPUs JIT).
 * Batch and query heads up to 65535 each (CUDA grid z and y); larger calls are refused.
-* CPU tensors, through the CPU emulator of the same kernel source (``fused_attn._emu``),
+* CPU tensors, through the CPU emulator of the same kernel source (``fused_attn.ops._emu``),
   when ``FUSED_ATTN_CUDA_EMULATE=1`` and backend ``"cuda"`` is asked for by name: a test
   vehicle (every global access bounds-checked), orders of magnitude slower than a GPU.
 """
@@ -131,7 +131,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, T
         stream = torch.cuda.current_stream(q.device).cuda_stream
         torch.ops.fused_attn.cuda_fwd_out(q, k, v, out, lse, *spec.op_args(), stream)
     else:
-        from .. import _emu
+        from . import _emu
 
         _emu.load().flash_fwd(q, k, v, out, lse, *spec.op_args())
     return (out if out.shape[-1] == ev else out[..., :ev].contiguous()), lse
@@ -154,7 +154,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
         stream = torch.cuda.current_stream(q.device).cuda_stream
         torch.ops.fused_attn.cuda_bwd_out(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *spec.op_args(), stream)
     else:
-        from .. import _emu
+        from . import _emu
 
         _emu.load().flash_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *spec.op_args())
     return tuple(g if g.shape[-1] == d else g[..., :d].contiguous() for g, d in ((dq, E), (dk, E), (dv, ev)))

@@ -442,7 +442,7 @@ def _cfg(bm, bn, warps, stages):
 
 
 # Configs by element size: 2 = fp16/bf16 on tensor cores, 4 = fp32 (IEEE fp32 dots run on FMA
-# units and want small tiles). Each list was checked in the compile table (tests/aot_triton.py).
+# units and want small tiles). Each list was checked in the compile table (fused_attn/tools/triton_compile_table.py).
 # Order matters: deterministic mode runs the first config the prune keeps (see fixed_config).
 FWD_CONFIGS = {
     2: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3),

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NAME = "fused_attn_emu"
 SOURCES = ("emu/runtime.cpp", "emu/emu_module.cpp", "emu/flash_fwd_emu_fp16.cpp", "emu/flash_fwd_emu_bf16.cpp",
            "emu/flash_bwd_emu_fp16.cpp", "emu/flash_bwd_emu_bf16.cpp")

@@ -10,7 +10,7 @@ record with that same preload, as the GPU would. The autotuner runs for real: it
 key and config pre-hooks see the arguments a GPU launch passes; the FakeDriver's benchmarker
 only records the call (each config benchmarked is a record) and times nothing.
 
-The table (``python tests/aot_triton.py``) comes from public forward + backward calls on
+The table (``python -m fused_attn.tools.triton_compile_table``) comes from public forward + backward calls on
 representative shapes: every config the prune keeps for each kernel, each arch, the sm_90 TMA
 path (aligned fp16/bf16) and its pointer path (misaligned inputs). Per compile: registers,
 spill bytes and shared memory from the cubin (cuobjdump --dump-resource-usage, shipped inside
@@ -18,7 +18,8 @@ the triton package). Exits non-zero on a spill, shared memory over the arch limi
 wgmma in the sm_90 fp16/bf16 forward, a descriptor forward without TMA instructions, or a TF32
 instruction in an IEEE fp32 kernel.
 
-Run with TRITON_INTERPRET unset:  python tests/aot_triton.py [--jobs N] [--quick]
+Run with TRITON_INTERPRET unset:  python -m fused_attn.tools.triton_compile_table [--jobs N] [--quick]
+(the CUDA kernels' counterpart: fused_attn/tools/cuda_compile_table.py)
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
