@@ -65,15 +65,17 @@ def _cases(decisions):
 
 
 def test_launch_order_and_paths(decisions):
-    """Forward, preprocess, dK/dV, dQ; TMA (descriptors through the autotuner, prune and pre-hook)
+    """Forward, preprocess, dQ, dK/dV (which reads the dQ kernel's top keys for fp32); TMA (descriptors through the autotuner, prune and pre-hook)
     exactly for aligned fp16/bf16 on sm_90 and newer; the pointer path's specialization follows the
     real arguments (a base one element off is not 16-byte aligned, odd row strides are not 16-divisible)."""
     for case, launches, records in _cases(decisions):
         where = f"sm_{case['arch']} {case['dtype']} E={case['E']} {case['layout']}"
-        assert [r["kind"] for r in launches] == ["fwd", "pre", "dkdv", "dq"], where
+        assert [r["kind"] for r in launches] == ["fwd", "pre", "dq", "dkdv"], where
         tma = case["arch"] >= 90 and case["dtype"] != "fp32" and _aligned(case)
         for r in records:
             c = r["constexprs"]
+            if r["kind"] != "fwd":  # fp32's exact dS at each row's top key
+                assert c["TOP_KEY"] == (case["dtype"] == "fp32"), where
             if r["kind"] == "pre":
                 assert c["BLOCK_M"] == 64 and c["BLOCK_DV"] == _block_d(case["E"]), where
                 continue
