@@ -8,19 +8,21 @@ the tolerance rule's floor (2e-6 times the largest gradient, which hides the eff
 testing.ERROR_RATIO. q, k ~ N(0, sigma^2), so the scores grow as sigma^2 * sqrt(E).
 The "reference" backend (fp32, naive) is the control.
 
-A second mechanism remains at the largest scores in a backward that forms
+A second mechanism shows at the largest scores in a backward that forms
 delta = rowsum(dO * O) (FlashAttention's): in a row whose P is one-hot in fp32, the exact
 dS = P (dP - delta) at the chosen key is 0, and plain PyTorch gets 0 because it subtracts
 sum(P * dP) built from its own dP; a fused kernel subtracts a delta summed in another order than
-its dP, so dS is a few ulps of dP, times |k| in dq (and |q| in dk). Before the fix below the Triton
-kernel's dq, dk were 7x plain PyTorch's error at sigma 10, E 256, causal and 6-190x at sigma 30
-(E 64 causal, E 128 and 256 full, E 256 causal); an emulation in PyTorch with exact P and
-delta = rowsum(dO * O) (even summed in fp64) gave the same dq ratios, sum(P * dP) gave 1.0.
-Both fused backends now compute dP - delta at each row's dominant key without the cancellation:
-the CPU backend (79159d5; two of its sigma 30 points remain, CPU_FAILING) and, for fp32, the
-Triton kernels: the dQ kernel tracks each row's top key j (largest P, first on ties) and
-c = sum over the other keys i of P_i (dP_j - dP_i) (+ dlse), and dS = P c at j in both dQ and dK
-(test_triton_top_key_and_c checks the j and c it hands the dK/dV kernel against fp64).
+its dP, so dS is a few ulps of dP, times |k| in dq (and |q| in dk). That put Triton's dq at 7x
+plain PyTorch's error (dk 1.8x) at sigma 10, E 256, causal, and dq at 25-186x, dk at 6-86x at
+sigma 30 (E 64 causal, E 128 and 256 full, E 256 causal: ONE_HOT_POINTS); an emulation in
+PyTorch with exact P and delta = rowsum(dO * O) (even summed in fp64) gave the same dq ratios,
+sum(P * dP) gave 1.0. Both fused backends now form dP - delta at a row's dominant key without
+the cancellation: the CPU backend since 79159d5 (two of its sigma 30 points remain above the
+rule, CPU_FAILING, its strict xfails), and Triton for fp32: its dQ kernel tracks each row's top
+key j (largest P, first on ties) and c = sum over the other keys i of P_i (dP_j - dP_i) (+ dlse),
+and both its dQ and dK/dV kernels use dS = P c at j (test_triton_top_key_and_c checks the j and
+c against fp64; test_fp32_gradients_with_lse_gradient repeats ONE_HOT_POINTS with dlse).
+
 Inputs are drawn from a generator seeded by the grid point (fixed seeds, so the xfail lists are
 deterministic); the control, "reference", is plain fp32 PyTorch itself (ratio 1).
 """
@@ -40,7 +42,7 @@ CPU_REASON = ("CPU dq/dk at sigma 30 after 79159d5 (exact dS at a row's dominant
 # (sigma, E, causal) points above ERROR_RATIO: what is left of the CPU's (its backward cancels dS
 # exactly at a row's dominant key since 79159d5).
 CPU_FAILING = {(30.0, 128, False), (30.0, 256, False)}
-# Where Triton's delta mechanism showed (many rows one-hot in fp32): 7-190x plain PyTorch's error.
+# Where Triton's delta mechanism showed (many rows one-hot in fp32): dq 7-186x plain PyTorch's error.
 ONE_HOT_POINTS = {(10.0, 256, True), (30.0, 64, True), (30.0, 128, False), (30.0, 256, False), (30.0, 256, True)}
 L, S = 48, 40
 

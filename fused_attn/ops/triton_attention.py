@@ -29,7 +29,7 @@ worse than plain PyTorch's: issue 12 item 1). Cost: a few fp64 operations per ro
 For fp16/bf16 the lse stays fp32 and lo = 0 (P is rounded to 16 bits before its dots anyway).
 dP - delta at a row's top key (fp32 inputs): delta = rowsum(dO * O) is summed in another order
 than the kernels' dP, so in a row whose P is one-hot dS = P (dP - delta) at its top key j (largest
-P, first on ties) came out a few ulps of dP instead of ~0, times |k| in dq and |q| in dk (7-190x
+P, first on ties) came out a few ulps of dP instead of ~0, times |k| in dq and |q| in dk (dq 7-186x
 plain PyTorch's error; tests/test_large_scores.py). Since sum P = 1, dP_j - delta equals
 c = sum over keys i != j of P_i (dP_j - dP_i) + dlse, which has no such cancellation. The dQ
 kernel keeps per row, as it walks the keys anyway, the running top key (P, index, dP) and the
