@@ -32,15 +32,17 @@ than the kernels' dP, so in a row whose P is one-hot dS = P (dP - delta) at its 
 P, first on ties) came out a few ulps of dP instead of ~0, times |k| in dq and |q| in dk (dq 7-186x
 plain PyTorch's error; tests/test_large_scores.py). Since sum P = 1, dP_j - delta equals
 c = sum over keys i != j of P_i (dP_j - dP_i) + dlse, which has no such cancellation. The dQ
-kernel keeps per row, as it walks the keys anyway, the running top key (P, index, dP) and the
-sums of P and P dP over the other keys (_top_update), forms c = dP_j * sum P - sum P dP + dlse,
-writes j (int32, -1 for a row that sees no key) and c (fp32) per row to O(L) scratch, and swaps
-P c in for the P (dP - delta) its loop gave key j: dq += P_j (c - (dP_j - delta)) k_j (what the
-loop added is a few ulps of dP times k; cancelling it leaves an ulp of that). The dK/dV kernel,
-which runs after it, takes dS = P c wherever the key is its row's j. Cost: no extra matmul (a
-separate pass computing c would cost 2 of the backward's 7: S and dP again); per key tile the dQ
-kernel does a row max with index and three masked row sums, then one gather of BLOCK_M rows of
-K; the dK/dV kernel a compare and select per score and two row loads per query tile.
+kernel keeps per row, as it walks the keys anyway (_top_update), the running top key (P, index,
+dP), the sum of P over the keys so far and c over them (the top's own term is exactly 0; a new
+top shifts c by (dP_new - dP_old) times that sum, which is below 1 - P_new, so nothing cancels).
+It writes j (int32, -1 for a row that sees no key) and c + dlse (fp32) per row to O(L) scratch,
+and swaps P c in for the P (dP - delta) its loop gave key j: dq += P_j (c - (dP_j - delta)) k_j
+(what the loop added is a few ulps of dP times k; cancelling it leaves an ulp of that). The dK/dV
+kernel, which runs after it, takes dS = P c wherever the key is its row's j. Cost: no extra
+matmul (a separate pass computing c would cost 2 of the backward's 7: S and dP again); per key
+tile the dQ kernel does a row max with index and three row sums, then one gather of BLOCK_M rows
+of K; the dK/dV kernel a compare and select per score and two row loads per query tile (static
+SASS on sm_80, head dims 64-256: dQ +16-21%, FFMAs +1%; dK/dV +0-8%).
 fp16/bf16 inputs skip all of it (constexpr TOP_KEY): their P and dS are rounded to 16 bits
 before the dots, far coarser than this.
 
@@ -378,24 +380,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DK, DV,
 
 
 @triton.jit
-def _top_update(top_p, top_j, top_dp, rest_p, rest_pdp, p, dp, pdp, start_n):
-    """Folds one key tile into each row's running top key (its P, index and dP) and the sums of P
-    and P dP over the row's other keys. The tile's first largest P replaces the top only if it is
-    strictly larger (ties: the first key); the old top then joins the sums, else the candidate
-    stays in them. Starting from top (0, -1, 0), a key with P = 0 never becomes the top."""
+def _top_update(top_p, top_j, top_dp, c, p_sum, p, dp, start_n):
+    """Folds one key tile into each row's running top key (its P, index and dP; the tile's first
+    largest P takes over only if strictly larger, so ties keep the first key), c = sum over the keys
+    so far of P_i (dP_top - dP_i) (the top's own term is exactly 0) and their sum of P. A new top
+    shifts c by (dP_new - dP_old) * p_sum: no cancellation, since the keys so far sum to < 1 - P_new.
+    Starting from top (0, -1, 0), a key with P = 0 never becomes the top."""
     tile_p, tile_j = tl.max(p, 1, return_indices=True, return_indices_tie_break_left=True)
-    is_j = tl.arange(0, p.shape[1])[None, :] == tile_j[:, None]
-    tile_dp = tl.sum(tl.where(is_j, dp, 0.0), 1)
+    tile_dp = tl.sum(tl.where(tl.arange(0, p.shape[1])[None, :] == tile_j[:, None], dp, 0.0), 1)
     new = tile_p > top_p
-    promoted = is_j & new[:, None]  # the candidate that becomes the top leaves the sums
-    rest_p += tl.sum(tl.where(promoted, 0.0, p), 1) + tl.where(new, top_p, 0.0)
-    rest_pdp += tl.sum(tl.where(promoted, 0.0, pdp), 1) + tl.where(new, top_p * top_dp, 0.0)
-    return (tl.where(new, tile_p, top_p), tl.where(new, start_n + tile_j, top_j), tl.where(new, tile_dp, top_dp),
-            rest_p, rest_pdp)
+    new_dp = tl.where(new, tile_dp, top_dp)
+    c += tl.where(new, (tile_dp - top_dp) * p_sum, 0.0) + tl.sum(p * (new_dp[:, None] - dp), 1)
+    return tl.where(new, tile_p, top_p), tl.where(new, start_n + tile_j, top_j), new_dp, c, p_sum + tl.sum(p, 1)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, top_p, top_j, top_dp, rest_p, rest_pdp, q, do, lse_hi, lse_lo, delta, k_base, v_base,
+def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
                   stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset, qk_scale, HEAD_DIM: tl.constexpr,
                   HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -425,15 +425,14 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, rest_p, rest_pdp, q, do, lse_hi, lse
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             p = tl.where(visible, p, 0.0)
         dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        if TOP_KEY:
+            seen_dp = dp
+            if MASKED:  # a NaN or inf of v at a key the row cannot see stays out of c
+                seen_dp = tl.where(visible, dp, 0.0)
+            top_p, top_j, top_dp, c, p_sum = _top_update(top_p, top_j, top_dp, c, p_sum, p, seen_dp, start_n)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_FP32, PRECISION)
-        if TOP_KEY:
-            pdp = p * dp
-            if MASKED:  # a NaN or inf of v at a key the row cannot see stays out of its sums
-                pdp = tl.where(visible, pdp, 0.0)
-            top_p, top_j, top_dp, rest_p, rest_pdp = _top_update(top_p, top_j, top_dp, rest_p, rest_pdp, p, dp, pdp,
-                                                                 start_n)
-    return dq, top_p, top_j, top_dp, rest_p, rest_pdp
+    return dq, top_p, top_j, top_dp, c, p_sum
 
 
 @triton.jit
@@ -466,28 +465,33 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DQ,
     top_p = tl.zeros([BLOCK_M], dtype=tl.float32)
     top_j = tl.full([BLOCK_M], -1, dtype=tl.int32)
     top_dp = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rest_p = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rest_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
-    dq, top_p, top_j, top_dp, rest_p, rest_pdp = _bwd_dq_inner(
-        dq, top_p, top_j, top_dp, rest_p, rest_pdp, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+    dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
+        dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
         stride_vn, offs_m, 0, full, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
         False, CAUSAL, DOT_FP32, PRECISION, TOP_KEY)
-    dq, top_p, top_j, top_dp, rest_p, rest_pdp = _bwd_dq_inner(
-        dq, top_p, top_j, top_dp, rest_p, rest_pdp, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+    dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
+        dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
         stride_vn, offs_m, full, hi, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
         True, CAUSAL, DOT_FP32, PRECISION, TOP_KEY)
     if TOP_KEY:
-        # c = dP - delta at the top key without cancellation: sum over the other keys of P (dP_top - dP),
-        # plus dlse (preprocess left it in TOP_C). The dK/dV kernel reads the top key and c.
-        c = top_dp * rest_p - rest_pdp + tl.load(TOP_C + row_ids, mask=in_l, other=0.0)
-        tl.store(TOP_J + row_ids, top_j, mask=in_l)
-        tl.store(TOP_C + row_ids, c, mask=in_l)
+        # c = dP - delta at the top key without cancellation (sum over the keys of P (dP_top - dP)), plus
+        # dlse, which the preprocess left in TOP_C; the dK/dV kernel reads the top key and c. The row
+        # offsets come again from the program ids (free to re-read) rather than held through the loops
+        # (row_ids spilled 8-16 bytes on sm_80).
+        first, bh = _program_block(HEADS, BLOCK_M)
+        top_rows = (bh.to(tl.int64) * L + first) + rows
+        c += tl.load(TOP_C + top_rows, mask=in_l, other=0.0)
+        tl.store(TOP_J + top_rows, top_j, mask=in_l)
+        tl.store(TOP_C + top_rows, c, mask=in_l)
         # The loop gave the top key dS = P (dP - delta); swap in P c. What it added, a few ulps of dP
         # times k, cancels here to an ulp of itself.
         found = top_j >= 0
-        k_top = tl.load(k_base + top_j.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                        mask=found[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        k_rows = k_base + top_j.to(tl.int64) * stride_kn
+        k_top = tl.load(k_rows[:, None] + offs_d[None, :], mask=found[:, None] & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
         dq += tl.where(found, top_p * (c - (top_dp - delta)), 0.0)[:, None] * k_top
     tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -525,7 +529,8 @@ BWD_DKDV_CONFIGS = {
 BWD_DQ_CONFIGS = {
     2: [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2), _cfg(32, 16, 8, 2),
         _cfg(32, 16, 4, 2)],
-    4: [_cfg(32, 16, 8, 2), _cfg(16, 16, 4, 2)],
+    # fp32 runs the top-key tracking (TOP_KEY): (16, 16, 4, 2) spilled with it on sm_80 (head dim 96, 8 bytes)
+    4: [_cfg(32, 16, 8, 2), _cfg(16, 16, 8, 2)],
 }
 CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
 # The backward's preprocess (delta = rowsum(dO * O) - dlse) is memory-bound and not tuned.
@@ -545,7 +550,7 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 
 SMEM_LIMIT_DEFAULT = 99 * 1024
 # Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
 REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 66,
-                   ("dq", 4): 100}
+                   ("dq", 4): 96}  # fp32 dq: (32, 16, 8, 2) at head dim 256 (100) spills with TOP_KEY on sm_80
 # Inputs that are not 16-byte aligned (see _aligned) load element by element, an address and a
 # value register each: their tiles get this share of the budget. Measured on sm_90's pointer
 # path: fp16/bf16 head dims up to 128 then compile without spills; head dim 256 spills with every
