@@ -34,7 +34,6 @@ from attn_cases import run_attention
 from fused_attn import testing
 from fused_attn.ops import triton_attention as T
 from fused_attn.reference import CausalMode
-from fused_attn.spec import causal_mask
 
 INTERPRETER_ONLY = pytest.mark.skipif(not T.INTERPRETED, reason="CPU tensors reach Triton only under its interpreter")
 CPU_REASON = ("CPU dq/dk at sigma 30 after 79159d5 (exact dS at a row's dominant key): 17-19x plain PyTorch's at "
@@ -201,7 +200,8 @@ def test_triton_top_key_and_c(monkeypatch, lse_grad):
 
     kk, vv = (t.double().repeat_interleave(H // HK, 1) for t in (k, v))
     s = q.double() @ kk.transpose(-1, -2) * spec_args[1]
-    s = s.masked_fill(~causal_mask(L, S, CausalMode.LOWER_RIGHT), float("-inf"))
+    hidden = torch.arange(S)[None, :] > torch.arange(L)[:, None] + CausalMode.LOWER_RIGHT.offset(L, S)
+    s = s.masked_fill(hidden, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     dp = dout.double() @ vv.transpose(-1, -2)
     seen = torch.isfinite(s).any(-1)
