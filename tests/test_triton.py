@@ -250,7 +250,7 @@ def test_grid_spreads_heads_over_two_axes(device, monkeypatch):
     q, k, v = make_inputs(7, 2, 1, 40, 33, 16, 16, torch.float16, device)
     check_backend("triton", q, k, v, CausalMode.LOWER_RIGHT)
     meta = {"BLOCK_M": 32, "BLOCK_N": 32}
-    assert [g(meta) for g in grids] == [(2, 4, 4), (2, 4, 4), (2, 4, 2), (2, 4, 4)]  # fwd, pre, dkdv, dq
+    assert [g(meta) for g in grids] == [(2, 4, 4), (2, 4, 4), (2, 4, 4), (2, 4, 2)]  # fwd, pre, dq, dkdv
 
 
 def test_grid_limits():

@@ -68,15 +68,18 @@ def _cases(decisions):
 
 @pytest.mark.slow
 def test_launch_order_and_paths(decisions):
-    """Forward, preprocess, dK/dV, dQ; TMA (descriptors through the autotuner, prune and pre-hook)
-    exactly for aligned fp16/bf16 on sm_90 and newer; the pointer path's specialization follows the
-    real arguments (a base one element off is not 16-byte aligned, odd row strides are not 16-divisible)."""
+    """Forward, preprocess, dQ, dK/dV (which reads the dQ kernel's top keys: TOP_KEY, fp32 only); TMA
+    (descriptors through the autotuner, prune and pre-hook) exactly for aligned fp16/bf16 on sm_90 and
+    newer; the pointer path's specialization follows the real arguments (a base one element off is not
+    16-byte aligned, odd row strides are not 16-divisible)."""
     for case, launches, records in _cases(decisions):
         where = f"sm_{case['arch']} {case['dtype']} E={case['E']} {case['layout']}"
-        assert [r["kind"] for r in launches] == ["fwd", "pre", "dkdv", "dq"], where
+        assert [r["kind"] for r in launches] == ["fwd", "pre", "dq", "dkdv"], where
         tma = case["arch"] >= 90 and case["dtype"] != "fp32" and _aligned(case)
         for r in records:
             c = r["constexprs"]
+            if r["kind"] != "fwd":  # fp32's exact dS at each row's top key
+                assert c["TOP_KEY"] == (case["dtype"] == "fp32"), where
             if r["kind"] == "pre":
                 assert c["BLOCK_M"] == 64 and c["BLOCK_DV"] == _block_d(case["E"]), where
                 continue
@@ -214,7 +217,7 @@ def test_compiles_what_the_launch_would():
 # ---------------------------------------------------------------------------------------------
 
 def _summary(r):
-    keep = ("ARCH", "DTYPE", "ALIGNED", "TMA", "HEAD_DIM", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N")
+    keep = ("ARCH", "DTYPE", "ALIGNED", "TMA", "HEAD_DIM", "BLOCK_D", "BLOCK_DV", "BLOCK_M", "BLOCK_N", "TOP_KEY")
     sig = {k: v for k, v in r["signature"].items() if k in ("Q", "K", "V", "O")}
     return dict(kind=r["kind"], phase=r["phase"], grid=r["grid"], host_types=r["host_types"], signature=sig,
                 constexprs={k: v for k, v in r["constexprs"].items() if k in keep},

@@ -18,17 +18,33 @@ is_causal) or S - L (lower-right, FlashAttention's). A row that sees no key gets
 out = 0 and lse = -inf; its gradients are 0.
 
 Backward: delta = rowsum(dO * O) - dlse (the lse gradient enters here, since
-d lse / d s = P); a dK/dV kernel per key block loops over the query blocks of
-every q head in its group (so GQA sums need no atomics), and a dQ kernel per query
-block loops over key blocks; both recompute P = exp2((s * log2e - hi) - lo), where hi + lo is
+d lse / d s = P); a dQ kernel per query block loops over key blocks, then a dK/dV kernel per
+key block loops over the query blocks of every q head in its group (so GQA sums need no
+atomics); both recompute P = exp2((s * log2e - hi) - lo), where hi + lo is
 lse * log2e (_lse_log2). For fp32 inputs the forward joins its fp32 row max m (log2 units) and
 ln l in an fp64 lse and the backward splits lse * log2e into fp32 hi and lo: at a row's largest
 score s * log2e - hi is exact, so P = 1 / l to fp32 precision however large the scores (an fp32
 lse is off by an ulp of itself, ~6e-5 at lse ~ 1e3, which made fp32 gradients hundreds of times
 worse than plain PyTorch's: issue 12 item 1). Cost: a few fp64 operations per row per block.
 For fp16/bf16 the lse stays fp32 and lo = 0 (P is rounded to 16 bits before its dots anyway).
-Not fixed by this: delta = rowsum(dO * O) is summed in another order than dP, so in a row whose
-P is one-hot dS = P (dP - delta) is a few ulps of dP instead of 0 (tests/test_large_scores.py).
+dP - delta at a row's top key (fp32 inputs): delta = rowsum(dO * O) is summed in another order
+than the kernels' dP, so in a row whose P is one-hot dS = P (dP - delta) at its top key j (largest
+P, first on ties) came out a few ulps of dP instead of ~0, times |k| in dq and |q| in dk (dq 7-186x
+plain PyTorch's error; tests/test_large_scores.py). Since sum P = 1, dP_j - delta equals
+c = sum over keys i != j of P_i (dP_j - dP_i) + dlse, which has no such cancellation. The dQ
+kernel keeps per row, as it walks the keys anyway (_top_update), the running top key (P, index,
+dP), the sum of P over the keys so far and c over them (the top's own term is exactly 0; a new
+top shifts c by (dP_new - dP_old) times that sum, which is below 1 - P_new, so nothing cancels).
+It writes j (int32, -1 for a row that sees no key) and c + dlse (fp32) per row to O(L) scratch,
+and swaps P c in for the P (dP - delta) its loop gave key j: dq += P_j (c - (dP_j - delta)) k_j
+(what the loop added is a few ulps of dP times k; cancelling it leaves an ulp of that). The dK/dV
+kernel, which runs after it, takes dS = P c wherever the key is its row's j. Cost: no extra
+matmul (a separate pass computing c would cost 2 of the backward's 7: S and dP again); per key
+tile the dQ kernel does a row max with index and three row sums, then one gather of BLOCK_M rows
+of K; the dK/dV kernel a compare and select per score and two row loads per query tile (static
+SASS on sm_80, head dims 64-256: dQ +16-21%, FFMAs +1%; dK/dV +0-8%).
+fp16/bf16 inputs skip all of it (constexpr TOP_KEY): their P and dS are rounded to 16 bits
+before the dots, far coarser than this.
 
 Determinism: no atomics anywhere, so one config gives bitwise-identical results run after run.
 Default (autotuned) mode: the first call with each tuning key times every config the prune keeps
@@ -248,9 +264,11 @@ def _lse_log2(ptrs, mask):
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+def _bwd_preprocess(O, DO, DLSE, DELTA, TOP_C, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                     H, HEADS, L, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HAS_DLSE: tl.constexpr):
+                    HAS_DLSE: tl.constexpr, TOP_KEY: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse per row; with TOP_KEY, dlse (0 without) into TOP_C, where the dQ
+    kernel adds it to its top-key c."""
     start_m, bh = _program_block(HEADS, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -260,18 +278,22 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om, stride_
     rows = offs_m.to(tl.int64)[:, None]
     o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row_ids = bh.to(tl.int64) * L + offs_m
+    dlse = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + row_ids, mask=offs_m < L, other=0.0)
+        dlse = tl.load(DLSE + row_ids, mask=offs_m < L, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
     tl.store(DELTA + row_ids, delta, mask=offs_m < L)
+    if TOP_KEY:
+        tl.store(TOP_C + row_ids, dlse, mask=offs_m < L)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, start_n, lo, hi, L,
-                    causal_offset, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASKED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
+                    stride_dom, start_n, lo, hi, L, causal_offset, qk_scale, HEAD_DIM: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    TOP_KEY: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -294,19 +316,23 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
         dst = pt * (dpt - delta[None, :])
+        if TOP_KEY:  # at each row's top key, dP - delta is the dQ kernel's c (see _bwd_dq_kernel)
+            top_j = tl.load(top_j_base + offs_m, mask=in_l, other=-1)
+            top_c = tl.load(top_c_base + offs_m, mask=in_l, other=0.0)
+            dst = tl.where(offs_n[:, None] == top_j[None, :], pt * top_c[None, :], dst)
         dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_FP32, PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                      HK, GROUP, HEADS, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
                      ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
@@ -339,12 +365,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + bh * L
         delta_base = DELTA + bh * L
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                                 start_n, lo, full, L, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                 BLOCK_DV, BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                                 start_n, full, L, L, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                 BLOCK_DV, BLOCK_M, BLOCK_N, False, DOT_FP32, PRECISION)
+        top_j_base = TOP_J + bh * L
+        top_c_base = TOP_C + bh * L
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
+                                 stride_qm, stride_dom, start_n, lo, full, L, causal_offset, qk_scale, HEAD_DIM,
+                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION, TOP_KEY)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
+                                 stride_qm, stride_dom, start_n, full, L, L, causal_offset, qk_scale, HEAD_DIM,
+                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, DOT_FP32, PRECISION, TOP_KEY)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + row0 * stride_dkn + cols[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + b * stride_dvb + hk * stride_dvh + row0 * stride_dvn + cols[:, None] * stride_dvn + offs_dv[None, :],
@@ -352,10 +380,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, S,
-                  causal_offset, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _top_update(top_p, top_j, top_dp, c, p_sum, p, dp, start_n):
+    """Folds one key tile into each row's running top key (its P, index and dP; the tile's first
+    largest P takes over only if strictly larger, so ties keep the first key), c = sum over the keys
+    so far of P_i (dP_top - dP_i) (the top's own term is exactly 0) and their sum of P. A new top
+    shifts c by (dP_new - dP_old) * p_sum: no cancellation, since the keys so far sum to < 1 - P_new.
+    Starting from top (0, -1, 0), a key with P = 0 never becomes the top."""
+    tile_p, tile_j = tl.max(p, 1, return_indices=True, return_indices_tie_break_left=True)
+    tile_dp = tl.sum(tl.where(tl.arange(0, p.shape[1])[None, :] == tile_j[:, None], dp, 0.0), 1)
+    new = tile_p > top_p
+    new_dp = tl.where(new, tile_dp, top_dp)
+    c += tl.where(new, (tile_dp - top_dp) * p_sum, 0.0) + tl.sum(p * (new_dp[:, None] - dp), 1)
+    return tl.where(new, tile_p, top_p), tl.where(new, start_n + tile_j, top_j), new_dp, c, p_sum + tl.sum(p, 1)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
+                  stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset, qk_scale, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                  TOP_KEY: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = tl.arange(0, BLOCK_N)
@@ -381,20 +425,25 @@ def _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, s
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             p = tl.where(visible, p, 0.0)
         dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+        if TOP_KEY:
+            seen_dp = dp
+            if MASKED:  # a NaN or inf of v at a key the row cannot see stays out of c
+                seen_dp = tl.where(visible, dp, 0.0)
+            top_p, top_j, top_dp, c, p_sum = _top_update(top_p, top_j, top_dp, c, p_sum, p, seen_dp, start_n)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_FP32, PRECISION)
-    return dq
+    return dq, top_p, top_j, top_dp, c, p_sum
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
                    H, GROUP, HEADS, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
                    ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -413,13 +462,37 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    top_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+    top_j = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    top_dp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, full,
-                       S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL,
-                       DOT_FP32, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn, stride_vn, offs_m, full, hi,
-                       S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL,
-                       DOT_FP32, PRECISION)
+    dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
+        dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+        stride_vn, offs_m, 0, full, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+        False, CAUSAL, DOT_FP32, PRECISION, TOP_KEY)
+    dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
+        dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+        stride_vn, offs_m, full, hi, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+        True, CAUSAL, DOT_FP32, PRECISION, TOP_KEY)
+    if TOP_KEY:
+        # c = dP - delta at the top key without cancellation (sum over the keys of P (dP_top - dP)), plus
+        # dlse, which the preprocess left in TOP_C; the dK/dV kernel reads the top key and c. The row
+        # offsets come again from the program ids (free to re-read) rather than held through the loops
+        # (row_ids spilled 8-16 bytes on sm_80).
+        first, bh = _program_block(HEADS, BLOCK_M)
+        top_rows = (bh.to(tl.int64) * L + first) + rows
+        c += tl.load(TOP_C + top_rows, mask=in_l, other=0.0)
+        tl.store(TOP_J + top_rows, top_j, mask=in_l)
+        tl.store(TOP_C + top_rows, c, mask=in_l)
+        # The loop gave the top key dS = P (dP - delta); swap in P c. What it added, a few ulps of dP
+        # times k, cancels here to an ulp of itself.
+        found = top_j >= 0
+        k_rows = k_base + top_j.to(tl.int64) * stride_kn
+        k_top = tl.load(k_rows[:, None] + offs_d[None, :], mask=found[:, None] & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+        dq += tl.where(found, top_p * (c - (top_dp - delta)), 0.0)[:, None] * k_top
     tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM))
 
@@ -456,7 +529,8 @@ BWD_DKDV_CONFIGS = {
 BWD_DQ_CONFIGS = {
     2: [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2), _cfg(32, 16, 8, 2),
         _cfg(32, 16, 4, 2)],
-    4: [_cfg(32, 16, 8, 2), _cfg(16, 16, 4, 2)],
+    # fp32 runs the top-key tracking (TOP_KEY): (16, 16, 4, 2) spilled with it on sm_80 (head dim 96, 8 bytes)
+    4: [_cfg(32, 16, 8, 2), _cfg(16, 16, 8, 2)],
 }
 CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
 # The backward's preprocess (delta = rowsum(dO * O) - dlse) is memory-bound and not tuned.
@@ -476,7 +550,7 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 
 SMEM_LIMIT_DEFAULT = 99 * 1024
 # Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
 REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 66,
-                   ("dq", 4): 100}
+                   ("dq", 4): 96}  # fp32 dq: (32, 16, 8, 2) at head dim 256 (100) spills with TOP_KEY on sm_80
 # Inputs that are not 16-byte aligned (see _aligned) load element by element, an address and a
 # value register each: their tiles get this share of the budget. Measured on sm_90's pointer
 # path: fp16/bf16 head dims up to 128 then compile without spills; head dim 256 spills with every
@@ -691,27 +765,39 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec
     return Launch("fwd", args, meta, _grid(L, B * H, "BLOCK_M"), _config("fwd", meta, arch, _bucket(L), deterministic))
 
 
+def uses_top_key(dtype: torch.dtype) -> bool:
+    """Whether the backward gives each row's top key dS = P c (c summed without cancellation, see
+    _bwd_dq_kernel): for fp32 inputs only; 16-bit ones round P and dS to 16 bits before their dots."""
+    return dtype == torch.float32
+
+
 def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, spec: AttnSpec, arch: Optional[int],
-                  deterministic: bool = False) -> List[Launch]:
-    """The backward's three launches, in order: preprocess (delta), dK/dV, dQ."""
+                  delta: Tensor, top_j: Optional[Tensor], top_c: Optional[Tensor], dq: Tensor, dk: Tensor,
+                  dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False) -> List[Launch]:
+    """The backward's three launches, in order: preprocess (delta), dQ, dK/dV. For fp32 inputs
+    (uses_top_key) the dQ kernel writes each row's top key and c to top_j (int32) and top_c (fp32),
+    (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in)."""
     B, H, L, _ = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    top = uses_top_key(q.dtype)
+    top_j, top_c = (top_j, top_c) if top else (delta, delta)  # unused pointers when TOP_KEY is off
     pre_config = triton.Config({"BLOCK_M": 32}) if INTERPRETED else PREPROCESS_CONFIG
-    pre = Launch("pre", (out, dout, dlse if dlse is not None else lse, delta, *out.stride()[:3], *dout.stride()[:3],
-                         H, B * H, L),
-                 dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None),
+    pre = Launch("pre", (out, dout, dlse if dlse is not None else lse, delta, top_c, *out.stride()[:3],
+                         *dout.stride()[:3], H, B * H, L),
+                 dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None, TOP_KEY=top),
                  _grid(L, B * H, "BLOCK_M"), pre_config)
     meta = _common_meta(q, v, spec, arch, (q, k, v, dout, dq, dk, dv))
+    meta["TOP_KEY"] = top
     offset, qk_scale, scale = spec.causal.offset(L, S), spec.scale * LOG2E, spec.scale
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
-                           HK, H // HK, B * HK, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S)),
-                  meta, _grid(S, B * HK, "BLOCK_N"), _config("dkdv", meta, arch, _bucket(S), deterministic))
-    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3],
+    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, dq, *strides, *dq.stride()[:3],
                               H, H // HK, B * H, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S)),
                        meta, _grid(L, B * H, "BLOCK_M"), _config("dq", meta, arch, _bucket(L), deterministic))
-    return [pre, dkdv, dq_launch]
+    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, dk, dv, *strides, *dk.stride()[:3],
+                           *dv.stride()[:3], HK, H // HK, B * HK, L, S, offset, qk_scale, scale, _bucket(L),
+                           _bucket(S)),
+                  meta, _grid(S, B * HK, "BLOCK_N"), _config("dkdv", meta, arch, _bucket(S), deterministic))
+    return [pre, dq_launch, dkdv]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,11 +838,14 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)
+    top = uses_top_key(q.dtype)
+    top_j = torch.empty((B, H, L), dtype=torch.int32, device=q.device) if top else None
+    top_c = new_output((B, H, L), torch.float32, q.device) if top else None
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
-                             delta, dq, dk, dv, spec, device_arch(q.device),
+                             delta, top_j, top_c, dq, dk, dv, spec, device_arch(q.device),
                              torch.are_deterministic_algorithms_enabled())
     for launch in launches:
         _run(launch, q.device)
