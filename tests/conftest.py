@@ -34,6 +34,17 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def cuda_emulation(monkeypatch):
+    """The CUDA backend's tests: CPU tensors run its kernels through the emulator, CUDA tensors
+    through the compiled extension (no emulator switch); outputs poisoned."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+    else:
+        monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE", raising=False)
+    monkeypatch.setenv("FUSED_ATTN_POISON", "1")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -27,22 +27,14 @@ from fused_attn.spec import CausalMode
 from attn_cases import CAUSAL_MODES, check_backend, grid, make_inputs, mode_id, run_attention, sdpa_causal_args
 from conftest import DEVICE
 
-pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
+pytestmark = [pytest.mark.filterwarnings("ignore:Lower right causal bias"),
+              pytest.mark.usefixtures("cuda_emulation")]
 
 DTYPES = [torch.float16, torch.bfloat16]
 
 
 emulator_only = pytest.mark.skipif(DEVICE != "cpu", reason="tests the CPU emulator itself")
 
-
-@pytest.fixture(autouse=True)
-def _emulate(monkeypatch):
-    """CPU tensors run the emulator; CUDA tensors the compiled extension (no emulator switch)."""
-    if DEVICE == "cpu":
-        monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
-    else:
-        monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE", raising=False)
-    monkeypatch.setenv("FUSED_ATTN_POISON", "1")
 
 
 def _inputs(*shape, **kw):

@@ -20,16 +20,9 @@ from fused_attn.spec import CausalMode
 from attn_cases import check_backend, make_inputs, sdpa_causal_args
 from conftest import DEVICE
 
-pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
+pytestmark = [pytest.mark.filterwarnings("ignore:Lower right causal bias"),
+              pytest.mark.usefixtures("cuda_emulation")]
 
-
-@pytest.fixture(autouse=True)
-def _emulate(monkeypatch):
-    if DEVICE == "cpu":
-        monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
-    else:
-        monkeypatch.delenv("FUSED_ATTN_CUDA_EMULATE", raising=False)
-    monkeypatch.setenv("FUSED_ATTN_POISON", "1")
 
 
 # E, L, S, dtype, even forward, even backward. Tiles (rows x keys): bucket 64: forward 128 x 64,

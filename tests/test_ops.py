@@ -17,9 +17,7 @@ from conftest import DEVICE
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 
 
-@pytest.fixture(autouse=True)
-def _emulate(monkeypatch):
-    monkeypatch.setenv("FUSED_ATTN_CUDA_EMULATE", "1")
+pytestmark = pytest.mark.usefixtures("cuda_emulation")
 
 
 def _cases():
