@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from types import ModuleType
 from typing import Callable, Dict
 
 import torch
@@ -64,40 +66,41 @@ def _fake_backward(dout, dlse, q, k, v, out, lse, *op_args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_EAGER_FORWARD: Dict[str, Callable] = {}
+_LAUNCHERS: Dict[str, ModuleType] = {}
 
 
 def eager_forward(backend: str) -> Callable:
-    """``forward(q, k, v, spec)`` of backend ``backend``'s forward op, for calls nothing records
-    (see ``dispatch._recorded``)."""
-    return _EAGER_FORWARD[backend]
+    """``_forward(q, k, v, spec)`` of backend ``backend``'s op module, what its forward op runs, for
+    calls nothing records (see ``dispatch._recorded``)."""
+    return _LAUNCHERS[backend]._forward
 
 
-def define_ops(backend: str, forward, backward, device_types, saved_lse: Callable[[torch.dtype], torch.dtype]):
+def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[torch.dtype], torch.dtype]):
     """Defines and returns backend ``backend``'s ops, ``torch.ops.fused_attn.<backend>_fwd`` and
-    ``<backend>_bwd``, for the devices in ``device_types``:
+    ``<backend>_bwd``, for the devices in ``device_types``, run by the launchers of op module
+    ``module`` (its ``__name__``; looked up at each call, so a test may substitute them):
 
     * ``<backend>_fwd(q, k, v, <spec>) -> (out (B, Hq, L, Ev), lse (B, Hq, L))`` runs
-      ``forward(q, k, v, spec)``; lse's dtype is ``saved_lse(q.dtype)`` (what the backward reads);
+      ``_forward(q, k, v, spec)``; lse's dtype is ``saved_lse(q.dtype)`` (what the backward reads);
     * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)`` runs
-      ``backward(dout, dlse, q, k, v, out, lse, spec)``;
+      ``_backward(dout, dlse, q, k, v, out, lse, spec)``;
 
     where ``<spec>`` is ``AttnSpec.op_args()`` (schema ``OP_ARGS_SCHEMA``) and ``spec`` the
     AttnSpec rebuilt from it. Registers their fake implementations (torch.compile, export) and
     the autograd formula (``fused_attn.autograd``)."""
     from .. import autograd
 
-    _EAGER_FORWARD[backend] = forward
+    launchers = _LAUNCHERS[backend] = sys.modules[module]
     fwd_name, bwd_name = f"fused_attn::{backend}_fwd", f"fused_attn::{backend}_bwd"
     torch.library.define(fwd_name, f"(Tensor q, Tensor k, Tensor v, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor)")
     torch.library.define(bwd_name, "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
                                    f"Tensor lse, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor)")
 
     def fwd_impl(q, k, v, *op_args):
-        return forward(q, k, v, AttnSpec.from_op_args(*op_args))
+        return launchers._forward(q, k, v, AttnSpec.from_op_args(*op_args))
 
     def bwd_impl(dout, dlse, q, k, v, out, lse, *op_args):
-        return backward(dout, dlse, q, k, v, out, lse, AttnSpec.from_op_args(*op_args))
+        return launchers._backward(dout, dlse, q, k, v, out, lse, AttnSpec.from_op_args(*op_args))
 
     def fwd_fake(q, k, v, *op_args):
         B, H, L, _ = q.shape

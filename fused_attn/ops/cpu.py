@@ -134,7 +134,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     return dq, dk, dv
 
 
-forward, backward = define_ops("cpu", _forward, _backward, ("cpu",), saved_lse_dtype)
+forward, backward = define_ops("cpu", __name__, ("cpu",), saved_lse_dtype)
 
 
 def hardware_refusal(p, explicit: bool) -> Optional[str]:

@@ -160,4 +160,4 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     return tuple(g if g.shape[-1] == d else g[..., :d].contiguous() for g, d in ((dq, E), (dk, E), (dv, ev)))
 
 
-forward, backward = define_ops("cuda", _forward, _backward, ("cpu", "cuda"), lambda dtype: torch.float32)
+forward, backward = define_ops("cuda", __name__, ("cpu", "cuda"), lambda dtype: torch.float32)

@@ -856,7 +856,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
 # torch.library ops and the dispatcher's interface
 # ---------------------------------------------------------------------------------------------
 
-forward, backward = define_ops("triton", _forward, _backward, ("cpu", "cuda"), saved_lse_dtype)
+forward, backward = define_ops("triton", __name__, ("cpu", "cuda"), saved_lse_dtype)
 
 
 def hardware_refusal(p, explicit: bool) -> Optional[str]:
