@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops._common import eager_forward, lse_dtype
+from .ops._common import lse_dtype
 from .problem import Problem
 
 ENV_VAR = "FUSED_ATTN_BACKEND"
@@ -77,9 +77,14 @@ def _say_once(msg: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _capability_refusal(op: str, name: str, features, dtype, device, head_dim: int, head_dim_v: int) -> Optional[str]:
-    """``CAPABILITIES.refusal`` of backend ``name`` of ``op`` (data: one answer per configuration)."""
-    return get(name, op).ops().CAPABILITIES.refusal(name, features, dtype, device, head_dim, head_dim_v)
+def _capability_refusal(caps, name: str, features, dtype, device, head_dim: int, head_dim_v: int) -> Optional[str]:
+    """``caps.refusal(...)``, backend ``name``'s CAPABILITIES (data: one answer per configuration)."""
+    return caps.refusal(name, features, dtype, device, head_dim, head_dim_v)
+
+
+def _launch(ops: ModuleType, p: Problem) -> Tuple[Tensor, Tensor]:
+    """What backend module ``ops``'s forward op runs (its launcher), called without the op."""
+    return ops._forward(p.q, p.k, p.v, p.spec)
 
 
 def _recorded(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -115,7 +120,8 @@ class KernelBackend:
             ops = self.ops()
         except ImportError as e:
             return f"not available in this install ({e})"
-        return (_capability_refusal(self.op, self.name, p.features(), p.dtype, p.device, p.head_dim, p.head_dim_v)
+        return (_capability_refusal(ops.CAPABILITIES, self.name, p.features(), p.dtype, p.device, p.head_dim,
+                                    p.head_dim_v)
                 or ops.hardware_refusal(p, explicit))
 
     def run(self, p: Problem) -> Tuple[Tensor, Tensor]:
@@ -123,10 +129,8 @@ class KernelBackend:
         or, where nothing records the call, straight through the op's implementation."""
         ops = self.ops()
         if _recorded(p.q, p.k, p.v):
-            out, lse = ops.forward(p.q, p.k, p.v, *p.spec.op_args())
-        else:
-            out, lse = eager_forward(self.name)(p.q, p.k, p.v, p.spec)
-        return out, lse
+            return ops.forward(p.q, p.k, p.v, *p.spec.op_args())
+        return _launch(ops, p)
 
 
 class ReferenceBackend:

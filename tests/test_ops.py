@@ -91,8 +91,9 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_records(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     direct = []
-    real = dispatch.eager_forward
-    monkeypatch.setattr(dispatch, "eager_forward", lambda name: (direct.append(name), real(name))[1])
+    real = dispatch._launch
+    monkeypatch.setattr(dispatch, "_launch",
+                        lambda ops, p: (direct.append(ops.__name__.rsplit(".", 1)[1]), real(ops, p))[1])
 
     class SeenOps(TorchDispatchMode):
         def __init__(self):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from types import ModuleType
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
@@ -66,15 +65,6 @@ def _fake_backward(dout, dlse, q, k, v, out, lse, *op_args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_LAUNCHERS: Dict[str, ModuleType] = {}
-
-
-def eager_forward(backend: str) -> Callable:
-    """``_forward(q, k, v, spec)`` of backend ``backend``'s op module, what its forward op runs, for
-    calls nothing records (see ``dispatch._recorded``)."""
-    return _LAUNCHERS[backend]._forward
-
-
 def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[torch.dtype], torch.dtype]):
     """Defines and returns backend ``backend``'s ops, ``torch.ops.fused_attn.<backend>_fwd`` and
     ``<backend>_bwd``, for the devices in ``device_types``, run by the launchers of op module
@@ -90,7 +80,7 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
     the autograd formula (``fused_attn.autograd``)."""
     from .. import autograd
 
-    launchers = _LAUNCHERS[backend] = sys.modules[module]
+    launchers = sys.modules[module]
     fwd_name, bwd_name = f"fused_attn::{backend}_fwd", f"fused_attn::{backend}_bwd"
     torch.library.define(fwd_name, f"(Tensor q, Tensor k, Tensor v, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor)")
     torch.library.define(bwd_name, "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "

@@ -48,8 +48,8 @@ except ImportError as e:  # no nvcc / CUDA torch at install time, or a broken bu
     _IMPORT_ERROR = f"the CUDA extension fused_attn._C_cuda is not available ({e})"
 
 EMULATE_ENV = "FUSED_ATTN_CUDA_EMULATE"
-CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16), features=frozenset({"causal"}),
-                            device_note=": cpu through the emulator")
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16),
+                            features=frozenset({"causal"}), device_note=": cpu through the emulator")
 MIN_CAPABILITY = (8, 0)  # mma.sync with bf16, cp.async, ldmatrix: the only features the kernels use
 MAX_GRID_YZ = 65535  # grid y (query heads) and z (batch) limit of a CUDA launch
 
