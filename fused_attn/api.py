@@ -11,7 +11,8 @@ from .problem import make_problem
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+                                 enable_gqa: bool = False, *, window: Tuple[int, int] = (-1, -1),
+                                 backend: Optional[str] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same arguments and semantics: inputs ``(N..., L, E)`` whose leading dims, the head dim
@@ -25,9 +26,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (their counts may differ). Empty dims give torch's results (an empty output, or zeros
     when S = 0); ``dropout_p=1`` gives zeros.
 
-    The fused kernels run causal masks and CausalBias without building any mask; a
-    boolean or float mask tensor, ``dropout_p > 0``, or a head dim of 0, runs on the
-    reference backend (O(L*S) memory) under automatic choice and is refused by an explicit
+    Keyword-only extra: ``window=(left, right)``, a sliding window as FlashAttention-2's
+    ``window_size``: query i sees keys j with ``i + S - L - left <= j <= i + S - L + right``
+    (aligned bottom-right; -1: unbounded on that side); it combines with the other masks.
+
+    The fused kernels run causal masks, CausalBias and sliding windows without building any
+    mask, and key-padding masks without reading them per element: a boolean or float (0 / -inf)
+    mask of shape ``(N..., 1, 1, S)`` that admits one run of consecutive keys per batch entry
+    (right or left padding) becomes per-batch key bounds, and the CPU and Triton kernels skip
+    the padded keys' tiles. Any other mask tensor, ``dropout_p > 0``, or a head dim of 0, runs on
+    the reference backend (O(L*S) memory) under automatic choice and is refused by an explicit
     kernel backend.
 
     A query row that sees no key at all (a fully masked row, or ``causal_lower_right`` with
@@ -37,29 +45,29 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic;
     see :func:`fused_attn.use_backend` and the ``FUSED_ATTN_BACKEND`` environment variable).
     """
-    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
     return p.restore_out(dispatch.run(p, backend)[0])
 
 
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                       *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                       *, window: Tuple[int, int] = (-1, -1), backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax log-sum-exp.
 
-    Arguments as :func:`scaled_dot_product_attention` (no dropout). Returns
+    Arguments as :func:`scaled_dot_product_attention` (no dropout; ``window`` too). Returns
     ``(out, lse)``: ``out`` as there, ``lse`` float32 of shape ``(N..., Hq, L)``, the natural
     log of each query row's sum of ``exp(scale * q.k + mask)`` over the keys it sees
     (``-inf`` for a row that sees none). Both are differentiable. Two attentions over
     disjoint key sets combine exactly as ``out = w1 * out1 + w2 * out2`` with
     ``w_i = exp(lse_i - logaddexp(lse1, lse2))``.
     """
-    p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+    p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window)
     return p.restore(*dispatch.run(p, backend))
 
 
 def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                      dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                     enable_gqa: bool = False) -> Dict[str, Optional[str]]:
+                     enable_gqa: bool = False, *, window: Tuple[int, int] = (-1, -1)) -> Dict[str, Optional[str]]:
     """For each backend, in automatic-choice order, why it would refuse this call (None: it can run it)."""
-    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
     return dispatch.refusals(p)

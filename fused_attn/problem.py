@@ -35,12 +35,17 @@ class Problem:
     mask: Optional[Tensor]  # bool / float, (B, Hq, L, S) possibly with stride-0 dims; applies with causal
     spec: AttnSpec
     out_shape: Tuple[int, ...]  # shape of the output the user gets back
+    # int64 (B, 2) on q's device: batch b sees keys [begin, end) only (a key-padding mask,
+    # normalised); applies with causal and window. None: every key.
+    key_bounds: Optional[Tensor] = None
 
     def features(self) -> FrozenSet[str]:
         """The optional features (``spec.FEATURES``) this call uses."""
         used = self.spec.features()
         if self.mask is not None:
             used = used | {"bool_mask" if self.mask.dtype == torch.bool else "float_mask"}
+        if self.key_bounds is not None:
+            used = used | {"key_padding"}
         return used
 
     @property
@@ -112,6 +117,49 @@ def _canonical(t: Tensor, batch: Tuple[int, ...], B: int, heads: int) -> Tensor:
     return t.expand(batch + (heads, n, d)).reshape(B, heads, n, d)
 
 
+def _window(window) -> Tuple[int, int]:
+    """``window`` checked: (left, right), each an int >= -1 (-1: unbounded on that side)."""
+    try:
+        left, right = window
+        ok = all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in (left, right))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"window must be a pair (left, right) of ints >= -1 (-1: unbounded), got {window!r}")
+    return left, right
+
+
+def _key_padding_bounds(attn_mask: Tensor, full: Tuple[int, ...], batch: Tuple[int, ...], B: int) -> Optional[Tensor]:
+    """Per-batch key bounds (B, 2) [begin, end) of a mask (broadcastable to ``full``, the
+    output's batch dims + (L, S)) that only pads keys: one that broadcasts over heads and queries
+    (shape (..., 1, 1, S)) and admits, for each batch entry, one run of consecutive keys (right or
+    left padding) and nothing else: True inside the run for a boolean mask, 0 inside and -inf
+    outside for a float one. None for any other mask (it stays a mask), and under torch.compile
+    (the test reads the mask's values)."""
+    S = full[-1]
+    if attn_mask.requires_grad or torch.compiler.is_compiling() or B == 0 or S == 0:
+        return None
+    m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.shape[-2] != 1 or (m.dim() >= 3 and m.shape[-3] != 1):
+        return None
+    rows = m[..., 0, 0, :] if m.dim() >= 3 else m[0]  # batch' + (S,), batch' broadcasting to batch
+    if rows.dtype == torch.bool:
+        keep = rows
+    else:
+        keep = rows == 0
+        if not bool((keep | (rows == float("-inf"))).all()):
+            return None
+    keep = keep.expand(batch + (S,)).reshape(B, S)
+    n = keep.sum(1)
+    j = torch.arange(S, device=keep.device)
+    begin = torch.where(keep, j, S).amin(1)
+    end = torch.where(keep, j + 1, 0).amax(1)
+    if not bool((n == (end - begin).clamp_min(0)).all()):
+        return None  # holes inside a run: a general mask
+    empty = n == 0
+    return torch.stack((begin.masked_fill(empty, 0), end.masked_fill(empty, 0)), 1).to(torch.int64).contiguous()
+
+
 def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
     """The Problem of the common call (4-D q, k, v of one batch size, dtype and device, kv heads that
     the query heads share, no mask, no dropout, the default scale) with fewer checks; None for any
@@ -135,14 +183,17 @@ def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
 
 
 def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                 scale=None, enable_gqa=False) -> Problem:
+                 scale=None, enable_gqa=False, window=None) -> Problem:
     """Check the arguments of ``scaled_dot_product_attention`` and canonicalise them.
 
     Accepts what torch's SDPA accepts: q, k, v of any ranks >= 2 whose leading dims (the
     head dim -3 included) broadcast as in ``torch.matmul``; with ``enable_gqa``, key and
     value heads that each divide the query heads (possibly different counts); empty dims.
+    ``window``: (left, right) sliding window (``AttnSpec``), None or (-1, -1) for none. A mask that
+    only pads keys becomes per-batch key bounds (``Problem.key_bounds``, see _key_padding_bounds).
     """
-    if attn_mask is None and not dropout_p:
+    window = (-1, -1) if window is None else _window(window)
+    if attn_mask is None and not dropout_p and window == (-1, -1):
         p = _common_call(query, key, value, is_causal, scale, enable_gqa)
         if p is not None:
             return p
@@ -206,7 +257,7 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
             raise ValueError(f"scale must be finite, got {scale}")
 
     causal = CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE
-    mask = None
+    mask = key_bounds = None
     B = math.prod(batch)
     if attn_mask is not None:
         if isinstance(attn_mask, CausalBias):
@@ -227,7 +278,11 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
                 ok = False
             if not ok:
                 raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {full}")
-            mask = attn_mask.expand(full).reshape(B, H, L, S)  # with is_causal too: both apply, as torch
+            key_bounds = _key_padding_bounds(attn_mask, full, batch, B)
+            if key_bounds is not None and bool(((key_bounds[:, 0] == 0) & (key_bounds[:, 1] == S)).all()):
+                key_bounds = None  # pads nothing: no mask at all
+            elif key_bounds is None:
+                mask = attn_mask.expand(full).reshape(B, H, L, S)  # with is_causal too: both apply, as torch
         else:
             raise TypeError(f"attn_mask must be a Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
 
@@ -244,4 +299,6 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         q, k, v = (t.reshape(1, 1, t.shape[0], t.shape[1]) for t in (q, k, v))
 
     out_shape = out_batch + (L, v.shape[-1])
-    return Problem(q, k, v, mask, AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p)), out_shape)
+    spec = AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p), window_left=window[0],
+                    window_right=window[1])
+    return Problem(q, k, v, mask, spec, out_shape, key_bounds)

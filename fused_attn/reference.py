@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .spec import CausalMode, causal_mask
+from .spec import AttnSpec, CausalMode, causal_mask, visible_keys  # noqa: F401 (tests use causal_mask)
 
 
 def attention(
@@ -33,6 +33,8 @@ def attention(
     causal: CausalMode = CausalMode.NONE,
     scale: Optional[float] = None,
     *,
+    window: Tuple[int, int] = (-1, -1),
+    key_bounds: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Naive attention on canonical inputs.
@@ -40,7 +42,8 @@ def attention(
     q: (B, Hq, L, E); k: (B, Hk, S, E); v: (B, Hk, S, Ev) with ``Hq % Hk == 0``
     (head i of q uses kv head ``i // (Hq // Hk)``). ``attn_mask``: boolean (True =
     may attend) or additive float, broadcastable to (B, Hq, L, S); it combines
-    with ``causal``. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
+    with ``causal``, the sliding ``window`` (left, right; ``AttnSpec``'s) and the per-batch
+    ``key_bounds`` ((B, 2): batch b sees keys [begin, end) only). Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
     ``compute_dtype``.
     """
     dt = compute_dtype or q.dtype
@@ -53,7 +56,8 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
-    allowed = causal_mask(L, S, causal, q.device)
+    spec = AttnSpec(scale=scale, causal=CausalMode(causal), window_left=window[0], window_right=window[1])
+    allowed = visible_keys(L, S, spec, key_bounds, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else attn_mask & allowed

@@ -1,18 +1,19 @@
 """What an attention call computes, described once from the API to every kernel.
 
 :class:`AttnSpec` (frozen) holds the call's scalar semantics: which keys each query sees
-(``causal``), the softmax ``scale`` and ``dropout_p``. ``make_problem`` builds it once;
+(``causal``, a sliding ``window``), the softmax ``scale`` and ``dropout_p``. ``make_problem`` builds it once;
 the dispatcher, the autograd formula, the reference and the backends read it; the kernel ops
 take it flattened by :meth:`AttnSpec.op_args` (schema :data:`OP_ARGS_SCHEMA`, rebuilt by
 :meth:`AttnSpec.from_op_args`): the one place a field is turned into op arguments. In C++ the
 same fields are ``csrc/common/attn_params.h`` (``Visibility``, ``scale``).
 
-Tensors that describe the call (a mask) travel in the :class:`~fused_attn.problem.Problem`
-beside the spec. :meth:`Problem.features` names what a call uses beyond plain attention;
+Tensors that describe the call (a mask, per-batch key bounds) travel in the
+:class:`~fused_attn.problem.Problem` beside the spec; the per-batch key bounds (a key-padding
+mask normalised by ``make_problem``) are the ops' last argument, ``key_bounds``. :meth:`Problem.features` names what a call uses beyond plain attention;
 each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
 derives its refusal messages from that data.
 
-A new feature (a sliding window, soft-capping, ALiBi, dropout in the kernels) adds: a field
+A new feature (soft-capping, ALiBi, dropout in the kernels) adds: a field
 here (with its validation in ``make_problem``), its entry in :data:`FEATURES`, its effect in
 ``reference.attention``, its op argument in ``op_args`` / ``OP_ARGS_SCHEMA``, and its name in
 the ``Capabilities`` of each backend that runs it.
@@ -48,16 +49,43 @@ def causal_mask(L: int, S: int, mode: CausalMode, device=None) -> Optional[Tenso
     return j <= i + mode.offset(L, S)
 
 
+def visible_keys(L: int, S: int, spec: "AttnSpec", key_bounds: Optional[Tensor] = None,
+                 device=None) -> Optional[Tensor]:
+    """Boolean mask, True where a query may attend under ``spec`` (causal, window) and the
+    per-batch ``key_bounds`` ((B, 2): batch b sees keys [begin, end) only): ``(L, S)``, or
+    ``(B, 1, L, S)`` with key bounds; None when every query sees every key."""
+    allowed = causal_mask(L, S, spec.causal, device)
+    if spec.window_left >= 0 or spec.window_right >= 0:
+        i = torch.arange(L, device=device)[:, None] + (S - L)  # FlashAttention's alignment: bottom-right
+        j = torch.arange(S, device=device)[None, :]
+        win = torch.ones(L, S, dtype=torch.bool, device=device)
+        if spec.window_left >= 0:
+            win = win & (j >= i - spec.window_left)
+        if spec.window_right >= 0:
+            win = win & (j <= i + spec.window_right)
+        allowed = win if allowed is None else allowed & win
+    if key_bounds is not None:
+        j = torch.arange(S, device=device)
+        kb = key_bounds.to(device)
+        keys = (j >= kb[:, :1]) & (j < kb[:, 1:])  # (B, S)
+        keys = keys[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
 # Features a call may use beyond plain attention, and how a refusal names them.
 FEATURES = {
     "causal": "a causal mask",
     "bool_mask": "a boolean attn_mask tensor",
     "float_mask": "a float attn_mask tensor",
     "dropout": "dropout_p > 0",
+    "window": "a sliding window",
+    "key_padding": "a key-padding mask",
 }
 
-# The spec's fields as the kernel ops take them (torch.library schema), in op_args' order.
-OP_ARGS_SCHEMA = "int causal, float scale"
+# The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, and
+# last the per-batch key bounds (Problem.key_bounds; None: every key of each batch).
+OP_ARGS_SCHEMA = "int causal, float scale, int window_left=-1, int window_right=-1, Tensor? key_bounds=None"
 
 
 @dataclass(frozen=True)
@@ -67,15 +95,25 @@ class AttnSpec:
     scale: float
     causal: CausalMode = CausalMode.NONE
     dropout_p: float = 0.0
+    # Sliding window, FlashAttention-2's: query i sees keys j with
+    # i + S - L - window_left <= j <= i + S - L + window_right; -1: unbounded on that side.
+    window_left: int = -1
+    window_right: int = -1
 
-    def op_args(self) -> Tuple[int, float]:
-        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order."""
-        return int(self.causal), self.scale
+    def op_args(self, key_bounds: Optional[Tensor] = None) -> tuple:
+        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then ``key_bounds``."""
+        return int(self.causal), self.scale, self.window_left, self.window_right, key_bounds
 
     @classmethod
-    def from_op_args(cls, causal: int, scale: float) -> "AttnSpec":
-        """The spec back from :meth:`op_args` (inside an op: the kernels' view of the call)."""
-        return cls(scale=scale, causal=CausalMode(causal))
+    def from_op_args(cls, causal: int, scale: float, window_left: int = -1, window_right: int = -1,
+                     key_bounds: Optional[Tensor] = None) -> Tuple["AttnSpec", Optional[Tensor]]:
+        """The spec and the key bounds back from :meth:`op_args` (inside an op: the kernels' view of the call)."""
+        return cls(scale=scale, causal=CausalMode(causal), window_left=window_left,
+                   window_right=window_right), key_bounds
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     def features(self) -> FrozenSet[str]:
         """The :data:`FEATURES` this spec uses."""
@@ -84,6 +122,8 @@ class AttnSpec:
             used.add("causal")
         if self.dropout_p > 0.0:
             used.add("dropout")
+        if self.windowed:
+            used.add("window")
         return frozenset(used)
 
 

@@ -71,12 +71,13 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
     ``module`` (its ``__name__``; looked up at each call, so a test may substitute them):
 
     * ``<backend>_fwd(q, k, v, <spec>) -> (out (B, Hq, L, Ev), lse (B, Hq, L))`` runs
-      ``_forward(q, k, v, spec)``; lse's dtype is ``saved_lse(q.dtype)`` (what the backward reads);
+      ``_forward(q, k, v, spec, key_bounds)``; lse's dtype is ``saved_lse(q.dtype)`` (what the
+      backward reads);
     * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)`` runs
-      ``_backward(dout, dlse, q, k, v, out, lse, spec)``;
+      ``_backward(dout, dlse, q, k, v, out, lse, spec, key_bounds)``;
 
-    where ``<spec>`` is ``AttnSpec.op_args()`` (schema ``OP_ARGS_SCHEMA``) and ``spec`` the
-    AttnSpec rebuilt from it. Registers their fake implementations (torch.compile, export) and
+    where ``<spec>`` is ``AttnSpec.op_args(key_bounds)`` (schema ``OP_ARGS_SCHEMA``) and ``spec``,
+    ``key_bounds`` what ``AttnSpec.from_op_args`` rebuilds from it. Registers their fake implementations (torch.compile, export) and
     the autograd formula (``fused_attn.autograd``)."""
     from .. import autograd
 
@@ -87,10 +88,10 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
                                    f"Tensor lse, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor)")
 
     def fwd_impl(q, k, v, *op_args):
-        return launchers._forward(q, k, v, AttnSpec.from_op_args(*op_args))
+        return launchers._forward(q, k, v, *AttnSpec.from_op_args(*op_args))
 
     def bwd_impl(dout, dlse, q, k, v, out, lse, *op_args):
-        return launchers._backward(dout, dlse, q, k, v, out, lse, AttnSpec.from_op_args(*op_args))
+        return launchers._backward(dout, dlse, q, k, v, out, lse, *AttnSpec.from_op_args(*op_args))
 
     def fwd_fake(q, k, v, *op_args):
         B, H, L, _ = q.shape

@@ -119,7 +119,16 @@ def _operand(t: Tensor) -> Tensor:
     return t if aligned else t.contiguous()
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, Tensor]:
+def _kernel_args(spec: AttnSpec, key_bounds: Optional[Tensor]) -> Tuple[int, float]:
+    """The spec's fields the CUDA kernels take (causal, scale); CAPABILITIES refuses the rest."""
+    if spec.windowed or key_bounds is not None:
+        raise RuntimeError("the CUDA kernels run no sliding window and no key-padding mask")
+    return int(spec.causal), spec.scale
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
+             key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    args = _kernel_args(spec, key_bounds)
     B, H, L, _ = q.shape
     ev = v.shape[-1]
     q, k, v = _operand(q), _operand(k), _operand(v)
@@ -129,16 +138,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, T
         if _C_cuda is None:
             raise RuntimeError(_IMPORT_ERROR)
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        torch.ops.fused_attn.cuda_fwd_out(q, k, v, out, lse, *spec.op_args(), stream)
+        torch.ops.fused_attn.cuda_fwd_out(q, k, v, out, lse, *args, stream)
     else:
         from . import _emu
 
-        _emu.load().flash_fwd(q, k, v, out, lse, *spec.op_args())
+        _emu.load().flash_fwd(q, k, v, out, lse, *args)
     return (out if out.shape[-1] == ev else out[..., :ev].contiguous()), lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    args = _kernel_args(spec, key_bounds)
     E, ev = q.shape[-1], v.shape[-1]
     q, k, v, out, dout = (_operand(t) for t in (q, k, v, out, dout))  # zero padding adds 0 to rowsum(dO * O)
     lse = lse.contiguous()
@@ -152,11 +162,11 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
         if _C_cuda is None:
             raise RuntimeError(_IMPORT_ERROR)
         stream = torch.cuda.current_stream(q.device).cuda_stream
-        torch.ops.fused_attn.cuda_bwd_out(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *spec.op_args(), stream)
+        torch.ops.fused_attn.cuda_bwd_out(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *args, stream)
     else:
         from . import _emu
 
-        _emu.load().flash_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *spec.op_args())
+        _emu.load().flash_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, delta, *args)
     return tuple(g if g.shape[-1] == d else g[..., :d].contiguous() for g, d in ((dq, E), (dk, E), (dv, ev)))
 
 
