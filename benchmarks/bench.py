@@ -6,6 +6,12 @@
 Shapes are B,H,L,E (L = S) or B,H,L,S,E. Per-call cost shows at tiny shapes:
 --shapes 1,1,8,16 1,8,1,1024,64 (a tiny call; one decoding step against 1024 keys).
 
+--masks adds which keys each query sees: ``pad25`` a boolean key-padding mask (B, 1, 1, S)
+with 25% of the keys padded (right padding, each batch entry its own length averaging 75% of
+S), given to every provider; ``window256`` a sliding window of 256 keys each side (fused_attn's
+``window=(256, 256)``; torch SDPA and naive get the same (L, S) boolean mask, since they take
+no window). GFLOP/s count the visible (query, key) pairs only.
+
 Providers: naive PyTorch (fused_attn.reference, in the inputs' dtype), torch SDPA with
 each backend torch lets you select on the device (torch.nn.attention.sdpa_kernel), every
 fused_attn kernel backend that accepts the call (triton and cuda are skipped on the CPU:
@@ -56,7 +62,8 @@ from fused_attn.testing import peak_memory_bytes  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 BWD_FLOPS_FACTOR = 2.5  # backward = 2.5 x forward (two GEMMs forward, five backward)
-CSV_COLUMNS = ("device", "provider", "dtype", "B", "H", "L", "S", "E", "causal", "mode", "median_ms", "q1_ms",
+MASKS = ("none", "pad25", "window256")
+CSV_COLUMNS = ("device", "provider", "dtype", "B", "H", "L", "S", "E", "causal", "mask", "mode", "median_ms", "q1_ms",
                "q3_ms", "iqr_ms", "gflops", "pct_peak", "peak_mem_mb", "x_sdpa")
 # Dense peak TFLOP/s by device name fragment: (bf16/fp16 tensor core, fp32 without TF32).
 # --cpu-isa: environment of the child process. torch reads these when it loads.
@@ -76,21 +83,58 @@ def flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool, mode: str) -> 
     return {"fwd": fwd, "bwd": BWD_FLOPS_FACTOR * fwd, "fwd+bwd": (1.0 + BWD_FLOPS_FACTOR) * fwd}[mode]
 
 
+def mask_args(mask: str, B: int, L: int, S: int, device) -> dict:
+    """The case's masking as fused_attn's keyword arguments: ``attn_mask`` (a tensor every provider
+    takes) and ``window`` (fused_attn's only; others get ``window_mask``, its (L, S) boolean mask)."""
+    if mask == "none":
+        return {}
+    if mask == "pad25":
+        g = torch.Generator().manual_seed(1)
+        lengths = (S * (0.5 + 0.5 * torch.rand(B, generator=g))).round().long().clamp(1, S)  # mean 0.75 S
+        keep = torch.arange(S)[None, :] < lengths[:, None]
+        return {"attn_mask": keep[:, None, None, :].to(device)}
+    if mask == "window256":
+        i = torch.arange(L, device=device)[:, None] + (S - L)
+        j = torch.arange(S, device=device)[None, :]
+        return {"window": (256, 256), "window_mask": (j >= i - 256) & (j <= i + 256)}
+    raise ValueError(mask)
+
+
+def visible_fraction(extra: dict, B: int, L: int, S: int) -> float:
+    """The share of (query, key) pairs a mask case leaves visible (1 without a mask)."""
+    m = extra.get("attn_mask", extra.get("window_mask"))
+    return 1.0 if m is None else float(m.expand(B, 1, L, S).float().mean())
+
+
+def _torch_mask(causal: bool, extra: dict, L: int, S: int) -> dict:
+    """SDPA's arguments for the case: the mask (a window as its boolean mask), with causal folded in
+    (torch refuses is_causal with a mask in some backends)."""
+    m = extra.get("attn_mask", extra.get("window_mask"))
+    if m is None:
+        return {"is_causal": causal}
+    if causal:
+        m = m & torch.ones(L, S, dtype=torch.bool, device=m.device).tril()
+    return {"attn_mask": m}
+
+
 @dataclass
 class Provider:
     name: str
-    # (q, k, v, causal) -> forward callable returning the output, or None if it cannot run
-    make: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Optional[Callable[[], torch.Tensor]]]
+    # (q, k, v, causal, extra) -> forward callable returning the output, or None if it cannot run;
+    # extra: mask_args' dict
+    make: Callable[..., Optional[Callable[[], torch.Tensor]]]
     is_sdpa: bool = False
 
 
 def _sdpa_provider(backend) -> Provider:
     from torch.nn.attention import sdpa_kernel
 
-    def make(q, k, v, causal):
+    def make(q, k, v, causal, extra):
+        kw = _torch_mask(causal, extra, q.shape[2], k.shape[2])
+
         def run():
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
         try:
             with torch.no_grad():
                 run()
@@ -101,16 +145,19 @@ def _sdpa_provider(backend) -> Provider:
 
 
 def _fused_provider(name: str) -> Provider:
-    def make(q, k, v, causal):
-        if dispatch.get(name).refusal(make_problem(q, k, v, is_causal=causal), explicit=True) is not None:
+    def make(q, k, v, causal, extra):
+        kw = {key: val for key, val in extra.items() if key in ("attn_mask", "window")}
+        p = make_problem(q, k, v, kw.get("attn_mask"), is_causal=causal, window=kw.get("window"))
+        if dispatch.get(name).refusal(p, explicit=True) is not None:
             return None
-        return lambda: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name)
+        return lambda: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name, **kw)
     return Provider(f"fused_attn-{name}", make)
 
 
-def _naive(q, k, v, causal):
+def _naive(q, k, v, causal, extra):
     mode = CausalMode.UPPER_LEFT if causal else CausalMode.NONE
-    return lambda: reference.attention(q, k, v, causal=mode)[0]
+    mask = extra.get("attn_mask", extra.get("window_mask"))
+    return lambda: reference.attention(q, k, v, mask, causal=mode)[0]
 
 
 def _flash_attn_provider() -> Optional[Provider]:
@@ -119,8 +166,8 @@ def _flash_attn_provider() -> Optional[Provider]:
     except ImportError:
         return None
 
-    def make(q, k, v, causal):
-        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+    def make(q, k, v, causal, extra):
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or extra:
             return None
         qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
         return lambda: flash_attn_func(qt, kt, vt, causal=causal)
@@ -133,8 +180,8 @@ def _xformers_provider() -> Optional[Provider]:
     except ImportError:
         return None
 
-    def make(q, k, v, causal):
-        if q.device.type != "cuda":
+    def make(q, k, v, causal, extra):
+        if q.device.type != "cuda" or extra:
             return None
         qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
         bias = xops.LowerTriangularMask() if causal else None
@@ -185,11 +232,14 @@ def _quartiles(xs: List[float]):
     return q[0], statistics.median(xs), q[2]
 
 
-def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, min_time, peak_tflops, S=None):
-    """All providers on one shape/dtype/causal, interleaved; returns CSV rows. q (B, H, L, E)
+def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, min_time, peak_tflops, S=None,
+               mask="none"):
+    """All providers on one shape/dtype/causal/mask, interleaved; returns CSV rows. q (B, H, L, E)
     against k, v (B, H, S, E); S defaults to L (S != L: e.g. a decoding step, L = 1)."""
     torch.manual_seed(0)
     S = L if S is None else S
+    extra = mask_args(mask, B, L, S, device)
+    frac = visible_fraction(extra, B, L, S)
     q = torch.randn(B, H, L, E, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, H, S, E, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
     grad_out = torch.randn(B, H, L, E, device=device, dtype=dtype)
@@ -197,7 +247,7 @@ def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, mi
     for mode in modes:
         runs: Dict[str, Callable[[], None]] = {}
         for p in provs:
-            fwd = p.make(q, k, v, causal)
+            fwd = p.make(q, k, v, causal, extra)
             if fwd is None:
                 continue
             try:
@@ -229,14 +279,14 @@ def bench_case(device, dtype, B, H, L, E, causal, modes, provs, reps, warmup, mi
                 samples[name].append((time.perf_counter() - t0) / inner[name])
         medians = {n: _quartiles(s)[1] for n, s in samples.items()}
         sdpa_best = min((medians[p.name] for p in provs if p.is_sdpa and p.name in medians), default=float("nan"))
-        fl = flops(B, H, L, S, E, causal, mode)
+        fl = flops(B, H, L, S, E, causal, mode) * frac
         for name, s in samples.items():
             q1, med, q3 = _quartiles(s)
             gflops = fl / med / 1e9
             peak_mem = peak_memory_bytes(runs[name], device)
             pct = 100.0 * gflops / 1e3 / peak_tflops if peak_tflops else float("nan")
             rows.append(dict(device=device, provider=name, dtype=str(dtype).replace("torch.", ""), B=B, H=H, L=L,
-                             S=S, E=E, causal=int(causal), mode=mode, median_ms=med * 1e3, q1_ms=q1 * 1e3,
+                             S=S, E=E, causal=int(causal), mask=mask, mode=mode, median_ms=med * 1e3, q1_ms=q1 * 1e3,
                              q3_ms=q3 * 1e3, iqr_ms=(q3 - q1) * 1e3, gflops=gflops, pct_peak=pct,
                              peak_mem_mb=peak_mem / 2**20, x_sdpa=sdpa_best / med))
         for t in (q, k, v):
@@ -250,36 +300,42 @@ def _shape(r) -> str:
     return ", ".join(str(d) for d in dims)
 
 
+def _kind(r) -> str:
+    """Which keys the case's queries see: full, causal, and the --masks case if any."""
+    kind = "causal" if int(r["causal"]) else "full"
+    return kind if r.get("mask", "none") == "none" else f"{kind}+{r['mask']}"
+
+
 def print_table(rows, device: str) -> None:
     rate = "TFLOP/s" if device == "cuda" else "GFLOP/s"
-    head = (f"{'B,H,L[,S],E':<18}{'dtype':<10}{'causal':<7}{'mode':<8}{'provider':<26}{'median ms':>10}"
+    head = (f"{'B,H,L[,S],E':<18}{'dtype':<10}{'keys':<18}{'mode':<8}{'provider':<26}{'median ms':>10}"
             f"{'IQR ms':>9}{rate:>9}{'%peak' if device == 'cuda' else '':>7}{'peak MB':>9}{'x sdpa':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         val = r["gflops"] / 1e3 if device == "cuda" else r["gflops"]
         pct = f"{r['pct_peak']:.0f}" if device == "cuda" and not math.isnan(r["pct_peak"]) else ""
-        print(f"{_shape(r):<18}{r['dtype']:<10}{r['causal']:<7}{r['mode']:<8}"
+        print(f"{_shape(r):<18}{r['dtype']:<10}{_kind(r):<18}{r['mode']:<8}"
               f"{r['provider']:<26}{r['median_ms']:>10.2f}{r['iqr_ms']:>9.2f}{val:>9.1f}{pct:>7}"
               f"{r['peak_mem_mb']:>9.1f}{r['x_sdpa']:>8.2f}")
 
 
 def markdown(rows) -> str:
-    """One line per (shape, dtype, causal, mode): each provider's median rate (IQR as % of the
+    """One line per (shape, dtype, keys seen, mode): each provider's median rate (IQR as % of the
     median time), and the fused_attn providers' speed-up over the fastest torch SDPA backend."""
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     unit = "TFLOP/s" if rows and rows[0]["device"] == "cuda" else "GFLOP/s"
-    lines = ["| B, H, L[, S], E | dtype | causal | mode | " + " | ".join(f"{p} {unit} (IQR)" for p in provs)
+    lines = ["| B, H, L[, S], E | dtype | keys | mode | " + " | ".join(f"{p} {unit} (IQR)" for p in provs)
              + " | " + " | ".join(f"{p} x sdpa" for p in provs if p.startswith("fused_attn")) + " |"]
     lines.append("|" + "---|" * (4 + len(provs) + sum(p.startswith("fused_attn") for p in provs)))
-    cases = list(dict.fromkeys((_shape(r), r["dtype"], r["causal"], r["mode"]) for r in rows))
+    cases = list(dict.fromkeys((_shape(r), r["dtype"], _kind(r), r["mode"]) for r in rows))
     for case in cases:
-        by = {r["provider"]: r for r in rows if (_shape(r), r["dtype"], r["causal"], r["mode"]) == case}
+        by = {r["provider"]: r for r in rows if (_shape(r), r["dtype"], _kind(r), r["mode"]) == case}
         rate = [f"{by[p]['gflops'] / (1e3 if unit == 'TFLOP/s' else 1):.1f} ({100 * by[p]['iqr_ms'] / by[p]['median_ms']:.0f}%)"
                 if p in by else "-" for p in provs]
         ratio = [f"**{by[p]['x_sdpa']:.2f}**" if p in by else "-" for p in provs if p.startswith("fused_attn")]
         shape, dt, c, mode = case
-        lines.append(f"| {shape} | {dt} | {'yes' if c else 'no'} | {mode} | " + " | ".join(rate + ratio) + " |")
+        lines.append(f"| {shape} | {dt} | {c} | {mode} | " + " | ".join(rate + ratio) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -290,21 +346,21 @@ def plot(rows, path: str, title: str) -> None:
 
     panels = sorted({(r["dtype"], r["mode"]) for r in rows})
     provs = list(dict.fromkeys(r["provider"] for r in rows))
-    n_cases = max(len({(r["B"], r["H"], r["L"], r["E"], r["causal"]) for r in rows if (r["dtype"], r["mode"]) == pn})
+    n_cases = max(len({(r["B"], r["H"], r["L"], r["E"], _kind(r)) for r in rows if (r["dtype"], r["mode"]) == pn})
                   for pn in panels)
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.2 * n_cases), 3.6 * len(panels)), squeeze=False)
     unit = "TFLOP/s" if rows and rows[0]["device"] == "cuda" else "GFLOP/s"
     for ax, (dtype, mode) in zip(axes[:, 0], panels):
         sel = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
-        cases = list(dict.fromkeys((r["B"], r["H"], r["L"], r["E"], r["causal"]) for r in sel))
+        cases = list(dict.fromkeys((r["B"], r["H"], r["L"], r["E"], _kind(r)) for r in sel))
         width = 0.8 / len(provs)
         for i, p in enumerate(provs):
-            by_case = {(r["B"], r["H"], r["L"], r["E"], r["causal"]): r for r in sel if r["provider"] == p}
+            by_case = {(r["B"], r["H"], r["L"], r["E"], _kind(r)): r for r in sel if r["provider"] == p}
             xs = [c + (i - (len(provs) - 1) / 2) * width for c in range(len(cases))]
             vals = [by_case[c]["gflops"] / (1e3 if unit == "TFLOP/s" else 1) if c in by_case else 0 for c in cases]
             ax.bar(xs, vals, width, label=p)
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"B{b} H{h}\nL{l} E{e}\n{'causal' if c else 'full'}" for b, h, l, e, c in cases], fontsize=8)
+        ax.set_xticklabels([f"B{b} H{h}\nL{l} E{e}\n{c}" for b, h, l, e, c in cases], fontsize=8)
         ax.set_ylabel(unit)
         ax.set_title(f"{dtype}, {mode}")
         ax.grid(axis="y", alpha=0.3)
@@ -356,6 +412,8 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--causal", nargs="+", choices=("none", "causal"), default=["none", "causal"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
+    ap.add_argument("--masks", nargs="+", choices=MASKS, default=["none"],
+                    help="key-padding mask (pad25) or sliding window (window256), see the module docstring")
     ap.add_argument("--providers", nargs="+", default=None, help="only these provider names")
     ap.add_argument("--reps", type=int, default=7, help="timed samples per provider (interleaved)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -386,6 +444,7 @@ def main(argv=None) -> List[dict]:
         for r in rows:
             for k in ("B", "H", "L", "S", "E", "causal"):
                 r[k] = int(r[k])
+            r.setdefault("mask", "none")
         print_table(rows, rows[0]["device"])
         stem = os.path.splitext(args.from_csv)[0]
         with open(stem + ".md", "w") as f:
@@ -414,8 +473,9 @@ def main(argv=None) -> List[dict]:
             B, H, L, E = dims[0], dims[1], dims[2], dims[-1]
             S = dims[3] if len(dims) == 5 else L
             for c in args.causal:
-                rows += bench_case(args.device, dtype, B, H, L, E, c == "causal", args.modes, provs, args.reps,
-                                   args.warmup, args.min_time, _peak_for(args.device, dtype), S=S)
+                for mask in args.masks:
+                    rows += bench_case(args.device, dtype, B, H, L, E, c == "causal", args.modes, provs, args.reps,
+                                       args.warmup, args.min_time, _peak_for(args.device, dtype), S=S, mask=mask)
     print_table(rows, args.device)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name or f"bench_{args.device}_{datetime.datetime.now():%Y%m%d_%H%M%S}")

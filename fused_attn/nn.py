@@ -34,9 +34,12 @@ class MultiheadAttention(nn.Module):
 
     Which kernel runs: the attention goes through
     :func:`fused_attn.scaled_dot_product_attention` (``backend=`` picks one, None:
-    automatic). With no mask, or with ``is_causal=True`` and no ``key_padding_mask``,
-    no mask tensor is built and the fused kernels run it; any other mask, or dropout
-    in training, is a mask tensor that only the reference backend runs (O(L*S) memory).
+    automatic). With no mask, or with ``is_causal=True``, no mask tensor is built and the
+    fused kernels run it; a ``key_padding_mask`` alone or with ``is_causal=True`` that pads
+    each sequence at one end (right or left: one run of attended keys per sequence) runs in
+    the CPU and Triton kernels as per-sequence key bounds (nothing of size L x S); any other
+    mask, or dropout in training, is a mask tensor that only the reference backend runs
+    (O(L*S) memory).
 
     ``need_weights=True`` (torch's default) does not change which kernel computes
     the output; the weights are computed separately as ``softmax(q k^T / sqrt(d) +
@@ -48,8 +51,8 @@ class MultiheadAttention(nn.Module):
     * ``is_causal=True`` is, as in torch, a hint that ``attn_mask`` is the causal mask.
       Torch runs upper-left causal attention and ignores ``attn_mask`` when there is no
       ``key_padding_mask`` and ``need_weights=False``, and applies ``attn_mask`` otherwise;
-      fused_attn runs the causal kernels whenever there is no ``key_padding_mask`` (the
-      same result when the hint is true), except with ``add_bias_kv`` / ``add_zero_attn``
+      fused_attn runs the causal kernels (with the ``key_padding_mask`` if any: the same
+      result when the hint is true), except with ``add_bias_kv`` / ``add_zero_attn``
       and ``need_weights=True``, where it applies ``attn_mask`` as torch does (the extra
       key is then visible to every query). The returned weights use ``attn_mask`` itself.
       Without ``attn_mask`` it raises, as torch's documented path does (torch's
@@ -177,7 +180,7 @@ class MultiheadAttention(nn.Module):
         # except for the extra key of add_bias_kv / add_zero_attn, which attn_mask (padded) shows to every
         # query and is_causal hides from all but the last.
         extra_key = self.bias_k is not None or self.add_zero_attn
-        causal = is_causal and key_padding_mask is None and not (need_weights and extra_key)
+        causal = is_causal and not (need_weights and extra_key)
 
         q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
         if self.bias_k is not None:
@@ -194,7 +197,9 @@ class MultiheadAttention(nn.Module):
 
         mask = self._merge_masks(attn_mask, key_padding_mask, N, q.dtype)  # (N or 1, H or 1, L, S') or None
         dropout_p = self.dropout if self.training else 0.0
-        out = scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, dropout_p=dropout_p,
+        # Causal: the padding mask alone, (N, 1, 1, S'), which the kernels take as key bounds.
+        sdpa_mask = self._merge_masks(None, key_padding_mask, N, q.dtype) if causal else mask
+        out = scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p,
                                            is_causal=causal, backend=self.backend)  # (N, H, L, D)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))  # (N, L, E)
 

@@ -298,6 +298,10 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     else:
         q, k, v = (t.reshape(1, 1, t.shape[0], t.shape[1]) for t in (q, k, v))
 
+    if window == (-1, 0):  # lower-right causal as a window: the causal mode, which every kernel runs
+        if causal is CausalMode.NONE or L > S:  # (upper-left is the stricter of the two where L <= S)
+            causal = CausalMode.LOWER_RIGHT
+        window = (-1, -1)
     out_shape = out_batch + (L, v.shape[-1])
     spec = AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p), window_left=window[0],
                     window_right=window[1])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 import fused_attn
 from fused_attn import reference
@@ -158,14 +158,18 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
 
     ``backend`` None runs the reference (``fused_attn.reference``) in ``compute_dtype`` (None:
     the inputs' dtype, i.e. plain PyTorch); a name runs that backend through the public API
-    with ``kwargs`` (``scale``, ``enable_gqa``, the causal arguments). The gradients are those of
+    with ``kwargs`` (``scale``, ``enable_gqa``, the causal arguments, ``window``, a mask tensor: the
+    reference takes the same mask as its ``attn_mask``). The gradients are those of
     ``sum(out * dout) + sum(lse * dlse)`` (lse's -inf entries left out), ``dout`` and ``dlse``
     drawn from ``seed`` in the inputs' dtype, so every run of one call sees the same values.
     """
     g = torch.Generator().manual_seed(seed)
     if backend is None:
         leaves = [t.detach().to(compute_dtype or q.dtype).requires_grad_(backward) for t in (q, k, v)]
-        out, lse = reference.attention(*leaves, causal=mode, scale=kwargs.get("scale"), compute_dtype=compute_dtype)
+        mask = kwargs.get("attn_mask")
+        out, lse = reference.attention(*leaves, attn_mask=None if isinstance(mask, CausalBias) else mask,
+                                       causal=mode, scale=kwargs.get("scale"), window=kwargs.get("window", (-1, -1)),
+                                       compute_dtype=compute_dtype)
     else:
         leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
         out, lse = fused_attn.attention_with_lse(*leaves, backend=backend, **kwargs)
@@ -180,12 +184,20 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
     return results
 
 
-def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale=None, backward=True):
+def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale=None, backward=True,
+                  window=(-1, -1), attn_mask=None):
     """Run ``backend`` through the public API and check out, lse and (with ``backward``) dq, dk,
     dv against the fp64 reference under the tolerance rule; out keeps the inputs' dtype, lse is
-    fp32 (fp64 for fp64 inputs). Returns the max error ratio of each result."""
+    fp32 (fp64 for fp64 inputs). ``window`` and a mask tensor ``attn_mask`` (not with
+    lower-right causal, which is itself the mask argument) go to both. Returns the max error
+    ratio of each result."""
     L, S = q.shape[-2], k.shape[-2]
     kwargs = dict(scale=scale, enable_gqa=q.shape[-3] != k.shape[-3], **sdpa_causal_args(mode, L, S))
+    if window != (-1, -1):
+        kwargs["window"] = window
+    if attn_mask is not None:
+        assert "attn_mask" not in kwargs, "a mask tensor with lower-right causal: pass one of them"
+        kwargs["attn_mask"] = attn_mask
     seed = int(torch.randint(2 ** 31, ()))
     got = run_attention(backend, q, k, v, mode, kwargs, backward, with_lse_grad, seed)
     ref = run_attention(None, q, k, v, mode, kwargs, backward, with_lse_grad, seed, compute_dtype=torch.float64)

@@ -236,21 +236,22 @@ def test_models(name):
 
 
 def test_gpt_decoding_steps():
-    """A prompt, then a token, through the KV cache (causal flag, then no mask), no graph break."""
+    """A prompt, a chunk of three tokens after it (lower-right causal: the window (-1, 0)), then a
+    token, through the KV cache (causal flag, window, then no mask), no graph break."""
     model = models.GPT(_config(backend="cpu")).eval()
 
-    def decode(prompt, tokens):
+    def decode(prompt, chunk, tokens):
         cache = model.init_cache()
-        logits = [model.decode_step(prompt, cache)]
+        logits = [model.decode_step(prompt, cache), model.decode_step(chunk, cache)]
         for i in range(tokens.shape[1]):
             logits.append(model.decode_step(tokens[:, i:i + 1], cache))
         return torch.cat(logits, dim=1)
 
-    prompt, tokens = torch.randint(0, 32, (2, 5)), torch.randint(0, 32, (2, 1))
-    assert_no_graph_breaks(decode, prompt, tokens)
-    got = torch.compile(decode, fullgraph=True, backend=Recorder())(prompt, tokens)
-    torch.testing.assert_close(got, decode(prompt, tokens))
-    torch.testing.assert_close(got, model(torch.cat([prompt, tokens], dim=1)), atol=1e-5, rtol=1e-5)
+    prompt, chunk, tokens = torch.randint(0, 32, (2, 5)), torch.randint(0, 32, (2, 3)), torch.randint(0, 32, (2, 1))
+    assert_no_graph_breaks(decode, prompt, chunk, tokens)
+    got = torch.compile(decode, fullgraph=True, backend=Recorder())(prompt, chunk, tokens)
+    torch.testing.assert_close(got, decode(prompt, chunk, tokens))
+    torch.testing.assert_close(got, model(torch.cat([prompt, chunk, tokens], dim=1)), atol=1e-5, rtol=1e-5)
 
 
 # ---- torch.export ----

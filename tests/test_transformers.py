@@ -1,7 +1,8 @@
 """fused_attn.integrations.transformers: tiny random-init Hugging Face models, built from configs (nothing
 downloaded), give the logits and greedy generate() tokens of attn_implementation="sdpa"; the fused CPU
-kernel runs every call the mask allows (no padding: causal LMs, chunked prefill, decoding, unpadded
-encoders), the reference backend every call with a materialised mask (padding, T5's position bias).
+kernel runs every call the mask allows (causal LMs, chunked prefill, decoding, encoders, with padding
+at one end of each sequence as key bounds), the reference backend every call with a materialised mask
+(a StaticCache prefill, sliding windows, T5's position bias).
 
 Tolerance: fused_attn.testing's rule on the model's output: fused_attn's fp32 result against the
 same weights under "sdpa" in fp64 may err at most 2x as much as "sdpa" in fp32 does (plus the fp32
@@ -103,11 +104,11 @@ def test_llama_gqa_unpadded_runs_the_fused_cpu_kernel(ran):
 
 
 @torch.no_grad()
-def test_llama_left_padded_batch_runs_the_reference_with_the_padding_mask(ran):
+def test_llama_left_padded_batch_runs_the_fused_kernel_with_key_bounds(ran):
     ours, theirs = _llama()
     ids, mask = _left_padded()
     logits = _like_sdpa(lambda m: m(ids, attention_mask=mask).logits, ours, theirs, "Llama GQA, left-padded")
-    assert ran and set(ran) == {"reference"}, ran  # the padding mask is a tensor: the reference backend
+    assert ran and set(ran) == {"cpu"}, ran  # the padding mask (B, 1, 1, S) as key bounds, with is_causal
     # RoPE is relative, so a left-padded row equals the same tokens alone, unpadded (fused kernel)
     alone = ours(ids[:1, 4:]).logits
     _same(logits[:1, 4:], alone, "left-padded row vs the row alone")
@@ -159,23 +160,28 @@ def _upper_left_chunk(model, ids):
         return model(ids[:, 6:11], use_cache=True, **cache).logits
 
 
-@pytest.mark.parametrize("case", ["unpadded_fused_cpu", "left_padded_reference", "static_cache_reference"])
+@pytest.mark.parametrize("case", ["unpadded_fused_cpu", "left_padded_fused_cpu", "static_cache_prefill_reference"])
 @torch.no_grad()
 def test_llama_generate_gives_sdpas_tokens(ran, case):
-    """Greedy decoding; a StaticCache's empty slots are masked keys, so it runs on the reference."""
+    """Greedy decoding; a StaticCache's prefill (its empty slots after the queries) runs on the reference,
+    its decoding steps (the empty slots are padding) on the fused kernel."""
     ours, theirs = _llama()
-    ids, mask = _left_padded() if case == "left_padded_reference" else (torch.randint(3, V, (3, 9)), None)
+    ids, mask = _left_padded() if case == "left_padded_fused_cpu" else (torch.randint(3, V, (3, 9)), None)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    if case == "static_cache_reference":
+    if case == "static_cache_prefill_reference":
         kw["cache_implementation"] = "static"
     tokens = ours.generate(ids, **kw)
     assert tokens.shape == (3, ids.shape[1] + 8)
     assert torch.equal(tokens, theirs.generate(ids, **kw))
-    assert set(ran) == ({"cpu"} if case == "unpadded_fused_cpu" else {"reference"}), ran  # prefill and every step
+    if case == "static_cache_prefill_reference":
+        n_layers = ours.config.num_hidden_layers
+        assert set(ran[:n_layers]) == {"reference"} and set(ran[n_layers:]) == {"cpu"}, ran
+    else:
+        assert set(ran) == {"cpu"}, ran  # prefill and every step
 
 
 @torch.no_grad()
-def test_bert_padded_batch_runs_the_reference_unpadded_the_fused_kernel(ran):
+def test_bert_padded_and_unpadded_batches_run_the_fused_kernel(ran):
     """BERT-like encoder switched with set_attn_implementation; right padding."""
     cfg = BertConfig(vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                      max_position_embeddings=32, initializer_range=0.2, hidden_dropout_prob=0.0,
@@ -189,7 +195,7 @@ def test_bert_padded_batch_runs_the_reference_unpadded_the_fused_kernel(ran):
     mask[0, 6:] = 0
     mask[2, 9:] = 0
     out = _like_sdpa(lambda m: m(ids, attention_mask=mask).last_hidden_state, ours, theirs, "BERT, right-padded")
-    assert ran and set(ran) == {"reference"}, ran
+    assert ran and set(ran) == {"cpu"}, ran  # the padding as key bounds
     ran.clear()
     unpadded = _like_sdpa(lambda m: m(ids).last_hidden_state, ours, theirs, "BERT, unpadded")
     assert ran and set(ran) == {"cpu"}, ran  # bidirectional, no mask tensor
@@ -233,10 +239,18 @@ def test_mask_function_returns_none_exactly_where_the_fused_kernels_run():
     assert fa_hf.attention_mask(q_length=3, kv_length=8, q_offset=5, attention_mask=no_pad, **kw) is None  # chunk
     assert fa_hf.attention_mask(q_length=1, kv_length=8, q_offset=7, **kw) is None  # decoding
     assert fa_hf.attention_mask(q_length=5, kv_length=8, mask_function=bidirectional_mask_function, **kw) is None
-    # materialised: padding; a StaticCache's empty tail (queries at 0, keys beyond them); sliding window;
-    # a caller that forbids the skip
+    # padding: the padding alone, (B, 1, 1, S), aligned lower-right or bidirectional, or a StaticCache's
+    # decoding step (every key after the query's position is padding)
     for case in (dict(q_length=8, kv_length=8, attention_mask=pad),
-                 dict(q_length=3, kv_length=8, q_offset=0, attention_mask=no_pad[:, :3]),
+                 dict(q_length=3, kv_length=8, q_offset=5, attention_mask=pad),
+                 dict(q_length=5, kv_length=8, mask_function=bidirectional_mask_function, attention_mask=pad),
+                 dict(q_length=1, kv_length=8, q_offset=2, attention_mask=pad[:, :3])):
+        m = fa_hf.attention_mask(**{**kw, **case})
+        keys = torch.cat([case["attention_mask"], torch.zeros(2, 8 - case["attention_mask"].shape[1], dtype=torch.bool)], 1)
+        assert m is not None and torch.equal(m, keys[:, None, None, :]), case
+    # materialised: a StaticCache's prefill (queries at 0, empty keys beyond them); sliding window;
+    # a caller that forbids the skip
+    for case in (dict(q_length=3, kv_length=8, q_offset=0, attention_mask=no_pad[:, :3]),
                  dict(q_length=8, kv_length=8, mask_function=sliding_window_causal_mask_function(3)),
                  dict(q_length=8, kv_length=8, mask_function=bidirectional_mask_function,
                       allow_is_bidirectional_skip=False),

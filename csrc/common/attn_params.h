@@ -51,25 +51,56 @@ struct KeyInterval {
   FA_COMMON_FN Index size() const { return end > begin ? end - begin : 0; }
 };
 
-// Which keys each query row sees, computed (never read from memory): all, or a causal
-// diagonal. A feature that bounds a row's keys (a sliding window) adds its field here and
-// narrows `keys`.
+// Which keys each query row sees, computed (never read from memory): the intersection of
+// the causal diagonal (if causal), a sliding window (FlashAttention-2's: row i sees keys
+// [i + window_offset - window_left, i + window_offset + window_right], window_offset = S - L;
+// -1: unbounded on that side) and one batch entry's key bounds [key_begin, key_end) (a
+// key-padding mask's, see AttnFwdCommon::visibility). Defaults: every key.
 struct Visibility {
   int causal;              // CausalMode
   int64_t causal_offset;   // see causal_offset(); 0 when not causal
+  int64_t window_left = -1, window_right = -1, window_offset = 0;
+  int64_t key_begin = 0, key_end = INT64_MAX;
 
-  // Keys [begin, end) of [0, len_k) that query row i sees.
+  // Keys [begin, end) of [0, len_k) that query row i sees (empty as end <= begin).
   template <class Index>
   FA_COMMON_FN KeyInterval<Index> keys(Index i, Index len_k) const {
-    if (causal == kCausalNone) return {Index(0), len_k};
-    const int64_t end = static_cast<int64_t>(i) + causal_offset + 1;
-    return {Index(0), static_cast<Index>(end < 0 ? 0 : (end > len_k ? len_k : end))};
+    int64_t b = key_begin, e = key_end < len_k ? key_end : static_cast<int64_t>(len_k);
+    const int64_t row = static_cast<int64_t>(i);
+    if (causal != kCausalNone && row + causal_offset + 1 < e) e = row + causal_offset + 1;
+    if (window_left >= 0 && row + window_offset - window_left > b) b = row + window_offset - window_left;
+    if (window_right >= 0 && row + window_offset + window_right + 1 < e) e = row + window_offset + window_right + 1;
+    if (b < 0) b = 0;
+    if (e < b) e = b;
+    return {static_cast<Index>(b), static_cast<Index>(e)};
+  }
+
+  // Every row sees every key of [0, len_k): nothing to mask.
+  FA_COMMON_FN bool sees_every_key(int64_t len_k) const {
+    return causal == kCausalNone && window_left < 0 && window_right < 0 && key_begin <= 0 && key_end >= len_k;
   }
 };
 
-FA_COMMON_FN Visibility make_visibility(int64_t mode, int64_t len_q, int64_t len_k) {
-  return Visibility{static_cast<int>(mode), mode == kCausalNone ? 0 : causal_offset(mode, len_q, len_k)};
+FA_COMMON_FN Visibility make_visibility(int64_t mode, int64_t len_q, int64_t len_k, int64_t window_left = -1,
+                                        int64_t window_right = -1) {
+  Visibility v;
+  v.causal = static_cast<int>(mode);
+  v.causal_offset = mode == kCausalNone ? 0 : causal_offset(mode, len_q, len_k);
+  v.window_left = window_left;
+  v.window_right = window_right;
+  v.window_offset = len_k - len_q;
+  return v;
 }
+
+// A mask tensor (SDPA's attn_mask), broadcast to (batch, heads_q, len_q, len_k) by its strides
+// (0 on broadcast dims), read where it is stored, never expanded: boolean (True = may attend)
+// or additive float. Kinds as the bindings pass them.
+enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskF32 = 2, kMaskF64 = 3, kMaskBF16 = 4, kMaskF16 = 5 };
+struct MaskRef {
+  const void* ptr = nullptr;
+  int kind = kMaskNone;
+  int64_t batch = 0, head = 0, row = 0, col = 1;  // element strides
+};
 
 // Forward: q, k, v in, out and lse out.
 template <class Index>
@@ -78,6 +109,20 @@ struct AttnFwdCommon {
   Strides q_stride, k_stride, v_stride, o_stride;
   Visibility vis;
   double scale;  // softmax scale (the spec's), applied to q . k
+  // Per batch entry b, keys [key_bounds[2b], key_bounds[2b + 1]) only (a key-padding mask);
+  // nullptr: every key.
+  const int64_t* key_bounds = nullptr;
+  MaskRef mask;  // kind kMaskNone: no mask tensor
+
+  // What the rows of batch entry b see.
+  FA_COMMON_FN Visibility visibility(int64_t b) const {
+    Visibility v = vis;
+    if (key_bounds != nullptr) {
+      v.key_begin = key_bounds[2 * b];
+      v.key_end = key_bounds[2 * b + 1];
+    }
+    return v;
+  }
 };
 
 // Backward: the forward's plus dout in, dq / dk / dv out.

@@ -40,8 +40,16 @@ void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // The checked inputs' part of the params, shared by forward and backward.
-AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t causal,
-                                   double scale) {
+// The op arguments after the tensors (fused_attn/spec.py: OP_ARGS_SCHEMA).
+struct SpecArgs {
+  int64_t causal;
+  double scale;
+  int64_t window_left, window_right;
+  const std::optional<at::Tensor>& key_bounds;
+};
+
+AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const SpecArgs& spec) {
   check_operand(q, "query", q);
   check_operand(k, "key", q);
   check_operand(v, "value", q);
@@ -57,21 +65,39 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
               ", got E = ", d.head_dim, ", Ev = ", d.head_dim_v);
   TORCH_CHECK(d.batch > 0 && d.heads_q > 0 && d.len_q > 0 && d.len_k > 0 && d.head_dim > 0 && d.head_dim_v > 0,
               "empty inputs: query ", q.sizes(), ", key ", k.sizes(), ", value ", v.sizes());
-  TORCH_CHECK(valid_causal_mode(causal), "causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ", causal);
+  TORCH_CHECK(valid_causal_mode(spec.causal), "causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ",
+              spec.causal);
+  TORCH_CHECK(spec.window_left >= -1 && spec.window_right >= -1, "window sizes must be >= -1 (-1: unbounded), got (",
+              spec.window_left, ", ", spec.window_right, ")");
   AttnFwdCommon<int64_t> c{};
   c.dims = d;
   c.q_stride = strides_of(q);
   c.k_stride = strides_of(k);
   c.v_stride = strides_of(v);
-  c.vis = make_visibility(causal, d.len_q, d.len_k);
-  c.scale = scale;
+  c.vis = make_visibility(spec.causal, d.len_q, d.len_k, spec.window_left, spec.window_right);
+  c.scale = spec.scale;
+  if (spec.key_bounds.has_value()) {
+    const at::Tensor& kb = *spec.key_bounds;
+    TORCH_CHECK(kb.device().is_cpu() && kb.scalar_type() == at::kLong && kb.is_contiguous() && kb.dim() == 2 &&
+                    kb.size(0) == d.batch && kb.size(1) == 2,
+                "key_bounds must be a contiguous int64 CPU tensor of shape (", d.batch, ", 2), got ", kb.scalar_type(),
+                " ", kb.sizes(), " on ", kb.device());
+    const int64_t* bounds = kb.data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.batch; ++b)
+      TORCH_CHECK(0 <= bounds[2 * b] && bounds[2 * b] <= bounds[2 * b + 1] && bounds[2 * b + 1] <= d.len_k,
+                  "key_bounds[", b, "] = (", bounds[2 * b], ", ", bounds[2 * b + 1], ") is not a range of [0, ", d.len_k,
+                  "]");
+    c.key_bounds = bounds;
+  }
   return c;
 }
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-             int64_t causal, double scale) {
+             int64_t causal, double scale, int64_t window_left, int64_t window_right,
+             const std::optional<at::Tensor>& key_bounds) {
   AttnFwdParams p{};
-  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, causal, scale);
+  static_cast<AttnFwdCommon<int64_t>&>(p) =
+      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds});
   const Dims& d = p.dims;
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
@@ -88,9 +114,11 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale) {
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
+              int64_t window_right, const std::optional<at::Tensor>& key_bounds) {
   AttnBwdParams p{};
-  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, causal, scale);
+  static_cast<AttnFwdCommon<int64_t>&>(p) =
+      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds});
   const Dims& d = p.dims;
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());

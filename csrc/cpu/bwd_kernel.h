@@ -142,6 +142,7 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
       const uint8_t* ex = exact + bh * d.len_q;
       if (std::find(ex, ex + d.len_q, uint8_t(1)) == ex + d.len_q) continue;
       const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group;
+      const Visibility vis = p.visibility(b);
       std::fill(m_row, m_row + d.len_q, double(NEG_INF));
       std::fill(l_row, l_row + d.len_q, 0.0);
       for (int64_t kb = 0; kb < n_kblocks; ++kb) {
@@ -149,11 +150,11 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
         const scalar_t* k_blk = k + b * p.k_stride.batch + hk * p.k_stride.head + j0 * p.k_stride.row;
         bool transposed = false;
         // The query blocks of step 2 for this key block, the same GEMM calls.
-        const RowRange seeing = rows_seeing(p.vis, d.len_q, d.len_k, j0, j0 + cols);
+        const RowRange seeing = rows_seeing(vis, d.len_q, d.len_k, j0, j0 + cols);
         for (int64_t i0 = seeing.begin; i0 < seeing.end; i0 += BQ) {
           const int64_t rows = std::min(BQ, d.len_q - i0);
           if (std::find(ex + i0, ex + i0 + rows, uint8_t(1)) == ex + i0 + rows) continue;
-          const int64_t kc = block_cols(p.vis, d.len_k, i0, rows, j0, cols);
+          const int64_t kc = block_cols(vis, d.len_k, i0, rows, j0, cols);
           const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
           if constexpr (std::is_same_v<scalar_t, float>) {
@@ -169,7 +170,7 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
           for (int64_t r = 0; r < rows; ++r) {
             if (!ex[i0 + r]) continue;
             const acc_t* y = s + r * BK;
-            const KeyInterval keys = tile_interval(p.vis.keys<int64_t>(i0 + r, d.len_k), j0, kc);
+            const KeyInterval keys = tile_interval(vis.keys<int64_t>(i0 + r, d.len_k), j0, kc);
             acc_t mx = NEG_INF;
             for (int64_t c = keys.begin; c < keys.end; ++c) mx = g * y[c] > mx ? g * y[c] : mx;
             const double m_old = m_row[i0 + r], m_new = std::max<double>(m_old, mx);
@@ -306,6 +307,7 @@ void attention_backward(AttnBwdParams p) {
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t chunk = idx % n_chunks, bhk = idx / n_chunks;
       const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
+      const Visibility vis = p.visibility(b);
       const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
       acc_t* dq_chunk = dq_acc + chunk * d.batch * d.heads_q * d.len_q * d.head_dim;
@@ -325,13 +327,13 @@ void attention_backward(AttnBwdParams p) {
 #endif
         // Query rows before the first or after the last that sees a key of this block skip
         // it entirely; query blocks start at the first.
-        const RowRange seeing = rows_seeing(p.vis, d.len_q, d.len_k, j0, j0 + cols);
+        const RowRange seeing = rows_seeing(vis, d.len_q, d.len_k, j0, j0 + cols);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t bh = b * d.heads_q + h;
           for (int64_t i0 = seeing.begin; i0 < seeing.end; i0 += BQ) {
             const int64_t rows = std::min(BQ, d.len_q - i0);
             // The block's keys [0, kc) up to the last one some row of the query block sees.
-            const int64_t kc = block_cols(p.vis, d.len_k, i0, rows, j0, cols);
+            const int64_t kc = block_cols(vis, d.len_k, i0, rows, j0, cols);
             const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
             const scalar_t* do_blk = dout + b * p.do_stride.batch + h * p.do_stride.head + i0 * p.do_stride.row;
             const acc_t* hi_blk = hi + bh * d.len_q + i0;
@@ -340,7 +342,7 @@ void attention_backward(AttnBwdParams p) {
             const acc_t* dl_blk = dl + bh * d.len_q + i0;
             const double* delta64_blk = FP32 ? delta64 + bh * d.len_q + i0 : nullptr;
             // Rows' keys; a row whose lse is -inf saw none in the forward and sees none here.
-            if (tile_intervals(p.vis, d.len_k, i0, rows, j0, kc, iv) == TileMask::NONE) continue;
+            if (tile_intervals(vis, d.len_k, i0, rows, j0, kc, iv) == TileMask::NONE) continue;
             for (int64_t r = 0; r < rows; ++r)
               if (hi_blk[r] == -std::numeric_limits<acc_t>::infinity()) iv[r] = {0, 0};
             const bool masked = classify_tile(iv, rows, kc) != TileMask::FULL;

@@ -10,7 +10,8 @@
 // fp64 inputs: bwd_kernel.h rebuilds P from it). Scores are scaled
 // after the max is subtracted (tile_ops.h), so any finite scale, 1e-30 to 1e30 and
 // negative, gives exact row maxima. Each query row sees an interval of keys
-// (Visibility::keys: causal, all of them); a task visits the key blocks of its rows'
+// (Visibility::keys: causal, a sliding window, the batch entry's key bounds, or all of them,
+// common/attn_params.h); a task visits the key blocks of its rows'
 // [min begin, max end) only, the last one cut at the end, skips blocks none of its rows
 // sees, and masks (per row interval) only blocks that some row sees in part;
 // nothing of size L x S is allocated. A row that sees no key gets out = 0, lse = -inf;
@@ -369,10 +370,11 @@ void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
             first_bad[e] = std::min(first_bad[e], j);
             last_bad[e] = j;
           }
+      const Visibility vis = p.visibility(b);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         scalar_t* out_bh = out + (b * d.heads_q + h) * d.len_q * d.head_dim_v;
         for (int64_t i = 0; i < d.len_q; ++i) {
-          const KeyInterval seen = p.vis.keys<int64_t>(i, d.len_k);
+          const KeyInterval seen = vis.keys<int64_t>(i, d.len_k);
           for (int64_t e = 0; e < d.head_dim_v; ++e)
             if (first_bad[e] < seen.begin || last_bad[e] >= seen.end)
               out_bh[i * d.head_dim_v + e] = std::numeric_limits<scalar_t>::quiet_NaN();
@@ -465,13 +467,14 @@ void attention_forward(AttnFwdParams p) {
       // diagonal). Key blocks run on the BK grid of the packed K / V; the last one is cut at
       // the range's end, a first one's keys before its start are masked. Blocks no row sees
       // are skipped; blocks every row sees wholly take the unmasked path (tile_iv nullptr).
-      const KeyInterval keys = block_keys(p.vis, d.len_k, i0, rows);
+      const Visibility vis = p.visibility(b);
+      const KeyInterval keys = block_keys(vis, d.len_k, i0, rows);
       if constexpr (LOW_PRECISION || FP32) {
         if (packed) packed->pack(bhk, keys.end);
       }
       for (int64_t j0 = keys.begin / BK * BK; j0 < keys.end; j0 += BK) {
         const int64_t cols = std::min(BK, keys.end - j0);
-        const TileMask mask = tile_intervals(p.vis, d.len_k, i0, rows, j0, cols, iv);
+        const TileMask mask = tile_intervals(vis, d.len_k, i0, rows, j0, cols, iv);
         if (mask == TileMask::NONE) continue;
         const KeyInterval* tile_iv = mask == TileMask::FULL ? nullptr : iv;
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
@@ -531,7 +534,7 @@ void attention_forward(AttnFwdParams p) {
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
-  if (!sees_every_key(p.vis)) poison_unseen_nonfinite_v<scalar_t>(p);
+  if (p.key_bounds != nullptr || !p.vis.sees_every_key(d.len_k)) poison_unseen_nonfinite_v<scalar_t>(p);
 }
 
 }  // namespace fused_attn::cpu

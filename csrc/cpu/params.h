@@ -50,9 +50,6 @@ struct AttnBwdParams : fused_attn::AttnBwdCommon<int64_t> {
 template <typename scalar_t, typename acc_t>
 using lse_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, acc_t>;
 
-// Every query row sees every key (no causal diagonal): no tile needs masks.
-inline bool sees_every_key(const Visibility& vis) { return vis.causal == kCausalNone; }
-
 // How a tile of keys [j0, j0 + cols) looks to a block of query rows: no row sees any of
 // its keys (skipped), every row sees all of them (the unmasked path), or the rows see
 // intervals of it (the masked path).

@@ -15,16 +15,18 @@ Needs transformers 5.4 or newer (``pip install fused_attn[transformers]``), whos
 ``q_length`` and ``q_offset``; it serves the models whose attention goes through ``AttentionInterface``
 and whose masks come from ``transformers.masking_utils`` (T5 from transformers 5.15 on). What runs where:
 
-- The fused kernels run every call without padding whose pattern is plain causal or full: a causal
-  LM's prefill, a chunked prefill onto a KV cache and each decoding step (causal aligned lower-right,
-  as the new queries follow the cached keys), an encoder or cross-attention on an unpadded batch. The
-  mask function returns None there and the attention function passes ``is_causal=True``,
-  ``causal_lower_right(L, S)`` or nothing.
+- The fused kernels run every call whose pattern is plain causal or full, with or without padding at
+  one end of each sequence (left or right): a causal LM's prefill, a chunked prefill onto a KV cache
+  and each decoding step (causal aligned lower-right, as the new queries follow the cached keys; a
+  StaticCache's empty tail is padding), an encoder or cross-attention on a padded or unpadded batch.
+  The mask function returns None there, or the padding as a (B, 1, 1, S) mask (per-sequence key
+  bounds in the CPU and Triton kernels; the CUDA kernels leave padded calls to Triton), and the
+  attention function passes ``is_causal=True``, ``window=(-1, 0)`` (lower-right causal) or nothing.
 - fused_attn's reference backend (O(L*S) memory; fused_attn says once why) runs every call with a
-  materialised mask: padding (left or right), sliding windows, chunked or packed-sequence masks,
-  custom mask overlays, a 4-D mask passed by the user, a StaticCache whose tail slots are still
-  empty, T5's relative position bias (an additive float mask, which T5 passes to every attention,
-  a zero one to cross-attention), and dropout in training. The fused kernels take no mask tensors yet.
+  materialised mask: sliding windows, chunked or packed-sequence masks, custom mask overlays, a 4-D
+  mask passed by the user, a StaticCache prefill (its empty tail after the queries), T5's relative
+  position bias (an additive float mask, which T5 passes to every attention, a zero one to
+  cross-attention), and dropout in training.
 - Rows that see no key at all (a left-padded query position) give zeros, as torch's SDPA does with
   a boolean mask. ``softcap``, attention sinks (``s_aux``) and paged caches (continuous batching)
   raise.
@@ -37,7 +39,6 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function, causal_mask_function,
@@ -78,27 +79,45 @@ def _no_padding(padding: Optional[Tensor], kv_length: int, kv_offset: int) -> bo
     return bool(padding[:, kv_offset:kv_offset + kv_length].all())
 
 
+def _key_padding(padding: Tensor, kv_length: int, kv_offset: int) -> Tensor:
+    """The keys' part of the 2-D padding mask (B, seen tokens + q_length), True = token, as a boolean
+    (B, 1, 1, kv_length) mask; keys beyond it (a StaticCache's empty tail) are padding."""
+    keys = padding[:, kv_offset:kv_offset + kv_length].bool()
+    if keys.shape[-1] < kv_length:
+        keys = torch.cat([keys, keys.new_zeros(keys.shape[0], kv_length - keys.shape[-1])], dim=-1)
+    return keys[:, None, None, :]
+
+
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                    mask_function=causal_mask_function, attention_mask: Optional[Tensor] = None,
                    allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
                    **kwargs) -> Optional[Tensor]:
-    """The mask function (``AttentionMaskInterface``): None where :func:`attention_forward` can run the
-    fused kernels, else transformers' boolean SDPA mask (B, 1, q_length, kv_length), True = may attend.
+    """The mask function (``AttentionMaskInterface``): None or a key-padding mask where
+    :func:`attention_forward` can run the fused kernels, else transformers' boolean SDPA mask
+    (B, 1, q_length, kv_length), True = may attend.
 
-    None means: no key is padding and the pattern is full (``bidirectional_mask_function``) or causal
-    with the queries at the end of the keys (``causal_mask_function`` and q_offset - kv_offset =
-    kv_length - q_length, i.e. aligned lower-right), so :func:`attention_forward` needs only the
-    module's ``is_causal``. Anything else (padding, sliding windows, packed sequences, overlays, an
-    empty StaticCache tail, a caller that forbids the skip, or traced inputs) is materialised.
+    For a pattern that is full (``bidirectional_mask_function``) or causal with the queries at the end
+    of the keys (``causal_mask_function`` and q_offset - kv_offset = kv_length - q_length, i.e. aligned
+    lower-right, or earlier with every key after the queries' diagonal padded, as a StaticCache's empty
+    tail during decoding), when the caller allows the skip: None without padding, else the padding as
+    a (B, 1, 1, kv_length) boolean mask, which :func:`attention_forward` combines with the module's
+    ``is_causal`` and the fused kernels run as per-sequence key bounds (padding at one end of each
+    sequence, left or right; other padding patterns run on the reference backend). Anything else
+    (sliding windows, packed sequences, overlays, a StaticCache prefill, a caller that forbids the skip,
+    or traced inputs) is materialised.
     """
-    plain = False
-    if not _traced(attention_mask, q_offset) and _no_padding(attention_mask, kv_length, kv_offset):
+    compact = False
+    if not _traced(attention_mask, q_offset):
         if mask_function is bidirectional_mask_function:
-            plain = allow_is_bidirectional_skip
-        elif mask_function is causal_mask_function:
-            plain = allow_is_causal_skip and int(q_offset) - kv_offset == kv_length - q_length
-    if plain:
-        return None
+            compact = allow_is_bidirectional_skip
+        elif mask_function is causal_mask_function and allow_is_causal_skip:
+            d, lower_right = int(q_offset) - kv_offset, kv_length - q_length  # query i sees keys j <= i + d
+            compact = d == lower_right or (attention_mask is not None and 0 <= d < lower_right and not bool(
+                _key_padding(attention_mask, kv_length, kv_offset)[..., d + 1:].any()))
+    if compact:
+        if _no_padding(attention_mask, kv_length, kv_offset):
+            return None
+        return _key_padding(attention_mask, kv_length, kv_offset)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
@@ -107,8 +126,9 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 def _with_position_bias(position_bias: Tensor, mask: Optional[Tensor], causal: bool, L: int, S: int) -> Tensor:
     """T5's relative position bias (1 or B, H, L, S) and the mask as one additive float mask; masked
     positions get -inf (a row with none left outputs zeros)."""
-    if mask is None and causal and L > 1:
-        mask = torch.ones(L, S, dtype=torch.bool, device=position_bias.device).tril(S - L)  # lower-right
+    if causal and L > 1 and (mask is None or mask.shape[-2] == 1):  # no mask, or attention_mask's padding
+        tri = torch.ones(L, S, dtype=torch.bool, device=position_bias.device).tril(S - L)  # lower-right
+        mask = tri if mask is None else mask & tri
     if mask is None:
         return position_bias
     if mask.dtype == torch.bool:
@@ -137,14 +157,14 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                          "use attn_implementation='sdpa'")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     L, S = query.shape[2], key.shape[2]
-    mask, upper_left = attention_mask, False
+    mask, upper_left, window = attention_mask, False, (-1, -1)
     if position_bias is not None:
         mask = _with_position_bias(position_bias, attention_mask, causal, L, S)
-    elif mask is None and causal and L > 1:
+    elif causal and L > 1 and (mask is None or mask.shape[-2] == 1):  # no mask, or attention_mask's padding
         if L < S:
-            mask = causal_lower_right(L, S)
+            window = (-1, 0)  # lower-right causal
         else:
             upper_left = True
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=upper_left,
-                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1], window=window)
     return out.transpose(1, 2).contiguous(), None

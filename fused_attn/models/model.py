@@ -15,12 +15,13 @@ which is passed as ``backend=`` to :func:`fused_attn.scaled_dot_product_attentio
 a fused backend name (``"triton"``, ``"cuda"``, ``"cpu"``), ``"reference"`` (naive
 PyTorch) or None (the fastest one that can run each call). Causal self-attention
 reaches the kernels as a causal flag (lower-right aligned while decoding with a KV
-cache), never as a mask tensor; a padding mask or attention dropout is a mask tensor /
-dropout that only the reference backend runs.
+cache: the window (-1, 0)), never as a mask tensor; a padding mask (B, 1, 1, S) that pads
+each sequence at one end runs in the CPU and Triton kernels as per-sequence key bounds;
+attention dropout only the reference backend runs.
 
 Under ``torch.compile`` the models' forward (and backward) trace with no graph break, and so
-does a decoding step of one token. A step of several tokens after a filled cache passes a
-``CausalBias``, which torch.compile cannot construct: one graph break there.
+do decoding steps of one token or several. (A padding mask under compile stays a mask tensor:
+the test that turns it into key bounds reads its values.)
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 from ..api import scaled_dot_product_attention
 from ..spec import CausalMode, causal_mask
@@ -142,20 +142,22 @@ class Attention(nn.Module):
 
         # New queries are the last L of S positions: lower-right causal alignment, which
         # is torch's upper-left ``is_causal`` when L == S.
-        mask, is_causal = None, False
+        # A padding mask (B, 1, 1, S) runs in the kernels as per-sequence key bounds; lower-right
+        # causal then comes as the window (-1, 0) (query i sees keys j <= i + S - L).
+        mask, is_causal, window = None, False, (-1, -1)
         if key_padding_mask is not None:
             mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S), True = may attend
             if causal:
-                mask = mask & causal_mask(L, S, CausalMode.LOWER_RIGHT, x.device)
+                window = (-1, 0)
         elif causal and L == S:
             is_causal = True
         elif causal and L > 1:  # (one new query, the last position, sees every key: no mask at all)
-            mask = causal_lower_right(L, S)
+            window = (-1, 0)
         dropout_p = self.attn_dropout if self.training else 0.0
         y = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                         backend=self.backend)  # (B, H, L, D)
+                                         window=window, backend=self.backend)  # (B, H, L, D)
         if self.save_weights:
-            self.weights = self._probabilities(q, k, mask, is_causal).detach()
+            self.weights = self._probabilities(q, k, mask, causal).detach()
         y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
         return self.out_proj(y)
 
@@ -164,8 +166,9 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(D) + mask): (B, H, L, S). Only for inspection."""
         L, S = q.shape[2], k.shape[2]
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, S)
-        if is_causal or (mask is not None and not isinstance(mask, Tensor)):
-            mask = causal_mask(L, S, CausalMode.LOWER_RIGHT, q.device)
+        if is_causal:
+            causal = causal_mask(L, S, CausalMode.LOWER_RIGHT, q.device)
+            mask = causal if mask is None else mask & causal
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1)

@@ -20,8 +20,11 @@ Dtypes fp32, bf16, fp16 (fp32 accumulation) and fp64 (fp64 throughout: what
 ``torch.autograd.gradcheck`` needs). The forward op's lse is fp64 for fp32 and fp64 inputs
 (``saved_lse_dtype``; the public lse is fp32 for fp32), fp32 for bf16 / fp16. Head dims E
 and Ev up to 256, independent.
-Causal: query i sees key j iff j <= i + offset (0 upper-left, S - L lower-right); a row
-that sees no key outputs 0, lse = -inf, and gets zero gradients.
+Causal: query i sees key j iff j <= i + offset (0 upper-left, S - L lower-right). A sliding
+window (spec.AttnSpec.window_left / right) and per-batch key bounds (a key-padding mask,
+Problem.key_bounds) narrow each row's keys further: every row sees one interval of keys, and
+the kernels visit only the key tiles of a block's intervals (padding and keys outside the
+window cost nothing). A row that sees no key outputs 0, lse = -inf, and gets zero gradients.
 
 Numerics at the edges: any finite scale (1e-30 to 1e30, negative too) gives exact row maxima:
 the softmax subtracts the max before it scales, so no FMA contraction can move it. The
@@ -65,7 +68,7 @@ except ImportError as e:  # built without the C++ extension, or a broken build
                      "`pip install --no-build-isolation .` and torch installed")
 
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                            features=frozenset({"causal"}))
+                            features=frozenset({"causal", "window", "key_padding"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -113,24 +116,25 @@ def _operand(t: Tensor) -> Tensor:
     return t
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
+             key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
-    _C.forward(q, k, v, out, lse, *spec.op_args())
+    _C.forward(q, k, v, out, lse, *spec.op_args(key_bounds))
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args())
+    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args(key_bounds))
     return dq, dk, dv
 
 

@@ -1,0 +1,226 @@
+"""Which keys a query sees beyond causal masks: sliding windows and key-padding masks.
+
+The public API takes ``window=(left, right)`` (FlashAttention-2's ``window_size``, aligned
+bottom-right) and recognises key-padding masks ((N..., 1, 1, S) masks admitting one run of
+consecutive keys per batch entry) as per-batch key bounds (``Problem.key_bounds``); the CPU
+kernels run both (fused_attn/ops/cpu.py), the reference backend builds them as masks
+(spec.visible_keys). Every kernel case is checked forward, lse and backward against the fp64
+reference given the same window and the same mask *tensor*, so the normalisation into key
+bounds is checked too. The Triton kernels' cases are in test_triton_visibility.py.
+"""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn.problem import make_problem
+from fused_attn.spec import CausalMode
+
+from attn_cases import check_backend, make_inputs
+
+B, HQ, HK = 2, 4, 2
+
+# id -> (L, S, causal mode, window, per-batch key runs [begin, end) of the padding mask or None)
+CASES = {
+    "win16_16": (113, 203, CausalMode.NONE, (16, 16), None),
+    "win_left5_causal_lower_right": (113, 203, CausalMode.LOWER_RIGHT, (5, -1), None),
+    "win_right3_L_gt_S": (203, 97, CausalMode.NONE, (-1, 3), None),
+    "win0_0_diagonal_only": (64, 64, CausalMode.NONE, (0, 0), None),
+    "win_wider_than_S": (17, 64, CausalMode.UPPER_LEFT, (500, 500), None),
+    "win_local_causal_upper_left": (203, 203, CausalMode.UPPER_LEFT, (33, 0), None),
+    "win_left_crosses_blocks": (600, 700, CausalMode.NONE, (130, 7), None),  # CPU key blocks of 512 / 128
+    "win_sees_nothing": (113, 203, CausalMode.UPPER_LEFT, (5, -1), None),  # causal upper-left hides the window
+    "pad_right": (113, 203, CausalMode.NONE, (-1, -1), [(0, 150), (0, 203)]),
+    "pad_left": (97, 203, CausalMode.NONE, (-1, -1), [(40, 203), (0, 202)]),
+    "pad_empty_row": (17, 64, CausalMode.NONE, (-1, -1), [(0, 0), (5, 60)]),
+    "pad_one_key": (113, 203, CausalMode.NONE, (-1, -1), [(70, 130), (1, 2)]),
+    "pad_causal_upper_left": (203, 203, CausalMode.UPPER_LEFT, (-1, -1), [(0, 120), (9, 203)]),
+    "pad_and_window": (113, 700, CausalMode.NONE, (40, 3), [(0, 640), (300, 700)]),
+    "pad_across_key_blocks": (600, 1100, CausalMode.UPPER_LEFT, (-1, -1), [(100, 1050), (513, 1100)]),
+}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _padding_mask(runs, S, dtype=torch.bool):
+    """(B, 1, 1, S) mask admitting keys [begin, end) of each batch entry: bool, or float 0 / -inf."""
+    keep = torch.zeros(len(runs), 1, 1, S, dtype=torch.bool)
+    for b, (begin, end) in enumerate(runs):
+        keep[b, ..., begin:end] = True
+    if dtype == torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+
+
+# The reference backend computes 16-bit inputs in fp32: its fp32 and fp64 runs cover it.
+RUNS = [pytest.param(backend, dtype, id=f"{backend}-{str(dtype).replace('torch.', '')}")
+        for backend, dtypes in (("cpu", DTYPES), ("reference", (torch.float32, torch.float64))) for dtype in dtypes]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend,dtype", RUNS)
+def test_window_and_key_padding_match_the_reference(backend, dtype, case):
+    L, S, mode, window, runs = CASES[case]
+    q, k, v = make_inputs(B, HQ, HK, L, S, 32, 24, dtype, layout="blhe" if case.startswith("pad") else "contiguous")
+    mask = None if runs is None else _padding_mask(runs, S)
+    if mask is not None:  # the kernels get key bounds, not the mask
+        p = make_problem(q, k, v, mask, is_causal=mode is CausalMode.UPPER_LEFT, enable_gqa=True, window=window)
+        assert p.mask is None and p.key_bounds.tolist() == [list(r) for r in runs]
+        assert "key_padding" in p.features()
+    check_backend(backend, q, k, v, mode, with_lse_grad=True, window=window, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("float32", "bfloat16"))
+def test_float_padding_mask_runs_as_key_bounds(dtype):
+    """HF-style additive masks (0 where seen, -inf where padded) in the inputs' dtype or fp32."""
+    q, k, v = make_inputs(B, HQ, HK, 33, 90, 16, 16, dtype)
+    runs = [(0, 70), (12, 90)]
+    for mask_dtype in {dtype, torch.float32}:
+        mask = _padding_mask(runs, 90, mask_dtype)
+        assert make_problem(q, k, v, mask, enable_gqa=True).key_bounds.tolist() == [list(r) for r in runs]
+        check_backend("cpu", q, k, v, CausalMode.NONE, attn_mask=mask)
+
+
+def test_which_masks_become_key_bounds():
+    q, k, v = make_inputs(2, 3, 3, 5, 9, 8, 8, torch.float32)
+    bounds = lambda m, **kw: make_problem(q, k, v, m, **kw)  # noqa: E731
+    right = _padding_mask([(0, 6), (0, 9)], 9)
+    p = bounds(right)
+    assert p.mask is None and p.key_bounds.tolist() == [[0, 6], [0, 9]]
+    # shapes that broadcast the same way: (1, S) and (S,) pad every batch entry alike, (B, 1, 1, 1, S) too
+    assert bounds(right[0, 0]).key_bounds.tolist() == [[0, 6], [0, 6]]
+    assert bounds(right[0, 0, 0]).key_bounds.tolist() == [[0, 6], [0, 6]]
+    # no padding at all: no mask and no bounds (the unmasked kernels)
+    p = bounds(torch.ones(2, 1, 1, 9, dtype=torch.bool))
+    assert p.mask is None and p.key_bounds is None and p.features() == frozenset()
+    # a batch entry that sees nothing: the empty range
+    assert bounds(_padding_mask([(0, 0), (3, 4)], 9)).key_bounds.tolist() == [[0, 0], [3, 4]]
+    # not a padding mask: a hole inside the run, per-query rows, per-head masks, float values other
+    # than 0 / -inf, a float mask that requires grad: these stay masks
+    holes = right.clone()
+    holes[0, ..., 2] = False
+    per_query = right.expand(2, 1, 5, 9).clone()
+    per_query[0, 0, 1, 0] = False
+    per_head = right.expand(2, 3, 1, 9).clone()
+    per_head[0, 1, 0, 0] = False
+    bias = _padding_mask([(0, 6), (0, 9)], 9, torch.float32)
+    scaled = bias.clone()
+    scaled[0, ..., 0] = -1.0
+    trained = bias.clone().requires_grad_()
+    for mask in (holes, per_query, per_head, scaled, trained):
+        p = bounds(mask)
+        assert p.key_bounds is None and p.mask is not None
+
+
+@pytest.mark.parametrize("window", [(-2, 0), (0, -3), (1.5, 2), (True, 1), (1, 2, 3), "ab", 4])
+def test_bad_window_is_refused(window):
+    q, k, v = make_inputs(1, 2, 2, 4, 4, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"window must be a pair \(left, right\) of ints >= -1"):
+        fused_attn.scaled_dot_product_attention(q, k, v, window=window)
+
+
+def test_backends_say_what_they_run():
+    q, k, v = make_inputs(1, 2, 2, 4, 6, 8, 8, torch.float32)
+    why = fused_attn.explain_dispatch(q, k, v, window=(2, 0))
+    assert why["cpu"] is None and why["reference"] is None
+    assert why["cuda"].startswith("a sliding window is not supported")
+    why = fused_attn.explain_dispatch(q, k, v, _padding_mask([(0, 3)], 6))
+    assert why["cpu"] is None and why["cuda"].startswith("a key-padding mask is not supported")
+    with pytest.raises(RuntimeError, match="cuda.*a sliding window is not supported"):
+        fused_attn.scaled_dot_product_attention(q, k, v, window=(2, 0), backend="cuda")
+
+
+def test_keys_outside_the_window_never_reach_the_output():
+    """NaN and inf in k and v at keys no query of a batch entry sees (padding, outside the window)
+    change nothing under a padding mask for k: those scores are never taken. (NaN in v at unseen
+    keys follows torch's dense P @ V, as for causal masks: see test_cpu_numerics.)"""
+    q, k, v = make_inputs(2, 2, 2, 40, 600, 16, 16, torch.float32)
+    mask = _padding_mask([(0, 300), (520, 600)], 600)
+    ref = fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="cpu")
+    k_bad = k.clone()
+    k_bad[0, :, 300:] = float("nan")
+    k_bad[1, :, :520] = float("inf")
+    out = fused_attn.scaled_dot_product_attention(q, k_bad, v, mask, backend="cpu")
+    assert torch.equal(out, ref)
+
+
+def test_window_gradients_with_torch_autograd_check():
+    """fp64 gradcheck through the CPU kernels with a window and a padding mask together."""
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 2, 1, 7, 11, 4, 3, torch.float64))
+    mask = _padding_mask([(2, 10)], 11)
+    f = lambda q, k, v: fused_attn.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, mask, enable_gqa=True, window=(3, 1), backend="cpu")
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("L,S,causal,expect", [
+    (5, 9, False, CausalMode.LOWER_RIGHT),
+    (5, 9, True, CausalMode.UPPER_LEFT),  # upper-left is the stricter one where L <= S
+    (9, 5, True, CausalMode.LOWER_RIGHT),
+    (7, 7, False, CausalMode.LOWER_RIGHT),
+])
+def test_window_minus1_0_is_lower_right_causal(L, S, causal, expect):
+    """window (-1, 0) is FlashAttention's causal: it becomes the causal mode (every kernel runs it,
+    the CUDA kernels too), intersected with is_causal."""
+    q, k, v = make_inputs(1, 2, 2, L, S, 8, 8, torch.float32)
+    p = make_problem(q, k, v, is_causal=causal, window=(-1, 0))
+    assert p.spec.causal is expect and not p.spec.windowed
+    check_backend("cpu", q, k, v, expect)
+    got = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, window=(-1, 0), backend="cpu")
+    torch.testing.assert_close(got, fused_attn.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, window=(-1, 0), backend="reference"))
+
+
+def _no_fallback():
+    """Fails the test if the dispatcher falls back to the reference (it warns then)."""
+    import warnings
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("error", message=".*running naive PyTorch attention.*")
+    return ctx
+
+
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "float"])
+def test_multihead_attention_key_padding_runs_in_the_kernels(monkeypatch, float_mask):
+    """nn.MultiheadAttention with a key_padding_mask, alone and with is_causal: the kernels run it as
+    key bounds (no fallback), and the output is torch's."""
+    from fused_attn import dispatch
+    from fused_attn.nn import MultiheadAttention
+    monkeypatch.setattr(dispatch, "_said", set())
+    N, L, E, H = 3, 11, 32, 4
+    ours = MultiheadAttention(E, H, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(N, L, E)
+    pad = torch.zeros(N, L, dtype=torch.bool)
+    pad[0, 8:] = True
+    pad[2, :3] = True  # left padding
+    kpm = torch.zeros(N, L).masked_fill(pad, float("-inf")) if float_mask else pad
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)
+    for kw in (dict(key_padding_mask=kpm), dict(key_padding_mask=kpm, attn_mask=causal, is_causal=True)):
+        ctx = _no_fallback()
+        try:
+            got, _ = ours(x, x, x, need_weights=False, **kw)
+        finally:
+            ctx.__exit__(None, None, None)
+        want, _ = theirs(x, x, x, need_weights=False, **kw)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
+def test_models_with_padding_run_in_the_kernels():
+    """BERT with a padding mask and a causal model with one: key bounds in the kernels, the same
+    output as the reference backend's (which builds the masks)."""
+    from fused_attn import models
+    cfg = dict(vocab_size=50, d_model=32, n_heads=2, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_len=40,
+               dropout=0.0)
+    idx = torch.randint(0, 50, (3, 17))
+    pad = torch.zeros(3, 17, dtype=torch.bool)
+    pad[0, 12:] = True
+    pad[1, 16:] = True
+    bert = models.BERT(models.TransformerConfig(**cfg)).eval()
+    ref = models.BERT(models.TransformerConfig(backend="reference", **cfg)).eval()
+    ref.load_state_dict(bert.state_dict())
+    ctx = _no_fallback()
+    try:
+        got = bert(idx, pad)
+    finally:
+        ctx.__exit__(None, None, None)
+    torch.testing.assert_close(got, ref(idx, pad), atol=1e-5, rtol=1e-5)
