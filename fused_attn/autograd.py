@@ -2,7 +2,7 @@
 
 A kernel backend's forward op ``fused_attn::<backend>_fwd(q, k, v, <spec>) -> (out, lse)`` and
 backward op ``fused_attn::<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)``
-(``<spec>``: ``AttnSpec.op_args(key_bounds)``, schema ``spec.OP_ARGS_SCHEMA``) are defined by
+(``<spec>``: ``AttnSpec.op_args(key_bounds, mask)``, schema ``spec.OP_ARGS_SCHEMA``) are defined by
 ``ops._common.define_ops``, which calls :func:`register` here: the forward op is differentiable
 by itself (``torch.library.register_autograd``), so a traced or exported graph that holds the
 raw op trains as the eager call does. The log-sum-exp is differentiable: its gradient enters

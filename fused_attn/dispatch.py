@@ -84,7 +84,7 @@ def _capability_refusal(caps, name: str, features, dtype, device, head_dim: int,
 
 def _launch(ops: ModuleType, p: Problem) -> Tuple[Tensor, Tensor]:
     """What backend module ``ops``'s forward op runs (its launcher), called without the op."""
-    return ops._forward(p.q, p.k, p.v, p.spec, p.key_bounds)
+    return ops._forward(p.q, p.k, p.v, p.spec, p.key_bounds, p.mask)
 
 
 def _recorded(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -129,7 +129,7 @@ class KernelBackend:
         or, where nothing records the call, straight through the op's implementation."""
         ops = self.ops()
         if _recorded(p.q, p.k, p.v):
-            return ops.forward(p.q, p.k, p.v, *p.spec.op_args(p.key_bounds))
+            return ops.forward(p.q, p.k, p.v, *p.spec.op_args(p.key_bounds, p.mask))
         return _launch(ops, p)
 
 

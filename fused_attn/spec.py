@@ -7,9 +7,9 @@ take it flattened by :meth:`AttnSpec.op_args` (schema :data:`OP_ARGS_SCHEMA`, re
 :meth:`AttnSpec.from_op_args`): the one place a field is turned into op arguments. In C++ the
 same fields are ``csrc/common/attn_params.h`` (``Visibility``, ``scale``).
 
-Tensors that describe the call (a mask, per-batch key bounds) travel in the
-:class:`~fused_attn.problem.Problem` beside the spec; the per-batch key bounds (a key-padding
-mask normalised by ``make_problem``) are the ops' last argument, ``key_bounds``. :meth:`Problem.features` names what a call uses beyond plain attention;
+Tensors that describe the call (per-batch key bounds, a mask) travel in the
+:class:`~fused_attn.problem.Problem` beside the spec; the ops take them as their last arguments,
+``key_bounds`` (a key-padding mask normalised by ``make_problem``) and ``mask``. :meth:`Problem.features` names what a call uses beyond plain attention;
 each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
 derives its refusal messages from that data.
 
@@ -78,14 +78,17 @@ FEATURES = {
     "causal": "a causal mask",
     "bool_mask": "a boolean attn_mask tensor",
     "float_mask": "a float attn_mask tensor",
+    "mask_grad": "a float attn_mask that requires grad",
     "dropout": "dropout_p > 0",
     "window": "a sliding window",
     "key_padding": "a key-padding mask",
 }
 
 # The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, and
-# last the per-batch key bounds (Problem.key_bounds; None: every key of each batch).
-OP_ARGS_SCHEMA = "int causal, float scale, int window_left=-1, int window_right=-1, Tensor? key_bounds=None"
+# last the call's tensors: the per-batch key bounds (Problem.key_bounds; None: every key) and the
+# mask tensor (Problem.mask; None: none).
+OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, Tensor? key_bounds=None, "
+                  "Tensor? mask=None")
 
 
 @dataclass(frozen=True)
@@ -100,16 +103,18 @@ class AttnSpec:
     window_left: int = -1
     window_right: int = -1
 
-    def op_args(self, key_bounds: Optional[Tensor] = None) -> tuple:
-        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then ``key_bounds``."""
-        return int(self.causal), self.scale, self.window_left, self.window_right, key_bounds
+    def op_args(self, key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> tuple:
+        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then the call's tensors."""
+        return int(self.causal), self.scale, self.window_left, self.window_right, key_bounds, mask
 
     @classmethod
     def from_op_args(cls, causal: int, scale: float, window_left: int = -1, window_right: int = -1,
-                     key_bounds: Optional[Tensor] = None) -> Tuple["AttnSpec", Optional[Tensor]]:
-        """The spec and the key bounds back from :meth:`op_args` (inside an op: the kernels' view of the call)."""
+                     key_bounds: Optional[Tensor] = None,
+                     mask: Optional[Tensor] = None) -> Tuple["AttnSpec", Optional[Tensor], Optional[Tensor]]:
+        """The spec, the key bounds and the mask back from :meth:`op_args` (inside an op: the kernels'
+        view of the call)."""
         return cls(scale=scale, causal=CausalMode(causal), window_left=window_left,
-                   window_right=window_right), key_bounds
+                   window_right=window_right), key_bounds, mask
 
     @property
     def windowed(self) -> bool:

@@ -46,7 +46,31 @@ struct SpecArgs {
   double scale;
   int64_t window_left, window_right;
   const std::optional<at::Tensor>& key_bounds;
+  const std::optional<at::Tensor>& mask;
 };
+
+// The mask tensor (B, Hq, L, S) as the kernels read it: any strides (0 on broadcast dims).
+MaskRef mask_ref(const at::Tensor& m, const Dims& d) {
+  TORCH_CHECK(m.device().is_cpu() && m.dim() == 4 && m.size(0) == d.batch && m.size(1) == d.heads_q &&
+                  m.size(2) == d.len_q && m.size(3) == d.len_k,
+              "mask must be a CPU tensor of shape (", d.batch, ", ", d.heads_q, ", ", d.len_q, ", ", d.len_k,
+              ") (strides 0 where it broadcasts), got ", m.sizes(), " on ", m.device());
+  MaskRef r;
+  switch (m.scalar_type()) {
+    case at::kBool: r.kind = kMaskBool; break;
+    case at::kFloat: r.kind = kMaskF32; break;
+    case at::kDouble: r.kind = kMaskF64; break;
+    case at::kBFloat16: r.kind = kMaskBF16; break;
+    case at::kHalf: r.kind = kMaskF16; break;
+    default: TORCH_CHECK(false, "mask must be bool, float32, float64, bfloat16 or float16, got ", m.scalar_type());
+  }
+  r.ptr = m.data_ptr();
+  r.batch = m.stride(0);
+  r.head = m.stride(1);
+  r.row = m.stride(2);
+  r.col = m.stride(3);
+  return r;
+}
 
 AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const SpecArgs& spec) {
@@ -89,15 +113,16 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
                   "]");
     c.key_bounds = bounds;
   }
+  if (spec.mask.has_value()) c.mask = mask_ref(*spec.mask, d);
   return c;
 }
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              int64_t causal, double scale, int64_t window_left, int64_t window_right,
-             const std::optional<at::Tensor>& key_bounds) {
+             const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask) {
   AttnFwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) =
-      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds});
+      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask});
   const Dims& d = p.dims;
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
@@ -115,10 +140,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
-              int64_t window_right, const std::optional<at::Tensor>& key_bounds) {
+              int64_t window_right, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask) {
   AttnBwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) =
-      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds});
+      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask});
   const Dims& d = p.dims;
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());

@@ -42,6 +42,7 @@
 #include "config.h"
 #include "gemm.h"
 #include "gemm_avx512.h"
+#include "mask_ops.h"
 #include "params.h"
 #include "tile_ops.h"
 
@@ -124,7 +125,7 @@ struct DScoresEpilogue {
 // P = exp2((t - hi) a - lo) is then 1 / l at the max however large the scores.
 template <typename scalar_t, typename acc_t>
 void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int64_t BK, const uint8_t* exact,
-                         acc_t alpha, acc_t g, acc_t a, acc_t* hi, acc_t* lo) {
+                         acc_t alpha, acc_t g, acc_t a, acc_t mask_mult, acc_t* hi, acc_t* lo) {
   const Dims& d = p.dims;
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   const int64_t n_kblocks = (d.len_k + BK - 1) / BK, group = d.heads_q / d.heads_kv;
@@ -167,6 +168,7 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
 #endif
           if (!use_micro) gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row,
                                acc_t(0), s, BK);
+          if (p.mask.kind != kMaskNone) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, nullptr, s, BK, mask_mult);
           for (int64_t r = 0; r < rows; ++r) {
             if (!ex[i0 + r]) continue;
             const acc_t* y = s + r * BK;
@@ -228,6 +230,9 @@ void attention_backward(AttnBwdParams p) {
   const acc_t alpha = FP32 ? acc_t(1) : score_scale;
   const acc_t g = FP32 ? score_sgn : acc_t(1);
   const acc_t a = FP32 ? score_asc : acc_t(1);
+  // A mask tensor's float values in the scores' units (mask_ops.h): raw scores for fp32, log2 units else.
+  const bool has_mask = p.mask.kind != kMaskNone;
+  const acc_t mask_mult = FP32 ? static_cast<acc_t>(1.0 / p.scale) : static_cast<acc_t>(LOG2E);
 
   // 1. delta = rowsum(dO * O) (fp32: also in double, delta64, for exact_dscore) and dlse,
   //    kept apart (dscores_impl), and lse log2 e in double split as hi a + lo, so that
@@ -278,7 +283,7 @@ void attention_backward(AttnBwdParams p) {
     }
   });
   if (std::find(exact, exact + n_rows, uint8_t(1)) != exact + n_rows)
-    recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, alpha, g, a, hi, lo);
+    recompute_row_stats<scalar_t>(p, use_micro, BQ, BK, exact, alpha, g, a, mask_mult, hi, lo);
 
   // 2. dK, dV per key block; dQ per chunk.
   at::Tensor dq_acc_t = at::zeros({n_chunks, d.batch * d.heads_q * d.len_q * d.head_dim},
@@ -346,11 +351,20 @@ void attention_backward(AttnBwdParams p) {
             for (int64_t r = 0; r < rows; ++r)
               if (hi_blk[r] == -std::numeric_limits<acc_t>::infinity()) iv[r] = {0, 0};
             const bool masked = classify_tile(iv, rows, kc) != TileMask::FULL;
+            // A mask tensor (as the forward): skip, leave as is, or rewrite the tile's scores.
+            const TileMask by_mask = has_mask ? classify_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv)
+                                              : TileMask::FULL;
+            if (by_mask == TileMask::NONE) continue;
+            const bool apply_mask = by_mask == TileMask::PARTIAL;
             acc_t* dq_blk = dq_chunk + (bh * d.len_q + i0) * d.head_dim;
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
-                if (masked)
+                if (apply_mask) {  // raw scores, the mask, then P (the AVX-512 clone of probs)
+                  gemm_f32_avx512<false>(rows, kc, d.head_dim, 1.0f, q_blk, p.q_stride.row, k_t, BK, s, BK, false);
+                  apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
+                  probs(s, BK, rows, kc, iv, g, a, hi_blk, lo_blk);
+                } else if (masked)
                   gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
                     return ProbsEpilogue<true>{s, BK, c0, g, a, iv, hi_blk, lo_blk};
                   });
@@ -374,7 +388,8 @@ void attention_backward(AttnBwdParams p) {
 #endif
             gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row, acc_t(0), s,
                  BK);
-            probs(s, BK, rows, kc, masked ? iv : nullptr, g, a, hi_blk, lo_blk);
+            if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
+            probs(s, BK, rows, kc, masked || apply_mask ? iv : nullptr, g, a, hi_blk, lo_blk);
             gemm(false, true, rows, kc, d.head_dim_v, acc_t(1), do_blk, p.do_stride.row, v_blk, p.v_stride.row,
                  acc_t(0), dp, BK);
             dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);

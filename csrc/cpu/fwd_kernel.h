@@ -46,6 +46,7 @@
 #include "config.h"
 #include "gemm.h"
 #include "gemm_avx512.h"
+#include "mask_ops.h"
 #include "params.h"
 #include "tile_ops.h"
 
@@ -302,6 +303,14 @@ struct PackedKV {
                            SoftmaxEpilogue<false>{p, ld_p, c0, nullptr, sgn, asc, m, sum16});
     }
   }
+  // fp32: the raw scores S (rows x cols, ld_s) = Q K^T of key block kb (a tile a mask tensor changes
+  // in part: mask_ops.h rewrites it before the softmax).
+  void scores_raw(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
+    static_assert(!VNNI, "16-bit inputs take the brgemm path");
+    for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
+      gemm_f32_avx512<false>(rows, std::min(PANEL, cols - c0), Ep, 1.0f, q, ld_q, k_panel(kb, c0), PANEL, s + c0, ld_s,
+                             false);
+  }
 #endif
   // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
   void accumulate(int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
@@ -343,10 +352,12 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const KeyInt
 // blocks outside a query block's key range), so that out does not depend on the tiling.
 // A vectorisable check of each kv head (v * 0 is NaN only for NaN / inf), and a scan of its
 // columns only where it finds one: row i gets NaN at e where column e holds a non-finite
-// value outside the row's keys [begin, end), before begin or from end on.
+// value outside the row's keys [begin, end), before begin or from end on, or (a mask tensor)
+// at a key inside them that the mask hides from the row.
 template <typename scalar_t>
 void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
   const Dims& d = p.dims;
+  const bool has_mask = p.mask.kind != kMaskNone;
   const int64_t group = d.heads_q / d.heads_kv;
   const auto* v = static_cast<const scalar_t*>(p.v);
   auto* out = static_cast<scalar_t*>(p.out);
@@ -364,20 +375,29 @@ void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
       if (probe == probe) continue;
       std::fill(first_bad.begin(), first_bad.end(), d.len_k);
       std::fill(last_bad.begin(), last_bad.end(), int64_t(-1));
+      std::vector<std::vector<int64_t>> bad_keys(has_mask ? d.head_dim_v : 0);  // per column
       for (int64_t j = 0; j < d.len_k; ++j)
         for (int64_t e = 0; e < d.head_dim_v; ++e)
           if (!std::isfinite(static_cast<double>(v_bh[j * p.v_stride.row + e]))) {
             first_bad[e] = std::min(first_bad[e], j);
             last_bad[e] = j;
+            if (has_mask) bad_keys[e].push_back(j);
           }
       const Visibility vis = p.visibility(b);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         scalar_t* out_bh = out + (b * d.heads_q + h) * d.len_q * d.head_dim_v;
         for (int64_t i = 0; i < d.len_q; ++i) {
           const KeyInterval seen = vis.keys<int64_t>(i, d.len_k);
-          for (int64_t e = 0; e < d.head_dim_v; ++e)
-            if (first_bad[e] < seen.begin || last_bad[e] >= seen.end)
-              out_bh[i * d.head_dim_v + e] = std::numeric_limits<scalar_t>::quiet_NaN();
+          for (int64_t e = 0; e < d.head_dim_v; ++e) {
+            bool hidden = first_bad[e] < seen.begin || last_bad[e] >= seen.end;
+            if (has_mask && !hidden)
+              for (const int64_t j : bad_keys[e])
+                if (j >= seen.begin && j < seen.end && !mask_admits(p.mask, b, h, i, j)) {
+                  hidden = true;
+                  break;
+                }
+            if (hidden) out_bh[i * d.head_dim_v + e] = std::numeric_limits<scalar_t>::quiet_NaN();
+          }
         }
       }
     }
@@ -405,6 +425,9 @@ void attention_forward(AttnFwdParams p) {
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
+  // A mask tensor's float values enter the raw scores as bias / scale (mask_ops.h).
+  const bool has_mask = p.mask.kind != kMaskNone;
+  const acc_t mask_mult = static_cast<acc_t>(1.0 / p.scale);
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
@@ -474,12 +497,26 @@ void attention_forward(AttnFwdParams p) {
       }
       for (int64_t j0 = keys.begin / BK * BK; j0 < keys.end; j0 += BK) {
         const int64_t cols = std::min(BK, keys.end - j0);
-        const TileMask mask = tile_intervals(vis, d.len_k, i0, rows, j0, cols, iv);
-        if (mask == TileMask::NONE) continue;
-        const KeyInterval* tile_iv = mask == TileMask::FULL ? nullptr : iv;
+        const TileMask seen = tile_intervals(vis, d.len_k, i0, rows, j0, cols, iv);
+        if (seen == TileMask::NONE) continue;
+        const KeyInterval* tile_iv = seen == TileMask::FULL ? nullptr : iv;
+        // A mask tensor: tiles where it hides every visible score are skipped, tiles where it
+        // changes none take the path without it, the others get their scores rewritten.
+        const TileMask by_mask = has_mask ? classify_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv)
+                                          : TileMask::FULL;
+        if (by_mask == TileMask::NONE) continue;
+        const bool apply_mask = by_mask == TileMask::PARTIAL;
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
+          if (use_micro && apply_mask) {  // scores, the mask, then the softmax pass (AVX-512 clone)
+            packed->scores_raw(j0 / BK, q_blk, p.q_stride.row, rows, cols, s, BK);
+            apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
+            online_softmax(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr);
+            gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
+                                   true, corr);
+            continue;
+          }
           if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
             std::copy(m, m + rows, corr);
             std::fill(sum16, sum16 + rows * 16, 0.0f);
@@ -498,6 +535,7 @@ void attention_forward(AttnFwdParams p) {
         if (!use_packed)
           gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row,
                p.k_stride.row, acc_t(0), s, BK);
+        if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
         softmax_step<scalar_t>(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr, p16, BK);
         if constexpr (LOW_PRECISION) {
           scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);
@@ -534,7 +572,7 @@ void attention_forward(AttnFwdParams p) {
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
-  if (p.key_bounds != nullptr || !p.vis.sees_every_key(d.len_k)) poison_unseen_nonfinite_v<scalar_t>(p);
+  if (has_mask || p.key_bounds != nullptr || !p.vis.sees_every_key(d.len_k)) poison_unseen_nonfinite_v<scalar_t>(p);
 }
 
 }  // namespace fused_attn::cpu

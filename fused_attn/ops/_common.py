@@ -71,13 +71,13 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
     ``module`` (its ``__name__``; looked up at each call, so a test may substitute them):
 
     * ``<backend>_fwd(q, k, v, <spec>) -> (out (B, Hq, L, Ev), lse (B, Hq, L))`` runs
-      ``_forward(q, k, v, spec, key_bounds)``; lse's dtype is ``saved_lse(q.dtype)`` (what the
+      ``_forward(q, k, v, spec, key_bounds, mask)``; lse's dtype is ``saved_lse(q.dtype)`` (what the
       backward reads);
     * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)`` runs
-      ``_backward(dout, dlse, q, k, v, out, lse, spec, key_bounds)``;
+      ``_backward(dout, dlse, q, k, v, out, lse, spec, key_bounds, mask)``;
 
-    where ``<spec>`` is ``AttnSpec.op_args(key_bounds)`` (schema ``OP_ARGS_SCHEMA``) and ``spec``,
-    ``key_bounds`` what ``AttnSpec.from_op_args`` rebuilds from it. Registers their fake implementations (torch.compile, export) and
+    where ``<spec>`` is ``AttnSpec.op_args(key_bounds, mask)`` (schema ``OP_ARGS_SCHEMA``) and
+    ``spec``, ``key_bounds``, ``mask`` what ``AttnSpec.from_op_args`` rebuilds from it. Registers their fake implementations (torch.compile, export) and
     the autograd formula (``fused_attn.autograd``)."""
     from .. import autograd
 

@@ -68,7 +68,7 @@ except ImportError as e:  # built without the C++ extension, or a broken build
                      "`pip install --no-build-isolation .` and torch installed")
 
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                            features=frozenset({"causal", "window", "key_padding"}))
+                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -116,33 +116,42 @@ def _operand(t: Tensor) -> Tensor:
     return t
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
-             key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
+             mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
-    _C.forward(q, k, v, out, lse, *spec.op_args(key_bounds))
+    _C.forward(q, k, v, out, lse, *spec.op_args(key_bounds, mask))
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, key_bounds: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args(key_bounds))
+    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args(key_bounds, mask))
     return dq, dk, dv
 
 
 forward, backward = define_ops("cpu", __name__, ("cpu",), saved_lse_dtype)
 
 
+# A float mask enters the raw scores as bias / scale (csrc/cpu/mask_ops.h): |scale| below this would
+# overflow it.
+FLOAT_MASK_MIN_SCALE = 1e-30
+
+
 def hardware_refusal(p, explicit: bool) -> Optional[str]:
     """Why this install cannot run problem ``p`` beyond what CAPABILITIES says (None: it can)."""
+    if _IMPORT_ERROR is None and p.mask is not None and p.mask.dtype != torch.bool \
+            and abs(p.spec.scale) < FLOAT_MASK_MIN_SCALE:
+        return f"a float attn_mask with |scale| < {FLOAT_MASK_MIN_SCALE:g} is not supported, got scale = {p.spec.scale:g}"
     return _IMPORT_ERROR
 
 

@@ -822,8 +822,8 @@ def _run(launch: Launch, device: torch.device) -> None:
                                           num_stages=cfg.num_stages)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
-             key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
+             mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
@@ -835,7 +835,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec,
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, key_bounds: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, key_bounds: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)
