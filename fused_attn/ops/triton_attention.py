@@ -457,8 +457,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DK, DV,
                      HK, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
                      S_BUCKET, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
-                     ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                     TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
@@ -570,7 +570,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
+                   H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
+                   S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                    KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
