@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import fused_attn
 from fused_attn.ops import triton_attention as T
 from fused_attn.spec import CausalMode
 
@@ -60,6 +61,13 @@ def test_every_kernel_statement_runs(monkeypatch):
             monkeypatch.setattr(T, "INTERPRETER_TMA", tma)
             q, k, v = make_inputs(1, 4, 2, 70, 45, 40, 24, dtype)
             check_backend("triton", q, k, v, mode, with_lse_grad=lse_grad)
+        # a window and key bounds, with causal (their accuracy: tests/test_triton_visibility.py)
+        q, k, v = (t.requires_grad_() for t in make_inputs(2, 4, 2, 70, 45, 40, 24, torch.float32))
+        keys = torch.arange(45)
+        padding = torch.stack([(keys >= 3) & (keys < 30), keys < 40])[:, None, None, :]
+        out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=padding, is_causal=True, window=(20, 2),
+                                                 enable_gqa=True, backend="triton")
+        (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
     finally:
         sys.settrace(None)
     missing = sorted(f"{statements[line]}:{line}" for line in statements if line not in hit)

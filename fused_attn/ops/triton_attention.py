@@ -9,18 +9,33 @@ Head dims 1..256, padded inside the kernel to a power of two >= 16 by masked loa
 
 Forward: one program per (query block, batch * head) walks the key blocks with an
 online softmax in fp32 (exp2, the scale folded into log2(e)), never forming L x S.
-Key blocks split into a run every row sees in full (no mask work) and a masked
-run (the causal diagonal and the ragged tail); blocks above the diagonal are never
-visited. Saved for backward: out and lse.
+Which keys a query sees (below) leaves each row a range [lo_i, hi_i) of keys, both ends
+non-decreasing in i, so a query block's first and last rows bound its key tiles
+(_key_range): masked tiles where the range begins (the window's left edge, the key
+bounds' begin), a run every row sees in full (no mask work), masked tiles where it ends
+(the causal diagonal, the window's right edge, the key bounds' end, the ragged tail).
+Tiles no row of the block sees are never visited. Saved for backward: out and lse.
 
-Causal: query i sees key j iff j <= i + offset, offset 0 (upper-left, torch's
-is_causal) or S - L (lower-right, FlashAttention's). A row that sees no key gets
-out = 0 and lse = -inf; its gradients are 0.
+Visibility: query i sees key j < S iff all of
+- causal: j <= i + offset, offset 0 (upper-left, torch's is_causal) or S - L
+  (lower-right, FlashAttention's);
+- sliding window (FlashAttention-2's, aligned bottom-right whatever the causal mode):
+  i + S - L - window_left <= j <= i + S - L + window_right, -1 dropping that side; the
+  launcher passes it as offsets (window_offsets), a side no key lies beyond as an offset
+  no key reaches past;
+- key bounds: key_bounds[b, 0] <= j < key_bounds[b, 1] for the rows of batch b (an int64
+  (B, 2) tensor, a key-padding mask normalised by make_problem; absolute key positions).
+Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS): a call without it compiles none of its
+work. A row that sees no key gets out = 0 and lse = -inf; its gradients are 0, and a key
+no row sees gets dk = dv = 0.
 
 Backward: delta = rowsum(dO * O) - dlse (the lse gradient enters here, since
 d lse / d s = P); a dQ kernel per query block loops over key blocks, then a dK/dV kernel per
 key block loops over the query blocks of every q head in its group (so GQA sums need no
-atomics); both recompute P = exp2((s * log2e - hi) - lo), where hi + lo is
+atomics), visiting only the query tiles whose rows see some key of the block (_query_range: the
+causal diagonal and window_right bound them below, window_left above; a block outside its batch's
+key bounds visits none and stores zeros), masked where not every row sees every key; both
+recompute P = exp2((s * log2e - hi) - lo), where hi + lo is
 lse * log2e (_lse_log2). For fp32 inputs the forward joins its fp32 row max m (log2 units) and
 ln l in an fp64 lse and the backward splits lse * log2e into fp32 hi and lo: at a row's largest
 score s * log2e - hi is exact, so P = 1 / l to fp32 precision however large the scores (an fp32
@@ -35,7 +50,8 @@ c = sum over keys i != j of P_i (dP_j - dP_i) + dlse, which has no such cancella
 kernel keeps per row, as it walks the keys anyway (_top_update), the running top key (P, index,
 dP), the sum of P over the keys so far and c over them (the top's own term is exactly 0; a new
 top shifts c by (dP_new - dP_old) times that sum, which is below 1 - P_new, so nothing cancels).
-It writes j (int32, -1 for a row that sees no key) and c + dlse (fp32) per row to O(L) scratch,
+It writes j (int32, -1 for a row that sees no key; always a key the row sees, since a masked key's P
+is 0 and never becomes the top) and c + dlse (fp32) per row to O(L) scratch,
 and swaps P c in for the P (dP - delta) its loop gave key j: dq += P_j (c - (dP_j - delta)) k_j
 (what the loop added is a few ulps of dP times k; cancelling it leaves an ulp of that). The dK/dV
 kernel, which runs after it, takes dS = P c wherever the key is its row's j. Cost: no extra
@@ -137,21 +153,120 @@ def _query_block(H, GROUP, HEADS, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, causal_offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """(full, hi): every row of the query block sees keys [0, full); some row sees keys [full, hi)."""
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), S)
-        full = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, S // BLOCK_N * BLOCK_N)
+def _key_bounds(KB, b, S, KEY_BOUNDS: tl.constexpr):
+    """Batch b's keys [key_lo, key_hi), clipped to [0, S): (KB[b, 0], KB[b, 1]) with KEY_BOUNDS, else (0, S)."""
+    if KEY_BOUNDS:
+        key_lo = tl.maximum(tl.load(KB + 2 * b), 0).to(tl.int32)
+        key_hi = tl.minimum(tl.load(KB + 2 * b + 1), S).to(tl.int32)
     else:
-        hi = S
-        full = S // BLOCK_N * BLOCK_N
-    return full, hi
+        key_lo = 0
+        key_hi = S
+    return key_lo, key_hi
+
+
+@triton.jit
+def _visible(i, j, S, causal_offset, window_lo, window_hi, key_lo, key_hi, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr):
+    """Whether query row i sees key j (broadcast shapes, either orientation): j < S, inside the key
+    bounds, causal j <= i + causal_offset, window i + window_lo <= j <= i + window_hi."""
+    if KEY_BOUNDS:
+        visible = (j >= key_lo) & (j < key_hi)  # key_hi <= S
+    else:
+        visible = j < S
+    if CAUSAL:
+        visible = visible & (j <= i + causal_offset)
+    if WINDOW:
+        visible = visible & (j >= i + window_lo) & (j <= i + window_hi)
+    return visible
+
+
+@triton.jit
+def _key_range(start_m, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr):
+    """The key tiles of BLOCK_N a query block visits, as (start, mid_lo, mid_hi, hi): masked tiles
+    from start up to min(mid_lo, hi), unmasked ones (every row of the block sees every key of the
+    tile) [mid_lo, mid_hi), masked ones [mid_hi, hi). Row i sees keys [lo_i, hi_i), both
+    non-decreasing in i, so the block's first row gives where the keys some row sees begin and where
+    those every row sees end, its last (real) row the others; tiles no row sees are never visited.
+    Without WINDOW and KEY_BOUNDS, start = mid_lo = 0."""
+    first = start_m
+    last = tl.minimum(start_m + BLOCK_M, L) - 1
+    hi_first = key_hi
+    hi_last = key_hi
+    if CAUSAL:
+        hi_first = tl.minimum(hi_first, first + causal_offset + 1)
+        hi_last = tl.minimum(hi_last, last + causal_offset + 1)
+    if WINDOW:
+        hi_first = tl.minimum(hi_first, first + window_hi + 1)
+        hi_last = tl.minimum(hi_last, last + window_hi + 1)
+    if WINDOW or KEY_BOUNDS:
+        lo_first = key_lo
+        lo_last = key_lo
+        if WINDOW:
+            lo_first = tl.maximum(lo_first, first + window_lo)
+            lo_last = tl.maximum(lo_last, last + window_lo)
+        start = lo_first // BLOCK_N * BLOCK_N
+        mid_lo = tl.maximum(tl.cdiv(lo_last, BLOCK_N) * BLOCK_N, start)
+        hi_last = tl.where(lo_first < hi_last, hi_last, 0)  # no row sees a key: not even start's tile
+    else:
+        start = 0
+        mid_lo = 0
+    mid_hi = tl.maximum(tl.maximum(hi_first, 0) // BLOCK_N * BLOCK_N, mid_lo)
+    return start, mid_lo, mid_hi, hi_last
+
+
+@triton.jit
+def _query_range(start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr):
+    """The query tiles of BLOCK_M a key block visits, as _key_range's (start, mid_lo, mid_hi, hi):
+    key j is seen by rows i >= j - causal_offset, i >= j - window_hi, i <= j - window_lo, 0 <= i < L
+    (none outside the key bounds), so the block's first and last keys bound the rows. Rows past L
+    load q = dO = 0 and add nothing, so the unmasked run may end in a ragged tile (mid_hi = L).
+    A block partly outside the key bounds has no unmasked tile; one wholly outside, no tile."""
+    first = start_n
+    last = tl.minimum(start_n + BLOCK_N, S) - 1
+    seen_first = first  # the keys of the block some row may see
+    seen_last = last
+    if KEY_BOUNDS:
+        seen_first = tl.maximum(first, key_lo)
+        seen_last = tl.minimum(last, key_hi - 1)
+    if CAUSAL or WINDOW:
+        lo = 0
+        full_lo = 0
+        if CAUSAL:
+            lo = tl.maximum(seen_first - causal_offset, 0)
+            full_lo = tl.maximum(last - causal_offset, 0)
+        if WINDOW:
+            lo = tl.maximum(lo, seen_first - window_hi)
+            full_lo = tl.maximum(full_lo, last - window_hi)
+        start = lo // BLOCK_M * BLOCK_M
+        mid_lo = tl.maximum(tl.cdiv(full_lo, BLOCK_M) * BLOCK_M, start)
+    else:
+        start = 0
+        mid_lo = 0
+    if WINDOW or KEY_BOUNDS:
+        hi = L
+        full_hi = L
+        if WINDOW:
+            hi = tl.minimum(hi, seen_last - window_lo + 1)
+            full_hi = tl.minimum(full_hi, first - window_lo + 1)
+        if KEY_BOUNDS:
+            hi = tl.where(seen_first <= seen_last, hi, 0)
+            full_hi = tl.where((first >= key_lo) & (last < key_hi), full_hi, 0)
+        if CAUSAL or WINDOW:
+            hi = tl.where(lo < hi, hi, 0)  # no row sees a key: not even start's tile
+        mid_hi = tl.maximum(tl.where(full_hi >= L, L, tl.maximum(full_hi, 0) // BLOCK_M * BLOCK_M), mid_lo)
+    else:
+        hi = L
+        mid_hi = L
+    return start, mid_lo, mid_hi, hi
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, lo, hi, S,
-               causal_offset, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr,
                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -172,9 +287,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32
                 v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
         if MASKED:
-            visible = offs_n[None, :] < S
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
+                               key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
             qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
@@ -190,13 +304,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
+def _fwd_kernel(Q, K, V, O, LSE, KB,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                H, GROUP, HEADS, L, S, causal_offset, qk_scale, L_BUCKET, S_BUCKET,
+                H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, L_BUCKET, S_BUCKET,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
                 ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -218,13 +332,22 @@ def _fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, 0,
-                               full, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               False, CAUSAL, DOT_FP32, PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, full,
-                               hi, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               True, CAUSAL, DOT_FP32, PRECISION, TMA)
+    key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
+    start, mid_lo, mid_hi, hi = _key_range(start_m, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+                                           BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
+    if WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, start,
+                                   tl.minimum(mid_lo, hi), S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+                                   qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW,
+                                   KEY_BOUNDS, DOT_FP32, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, mid_lo,
+                               mid_hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32,
+                               PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, mid_hi,
+                               hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32,
+                               PRECISION, TMA)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -290,9 +413,10 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, TOP_C, stride_ob, stride_oh, stride_om, 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
-                    stride_dom, start_n, lo, hi, L, causal_offset, qk_scale, HEAD_DIM: tl.constexpr,
-                    HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    stride_dom, start_n, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                     TOP_KEY: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -312,7 +436,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_b
         st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
         pt = tl.math.exp2((st - lse_hi[None, :]) - lse_lo[None, :])
         if MASKED:
-            pt = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, pt, 0.0)
+            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], S, causal_offset, window_lo, window_hi, key_lo,
+                                   key_hi, CAUSAL, WINDOW, KEY_BOUNDS), pt, 0.0)
         dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -325,15 +450,15 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_b
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     HK, GROUP, HEADS, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HK, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
+                     S_BUCKET, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
-                     ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                     TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
@@ -349,14 +474,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DK, DV,
                 mask=in_s[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    if CAUSAL:
-        # query rows that see some key of this block start at lo; rows that see all of it at full
-        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        full = tl.minimum(tl.maximum(tl.cdiv(start_n + BLOCK_N - 1 - causal_offset, BLOCK_M) * BLOCK_M, lo), L)
-        lo = tl.minimum(lo, L)
-    else:
-        lo = 0
-        full = 0
+    key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
+    start, mid_lo, mid_hi, hi = _query_range(start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+                                             BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
     H = HK * GROUP
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -367,12 +487,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DK, DV,
         delta_base = DELTA + bh * L
         top_j_base = TOP_J + bh * L
         top_c_base = TOP_C + bh * L
+        if CAUSAL or WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
+                                     stride_qm, stride_dom, start_n, start, tl.minimum(mid_lo, hi), L, S,
+                                     causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM,
+                                     HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
+                                     KEY_BOUNDS, DOT_FP32, PRECISION, TOP_KEY)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
-                                 stride_qm, stride_dom, start_n, lo, full, L, causal_offset, qk_scale, HEAD_DIM,
-                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION, TOP_KEY)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
-                                 stride_qm, stride_dom, start_n, full, L, L, causal_offset, qk_scale, HEAD_DIM,
-                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, DOT_FP32, PRECISION, TOP_KEY)
+                                 stride_qm, stride_dom, start_n, mid_lo, mid_hi, L, S, causal_offset, window_lo,
+                                 window_hi, key_lo, key_hi, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION, TOP_KEY)
+        if WINDOW or KEY_BOUNDS:  # masked tiles after it (rows the window's left edge leaves out)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
+                                     stride_qm, stride_dom, start_n, mid_hi, hi, L, S, causal_offset, window_lo,
+                                     window_hi, key_lo, key_hi, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                     BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION,
+                                     TOP_KEY)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + row0 * stride_dkn + cols[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + b * stride_dvb + hk * stride_dvh + row0 * stride_dvn + cols[:, None] * stride_dvn + offs_dv[None, :],
@@ -396,9 +526,10 @@ def _top_update(top_p, top_j, top_dp, c, p_sum, p, dp, start_n):
 
 @triton.jit
 def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
-                  stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset, qk_scale, HEAD_DIM: tl.constexpr,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                  stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+                  qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                   TOP_KEY: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -420,9 +551,8 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, del
         s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
         p = tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None])
         if MASKED:
-            visible = offs_n[None, :] < S
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
+                               key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
             p = tl.where(visible, p, 0.0)
         dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
         if TOP_KEY:
@@ -436,14 +566,15 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, del
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, GROUP, HEADS, L, S, causal_offset, qk_scale, sm_scale, L_BUCKET, S_BUCKET,
+                   H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
+                   S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
                    ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -467,15 +598,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, DQ,
     top_dp = tl.zeros([BLOCK_M], dtype=tl.float32)
     c = tl.zeros([BLOCK_M], dtype=tl.float32)
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    full, hi = _key_range(start_m, causal_offset, S, BLOCK_M, BLOCK_N, CAUSAL)
+    key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
+    start, mid_lo, mid_hi, hi = _key_range(start_m, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+                                           BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
+    if WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
+        dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
+            dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+            stride_vn, offs_m, start, tl.minimum(mid_lo, hi), S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32,
+            PRECISION, TOP_KEY)
     dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
         dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-        stride_vn, offs_m, 0, full, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-        False, CAUSAL, DOT_FP32, PRECISION, TOP_KEY)
+        stride_vn, offs_m, mid_lo, mid_hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION,
+        TOP_KEY)
     dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
         dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-        stride_vn, offs_m, full, hi, S, causal_offset, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-        True, CAUSAL, DOT_FP32, PRECISION, TOP_KEY)
+        stride_vn, offs_m, mid_hi, hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION,
+        TOP_KEY)
     if TOP_KEY:
         # c = dP - delta at the top key without cancellation (sum over the keys of P (dP_top - dP)), plus
         # dlse, which the preprocess left in TOP_C; the dK/dV kernel reads the top key and c. The row
@@ -542,7 +683,8 @@ INTERPRETER_TMA = False
 # Oldest GPU the kernels run on (bf16 tensor cores, cp.async); hardware_refusal refuses older ones.
 MIN_ARCH = 80
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                            features=frozenset({"causal"}), device_note=": cpu under the Triton interpreter")
+                            features=frozenset({"causal", "window", "key_padding"}),
+                            device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
@@ -622,7 +764,8 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # an argument. So the kernels take ARCH, DTYPE and ALIGNED as constexprs that only the key and the
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
-                     "PRECISION", "GROUP"] + (["TMA"] if kind == "fwd" else []) for kind in CONFIGS}
+                     "WINDOW", "KEY_BOUNDS", "PRECISION", "GROUP"] + (["TMA"] if kind == "fwd" else [])
+              for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -741,27 +884,55 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
     return None
 
 
-def _common_meta(q: Tensor, v: Tensor, spec: AttnSpec, arch: Optional[int], strided) -> dict:
+def window_offsets(spec: AttnSpec, L: int, S: int) -> Optional[Tuple[int, int]]:
+    """(window_lo, window_hi): query i sees keys i + window_lo <= j <= i + window_hi under the
+    sliding window; an unbounded side (-1, or a window side no key lies beyond: left >= S, right >= L)
+    gets an offset no key reaches past (-L, S), so no sentinel nears int32 limits. None when neither
+    side bounds anything (WINDOW off)."""
+    left = spec.window_left if 0 <= spec.window_left < S else -1
+    right = spec.window_right if 0 <= spec.window_right < L else -1
+    if left < 0 and right < 0:
+        return None
+    return (S - L - left if left >= 0 else -L), (S - L + right if right >= 0 else S)
+
+
+def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor], B: int,
+                     unused: Tensor) -> Tuple[Tensor, Tuple[int, int, int], dict]:
+    """The kernels' view of which keys a query sees: the key-bounds pointer (``unused``, any tensor, without
+    key bounds), (causal_offset, window_lo, window_hi) and the constexprs CAUSAL, WINDOW, KEY_BOUNDS."""
+    window = window_offsets(spec, L, S)
+    if key_bounds is not None and not (key_bounds.shape == (B, 2) and key_bounds.dtype == torch.int64
+                                       and key_bounds.device == unused.device):
+        raise ValueError(f"fused_attn triton: key_bounds must be an int64 ({B}, 2) tensor on {unused.device}, got "
+                         f"{key_bounds.dtype} {tuple(key_bounds.shape)} on {key_bounds.device}")
+    flags = dict(CAUSAL=spec.causal is not CausalMode.NONE, WINDOW=window is not None,
+                 KEY_BOUNDS=key_bounds is not None)
+    kb = key_bounds.contiguous() if key_bounds is not None else unused
+    return kb, (spec.causal.offset(L, S), *(window or (-L, S))), flags
+
+
+def _common_meta(q: Tensor, v: Tensor, flags: dict, arch: Optional[int], strided) -> dict:
     E, EV = q.shape[3], v.shape[3]
     dot_fp32, precision = _modes(q.dtype)
-    return dict(HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV),
-                CAUSAL=spec.causal is not CausalMode.NONE, DOT_FP32=dot_fp32, PRECISION=precision,
-                ARCH=arch or 0, DTYPE=DTYPE_NAME[q.dtype], ALIGNED=all(_aligned(t) for t in strided))
+    return dict(HEAD_DIM=E, HEAD_DIM_V=EV, BLOCK_D=block_d(E), BLOCK_DV=block_d(EV), **flags,
+                DOT_FP32=dot_fp32, PRECISION=precision, ARCH=arch or 0, DTYPE=DTYPE_NAME[q.dtype],
+                ALIGNED=all(_aligned(t) for t in strided))
 
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: AttnSpec,
-                 arch: Optional[int], deterministic: bool = False) -> Launch:
+                 arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
-    (None: the interpreter)."""
+    (None: the interpreter); ``key_bounds`` int64 (B, 2) or None."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
     tensors = (q, k, v, out)
-    meta = _common_meta(q, v, spec, arch, tensors)
+    kb, offsets, flags = _visibility_args(spec, L, S, key_bounds, B, lse)
+    meta = _common_meta(q, v, flags, arch, tensors)
     meta["TMA"] = use_tma(tensors, arch)
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
-    args = (*tensors, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            H, H // HK, B * H, L, S, spec.causal.offset(L, S), spec.scale * LOG2E, _bucket(L), _bucket(S))
+    args = (*tensors, lse, kb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            H, H // HK, B * H, L, S, *offsets, spec.scale * LOG2E, _bucket(L), _bucket(S))
     return Launch("fwd", args, meta, _grid(L, B * H, "BLOCK_M"), _config("fwd", meta, arch, _bucket(L), deterministic))
 
 
@@ -773,7 +944,8 @@ def uses_top_key(dtype: torch.dtype) -> bool:
 
 def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   delta: Tensor, top_j: Optional[Tensor], top_c: Optional[Tensor], dq: Tensor, dk: Tensor,
-                  dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False) -> List[Launch]:
+                  dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False,
+                  key_bounds: Optional[Tensor] = None) -> List[Launch]:
     """The backward's three launches, in order: preprocess (delta), dQ, dK/dV. For fp32 inputs
     (uses_top_key) the dQ kernel writes each row's top key and c to top_j (int32) and top_c (fp32),
     (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in)."""
@@ -786,15 +958,16 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                          *dout.stride()[:3], H, B * H, L),
                  dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None, TOP_KEY=top),
                  _grid(L, B * H, "BLOCK_M"), pre_config)
-    meta = _common_meta(q, v, spec, arch, (q, k, v, dout, dq, dk, dv))
+    kb, offsets, flags = _visibility_args(spec, L, S, key_bounds, B, delta)
+    meta = _common_meta(q, v, flags, arch, (q, k, v, dout, dq, dk, dv))
     meta["TOP_KEY"] = top
-    offset, qk_scale, scale = spec.causal.offset(L, S), spec.scale * LOG2E, spec.scale
+    qk_scale, scale = spec.scale * LOG2E, spec.scale
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, dq, *strides, *dq.stride()[:3],
-                              H, H // HK, B * H, L, S, offset, qk_scale, scale, _bucket(L), _bucket(S)),
+    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, dq, *strides, *dq.stride()[:3],
+                              H, H // HK, B * H, L, S, *offsets, qk_scale, scale, _bucket(L), _bucket(S)),
                        meta, _grid(L, B * H, "BLOCK_M"), _config("dq", meta, arch, _bucket(L), deterministic))
-    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, dk, dv, *strides, *dk.stride()[:3],
-                           *dv.stride()[:3], HK, H // HK, B * HK, L, S, offset, qk_scale, scale, _bucket(L),
+    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, dk, dv, *strides, *dk.stride()[:3],
+                           *dv.stride()[:3], HK, H // HK, B * HK, L, S, *offsets, qk_scale, scale, _bucket(L),
                            _bucket(S)),
                   meta, _grid(S, B * HK, "BLOCK_N"), _config("dkdv", meta, arch, _bucket(S), deterministic))
     return [pre, dq_launch, dkdv]
@@ -829,7 +1002,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Option
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
-                          torch.are_deterministic_algorithms_enabled())
+                          torch.are_deterministic_algorithms_enabled(), key_bounds)
     _run(launch, q.device)
     return out, lse
 
@@ -848,7 +1021,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     dv = new_output(v.shape, v.dtype, v.device)
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
                              delta, top_j, top_c, dq, dk, dv, spec, device_arch(q.device),
-                             torch.are_deterministic_algorithms_enabled())
+                             torch.are_deterministic_algorithms_enabled(), key_bounds)
     for launch in launches:
         _run(launch, q.device)
     return dq, dk, dv

@@ -180,15 +180,21 @@ def make_tensor(shape, dtype, layout):
     return t
 
 
-def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=True):
-    """Forward (and backward) through fused_attn.scaled_dot_product_attention on a fake sm_<arch>;
+def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=True, window=(-1, -1),
+                key_padding=False):
+    """Forward (and backward) through fused_attn.scaled_dot_product_attention on a fake sm_<arch>
+    (``window``; ``key_padding``: a mask that pads the last keys of batch 0, i.e. key bounds);
     returns the Capture."""
     q = make_tensor((B, H, L, E), dtype, layout).requires_grad_()
     k = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
     v = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
+    mask = None
+    if key_padding:
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        mask[0, ..., S // 2:] = False
     with fake_gpu(arch) as cap:
-        out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != HK,
-                                                      backend="triton")
+        out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != HK,
+                                                      window=window, backend="triton")
         if backward:
             out.backward(make_tensor(out.shape, dtype, layout))
     return cap
@@ -215,7 +221,8 @@ def compile_record(record: dict) -> dict:
     ptx = k.asm["ptx"]
     c = record["constexprs"]
     return dict(kind=record["kind"], arch=record["arch"], head_dim=c.get("HEAD_DIM", c.get("HEAD_DIM_V")),
-                dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), tma=bool(c.get("TMA")),
+                dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), window=c.get("WINDOW", "-"),
+                key_bounds=c.get("KEY_BOUNDS", "-"), tma=bool(c.get("TMA")),
                 aligned=c.get("ALIGNED", "-"),
                 config=f"M{c.get('BLOCK_M')}/N{c.get('BLOCK_N', '-')}/w{record['num_warps']}/s{record['num_stages']}",
                 regs=res.get("REG", -1), spill=res.get("LOCAL", 0) + res.get("STACK", 0), smem=k.metadata.shared,
@@ -260,12 +267,13 @@ def notes(rows) -> list:
 
 
 def print_table(rows) -> None:
-    print(f"{'kernel':8} {'arch':6} {'D':>4} {'dtype':5} {'causal':6} {'aligned':7} {'config':16} {'regs':>4} "
-          f"{'spill':>5} {'smem':>7} wgmma")
+    print(f"{'kernel':8} {'arch':6} {'D':>4} {'dtype':5} {'causal':6} {'window':6} {'bounds':6} {'aligned':7} "
+          f"{'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
     for r in rows:
         kernel = r["kind"] + ("+tma" if r["tma"] else "")
         print(f"{kernel:8} sm_{r['arch']:<3} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
-              f"{str(r['aligned']):7} {r['config']:16} {r['regs']:>4} {r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
+              f"{str(r['window']):6} {str(r['key_bounds']):6} {str(r['aligned']):7} {r['config']:16} {r['regs']:>4} "
+              f"{r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
 
 
 def compile_all(records, jobs: int) -> list:
@@ -286,16 +294,24 @@ REPRESENTATIVE = [(64, torch.float16, True, (4, 2)), (128, torch.bfloat16, False
                   (256, torch.bfloat16, True, (4, 2)), (96, torch.float32, False, (2, 2)),
                   (256, torch.float32, True, (4, 2))]
 QUICK = [(128, torch.bfloat16, False, (2, 2)), (256, torch.float16, True, (4, 2))]
+# The sliding window and key bounds together (their scalars, extra loops and masks) where registers are tightest
+VISIBILITY = [(256, torch.bfloat16, True, (4, 2)), (256, torch.float32, True, (4, 2))]
+VISIBILITY_WINDOW = (64, 0)
 LENGTH = 256  # no shorter than any block, so the length rule prunes nothing
 
 
-def table_records(reps, archs=ARCHS) -> list:
+def table_records(reps, archs=ARCHS, visibility=()) -> list:
     """Every launch of a forward + backward per (arch, representative shape), every config the
     autotuner would benchmark; on sm_90 and newer fp16/bf16 also the forward of misaligned inputs
     (the pointer path, where aligned inputs take TMA), up to head dim 128: at 256 it spills with
-    every config (triton_attention.MISALIGNED_REGISTER_SHARE)."""
+    every config (triton_attention.MISALIGNED_REGISTER_SHARE). Each shape of ``visibility`` once more
+    with a sliding window and key bounds."""
     records = []
     for arch in archs:
+        for head_dim, dtype, causal, (H, HK) in visibility:
+            cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal,
+                              window=VISIBILITY_WINDOW, key_padding=True)
+            records += [r for r in cap.records if r["phase"] == "bench"]
         for head_dim, dtype, causal, (H, HK) in reps:
             cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal)
             records += [r for r in cap.records if r["phase"] == "bench" or r["kind"] == "pre"]
@@ -310,7 +326,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="two representative shapes only")
     args = ap.parse_args(argv)
-    rows = compile_all(table_records(QUICK if args.quick else REPRESENTATIVE), args.jobs)
+    rows = compile_all(table_records(QUICK if args.quick else REPRESENTATIVE, visibility=() if args.quick
+                                     else VISIBILITY), args.jobs)
     print_table(rows)
     found = [p for r in rows for p in problems(r)]
     kinds = {(r["kind"], r["tma"]) for r in rows}
