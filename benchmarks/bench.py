@@ -10,7 +10,8 @@ Shapes are B,H,L,E (L = S) or B,H,L,S,E. Per-call cost shows at tiny shapes:
 with 25% of the keys padded (right padding, each batch entry its own length averaging 75% of
 S), given to every provider; ``window256`` a sliding window of 256 keys each side (fused_attn's
 ``window=(256, 256)``; torch SDPA and naive get the same (L, S) boolean mask, since they take
-no window). GFLOP/s count the visible (query, key) pairs only.
+no window); ``mask30`` a random boolean (B, 1, L, S) mask hiding 30% of the pairs (a general
+mask: every tile masked in part). GFLOP/s count the visible (query, key) pairs only.
 
 Providers: naive PyTorch (fused_attn.reference, in the inputs' dtype), torch SDPA with
 each backend torch lets you select on the device (torch.nn.attention.sdpa_kernel), every
@@ -62,7 +63,7 @@ from fused_attn.testing import peak_memory_bytes  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 BWD_FLOPS_FACTOR = 2.5  # backward = 2.5 x forward (two GEMMs forward, five backward)
-MASKS = ("none", "pad25", "window256")
+MASKS = ("none", "pad25", "window256", "mask30")
 CSV_COLUMNS = ("device", "provider", "dtype", "B", "H", "L", "S", "E", "causal", "mask", "mode", "median_ms", "q1_ms",
                "q3_ms", "iqr_ms", "gflops", "pct_peak", "peak_mem_mb", "x_sdpa")
 # Dense peak TFLOP/s by device name fragment: (bf16/fp16 tensor core, fp32 without TF32).
@@ -93,6 +94,9 @@ def mask_args(mask: str, B: int, L: int, S: int, device) -> dict:
         lengths = (S * (0.5 + 0.5 * torch.rand(B, generator=g))).round().long().clamp(1, S)  # mean 0.75 S
         keep = torch.arange(S)[None, :] < lengths[:, None]
         return {"attn_mask": keep[:, None, None, :].to(device)}
+    if mask == "mask30":
+        g = torch.Generator().manual_seed(2)
+        return {"attn_mask": (torch.rand(B, 1, L, S, generator=g) > 0.3).to(device)}
     if mask == "window256":
         i = torch.arange(L, device=device)[:, None] + (S - L)
         j = torch.arange(S, device=device)[None, :]

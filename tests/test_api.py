@@ -158,8 +158,8 @@ def test_unknown_backend():
 ])
 def test_explicit_kernel_backend_refuses_with_reason(kwargs, reason):
     q = rand(1, 3, 4, 8, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=f"backend 'triton' cannot run this call: .*{reason}"):
-        fused_attn.scaled_dot_product_attention(q, q, q, backend="triton", **_resolve(kwargs, 4, 4, q.dtype))
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' cannot run this call: .*{reason}"):
+        fused_attn.scaled_dot_product_attention(q, q, q, backend="cuda", **_resolve(kwargs, 4, 4, q.dtype))
 
 
 def test_explicit_backend_unsupported_dtype_and_head_dim():
@@ -196,14 +196,13 @@ def test_automatic_choice_falls_back_and_says_so_once(monkeypatch):
     monkeypatch.setattr(dispatch, "_said", set())
     ran = _spy(monkeypatch)
     q = rand(1, 2, 5, 8, dtype=torch.float32)
-    mask = torch.rand(5, 5) > 0.5
-    with pytest.warns(UserWarning, match="triton: a boolean attn_mask tensor is not supported"):
-        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with pytest.warns(UserWarning, match="triton: dropout_p > 0 is not supported"):
+        fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
     assert ran[-2:] == ["reference", "reference"]
-    reasons = fused_attn.explain_dispatch(q, q, q, attn_mask=mask)
+    reasons = fused_attn.explain_dispatch(q, q, q, dropout_p=0.1)
     assert list(reasons) == list(dispatch.ORDER) and reasons["reference"] is None
     assert "ask for backend='triton' by name" in fused_attn.explain_dispatch(q, q, q)["triton"]
 

@@ -176,10 +176,11 @@ def test_first_call_of_the_process_under_compile(monkeypatch):
 
 
 def test_fallback_warning_under_compile(monkeypatch):
-    """A mask tensor under automatic choice falls back to the reference and says so once, no graph break."""
+    """A float mask that requires grad under automatic choice falls back to the reference and says so
+    once, no graph break."""
     monkeypatch.setattr(dispatch, "_said", set())
     q, k, v = leaves((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
-    mask = torch.rand(8, 8) > 0.3
+    mask = torch.randn(8, 8, requires_grad=True)
     rec = Recorder()
     compiled = torch.compile(lambda q, k, v: fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                              fullgraph=True, backend=rec)

@@ -1,8 +1,8 @@
 """fused_attn.integrations.transformers: tiny random-init Hugging Face models, built from configs (nothing
 downloaded), give the logits and greedy generate() tokens of attn_implementation="sdpa"; the fused CPU
-kernel runs every call the mask allows (causal LMs, chunked prefill, decoding, encoders, with padding
-at one end of each sequence as key bounds), the reference backend every call with a materialised mask
-(a StaticCache prefill, sliding windows, T5's position bias).
+kernel runs every call: with no mask tensor (causal LMs, chunked prefill, decoding, unpadded encoders),
+with padding at one end of each sequence as key bounds, and with a materialised mask (a StaticCache
+prefill, T5's position bias) as a mask tensor read tile by tile.
 
 Tolerance: fused_attn.testing's rule on the model's output: fused_attn's fp32 result against the
 same weights under "sdpa" in fp64 may err at most 2x as much as "sdpa" in fp32 does (plus the fp32
@@ -160,24 +160,20 @@ def _upper_left_chunk(model, ids):
         return model(ids[:, 6:11], use_cache=True, **cache).logits
 
 
-@pytest.mark.parametrize("case", ["unpadded_fused_cpu", "left_padded_fused_cpu", "static_cache_prefill_reference"])
+@pytest.mark.parametrize("case", ["unpadded", "left_padded", "static_cache"])
 @torch.no_grad()
 def test_llama_generate_gives_sdpas_tokens(ran, case):
-    """Greedy decoding; a StaticCache's prefill (its empty slots after the queries) runs on the reference,
-    its decoding steps (the empty slots are padding) on the fused kernel."""
+    """Greedy decoding, every call on the fused kernel: a StaticCache's prefill (its empty slots after
+    the queries) with transformers' mask tensor, its decoding steps with the empty slots as padding."""
     ours, theirs = _llama()
-    ids, mask = _left_padded() if case == "left_padded_fused_cpu" else (torch.randint(3, V, (3, 9)), None)
+    ids, mask = _left_padded() if case == "left_padded" else (torch.randint(3, V, (3, 9)), None)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
-    if case == "static_cache_prefill_reference":
+    if case == "static_cache":
         kw["cache_implementation"] = "static"
     tokens = ours.generate(ids, **kw)
     assert tokens.shape == (3, ids.shape[1] + 8)
     assert torch.equal(tokens, theirs.generate(ids, **kw))
-    if case == "static_cache_prefill_reference":
-        n_layers = ours.config.num_hidden_layers
-        assert set(ran[:n_layers]) == {"reference"} and set(ran[n_layers:]) == {"cpu"}, ran
-    else:
-        assert set(ran) == {"cpu"}, ran  # prefill and every step
+    assert set(ran) == {"cpu"}, ran  # prefill and every step
 
 
 @torch.no_grad()
@@ -212,8 +208,9 @@ def _t5():
 
 
 @torch.no_grad()
-def test_t5_relative_position_bias_and_padding_run_the_reference(ran):
-    """Encoder-decoder whose relative position bias is an additive float mask: reference backend throughout."""
+def test_t5_relative_position_bias_and_padding_run_the_fused_kernel(ran):
+    """Encoder-decoder whose relative position bias is an additive float mask: a mask tensor the CPU
+    kernel reads tile by tile, throughout."""
     if not T5PreTrainedModel._supports_sdpa:
         pytest.skip(f"T5 runs through transformers' attention interface from 5.15 on, not {transformers.__version__}")
     ours, theirs = _t5()
@@ -223,7 +220,7 @@ def test_t5_relative_position_bias_and_padding_run_the_reference(ran):
     dec = torch.randint(2, V, (2, 6))
     logits = _like_sdpa(lambda m: m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
                         ours, theirs, "T5, padded encoder")
-    assert ran and set(ran) == {"reference"}, ran
+    assert ran and set(ran) == {"cpu"}, ran
     unpadded = ours(input_ids=ids, decoder_input_ids=dec).logits
     assert (logits - unpadded)[1].abs().max() > WRONG  # the encoder padding mask reached the attention
     _same(logits[0], unpadded[0], "T5, an unpadded row is untouched by another row's padding")

@@ -224,3 +224,99 @@ def test_models_with_padding_run_in_the_kernels():
     finally:
         ctx.__exit__(None, None, None)
     torch.testing.assert_close(got, ref(idx, pad), atol=1e-5, rtol=1e-5)
+
+
+# ---- mask tensors (bool and additive float) in the CPU kernels ----------------------------------
+
+def _mask_case(name, L, S, dtype):
+    """The mask of case ``name`` for inputs (B, HQ, L, S) of ``dtype``, and its causal mode and window."""
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    if name == "bool_random":
+        return rand(B, 1, L, S) > 0.3, CausalMode.NONE, (-1, -1)
+    if name == "bool_tiles_hidden_and_whole":  # CPU key blocks of 512 (forward), 128 (backward)
+        m = rand(B, 1, L, S) > 0.2
+        m[..., 512:1024] = False  # whole tiles hidden: skipped
+        m[0, :, :200, :512] = True  # whole tiles admitted: the unmasked path
+        return m, CausalMode.NONE, (-1, -1)
+    if name == "bool_rows_hidden":
+        m = rand(B, HQ, L, S) > 0.5
+        m[:, :, 3:40] = False
+        return m, CausalMode.UPPER_LEFT, (-1, -1)
+    if name == "float32_per_head":
+        bias = torch.randn(B, HQ, L, S, generator=g)
+        return bias.masked_fill(rand(B, HQ, L, S) > 0.8, float("-inf")), CausalMode.NONE, (-1, -1)
+    if name == "float_inputs_dtype_broadcast":  # (L, S) in the inputs' dtype, broadcast over B and H
+        return (3 * torch.randn(L, S, generator=g)).to(dtype), CausalMode.NONE, (-1, -1)
+    if name == "float_with_window":
+        return torch.randn(1, HQ, L, S, generator=g), CausalMode.NONE, (40, 3)
+    if name == "bool_per_query_column_stride_0":  # (B, 1, L, 1): one value per query row
+        m = rand(B, 1, L, 1) > 0.3
+        return m, CausalMode.UPPER_LEFT, (-1, -1)
+    raise ValueError(name)
+
+
+MASK_CASES = {  # id -> (L, S)
+    "bool_random": (113, 203),
+    "bool_tiles_hidden_and_whole": (600, 1100),
+    "bool_rows_hidden": (113, 203),
+    "float32_per_head": (97, 203),
+    "float_inputs_dtype_broadcast": (203, 97),
+    "float_with_window": (113, 700),
+    "bool_per_query_column_stride_0": (64, 64),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_mask_tensors_run_in_the_cpu_kernels(case, dtype):
+    L, S = MASK_CASES[case]
+    mask, mode, window = _mask_case(case, L, S, dtype)
+    q, k, v = make_inputs(B, HQ, HK, L, S, 32, 24, dtype)
+    p = make_problem(q, k, v, mask, is_causal=mode is CausalMode.UPPER_LEFT, enable_gqa=True, window=window)
+    assert p.mask is not None and fused_attn.explain_dispatch(q, k, v, mask, enable_gqa=True, window=window)["cpu"] is None
+    check_backend("cpu", q, k, v, mode, with_lse_grad=True, window=window, attn_mask=mask)
+
+
+def test_a_mask_is_read_where_it_is_stored():
+    """An (L, S) mask broadcast over B x H: nothing of the expanded size is allocated."""
+    from fused_attn.testing import peak_memory_bytes
+    L = S = 512
+    q, k, v = make_inputs(4, 8, 8, L, S, 32, 32, torch.float32)
+    mask = torch.rand(L, S) > 0.3
+    masked = peak_memory_bytes(lambda: fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="cpu"))
+    plain = peak_memory_bytes(lambda: fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu"))
+    # the expanded bool mask would be 4 * 8 * L * S = 8 MiB; the mask itself is 256 KiB
+    assert masked - plain < 64 * 1024, (masked, plain)
+
+
+def test_nan_v_at_hidden_keys_follows_the_dense_product():
+    """A NaN in v at a key the mask hides from a row makes that row's output NaN in the columns of
+    the NaN, as torch's math path (P = 0 times NaN) and the reference give, whether the key's tile is
+    skipped (hidden from every row of the tile) or masked in part."""
+    q, k, v = make_inputs(1, 2, 2, 40, 1100, 16, 16, torch.float32)
+    mask = torch.ones(1, 1, 40, 1100, dtype=torch.bool)
+    mask[..., 512:1024] = False  # a whole tile hidden from every row: skipped
+    mask[..., 7] = False  # one key hidden from every row inside a tile they see otherwise: masked
+    v = v.clone()
+    v[0, :, 600, 3] = float("nan")
+    v[0, :, 7, 9] = float("nan")
+    got = fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="cpu")
+    want = fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="reference")
+    assert torch.equal(got.isnan(), want.isnan())
+    assert got.isnan()[0, :, :, [3, 9]].all() and not got.isnan()[0, :, :, [0, 1, 2, 4, 5, 6, 7, 8]].any()
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
+
+
+def test_masks_the_cpu_kernels_leave_to_the_reference():
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 8, 8, torch.float32)
+    trained = torch.randn(8, 8, requires_grad=True)
+    why = fused_attn.explain_dispatch(q, k, v, trained)
+    assert why["cpu"].startswith("a float attn_mask that requires grad is not supported")
+    out = fused_attn.scaled_dot_product_attention(q, k, v, trained)  # the reference: the mask's gradient
+    out.sum().backward()
+    ref_mask = trained.detach().clone().requires_grad_()
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, ref_mask).sum().backward()
+    torch.testing.assert_close(trained.grad, ref_mask.grad)
+    why = fused_attn.explain_dispatch(q, k, v, torch.randn(8, 8), scale=1e-31)
+    assert why["cpu"] == "a float attn_mask with |scale| < 1e-30 is not supported, got scale = 1e-31"

@@ -22,11 +22,12 @@ and whose masks come from ``transformers.masking_utils`` (T5 from transformers 5
   The mask function returns None there, or the padding as a (B, 1, 1, S) mask (per-sequence key
   bounds in the CPU and Triton kernels; the CUDA kernels leave padded calls to Triton), and the
   attention function passes ``is_causal=True``, ``window=(-1, 0)`` (lower-right causal) or nothing.
-- fused_attn's reference backend (O(L*S) memory; fused_attn says once why) runs every call with a
-  materialised mask: sliding windows, chunked or packed-sequence masks, custom mask overlays, a 4-D
-  mask passed by the user, a StaticCache prefill (its empty tail after the queries), T5's relative
-  position bias (an additive float mask, which T5 passes to every attention, a zero one to
-  cross-attention), and dropout in training.
+- Every call with a materialised mask (sliding windows, chunked or packed-sequence masks, custom
+  mask overlays, a 4-D mask passed by the user, a StaticCache prefill with its empty tail after the
+  queries, T5's relative position bias: an additive float mask, which T5 passes to every attention,
+  a zero one to cross-attention) runs in the CPU and Triton kernels as a mask tensor read tile by
+  tile (tiles it hides are skipped); dropout in training runs on fused_attn's reference backend
+  (O(L*S) memory; fused_attn says once why).
 - Rows that see no key at all (a left-padded query position) give zeros, as torch's SDPA does with
   a boolean mask. ``softcap``, attention sinks (``s_aux``) and paged caches (continuous batching)
   raise.
