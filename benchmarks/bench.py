@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 import fused_attn  # noqa: E402
 from fused_attn import dispatch, reference  # noqa: E402
-from fused_attn.problem import make_problem  # noqa: E402
+from fused_attn.problem import make_problem, make_varlen_problem  # noqa: E402
 from fused_attn.spec import CausalMode  # noqa: E402
 from fused_attn.testing import peak_memory_bytes  # noqa: E402
 
@@ -93,7 +93,7 @@ def mask_args(mask: str, B: int, L: int, S: int, device) -> dict:
         g = torch.Generator().manual_seed(1)
         lengths = (S * (0.5 + 0.5 * torch.rand(B, generator=g))).round().long().clamp(1, S)  # mean 0.75 S
         keep = torch.arange(S)[None, :] < lengths[:, None]
-        return {"attn_mask": keep[:, None, None, :].to(device)}
+        return {"attn_mask": keep[:, None, None, :].to(device), "lengths": lengths.tolist()}
     if mask == "mask30":
         g = torch.Generator().manual_seed(2)
         return {"attn_mask": (torch.rand(B, 1, L, S, generator=g) > 0.3).to(device)}
@@ -158,6 +158,25 @@ def _fused_provider(name: str) -> Provider:
     return Provider(f"fused_attn-{name}", make)
 
 
+def _varlen_provider(name: str) -> Provider:
+    """fused_attn.varlen_attention on the pad25 case's sequences packed without their padding (queries
+    and keys each cut to the sequence's length; the padded queries of the other providers' calls are
+    not computed)."""
+    def make(q, k, v, causal, extra):
+        if "lengths" not in extra or q.shape[2] != k.shape[2]:
+            return None
+        lengths = extra["lengths"]
+        pack = lambda t: torch.cat([t[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)])  # noqa: E731
+        qp, kp, vp = (pack(t).detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=q.device)
+        probe = make_varlen_problem(qp, kp, vp, cu, cu, max(lengths), max(lengths), causal=causal)
+        if dispatch.get(name).refusal(probe, explicit=True) is not None:
+            return None
+        return lambda: fused_attn.varlen_attention(qp, kp, vp, cu, cu, max(lengths), max(lengths), causal=causal,
+                                                   backend=name)
+    return Provider(f"fused_attn-{name}-varlen", make)
+
+
 def _naive(q, k, v, causal, extra):
     mode = CausalMode.UPPER_LEFT if causal else CausalMode.NONE
     mask = extra.get("attn_mask", extra.get("window_mask"))
@@ -203,6 +222,7 @@ def providers(device: str) -> List[Provider]:
         if name == "reference" or (device == "cpu" and name in ("triton", "cuda")):
             continue
         found.append(_fused_provider(name))
+        found.append(_varlen_provider(name))
     found += [p for p in (_flash_attn_provider(), _xformers_provider()) if p is not None]
     return found
 
@@ -213,15 +233,18 @@ def _sync(device: str) -> None:
 
 
 def _step(fwd: Callable[[], torch.Tensor], mode: str, inputs, grad_out):
-    """The timed callable for a mode (bwd: backward of one prepared forward, graph kept)."""
+    """The timed callable for a mode (bwd: backward of one prepared forward, graph kept). An output of
+    another shape than grad_out's (varlen's packed rows) gets its own random gradient, drawn once."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 fwd()
         return run
+    out = fwd()
+    if out.shape != grad_out.shape:
+        grad_out = torch.randn_like(out)
     if mode == "fwd+bwd":
         return lambda: fwd().backward(grad_out)
-    out = fwd()
 
     def run():
         for t in inputs:

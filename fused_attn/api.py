@@ -1,12 +1,12 @@
 """The documented public functions."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from torch import Tensor
 
 from . import dispatch
-from .problem import make_problem
+from .problem import make_problem, make_varlen_problem
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -71,3 +71,36 @@ def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
     """For each backend, in automatic-choice order, why it would refuse this call (None: it can run it)."""
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
     return dispatch.refusals(p)
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, dropout_p: float = 0.0, scale: Optional[float] = None,
+                     causal: bool = False, window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                     softcap: float = 0.0, return_lse: bool = False,
+                     backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention over variable-length sequences packed along the first dim, FlashAttention-2's
+    ``flash_attn_varlen_func``: no padding, nothing of size (sequences x max length) or L x S.
+
+    ``q`` (total_q, Hq, E), ``k`` (total_k, Hk, E), ``v`` (total_k, Hk, Ev), Hk dividing Hq (GQA,
+    MQA); ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 or int64 (n_seq + 1,): sequence b is query
+    rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) against keys [cu_seqlens_k[b], cu_seqlens_k[b + 1])
+    (empty sequences allowed); ``max_seqlen_q`` / ``max_seqlen_k`` at least the longest sequence
+    (FlashAttention sizes its grid with them; here they are checked). ``causal`` is aligned
+    bottom-right within each sequence (query i of a sequence with L queries and S keys sees keys
+    j <= i + S - L), as is ``window=(left, right)`` (see :func:`scaled_dot_product_attention`).
+    ``scale`` defaults to 1/sqrt(E). Returns out (total_q, Hq, Ev), and with ``return_lse`` also
+    the log-sum-exp (Hq, total_q), fp32 (FlashAttention's layout; -inf for rows that see no key).
+    Both are differentiable. ``dropout_p > 0`` runs on the reference backend.
+
+    ``alibi_slopes`` and ``softcap`` are FlashAttention-2's arguments that fused_attn does not run
+    yet: anything but their defaults raises.
+    """
+    if alibi_slopes is not None:
+        raise ValueError("varlen_attention: alibi_slopes is not supported yet (pass None)")
+    if softcap != 0.0:
+        raise ValueError(f"varlen_attention: softcap is not supported yet (pass 0.0), got {softcap}")
+    p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                            causal, window)
+    out, lse = p.restore(*dispatch.run(p, backend))  # (1, Hq, total_q, Ev), (1, Hq, total_q)
+    out = out[0].transpose(0, 1).contiguous()
+    return (out, lse[0]) if return_lse else out

@@ -84,7 +84,7 @@ def _capability_refusal(caps, name: str, features, dtype, device, head_dim: int,
 
 def _launch(ops: ModuleType, p: Problem) -> Tuple[Tensor, Tensor]:
     """What backend module ``ops``'s forward op runs (its launcher), called without the op."""
-    return ops._forward(p.q, p.k, p.v, p.spec, p.key_bounds, p.mask)
+    return ops._forward(p.q, p.k, p.v, p.spec, **p.tensor_args())
 
 
 def _recorded(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -129,7 +129,7 @@ class KernelBackend:
         or, where nothing records the call, straight through the op's implementation."""
         ops = self.ops()
         if _recorded(p.q, p.k, p.v):
-            return ops.forward(p.q, p.k, p.v, *p.spec.op_args(p.key_bounds, p.mask))
+            return ops.forward(p.q, p.k, p.v, *p.spec.op_args(**p.tensor_args()))
         return _launch(ops, p)
 
 
@@ -143,9 +143,13 @@ class ReferenceBackend:
 
     def run(self, p: Problem):
         dt = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
-                                       window=(p.spec.window_left, p.spec.window_right), key_bounds=p.key_bounds,
-                                       compute_dtype=dt)
+        window = (p.spec.window_left, p.spec.window_right)
+        if p.cu_seqlens_q is not None:
+            out, lse = reference.varlen_attention(p.q, p.k, p.v, p.cu_seqlens_q, p.cu_seqlens_k, p.spec.dropout_p,
+                                                  p.spec.causal, p.spec.scale, window=window, compute_dtype=dt)
+        else:
+            out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
+                                           window=window, key_bounds=p.key_bounds, compute_dtype=dt)
         return out.to(p.dtype), lse
 
 

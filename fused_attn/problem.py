@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import FrozenSet, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .ops._common import lse_dtype
-from .spec import AttnSpec, CausalMode
+from .spec import TENSOR_ARGS, AttnSpec, CausalMode
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -38,6 +38,15 @@ class Problem:
     # int64 (B, 2) on q's device: batch b sees keys [begin, end) only (a key-padding mask,
     # normalised); applies with causal and window. None: every key.
     key_bounds: Optional[Tensor] = None
+    # varlen_attention: B = 1, and sequence b's query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) see
+    # its keys [cu_seqlens_k[b], cu_seqlens_k[b + 1]) only, causal (lower-right) and window aligned
+    # within the sequence; int64 (n_seq + 1,) on q's device. None: one sequence.
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+
+    def tensor_args(self) -> Dict[str, Tensor]:
+        """The call's tensors the kernel ops take (``spec.TENSOR_ARGS``), those given, by name."""
+        return {name: t for name in TENSOR_ARGS if (t := getattr(self, name)) is not None}
 
     def features(self) -> FrozenSet[str]:
         """The optional features (``spec.FEATURES``) this call uses."""
@@ -48,6 +57,8 @@ class Problem:
                 used = used | {"mask_grad"}
         if self.key_bounds is not None:
             used = used | {"key_padding"}
+        if self.cu_seqlens_q is not None:
+            used = used | {"varlen"}
         return used
 
     @property
@@ -308,3 +319,60 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     spec = AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p), window_left=window[0],
                     window_right=window[1])
     return Problem(q, k, v, mask, spec, out_shape, key_bounds)
+
+
+def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) -> Tuple[Tensor, int]:
+    """``cu`` checked (1-D integer offsets on ``device`` from 0 to ``total``, non-decreasing, no
+    sequence longer than ``max_seqlen``) as int64; and its sequence count."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 1:
+        raise TypeError(f"{name} must be a 1-D int32 or int64 tensor of n_seq + 1 offsets, got "
+                        + (f"{cu.dtype} {_shape(cu)}" if isinstance(cu, Tensor) else type(cu).__name__))
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    offsets = cu.tolist()
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or offsets[-1] != total or min(lengths, default=0) < 0:
+        raise ValueError(f"{name} must run from 0 to {total} (the packed length) without decreasing, got {offsets}")
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is less than the longest sequence, {max(lengths)}")
+    return cu.to(torch.int64).contiguous(), len(lengths)
+
+
+def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                        scale=None, causal=False, window=None) -> Problem:
+    """Check the arguments of ``varlen_attention`` and pack them as one problem of batch 1: q
+    (1, Hq, total_q, E), k and v (1, Hk, total_k, E / Ev) views of the packed (total, H, E) inputs,
+    with the sequences' offsets (``Problem.cu_seqlens_q`` / ``_k``); causal is lower-right per sequence."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (total, heads, head dim), got "
+                             + (_shape(t) if isinstance(t, Tensor) else type(t).__name__))
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k and v must have one dtype of {', '.join(str(d) for d in SUPPORTED_DTYPES)}, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (Lt, Hq, E), (St, Hk, Ek), (Sv, Hv, Ev) = q.shape, k.shape, v.shape
+    if Ek != E or Sv != St or Hv != Hk:
+        raise ValueError(f"k must be (total_k, Hk, E) and v (total_k, Hk, Ev) with q's E, got q {_shape(q)}, "
+                         f"k {_shape(k)}, v {_shape(v)}")
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"the query heads must be a multiple of the key/value heads, got {Hq} and {Hk}")
+    cu_q, n_seq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, Lt, max_seqlen_q, "max_seqlen_q", q.device)
+    cu_k, n_seq_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, St, max_seqlen_k, "max_seqlen_k", q.device)
+    if n_seq != n_seq_k:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got {n_seq} and {n_seq_k}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    window = (-1, -1) if window is None else _window(window)
+    mode = CausalMode.LOWER_RIGHT if causal or window == (-1, 0) else CausalMode.NONE
+    if window == (-1, 0):
+        window = (-1, -1)
+    spec = AttnSpec(scale=float(scale), causal=mode, dropout_p=float(dropout_p), window_left=window[0],
+                    window_right=window[1])
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    return Problem(q4, k4, v4, None, spec, (1, Hq, Lt, Ev), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)

@@ -1,7 +1,8 @@
 """The naive PyTorch attention that every kernel is checked against.
 
 This is the project's single oracle: tests, benchmarks, the ``"reference"``
-backend and the models' fallback all call :func:`attention`; nobody rewrites it.
+backend and the models' fallback all call :func:`attention` (:func:`varlen_attention`
+calls it once per packed sequence); nobody rewrites it.
 
 It materialises the full ``(B, H, L, S)`` score matrix on purpose. Numerics:
 
@@ -82,3 +83,38 @@ def attention(
         p = torch.nn.functional.dropout(p, dropout_p)
     out = torch.matmul(p, v)
     return out, lse.squeeze(-1)
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    dropout_p: float = 0.0,
+    causal: CausalMode = CausalMode.NONE,
+    scale: Optional[float] = None,
+    *,
+    window: Tuple[int, int] = (-1, -1),
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Variable-length sequences packed along the rows: q (1, Hq, total_q, E), k, v (1, Hk, total_k,
+    E / Ev); sequence b is query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) against key rows
+    [cu_seqlens_k[b], cu_seqlens_k[b + 1]), each computed by :func:`attention` on its own (causal
+    and window aligned within the sequence). Returns ``(out (1, Hq, total_q, Ev), lse (1, Hq, total_q))``."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    dt = compute_dtype or q.dtype
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b] or ck[b + 1] == ck[b]:  # no query, or no key: zeros, lse -inf
+            n = cq[b + 1] - cq[b]
+            outs.append(q.new_zeros((1, q.shape[1], n, v.shape[3]), dtype=dt))
+            lses.append(q.new_full((1, q.shape[1], n), float("-inf"), dtype=dt))
+            continue
+        o, l_ = attention(q[:, :, cq[b]:cq[b + 1]], k[:, :, ck[b]:ck[b + 1]], v[:, :, ck[b]:ck[b + 1]], None,
+                          dropout_p, causal, scale, window=window, compute_dtype=compute_dtype)
+        outs.append(o)
+        lses.append(l_)
+    if not outs:
+        return q.new_zeros(q.shape[:3] + v.shape[3:], dtype=dt), q.new_zeros(q.shape[:3], dtype=dt)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -7,9 +7,10 @@ take it flattened by :meth:`AttnSpec.op_args` (schema :data:`OP_ARGS_SCHEMA`, re
 :meth:`AttnSpec.from_op_args`): the one place a field is turned into op arguments. In C++ the
 same fields are ``csrc/common/attn_params.h`` (``Visibility``, ``scale``).
 
-Tensors that describe the call (per-batch key bounds, a mask) travel in the
-:class:`~fused_attn.problem.Problem` beside the spec; the ops take them as their last arguments,
-``key_bounds`` (a key-padding mask normalised by ``make_problem``) and ``mask``. :meth:`Problem.features` names what a call uses beyond plain attention;
+Tensors that describe the call travel in the :class:`~fused_attn.problem.Problem` beside the
+spec; the ops take them as their last arguments (:data:`TENSOR_ARGS`, None where unused):
+``key_bounds`` (a key-padding mask normalised by ``make_problem``), ``mask``, and
+``cu_seqlens_q`` / ``cu_seqlens_k`` (variable-length sequences packed into one problem). :meth:`Problem.features` names what a call uses beyond plain attention;
 each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
 derives its refusal messages from that data.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import FrozenSet, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -82,13 +83,16 @@ FEATURES = {
     "dropout": "dropout_p > 0",
     "window": "a sliding window",
     "key_padding": "a key-padding mask",
+    "varlen": "varlen_attention (packed variable-length sequences)",
 }
 
-# The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, and
-# last the call's tensors: the per-batch key bounds (Problem.key_bounds; None: every key) and the
-# mask tensor (Problem.mask; None: none).
-OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, Tensor? key_bounds=None, "
-                  "Tensor? mask=None")
+# The call's tensors the kernel ops take after the spec's fields (Problem's fields of these names;
+# None where unused): per-batch key bounds, the mask tensor, the varlen sequences' offsets.
+TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k")
+# The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, then the
+# tensors of TENSOR_ARGS.
+OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, "
+                  + ", ".join(f"Tensor? {name}=None" for name in TENSOR_ARGS))
 
 
 @dataclass(frozen=True)
@@ -103,18 +107,19 @@ class AttnSpec:
     window_left: int = -1
     window_right: int = -1
 
-    def op_args(self, key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> tuple:
-        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then the call's tensors."""
-        return int(self.causal), self.scale, self.window_left, self.window_right, key_bounds, mask
+    def op_args(self, **tensors: Optional[Tensor]) -> tuple:
+        """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then the call's tensors
+        (``tensors`` by their :data:`TENSOR_ARGS` names; the others None)."""
+        return (int(self.causal), self.scale, self.window_left, self.window_right,
+                *(tensors.get(name) for name in TENSOR_ARGS))
 
     @classmethod
     def from_op_args(cls, causal: int, scale: float, window_left: int = -1, window_right: int = -1,
-                     key_bounds: Optional[Tensor] = None,
-                     mask: Optional[Tensor] = None) -> Tuple["AttnSpec", Optional[Tensor], Optional[Tensor]]:
-        """The spec, the key bounds and the mask back from :meth:`op_args` (inside an op: the kernels'
-        view of the call)."""
-        return cls(scale=scale, causal=CausalMode(causal), window_left=window_left,
-                   window_right=window_right), key_bounds, mask
+                     *tensors: Optional[Tensor]) -> Tuple["AttnSpec", Dict[str, Tensor]]:
+        """The spec and the call's tensors (by name, those given) back from :meth:`op_args` (inside an
+        op: the kernels' view of the call)."""
+        spec = cls(scale=scale, causal=CausalMode(causal), window_left=window_left, window_right=window_right)
+        return spec, {name: t for name, t in zip(TENSOR_ARGS, tensors) if t is not None}
 
     @property
     def windowed(self) -> bool:
@@ -149,7 +154,7 @@ class Capabilities:
         missing = sorted(features - self.features)
         if missing:
             allowed = [FEATURES[f] for f in sorted(self.features)]
-            also = f" (it runs {' and '.join(allowed)})" if allowed else ""
+            also = f" (it runs: {', '.join(allowed)})" if allowed else ""
             return "; ".join(f"{FEATURES[f]} is not supported" for f in missing) + also
         if device.type not in self.devices:
             return (f"tensors on {device.type} are not supported (the {name} backend runs "

@@ -56,28 +56,50 @@ struct KeyInterval {
 // [i + window_offset - window_left, i + window_offset + window_right], window_offset = S - L;
 // -1: unbounded on that side) and one batch entry's key bounds [key_begin, key_end) (a
 // key-padding mask's, see AttnFwdCommon::visibility). Defaults: every key.
+// Variable-length sequences packed into one problem (varlen_attention, batch 1): sequence s is
+// query rows [cu_q[s], cu_q[s + 1]) against keys [cu_k[s], cu_k[s + 1]), its causal diagonal and
+// window aligned within it (offsets from its own lengths); cu_q nullptr: one sequence.
 struct Visibility {
   int causal;              // CausalMode
   int64_t causal_offset;   // see causal_offset(); 0 when not causal
   int64_t window_left = -1, window_right = -1, window_offset = 0;
   int64_t key_begin = 0, key_end = INT64_MAX;
+  const int64_t* cu_q = nullptr;
+  const int64_t* cu_k = nullptr;
+  int64_t n_seq = 0;
 
   // Keys [begin, end) of [0, len_k) that query row i sees (empty as end <= begin).
   template <class Index>
   FA_COMMON_FN KeyInterval<Index> keys(Index i, Index len_k) const {
-    int64_t b = key_begin, e = key_end < len_k ? key_end : static_cast<int64_t>(len_k);
-    const int64_t row = static_cast<int64_t>(i);
-    if (causal != kCausalNone && row + causal_offset + 1 < e) e = row + causal_offset + 1;
-    if (window_left >= 0 && row + window_offset - window_left > b) b = row + window_offset - window_left;
-    if (window_right >= 0 && row + window_offset + window_right + 1 < e) e = row + window_offset + window_right + 1;
+    int64_t row = static_cast<int64_t>(i), first = 0, count = len_k, c_off = causal_offset, w_off = window_offset;
+    if (cu_q != nullptr) {  // the sequence of row i: the last s with cu_q[s] <= i
+      int64_t lo = 0, hi = n_seq;
+      while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (cu_q[mid] <= row) lo = mid; else hi = mid;
+      }
+      const int64_t len_q_s = cu_q[lo + 1] - cu_q[lo];
+      row -= cu_q[lo];
+      first = cu_k[lo];
+      count = cu_k[lo + 1] - first;
+      c_off = causal == kCausalLowerRight ? count - len_q_s : 0;
+      w_off = count - len_q_s;
+    }
+    // [b, e) relative to the sequence's first key
+    int64_t b = key_begin - first, e = (key_end < static_cast<int64_t>(len_k) ? key_end : len_k) - first;
+    if (e > count) e = count;
+    if (causal != kCausalNone && row + c_off + 1 < e) e = row + c_off + 1;
+    if (window_left >= 0 && row + w_off - window_left > b) b = row + w_off - window_left;
+    if (window_right >= 0 && row + w_off + window_right + 1 < e) e = row + w_off + window_right + 1;
     if (b < 0) b = 0;
     if (e < b) e = b;
-    return {static_cast<Index>(b), static_cast<Index>(e)};
+    return {static_cast<Index>(b + first), static_cast<Index>(e + first)};
   }
 
   // Every row sees every key of [0, len_k): nothing to mask.
   FA_COMMON_FN bool sees_every_key(int64_t len_k) const {
-    return causal == kCausalNone && window_left < 0 && window_right < 0 && key_begin <= 0 && key_end >= len_k;
+    return causal == kCausalNone && window_left < 0 && window_right < 0 && key_begin <= 0 && key_end >= len_k &&
+           cu_q == nullptr;
   }
 };
 

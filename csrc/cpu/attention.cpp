@@ -47,7 +47,22 @@ struct SpecArgs {
   int64_t window_left, window_right;
   const std::optional<at::Tensor>& key_bounds;
   const std::optional<at::Tensor>& mask;
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
 };
+
+// One of varlen's cumulative sequence lengths: int64 (n_seq + 1,), 0 first, non-decreasing, total last.
+const int64_t* cu_seqlens(const at::Tensor& cu, const char* name, int64_t n_seq, int64_t total) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kLong && cu.dim() == 1 && cu.is_contiguous() &&
+                  cu.size(0) == n_seq + 1,
+              name, " must be a contiguous int64 CPU tensor of ", n_seq + 1, " offsets, got ", cu.scalar_type(), " ",
+              cu.sizes(), " on ", cu.device());
+  const int64_t* c = cu.data_ptr<int64_t>();
+  TORCH_CHECK(c[0] == 0 && c[n_seq] == total, name, " must run from 0 to ", total, ", got ", c[0], " to ", c[n_seq]);
+  for (int64_t s = 0; s < n_seq; ++s)
+    TORCH_CHECK(c[s] <= c[s + 1], name, " must not decrease, got ", c[s], " then ", c[s + 1]);
+  return c;
+}
 
 // The mask tensor (B, Hq, L, S) as the kernels read it: any strides (0 on broadcast dims).
 MaskRef mask_ref(const at::Tensor& m, const Dims& d) {
@@ -114,15 +129,27 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
     c.key_bounds = bounds;
   }
   if (spec.mask.has_value()) c.mask = mask_ref(*spec.mask, d);
+  TORCH_CHECK(spec.cu_seqlens_q.has_value() == spec.cu_seqlens_k.has_value(),
+              "cu_seqlens_q and cu_seqlens_k come together");
+  if (spec.cu_seqlens_q.has_value()) {
+    TORCH_CHECK(d.batch == 1 && !spec.key_bounds.has_value(),
+                "varlen sequences are packed into batch 1 and take no key_bounds, got batch ", d.batch);
+    const int64_t n_seq = spec.cu_seqlens_q->numel() - 1;
+    TORCH_CHECK(n_seq >= 0, "cu_seqlens_q must hold at least one offset");
+    c.vis.cu_q = cu_seqlens(*spec.cu_seqlens_q, "cu_seqlens_q", n_seq, d.len_q);
+    c.vis.cu_k = cu_seqlens(*spec.cu_seqlens_k, "cu_seqlens_k", n_seq, d.len_k);
+    c.vis.n_seq = n_seq;
+  }
   return c;
 }
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              int64_t causal, double scale, int64_t window_left, int64_t window_right,
-             const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask) {
+             const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
+             const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
   AttnFwdParams p{};
-  static_cast<AttnFwdCommon<int64_t>&>(p) =
-      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask});
+  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(
+      q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask, cu_seqlens_q, cu_seqlens_k});
   const Dims& d = p.dims;
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
@@ -140,10 +167,11 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
-              int64_t window_right, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask) {
+              int64_t window_right, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
+              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
   AttnBwdParams p{};
-  static_cast<AttnFwdCommon<int64_t>&>(p) =
-      make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask});
+  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(
+      q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask, cu_seqlens_q, cu_seqlens_k});
   const Dims& d = p.dims;
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());

@@ -71,13 +71,15 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
     ``module`` (its ``__name__``; looked up at each call, so a test may substitute them):
 
     * ``<backend>_fwd(q, k, v, <spec>) -> (out (B, Hq, L, Ev), lse (B, Hq, L))`` runs
-      ``_forward(q, k, v, spec, key_bounds, mask)``; lse's dtype is ``saved_lse(q.dtype)`` (what the
+      ``_forward(q, k, v, spec, **tensors)``; lse's dtype is ``saved_lse(q.dtype)`` (what the
       backward reads);
     * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)`` runs
-      ``_backward(dout, dlse, q, k, v, out, lse, spec, key_bounds, mask)``;
+      ``_backward(dout, dlse, q, k, v, out, lse, spec, **tensors)``;
 
-    where ``<spec>`` is ``AttnSpec.op_args(key_bounds, mask)`` (schema ``OP_ARGS_SCHEMA``) and
-    ``spec``, ``key_bounds``, ``mask`` what ``AttnSpec.from_op_args`` rebuilds from it. Registers their fake implementations (torch.compile, export) and
+    where ``<spec>`` is ``AttnSpec.op_args(**tensors)`` (schema ``OP_ARGS_SCHEMA``) and ``spec``,
+    ``tensors`` what ``AttnSpec.from_op_args`` rebuilds from it: the call's tensors that are given,
+    by their ``spec.TENSOR_ARGS`` names (a launcher takes those of the features it runs as keyword
+    arguments; the dispatcher sends it no others). Registers their fake implementations (torch.compile, export) and
     the autograd formula (``fused_attn.autograd``)."""
     from .. import autograd
 
@@ -88,10 +90,12 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
                                    f"Tensor lse, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor)")
 
     def fwd_impl(q, k, v, *op_args):
-        return launchers._forward(q, k, v, *AttnSpec.from_op_args(*op_args))
+        spec, tensors = AttnSpec.from_op_args(*op_args)
+        return launchers._forward(q, k, v, spec, **tensors)
 
     def bwd_impl(dout, dlse, q, k, v, out, lse, *op_args):
-        return launchers._backward(dout, dlse, q, k, v, out, lse, *AttnSpec.from_op_args(*op_args))
+        spec, tensors = AttnSpec.from_op_args(*op_args)
+        return launchers._backward(dout, dlse, q, k, v, out, lse, spec, **tensors)
 
     def fwd_fake(q, k, v, *op_args):
         B, H, L, _ = q.shape

@@ -68,7 +68,7 @@ except ImportError as e:  # built without the C++ extension, or a broken build
                      "`pip install --no-build-isolation .` and torch installed")
 
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask"}))
+                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask", "varlen"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -116,26 +116,25 @@ def _operand(t: Tensor) -> Tensor:
     return t
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
-             mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor]:
+    """Forward; ``tensors``: the call's key_bounds, mask, cu_seqlens_q / _k (spec.TENSOR_ARGS), those given."""
     q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
-    _C.forward(q, k, v, out, lse, *spec.op_args(key_bounds, mask))
+    _C.forward(q, k, v, out, lse, *spec.op_args(**tensors))
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, key_bounds: Optional[Tensor] = None,
-              mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args(key_bounds, mask))
+    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args(**tensors))
     return dq, dk, dv
 
 

@@ -119,16 +119,16 @@ def _operand(t: Tensor) -> Tensor:
     return t if aligned else t.contiguous()
 
 
-def _kernel_args(spec: AttnSpec, key_bounds: Optional[Tensor], mask: Optional[Tensor]) -> Tuple[int, float]:
+def _kernel_args(spec: AttnSpec, tensors: dict) -> Tuple[int, float]:
     """The spec's fields the CUDA kernels take (causal, scale); CAPABILITIES refuses the rest."""
-    if spec.windowed or key_bounds is not None or mask is not None:
-        raise RuntimeError("the CUDA kernels run no sliding window, key-padding mask or mask tensor")
+    if spec.windowed or tensors:
+        raise RuntimeError(f"the CUDA kernels run no sliding window, key-padding mask, mask tensor or varlen "
+                           f"sequences, got {', '.join(tensors) or 'a window'}")
     return int(spec.causal), spec.scale
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
-             mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    args = _kernel_args(spec, key_bounds, mask)
+def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor]:
+    args = _kernel_args(spec, tensors)
     B, H, L, _ = q.shape
     ev = v.shape[-1]
     q, k, v = _operand(q), _operand(k), _operand(v)
@@ -147,9 +147,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Option
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, key_bounds: Optional[Tensor] = None,
-              mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    args = _kernel_args(spec, key_bounds, mask)
+              spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    args = _kernel_args(spec, tensors)
     E, ev = q.shape[-1], v.shape[-1]
     q, k, v, out, dout = (_operand(t) for t in (q, k, v, out, dout))  # zero padding adds 0 to rowsum(dO * O)
     lse = lse.contiguous()
