@@ -281,44 +281,56 @@ struct PackedKV {
   const scalar_t* v_panel(int64_t kb, int64_t c0) const {
     return buf.data_ptr<scalar_t>() + kb * (k_elems + v_elems) + k_elems + c0 * BK;
   }
-  // 16-bit: S (rows x cols, ld_s) = Q (rows x Ep, ld_q) K^T for key block kb.
-  void scores(int64_t kb, const scalar_t* q, int64_t ld_q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
+  // fp32: the K^T panel of the keys from j (a multiple of PANEL) on. Blocks hold K^T alone there,
+  // so the panels of consecutive blocks follow each other: a tile may start at any panel.
+  const float* k_panel_at(int64_t j) const {
+    static_assert(!VNNI, "16-bit blocks interleave K^T and V: address them by block");
+    return buf.data_ptr<float>() + j * Ep;
+  }
+  // 16-bit: S (rows x cols, ld_s) = Q (rows x Ep, ld_q) K^T for the keys from j0 (a multiple of
+  // PANEL) on, panel by panel (a panel lies inside one block).
+  void scores(int64_t j0, const scalar_t* q, int64_t ld_q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
     static_assert(VNNI, "fp32 scores go through scores_softmax");
     for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
       at::native::cpublas::brgemm(rows, std::min(PANEL, cols - c0), Ep, ld_q, PANEL, ld_s, false, q,
-                                  k_panel(kb, c0), s + c0, VNNI);
+                                  k_panel((j0 + c0) / BK, (j0 + c0) % BK), s + c0, VNNI);
   }
 #ifdef FA_CPU_HAVE_AVX512_PATH
-  // fp32: P (rows x cols, ld_p) of key block kb with the online softmax in the score GEMM's
-  // epilogue (SoftmaxEpilogue; m, sum16 per row as it describes; iv nullptr: unmasked).
-  void scores_softmax(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols, const KeyInterval* iv,
+  // fp32: P (rows x cols, ld_p) of the keys from j0 (a multiple of PANEL) on with the online
+  // softmax in the score GEMM's epilogue (SoftmaxEpilogue; m, sum16 per row as it describes; iv
+  // nullptr: unmasked).
+  void scores_softmax(int64_t j0, const float* q, int64_t ld_q, int64_t rows, int64_t cols, const KeyInterval* iv,
                       float sgn, float asc, float* p, int64_t ld_p, float* m, float* sum16) const {
-    static_assert(!VNNI, "16-bit inputs take the brgemm path");
     for (int64_t c0 = 0; c0 < cols; c0 += PANEL) {
       if (iv)
-        micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
+        micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel_at(j0 + c0), PANEL,
                            SoftmaxEpilogue<true>{p, ld_p, c0, iv, sgn, asc, m, sum16});
       else
-        micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel(kb, c0), PANEL,
+        micro_panel<false>(rows, std::min(PANEL, cols - c0), Ep, q, ld_q, k_panel_at(j0 + c0), PANEL,
                            SoftmaxEpilogue<false>{p, ld_p, c0, nullptr, sgn, asc, m, sum16});
     }
   }
-  // fp32: the raw scores S (rows x cols, ld_s) = Q K^T of key block kb (a tile a mask tensor changes
-  // in part: mask_ops.h rewrites it before the softmax).
-  void scores_raw(int64_t kb, const float* q, int64_t ld_q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
-    static_assert(!VNNI, "16-bit inputs take the brgemm path");
+  // fp32: the raw scores S (rows x cols, ld_s) = Q K^T of the keys from j0 on (a tile a mask tensor
+  // changes in part: mask_ops.h rewrites it before the softmax).
+  void scores_raw(int64_t j0, const float* q, int64_t ld_q, int64_t rows, int64_t cols, float* s, int64_t ld_s) const {
     for (int64_t c0 = 0; c0 < cols; c0 += PANEL)
-      gemm_f32_avx512<false>(rows, std::min(PANEL, cols - c0), Ep, 1.0f, q, ld_q, k_panel(kb, c0), PANEL, s + c0, ld_s,
-                             false);
+      gemm_f32_avx512<false>(rows, std::min(PANEL, cols - c0), Ep, 1.0f, q, ld_q, k_panel_at(j0 + c0), PANEL, s + c0,
+                             ld_s, false);
   }
 #endif
   // acc (rows x Ev) += P (rows x kdim, ld_p) V for key block kb (16-bit: V is packed).
-  void accumulate(int64_t kb, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
+  // (16-bit) for the kdim keys from j0 (a multiple of PANEL) on: one brgemm per packed block they
+  // touch (a block's V rows start at row r0, an even offset, r0 * PANEL elements into its panel).
+  void accumulate(int64_t j0, const scalar_t* pm, int64_t ld_p, int64_t rows, int64_t kdim, int64_t Ev,
                   float* acc) const {
     static_assert(VNNI, "fp32 reads V in place");
-    for (int64_t c0 = 0; c0 < Ev; c0 += PANEL)
-      at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - c0), kdim, ld_p, PANEL, Ev, true, pm,
-                                  v_panel(kb, c0), acc + c0, VNNI);
+    for (int64_t c = 0; c < kdim;) {
+      const int64_t kb = (j0 + c) / BK, r0 = (j0 + c) % BK, n = std::min(kdim - c, BK - r0);
+      for (int64_t e0 = 0; e0 < Ev; e0 += PANEL)
+        at::native::cpublas::brgemm(rows, std::min(PANEL, Ev - e0), n, ld_p, PANEL, Ev, true, pm + c,
+                                    v_panel(kb, e0) + r0 * PANEL, acc + e0, VNNI);
+      c += n;
+    }
   }
 };
 
@@ -422,6 +434,7 @@ void attention_forward(AttnFwdParams p) {
   const int64_t BK = std::min<int64_t>(tile.block_k, (d.len_k + 63) / 64 * 64);
   const int64_t n_qblocks = (d.len_q + BQ - 1) / BQ;
   const int64_t group = d.heads_q / d.heads_kv;
+  const int64_t tile_align = 64;  // key tiles start on a packing panel (PackedKV::PANEL)
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
@@ -487,15 +500,15 @@ void attention_forward(AttnFwdParams p) {
       std::fill(l, l + rows, acc_t(0));
       std::fill(acc, acc + rows * d.head_dim_v, acc_t(0));
       // The block's keys: [min begin, max end) of its rows' (causal: up to the last row's
-      // diagonal). Key blocks run on the BK grid of the packed K / V; the last one is cut at
-      // the range's end, a first one's keys before its start are masked. Blocks no row sees
-      // are skipped; blocks every row sees wholly take the unmasked path (tile_iv nullptr).
+      // diagonal). Key tiles of BK keys start at the range's begin rounded down to the packing
+      // panel (64 keys), the last one cut at the range's end; keys before a row's begin are masked. Tiles no row sees are
+      // skipped; tiles every row sees wholly take the unmasked path (tile_iv nullptr).
       const Visibility vis = p.visibility(b);
       const KeyInterval keys = block_keys(vis, d.len_k, i0, rows);
       if constexpr (LOW_PRECISION || FP32) {
         if (packed) packed->pack(bhk, keys.end);
       }
-      for (int64_t j0 = keys.begin / BK * BK; j0 < keys.end; j0 += BK) {
+      for (int64_t j0 = keys.begin / tile_align * tile_align; j0 < keys.end; j0 += BK) {
         const int64_t cols = std::min(BK, keys.end - j0);
         const TileMask seen = tile_intervals(vis, d.len_k, i0, rows, j0, cols, iv);
         if (seen == TileMask::NONE) continue;
@@ -510,7 +523,7 @@ void attention_forward(AttnFwdParams p) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
           if (use_micro && apply_mask) {  // scores, the mask, then the softmax pass (AVX-512 clone)
-            packed->scores_raw(j0 / BK, q_blk, p.q_stride.row, rows, cols, s, BK);
+            packed->scores_raw(j0, q_blk, p.q_stride.row, rows, cols, s, BK);
             apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
             online_softmax(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr);
             gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
@@ -520,7 +533,7 @@ void attention_forward(AttnFwdParams p) {
           if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
             std::copy(m, m + rows, corr);
             std::fill(sum16, sum16 + rows * 16, 0.0f);
-            packed->scores_softmax(j0 / BK, q_blk, p.q_stride.row, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
+            packed->scores_softmax(j0, q_blk, p.q_stride.row, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
                                    sum16);
             fold_softmax_block(rows, m, l, corr, sum16, score_asc);
             gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
@@ -530,7 +543,7 @@ void attention_forward(AttnFwdParams p) {
         }
 #endif
         if constexpr (LOW_PRECISION) {
-          if (use_brgemm) packed->scores(j0 / BK, q_a, ld_qa, rows, cols, s, BK);
+          if (use_brgemm) packed->scores(j0, q_a, ld_qa, rows, cols, s, BK);
         }
         if (!use_packed)
           gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row,
@@ -544,7 +557,7 @@ void attention_forward(AttnFwdParams p) {
             const int64_t k_even = (cols + 1) / 2 * 2;
             if (k_even != cols)
               for (int64_t r = 0; r < rows; ++r) p16[r * BK + cols] = scalar_t(0);
-            packed->accumulate(j0 / BK, p16, BK, rows, k_even, d.head_dim_v, acc);
+            packed->accumulate(j0, p16, BK, rows, k_even, d.head_dim_v, acc);
           } else {
             gemm(false, false, rows, d.head_dim_v, cols, acc_t(1), p16, BK, v_blk, p.v_stride.row, acc_t(1), acc,
                  d.head_dim_v);
