@@ -432,7 +432,15 @@ void attention_forward(AttnFwdParams p) {
   const int64_t BQ = std::min<int64_t>(tile.block_q, d.len_q);
   // With packing the key block is a whole number of packing panels.
   const int64_t BK = std::min<int64_t>(tile.block_k, (d.len_k + 63) / 64 * 64);
-  const int64_t n_qblocks = (d.len_q + BQ - 1) / BQ;
+  // Query blocks [start, start + rows): BQ rows on one grid, or, for varlen sequences, per
+  // sequence (a block never holds rows of two sequences, whose keys are disjoint).
+  std::vector<KeyInterval> qblocks;  // {first row, end row}
+  const Visibility& v0 = p.vis;
+  for (int64_t s = 0; s < (v0.cu_q ? v0.n_seq : 1); ++s) {
+    const int64_t first = v0.cu_q ? v0.cu_q[s] : 0, end = v0.cu_q ? v0.cu_q[s + 1] : d.len_q;
+    for (int64_t i = first; i < end; i += BQ) qblocks.push_back({i, std::min(end, i + BQ)});
+  }
+  const int64_t n_qblocks = static_cast<int64_t>(qblocks.size());
   const int64_t group = d.heads_q / d.heads_kv;
   const int64_t tile_align = 64;  // key tiles start on a packing panel (PackedKV::PANEL)
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
@@ -478,8 +486,8 @@ void attention_forward(AttnFwdParams p) {
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t bh = idx / n_qblocks;
       const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group, bhk = b * d.heads_kv + hk;
-      const int64_t i0 = (n_qblocks - 1 - idx % n_qblocks) * BQ;
-      const int64_t rows = std::min(BQ, d.len_q - i0);
+      const KeyInterval qblock = qblocks[n_qblocks - 1 - idx % n_qblocks];
+      const int64_t i0 = qblock.begin, rows = qblock.end - qblock.begin;
       const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
       const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
