@@ -330,5 +330,6 @@ def test_mask_tiles_skipped(device, monkeypatch):
     tiles = [mask[b, 0, r:r + bm, c:c + bn] for b in range(B) for r in range(0, L, bm) for c in range(0, S, bn)]
     want = (Hq * sum(bool(t.any()) for t in tiles), Hq * sum(bool(t.any() and not t.all()) for t in tiles))
     for name, got in applied.items():
-        assert (len(got), sum(got)) == want, f"{name}: (computed, mask applied) tiles {(len(got), sum(got))}, want {want}"
+        got = (len(got), sum(got))
+        assert got == want, f"{name}: (computed, mask applied) tiles {got}, want {want}"
     assert want[0] < len(tiles) * Hq and want[1] < want[0]  # some tiles skipped, some unmasked

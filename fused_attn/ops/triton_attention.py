@@ -658,6 +658,9 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, del
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         visit = True
         apply = False
@@ -666,7 +669,7 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, del
         if visit:
             dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_tile(
                 dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-                stride_vn, offs_m, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
                 stride_mm, stride_mn, apply, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED,
                 CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
     return dq, top_p, top_j, top_dp, c, p_sum
@@ -674,16 +677,13 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, del
 
 @triton.jit
 def _bwd_dq_tile(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-                 stride_vn, offs_m, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                 stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
                  stride_mm, stride_mn, apply, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr,
                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
     """One key tile's share of a query block's dQ (and its rows' top keys). ``apply`` (with MASK):
     the mask tensor changes some score of the tile."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     row0 = tl.cast(start_n, tl.int64)
     if MASKED:
