@@ -3,7 +3,7 @@
 The interpreter runs the kernels' Python source, so a line tracer sees which kernel
 statements ran. A handful of calls that cover the code paths (each causal mode, ragged
 tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, fp32's
-fp64 lse, the forward's tensor-descriptor path)
+fp64 lse, the forward's tensor-descriptor path, windows, key bounds and mask tensors)
 must together execute every statement inside every @triton.jit function.
 """
 import ast
@@ -68,6 +68,16 @@ def test_every_kernel_statement_runs(monkeypatch):
         out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=padding, is_causal=True, window=(20, 2),
                                                  enable_gqa=True, backend="triton")
         (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+        # mask tensors: fp32 float (-inf in places, a row hidden) and a bf16 boolean one with whole tiles
+        # hidden and admitted (their accuracy and tile skipping: tests/test_triton_visibility.py)
+        biases = torch.randn(2, 4, 70, 45).masked_fill(torch.rand(2, 4, 70, 45) < 0.2, float("-inf"))
+        biases[:, :, 3] = float("-inf")
+        admitted = torch.rand(2, 1, 70, 45) > 0.3
+        admitted[..., :32] = False
+        admitted[:, :, 32:64, 32:] = True
+        for dtype, mask in ((torch.float32, biases), (torch.bfloat16, admitted)):
+            q, k, v = make_inputs(2, 4, 2, 70, 45, 40, 24, dtype)
+            check_backend("triton", q, k, v, CausalMode.NONE, with_lse_grad=True, attn_mask=mask)
     finally:
         sys.settrace(None)
     missing = sorted(f"{statements[line]}:{line}" for line in statements if line not in hit)

@@ -1,28 +1,26 @@
-"""Sliding windows and per-batch key bounds inside the Triton kernels (interpreter), forward and
-backward, against the fp64 reference under the tolerance rule (fused_attn.testing.assert_close):
-out, lse, dq, dk, dv; with causal (both alignments), GQA and the lse gradient. Then that tiles
-no row sees are skipped, not computed and masked: by counting the tiles each kernel's loops
-visit, and by NaN keys in such tiles, which a masked visit would spread (0 * NaN in P V and dS K).
+"""Sliding windows, per-batch key bounds and mask tensors inside the Triton kernels (interpreter),
+forward and backward, against the fp64 reference under the tolerance rule (attn_cases.check_backend):
+out, lse, dq, dk, dv; with causal (both alignments), GQA and the lse gradient. Then that tiles no
+row sees, and tiles a mask tensor hides entirely, are skipped, not computed and masked: by counting
+the tiles each kernel's loops visit, and by NaN keys (and queries) in such tiles, which a masked
+visit would spread (0 * NaN in P V and dS K).
 
 Key bounds reach the kernels from a boolean key-padding mask (B, 1, 1, S) that make_problem turns
-into Problem.key_bounds (checked). Lower-right causal with key bounds has no public spelling (one
-attn_mask), so those cases run make_problem's Problem with its causal mode set, through
-dispatch.run, as the public functions do.
+into Problem.key_bounds (checked), other masks as Problem.mask (checked). Lower-right causal with
+key bounds has no public spelling (one attn_mask): window=(-1, 0), which make_problem turns into
+lower-right causal (checked), or a window whose right edge is 0 (the same keys).
 """
-import dataclasses
 import inspect
 
 import pytest
 import torch
 
-import fused_attn
-from fused_attn import dispatch, reference
 from fused_attn.ops import triton_attention as T
 from fused_attn.problem import make_problem
 from fused_attn.spec import AttnSpec, CausalMode, visible_keys
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
-from attn_cases import make_inputs, mode_id
+from attn_cases import check_backend, make_inputs, mode_id, run_attention
 
 pytestmark = pytest.mark.skipif(not T.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
@@ -39,61 +37,34 @@ def _padding_mask(bounds, S, device):
     return ((j >= kb[:, :1]) & (j < kb[:, 1:]))[:, None, None, :]
 
 
-def _attend(q, k, v, mode, window, bounds):
-    """(out, lse) of the Triton backend through make_problem and dispatch (see the module doc)."""
-    S = k.shape[-2]
-    mask = None if bounds is None else _padding_mask(bounds, S, q.device)
-    args = dict(attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1], window=window)
-    if mode is LR and bounds is not None:
-        p = make_problem(q, k, v, **args)
-        p = dataclasses.replace(p, spec=dataclasses.replace(p.spec, causal=LR))
-        assert p.key_bounds is not None
-        return p.restore(*dispatch.run(p, "triton"))
-    if mode is LR:
-        args["attn_mask"] = torch.nn.attention.bias.causal_lower_right(q.shape[-2], S)
-    if bounds is not None:
-        assert make_problem(q, k, v, is_causal=mode is UL, **args).key_bounds is not None, "not the kernels' key bounds"
-    return fused_attn.attention_with_lse(q, k, v, is_causal=mode is UL, backend="triton", **args)
+def check(q, k, v, mode=NONE, window=(-1, -1), bounds=None, mask=None, lse_grad=False):
+    """attn_cases.check_backend for the Triton backend, with key ``bounds`` (per batch, as a padding
+    mask) or a ``mask`` tensor; checks that make_problem hands the kernels what the case means to test
+    (key bounds, a mask tensor, lower-right causal for window (-1, 0)). Returns the max error ratios."""
+    attn_mask = mask if bounds is None else _padding_mask(bounds, k.shape[-2], q.device)
+    if attn_mask is not None or window == (-1, 0):
+        p = make_problem(q, k, v, attn_mask=attn_mask, is_causal=mode is UL, window=window,
+                         enable_gqa=q.shape[1] != k.shape[1])
+        assert (p.key_bounds is not None) == (bounds is not None), "not the kernels' key bounds"
+        assert (p.mask is not None) == (mask is not None), "the mask did not reach the kernels as a mask"
+        assert window != (-1, 0) or p.spec.causal is LR
+    return check_backend("triton", q, k, v, mode, with_lse_grad=lse_grad, window=window, attn_mask=attn_mask)
 
 
-def _results(attend, q, k, v, seed, lse_grad, dtype=None):
-    """out, lse, dq, dk, dv of ``attend`` on leaves of q, k, v (as ``dtype``): gradients of
-    sum(out * dout) + sum(lse * dlse) over finite lse, dout and dlse drawn from ``seed``, as
-    attn_cases.run_attention."""
-    g = torch.Generator().manual_seed(seed)
-    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = attend(*leaves)
-    dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=q.dtype).double()
-    total = (out.double() * dout).sum()
-    if lse_grad:
-        dlse = torch.randn(lse.shape, generator=g).to(lse.device).double()
-        total = total + (torch.where(torch.isinf(lse), 0.0, lse.double()) * dlse).sum()
-    return dict(out=out.detach(), lse=lse.detach(), **dict(zip(("dq", "dk", "dv"), torch.autograd.grad(total, leaves))))
-
-
-def check(q, k, v, mode=NONE, window=(-1, -1), bounds=None, lse_grad=False, clean=None):
-    """The Triton kernels against the fp64 reference under the tolerance rule, as
-    attn_cases.check_backend, with a window and key bounds. ``clean``: (q, k, v) the references
-    run on instead (the kernels' inputs hold NaN where no row looks). Returns the max error ratios."""
-    kb = None if bounds is None else torch.tensor(bounds, dtype=torch.int64, device=q.device)
-    rq, rk, rv = clean or (q, k, v)
+def check_clean(q, k, v, dirty, window=(-1, -1), attn_mask=None, lse_grad=False):
+    """check_backend's comparison with the kernels run on ``dirty`` (q, k, v holding NaN where no
+    (query, key) pair is visible) and the references on the clean q, k, v."""
+    kwargs = dict(enable_gqa=q.shape[1] != k.shape[1], window=window, attn_mask=attn_mask)
     seed = int(torch.randint(2 ** 31, ()))
-
-    def ref(q, k, v):
-        return reference.attention(q, k, v, causal=mode, window=window, key_bounds=kb)
-
-    got = _results(lambda q, k, v: _attend(q, k, v, mode, window, bounds), q, k, v, seed, lse_grad)
-    want = _results(ref, rq, rk, rv, seed, lse_grad, torch.float64)
-    base = _results(ref, rq, rk, rv, seed, lse_grad)
-    assert got["out"].dtype == q.dtype and got["lse"].dtype == torch.float32
+    got = run_attention("triton", *dirty, NONE, kwargs, True, lse_grad, seed)
+    ref = run_attention(None, q, k, v, NONE, kwargs, True, lse_grad, seed, compute_dtype=torch.float64)
+    base = run_attention(None, q, k, v, NONE, kwargs, True, lse_grad, seed)
     truncated = stores_bf16_by_truncation("triton", q.dtype)
-    ratios = {}
     for name in ("out", "lse", "dq", "dk", "dv"):
         if name == "lse":
-            ratios[name] = assert_close(got[name], want[name], base[name], name, dtype=q.dtype)
+            assert_close(got[name], ref[name], base[name], name, dtype=q.dtype)
         else:
-            ratios[name] = assert_close(got[name], want[name], base[name], name, truncated_bf16=truncated)
-    return ratios
+            assert_close(got[name], ref[name], base[name], name, truncated_bf16=truncated)
 
 
 def _inputs(L, S, dtype, device, Hq=2, Hk=1, E=16, B=2):
@@ -139,12 +110,13 @@ def test_key_bounds(device, dtype, name):
     check(*_inputs(L, S, dtype, device), bounds=KEY_BOUNDS[name](S), lse_grad=dtype == FP32)
 
 
+# window (-1, 0) is lower-right causal (CAUSAL with key bounds); (64, 0) lower-right causal within a window
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
 @pytest.mark.parametrize("mode,window,L,S,bounds", [
     (UL, (30, 4), 203, 97, ((10, 90), (0, 0))),
-    (LR, (9, 3), 113, 203, ((5, 196), (60, 203))),
-    (LR, (64, -1), 17, 64, ((0, 33), (31, 64))),
-], ids=["upper_left-L203-S97", "lower_right-L113-S203", "lower_right-L17-S64"])
+    (NONE, (-1, 0), 113, 203, ((5, 196), (60, 203))),
+    (NONE, (64, 0), 17, 64, ((0, 33), (31, 64))),
+], ids=["upper_left-w30_4-L203-S97", "lower_right-L113-S203", "lower_right-w64_0-L17-S64"])
 def test_key_bounds_causal_window(device, dtype, mode, window, L, S, bounds):
     check(*_inputs(L, S, dtype, device), mode, window=window, bounds=bounds, lse_grad=dtype == FP32)
 
@@ -153,11 +125,96 @@ def test_key_bounds_causal_window(device, dtype, mode, window, L, S, bounds):
 def test_gqa(device, Hk):
     """dK/dV sum over each kv head's group of query heads under a window and key bounds."""
     q, k, v = _inputs(113, 203, FP16, device, Hq=6, Hk=Hk, E=32)
-    check(q, k, v, LR, window=(24, 8), bounds=((3, 190), (50, 120)))
+    check(q, k, v, window=(24, 0), bounds=((3, 190), (50, 120)))
 
 
 def test_fp16_window_causal(device):
     check(*_inputs(203, 97, FP16, device, E=32), UL, window=(12, 12))
+
+
+# ---- mask tensors ------------------------------------------------------------------------------
+
+def _hidden(shape, fraction, device):
+    return torch.rand(shape, device=device) < fraction
+
+
+def _bool_random(B, H, L, S, dtype, device):
+    """(B, 1, L, S), ~30% hidden, broadcast over heads; row 5 sees nothing."""
+    mask = ~_hidden((B, 1, L, S), 0.3, device)
+    mask[:, :, 5] = False
+    return mask
+
+
+def _bool_blocks(B, H, L, S, dtype, device):
+    """(B, 1, L, S) with whole 32 x 32 tiles hidden (keys 64-95 for every row; rows 32-63 entirely),
+    whole tiles admitted (rows 64-95 x keys 0-63), random elsewhere: skipped tiles, the unmasked
+    path and masked ones (blocks of 32 under the interpreter)."""
+    mask = ~_hidden((B, 1, L, S), 0.3, device)
+    mask[..., 64:96] = False
+    mask[:, :, 32:64] = False
+    mask[:, :, 64:96, :64] = True
+    return mask
+
+
+def _float32_heads(B, H, L, S, dtype, device):
+    """fp32 (B, H, L, S) biases, ~20% -inf; row 3 all -inf."""
+    mask = torch.randn(B, H, L, S, device=device).masked_fill(_hidden((B, H, L, S), 0.2, device), float("-inf"))
+    mask[:, :, 3] = float("-inf")
+    return mask
+
+
+def _float_inputs_dtype(B, H, L, S, dtype, device):
+    """(L, S) biases in the inputs' dtype broadcast over batch and heads, large ones (+-6), ~10% -inf."""
+    mask = 3 * torch.randn(L, S, device=device)
+    return mask.masked_fill(_hidden((L, S), 0.1, device), float("-inf")).to(dtype)
+
+
+def _bool_transposed(B, H, L, S, dtype, device):
+    """(B, 1, L, S) view of a (B, 1, S, L) tensor: the key stride is L, the row stride 1."""
+    return (~_hidden((B, 1, S, L), 0.3, device)).transpose(-1, -2)
+
+
+def _bool_rows(B, H, L, S, dtype, device):
+    """(B, 1, L, 1): whole rows hidden, stride 0 over the keys (a row mask, not key bounds)."""
+    return ~_hidden((B, 1, L, 1), 0.3, device)
+
+
+MASKS = {"bool_B1LS_random": _bool_random, "bool_B1LS_blocks": _bool_blocks, "float32_BHLS": _float32_heads,
+         "dtype_LS": _float_inputs_dtype, "bool_transposed": _bool_transposed, "bool_rows": _bool_rows}
+
+
+@pytest.mark.parametrize("dtype,name", [(dtype, name) for dtype in (FP32, BF16) for name in list(MASKS)[:4]]
+                         + [(FP32, "bool_transposed"), (BF16, "bool_rows"), (FP16, "bool_B1LS_blocks"),
+                            (FP16, "dtype_LS")], ids=lambda x: str(x).replace("torch.", ""))
+def test_mask(device, dtype, name):
+    L, S = 80, 150
+    q, k, v = _inputs(L, S, dtype, device)
+    check(q, k, v, mask=MASKS[name](2, 2, L, S, dtype, device), lse_grad=dtype == FP32)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+@pytest.mark.parametrize("name,L,S", [("bool_B1LS_blocks", 113, 150), ("float32_BHLS", 150, 97)])
+def test_mask_and_causal(device, dtype, name, L, S):
+    """The mask and the causal diagonal intersect (is_causal with a mask tensor: both apply)."""
+    q, k, v = _inputs(L, S, dtype, device)
+    check(q, k, v, UL, mask=MASKS[name](2, 2, L, S, dtype, device), lse_grad=dtype == FP32)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+@pytest.mark.parametrize("name,window", [("bool_B1LS_random", (20, 3)), ("dtype_LS", (-1, 0))],
+                         ids=["bool-w20_3", "float-lower_right"])
+def test_mask_and_window(device, dtype, name, window):
+    L, S = 80, 150
+    q, k, v = _inputs(L, S, dtype, device)
+    check(q, k, v, window=window, mask=MASKS[name](2, 2, L, S, dtype, device), lse_grad=dtype == FP32)
+
+
+@pytest.mark.parametrize("dtype,Hk", [(BF16, 1), (FP16, 3)], ids=["bf16-mqa_6to1", "fp16-gqa_6to3"])
+def test_mask_gqa(device, dtype, Hk):
+    """dK/dV sum over a group of query heads, each with its own mask (B, Hq, L, S)."""
+    q, k, v = _inputs(80, 150, dtype, device, Hq=6, Hk=Hk, E=32)
+    mask = _float32_heads(2, 6, 80, 150, dtype, device)
+    check(q, k, v, UL, mask=mask)
 
 
 # ---- tiles no row sees are skipped -------------------------------------------------------------
@@ -235,5 +292,44 @@ def test_nan_keys_no_row_sees(device):
     unseen = (S - L - 6) // bn * bn  # window (6, 0): row i sees keys S - L + i - 6 .. S - L + i
     kp[:, :, :unseen], vp[:, :, :unseen] = float("nan"), float("nan")
     kp[1, :, 192:], vp[1, :, 192:] = float("nan"), float("nan")
-    ratios = check(q, kp, vp, LR, window=(6, 0), bounds=bounds, lse_grad=True, clean=(q, k, v))
-    assert all(r <= 2.0 for r in ratios.values())
+    check_clean(q, k, v, (q, kp, vp), window=(6, 0), attn_mask=_padding_mask(bounds, S, device), lse_grad=True)
+
+
+def _counting_tiles(monkeypatch, name):
+    """Wrap the kernel tile ``name`` (_fwd_tile, _bwd_dq_tile, _bwd_dkdv_tile) to record, per tile
+    computed, whether it applied the mask tensor."""
+    tile = getattr(T, name)
+    params = inspect.signature(tile.fn).parameters
+    applied = []
+
+    def counted(*args):
+        apply = dict(zip(params, args))["apply"]
+        applied.append(bool(apply.handle.data.item()) if hasattr(apply, "handle") else bool(apply))
+        return tile(*args)
+
+    monkeypatch.setattr(T, name, counted)
+    return applied
+
+
+def test_mask_tiles_skipped(device, monkeypatch):
+    """With a mask tensor and nothing else, each kernel computes exactly the tiles where the mask
+    leaves some score visible and applies it exactly in those where it changes some (the per-tile
+    summary, mask_summary); the others take the unmasked path. NaN in k and v at keys the mask hides
+    from every row (whole key tiles), and in q at rows it hides entirely, stay out of every result."""
+    if not T.INTERPRETED:
+        pytest.skip("counts the interpreter's tile calls")
+    applied = {name: _counting_tiles(monkeypatch, name) for name in ("_fwd_tile", "_bwd_dq_tile", "_bwd_dkdv_tile")}
+    B, Hq, Hk, L, S = 2, 2, 1, 128, 200
+    q, k, v = _inputs(L, S, FP32, device, Hq=Hq, Hk=Hk)
+    mask = _bool_blocks(B, Hq, L, S, FP32, device)
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    qp[:, :, 32:64] = float("nan")  # rows the mask hides entirely
+    kp[:, :, 64:96], vp[:, :, 64:96] = float("nan"), float("nan")  # keys it hides from every row
+    check_clean(q, k, v, (qp, kp, vp), attn_mask=mask, lse_grad=True)
+    bm, bn = T.INTERPRETER_BLOCKS["BLOCK_M"], T.INTERPRETER_BLOCKS["BLOCK_N"]
+    tiles = [mask[b, 0, r:r + bm, c:c + bn] for b in range(B) for r in range(0, L, bm) for c in range(0, S, bn)]
+    want = (Hq * sum(bool(t.any()) for t in tiles), Hq * sum(bool(t.any() and not t.all()) for t in tiles))
+    for name, got in applied.items():
+        got = (len(got), sum(got))
+        assert got == want, f"{name}: (computed, mask applied) tiles {got}, want {want}"
+    assert want[0] < len(tiles) * Hq and want[1] < want[0]  # some tiles skipped, some unmasked

@@ -25,9 +25,27 @@ Visibility: query i sees key j < S iff all of
   no key reaches past;
 - key bounds: key_bounds[b, 0] <= j < key_bounds[b, 1] for the rows of batch b (an int64
   (B, 2) tensor, a key-padding mask normalised by make_problem; absolute key positions).
-Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS): a call without it compiles none of its
-work. A row that sees no key gets out = 0 and lse = -inf; its gradients are 0, and a key
-no row sees gets dk = dv = 0.
+- a mask tensor (B, Hq, L, S), read through its strides (stride 0 on the dims it broadcasts,
+  any stride on the keys): boolean, True where the query may attend, or additive float (fp32
+  or the inputs' dtype), added to the scaled score (scale * q.k + mask; -inf hides the key,
+  NaN makes the row NaN). No mask gradient (the dispatcher refuses a mask that requires grad).
+Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float): a call without
+it compiles none of its work. A row that sees no key gets out = 0 and lse = -inf; its gradients
+are 0, and a key no row sees gets dk = dv = 0.
+
+Mask tensors and tiles: the launcher first summarises the mask (mask_summary, torch ops over the
+mask's stored values, once per forward and once per backward launch): a code per 16 x 16 cell
+(MASK_CELL, the smallest block of any config) saying whether the mask leaves some score of the
+cell visible and whether it changes any. Every tile the visibility rules above visit (with a mask,
+also those they see in full) reads its cells (_mask_tile: (BLOCK_M / 16) x (BLOCK_N / 16) bytes):
+a tile the mask hides entirely is skipped (no loads, no dots), one it leaves unchanged takes the
+unmasked path, the rest load their mask tile and apply it to the log2-domain scores (bool: -inf
+where False; float: + mask * log2(e)), then P = 0 wherever the score is -inf (so a hidden key is
+never a row's top key below, and a row the mask hides entirely, lse -inf, gets P = 0, not NaN).
+The summary ignores causal / window / key bounds: a tile whose mask hides exactly the keys the
+visibility rules leave is applied, not skipped (right, only slower). Compiled, the tile skip is
+a branch inside the key loop, which may keep Triton from pipelining that loop's loads: calls
+without a mask do not have it.
 
 Backward: delta = rowsum(dO * O) - dlse (the lse gradient enters here, since
 d lse / d s = P); a dQ kernel per query block loops over key blocks, then a dK/dV kernel per
@@ -116,6 +134,17 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _LOG2E = tl.constexpr(LOG2E)  # for the kernels, which read module globals only as constexprs
 _LN2 = tl.constexpr(LN2)
+# Mask tensors (constexpr MASK): none, boolean (True = may attend), additive float.
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+# The mask summary (mask_summary) holds one code per MASK_CELL x MASK_CELL cell of (rows, keys): the
+# smallest block of any config, so every tile is a whole number of cells. CELL_SEEN: the mask
+# leaves some score of the cell visible; CELL_PLAIN: it changes none (bool all True, float all 0).
+MASK_CELL = 16
+CELL_SEEN, CELL_PLAIN = 1, 2
+_MASK_CELL = tl.constexpr(MASK_CELL)
+_MASK_BOOL = tl.constexpr(MASK_BOOL)
+_CELL_SEEN = tl.constexpr(CELL_SEEN)
+_CELL_PLAIN = tl.constexpr(CELL_PLAIN)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -263,55 +292,113 @@ def _query_range(start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, lo, hi, S,
-               causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+def _mask_tile(summary, stride_tm, stride_tn, start_m, start_n, L, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(visit, apply) for the tile of rows [start_m, start_m + BLOCK_M) and keys [start_n, start_n +
+    BLOCK_N), from the mask summary's cells (``summary`` at this batch and head, see mask_summary):
+    visit, the mask leaves some score visible (else the tile is skipped); apply, it changes some
+    (else the tile takes the unmasked path). Cells past L or S count as unchanged."""
+    cm = start_m // _MASK_CELL + tl.arange(0, BLOCK_M // _MASK_CELL)
+    cn = start_n // _MASK_CELL + tl.arange(0, BLOCK_N // _MASK_CELL)
+    inside = (cm[:, None] < tl.cdiv(L, _MASK_CELL)) & (cn[None, :] < tl.cdiv(S, _MASK_CELL))
+    codes = tl.load(summary + cm.to(tl.int64)[:, None] * stride_tm + cn.to(tl.int64)[None, :] * stride_tn,
+                    mask=inside, other=_CELL_PLAIN)
+    visit = tl.max(tl.max(codes & _CELL_SEEN, 1), 0) != 0
+    apply = tl.min(tl.min(codes & _CELL_PLAIN, 1), 0) == 0
+    return visit, apply
+
+
+@triton.jit
+def _mask_scores(s, mask_base, stride_mm, stride_mn, i, j, L, S, MASK: tl.constexpr):
+    """Scores ``s`` (log2 units) of rows i and keys j (broadcast shapes, either orientation) under the
+    mask tensor: -inf where a boolean mask says False, + bias * log2(e) for a float one (-inf hides).
+    Entries past L or S read as hidden."""
+    ptrs = mask_base + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
+    inside = (i < L) & (j < S)
+    if MASK == _MASK_BOOL:
+        s = tl.where(tl.load(ptrs, mask=inside, other=0) != 0, s, float("-inf"))
+    else:
+        s = s + tl.load(ptrs, mask=inside, other=float("-inf")).to(tl.float32) * _LOG2E
+    return s
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m, lo, hi, L, S,
+               causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary,
+               stride_tm, stride_tn, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+               MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:  # k_base, v_base are (B, Hk, S, E) descriptors: out-of-bounds rows and columns read as 0
-            kt = tl.trans(k_base.load([b32, hk32, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
-            v = v_base.load([b32, hk32, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
-        else:
-            kv_row = tl.cast(start_n, tl.int64)
-            kt_ptrs = k_base + kv_row * stride_kn + tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = v_base + kv_row * stride_vn + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :]
-            if MASKED:
-                kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < S), other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            else:
-                kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-        qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
-        if MASKED:
-            visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
-                               key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
-            qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, PRECISION)
-        m_i = m_new
+        visit = True
+        apply = False
+        if MASK:
+            visit, apply = _mask_tile(summary, stride_tm, stride_tn, start_m, start_n, L, S, BLOCK_M, BLOCK_N)
+        if visit:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m,
+                                      start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                                      stride_mm, stride_mn, apply, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                      BLOCK_DV, BLOCK_N, MASKED, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
+                                      PRECISION, TMA)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KB,
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, start_n, L, S,
+              causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr):
+    """One key tile of the forward's online softmax. ``apply`` (with MASK): the mask tensor changes
+    some score of the tile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if TMA:  # k_base, v_base are (B, Hk, S, E) descriptors: out-of-bounds rows and columns read as 0
+        kt = tl.trans(k_base.load([b32, hk32, start_n, 0]).reshape([BLOCK_N, BLOCK_D]))
+        v = v_base.load([b32, hk32, start_n, 0]).reshape([BLOCK_N, BLOCK_DV])
+    else:
+        kv_row = tl.cast(start_n, tl.int64)
+        kt_ptrs = k_base + kv_row * stride_kn + tl.arange(0, BLOCK_N)[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + kv_row * stride_vn + tl.arange(0, BLOCK_N)[:, None] * stride_vn + offs_dv[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (offs_n[None, :] < S), other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+    if MASKED:
+        visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
+                           key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
+        qk = tl.where(visible, qk, float("-inf"))
+    if MASK:
+        if apply:
+            qk = _mask_scores(qk, mask_base, stride_mm, stride_mn, offs_m[:, None], offs_n[None, :], L, S, MASK)
+    if MASKED or MASK:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, PRECISION)
+    m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                 H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, L_BUCKET, S_BUCKET,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                TMA: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
@@ -335,18 +422,23 @@ def _fwd_kernel(Q, K, V, O, LSE, KB,
     key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
     start, mid_lo, mid_hi, hi = _key_range(start_m, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
                                            BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
+    mask_base = M + b * stride_mb + h * stride_mh
+    summary = MSUM + b * stride_tb + h * stride_th
     if WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, start,
-                                   tl.minimum(mid_lo, hi), S, causal_offset, window_lo, window_hi, key_lo, key_hi,
-                                   qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW,
-                                   KEY_BOUNDS, DOT_FP32, PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, mid_lo,
-                               mid_hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM,
-                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m,
+                                   start, tl.minimum(mid_lo, hi), L, S, causal_offset, window_lo, window_hi, key_lo,
+                                   key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale,
+                                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
+                                   KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m,
+                               mid_lo, mid_hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                               stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
                                PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, mid_hi,
-                               hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM,
-                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m,
+                               mid_hi, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                               stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
                                PRECISION, TMA)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -413,52 +505,82 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, TOP_C, stride_ob, stride_oh, stride_om, 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
-                    stride_dom, start_n, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    stride_dom, start_n, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                    stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                    KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                     TOP_KEY: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + rows
-        row0 = tl.cast(start_m, tl.int64)
-        in_l = offs_m < L
-        qt = tl.load(q_base + row0 * stride_qm + rows[None, :] * stride_qm + offs_d[:, None],
-                     mask=(offs_d[:, None] < HEAD_DIM) & in_l[None, :], other=0.0)
-        do = tl.load(do_base + row0 * stride_dom + rows[:, None] * stride_dom + offs_dv[None, :],
-                     mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse_hi, lse_lo = _lse_log2(lse_base + offs_m, in_l)
-        delta = tl.load(delta_base + offs_m, mask=in_l, other=0.0)
-        # Rows past L load q = dO = 0, so they add nothing to dK or dV; keys past S are never stored.
-        st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
-        pt = tl.math.exp2((st - lse_hi[None, :]) - lse_lo[None, :])
-        if MASKED:
-            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], S, causal_offset, window_lo, window_hi, key_lo,
-                                   key_hi, CAUSAL, WINDOW, KEY_BOUNDS), pt, 0.0)
-        dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
-        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        if TOP_KEY:  # at each row's top key, dP - delta is the dQ kernel's c (see _bwd_dq_kernel)
-            top_j = tl.load(top_j_base + offs_m, mask=in_l, other=-1)
-            top_c = tl.load(top_c_base + offs_m, mask=in_l, other=0.0)
-            dst = tl.where(offs_n[:, None] == top_j[None, :], pt * top_c[None, :], dst)
-        dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_FP32, PRECISION)
+        visit = True
+        apply = False
+        if MASK:
+            visit, apply = _mask_tile(summary, stride_tm, stride_tn, start_m, start_n, L, S, BLOCK_M, BLOCK_N)
+        if visit:
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
+                                    stride_qm, stride_dom, start_m, start_n, L, S, causal_offset, window_lo, window_hi,
+                                    key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale, HEAD_DIM,
+                                    HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASKED, CAUSAL, WINDOW,
+                                    KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DK, DV,
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
+                   stride_dom, start_m, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                   stride_mm, stride_mn, apply, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr,
+                   MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
+    """One query tile's share of a key block's dK and dV. ``apply`` (with MASK): the mask tensor
+    changes some score of the tile."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
+    row0 = tl.cast(start_m, tl.int64)
+    in_l = offs_m < L
+    qt = tl.load(q_base + row0 * stride_qm + rows[None, :] * stride_qm + offs_d[:, None],
+                 mask=(offs_d[:, None] < HEAD_DIM) & in_l[None, :], other=0.0)
+    do = tl.load(do_base + row0 * stride_dom + rows[:, None] * stride_dom + offs_dv[None, :],
+                 mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse_hi, lse_lo = _lse_log2(lse_base + offs_m, in_l)
+    delta = tl.load(delta_base + offs_m, mask=in_l, other=0.0)
+    # Rows past L load q = dO = 0, so they add nothing to dK or dV; keys past S are never stored.
+    st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+    if MASK:
+        if apply:
+            st = _mask_scores(st, mask_base, stride_mm, stride_mn, offs_m[None, :], offs_n[:, None], L, S, MASK)
+    pt = tl.math.exp2((st - lse_hi[None, :]) - lse_lo[None, :])
+    if MASKED:
+        pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], S, causal_offset, window_lo, window_hi, key_lo,
+                               key_hi, CAUSAL, WINDOW, KEY_BOUNDS), pt, 0.0)
+    if MASK:  # keys the mask hides, also in rows it hides entirely (lse -inf: exp2(-inf + inf) is NaN)
+        pt = tl.where(st == float("-inf"), 0.0, pt)
+    dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
+    dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    if TOP_KEY:  # at each row's top key, dP - delta is the dQ kernel's c (see _bwd_dq_kernel)
+        top_j = tl.load(top_j_base + offs_m, mask=in_l, other=-1)
+        top_c = tl.load(top_c_base + offs_m, mask=in_l, other=0.0)
+        dst = tl.where(offs_n[:, None] == top_j[None, :], pt * top_c[None, :], dst)
+    dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_FP32, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                     stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                      HK, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
                      S_BUCKET, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                     TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+                     PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
+                     ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
@@ -487,22 +609,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DK, DV,
         delta_base = DELTA + bh * L
         top_j_base = TOP_J + bh * L
         top_c_base = TOP_C + bh * L
+        mask_base = M + b * stride_mb + h * stride_mh
+        summary = MSUM + b * stride_tb + h * stride_th
         if CAUSAL or WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                      stride_qm, stride_dom, start_n, start, tl.minimum(mid_lo, hi), L, S,
-                                     causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale, HEAD_DIM,
-                                     HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
-                                     KEY_BOUNDS, DOT_FP32, PRECISION, TOP_KEY)
+                                     causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm,
+                                     stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                                     BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK,
+                                     DOT_FP32, PRECISION, TOP_KEY)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                  stride_qm, stride_dom, start_n, mid_lo, mid_hi, L, S, causal_offset, window_lo,
-                                 window_hi, key_lo, key_hi, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                 BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION, TOP_KEY)
+                                 window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm,
+                                 stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False,
+                                 CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
         if WINDOW or KEY_BOUNDS:  # masked tiles after it (rows the window's left edge leaves out)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                      stride_qm, stride_dom, start_n, mid_hi, hi, L, S, causal_offset, window_lo,
-                                     window_hi, key_lo, key_hi, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                     BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION,
-                                     TOP_KEY)
+                                     window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm,
+                                     stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                                     True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + row0 * stride_dkn + cols[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + b * stride_dvb + hk * stride_dvh + row0 * stride_dvn + cols[:, None] * stride_dvn + offs_dv[None, :],
@@ -526,56 +652,87 @@ def _top_update(top_p, top_j, top_dp, c, p_sum, p, dp, start_n):
 
 @triton.jit
 def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
-                  stride_kn, stride_vn, offs_m, lo, hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
-                  qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                  TOP_KEY: tl.constexpr):
+                  stride_kn, stride_vn, start_m, offs_m, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo,
+                  key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + cols
-        row0 = tl.cast(start_n, tl.int64)
-        if MASKED:
-            in_s = offs_n < S
-            kt = tl.load(k_base + row0 * stride_kn + cols[None, :] * stride_kn + offs_d[:, None],
-                         mask=(offs_d[:, None] < HEAD_DIM) & in_s[None, :], other=0.0)
-            vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
-                         mask=(offs_dv[:, None] < HEAD_DIM_V) & in_s[None, :], other=0.0)
-        else:
-            kt = tl.load(k_base + row0 * stride_kn + cols[None, :] * stride_kn + offs_d[:, None],
-                         mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
-                         mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
-        s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
-        p = tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None])
-        if MASKED:
-            visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
-                               key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
-            p = tl.where(visible, p, 0.0)
-        dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
-        if TOP_KEY:
-            seen_dp = dp
-            if MASKED:  # a NaN or inf of v at a key the row cannot see stays out of c
-                seen_dp = tl.where(visible, dp, 0.0)
-            top_p, top_j, top_dp, c, p_sum = _top_update(top_p, top_j, top_dp, c, p_sum, p, seen_dp, start_n)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_FP32, PRECISION)
+        visit = True
+        apply = False
+        if MASK:
+            visit, apply = _mask_tile(summary, stride_tm, stride_tn, start_m, start_n, L, S, BLOCK_M, BLOCK_N)
+        if visit:
+            dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_tile(
+                dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+                stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                stride_mm, stride_mn, apply, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED,
+                CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
     return dq, top_p, top_j, top_dp, c, p_sum
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DQ,
+def _bwd_dq_tile(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+                 stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
+                 stride_mm, stride_mn, apply, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr,
+                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
+    """One key tile's share of a query block's dQ (and its rows' top keys). ``apply`` (with MASK):
+    the mask tensor changes some score of the tile."""
+    offs_n = start_n + cols
+    row0 = tl.cast(start_n, tl.int64)
+    if MASKED:
+        in_s = offs_n < S
+        kt = tl.load(k_base + row0 * stride_kn + cols[None, :] * stride_kn + offs_d[:, None],
+                     mask=(offs_d[:, None] < HEAD_DIM) & in_s[None, :], other=0.0)
+        vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
+                     mask=(offs_dv[:, None] < HEAD_DIM_V) & in_s[None, :], other=0.0)
+    else:
+        kt = tl.load(k_base + row0 * stride_kn + cols[None, :] * stride_kn + offs_d[:, None],
+                     mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
+                     mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
+    s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+    if MASK:
+        if apply:
+            s = _mask_scores(s, mask_base, stride_mm, stride_mn, offs_m[:, None], offs_n[None, :], L, S, MASK)
+    p = tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None])
+    if MASKED:
+        visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
+                           key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
+        p = tl.where(visible, p, 0.0)
+    if MASK:  # keys the mask hides, also in rows it hides entirely (lse -inf: exp2(-inf + inf) is NaN)
+        p = tl.where(s == float("-inf"), 0.0, p)
+    dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    if TOP_KEY:
+        seen_dp = dp
+        if MASKED:  # a NaN or inf of v at a key the row cannot see stays out of c
+            seen_dp = tl.where(visible, dp, 0.0)
+        if MASK:  # nor one at a key the mask hides (P = 0 there, so it never becomes the top)
+            seen_dp = tl.where(s == float("-inf"), 0.0, seen_dp)
+        top_p, top_j, top_dp, c, p_sum = _top_update(top_p, top_j, top_dp, c, p_sum, p, seen_dp, start_n)
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_FP32, PRECISION)
+    return dq, top_p, top_j, top_dp, c, p_sum
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                    stride_dqb, stride_dqh, stride_dqm,
                    H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
                    S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   KEY_BOUNDS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
-                   ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                   KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                   TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
@@ -601,22 +758,25 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, DQ,
     key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
     start, mid_lo, mid_hi, hi = _key_range(start_m, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
                                            BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
+    mask_base = M + b * stride_mb + h * stride_mh
+    summary = MSUM + b * stride_tb + h * stride_th
     if WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
         dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
             dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-            stride_vn, offs_m, start, tl.minimum(mid_lo, hi), S, causal_offset, window_lo, window_hi, key_lo, key_hi,
-            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32,
+            stride_vn, start_m, offs_m, start, tl.minimum(mid_lo, hi), L, S, causal_offset, window_lo, window_hi,
+            key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM,
+            HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
             PRECISION, TOP_KEY)
     dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
         dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-        stride_vn, offs_m, mid_lo, mid_hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION,
-        TOP_KEY)
+        stride_vn, start_m, offs_m, mid_lo, mid_hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+        mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+        BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
     dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
         dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-        stride_vn, offs_m, mid_hi, hi, S, causal_offset, window_lo, window_hi, key_lo, key_hi, qk_scale,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, DOT_FP32, PRECISION,
-        TOP_KEY)
+        stride_vn, start_m, offs_m, mid_hi, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
+        mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+        BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
     if TOP_KEY:
         # c = dP - delta at the top key without cancellation (sum over the keys of P (dP_top - dP)), plus
         # dlse, which the preprocess left in TOP_C; the dK/dV kernel reads the top key and c. The row
@@ -683,7 +843,7 @@ INTERPRETER_TMA = False
 # Oldest GPU the kernels run on (bf16 tensor cores, cp.async); hardware_refusal refuses older ones.
 MIN_ARCH = 80
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                            features=frozenset({"causal", "window", "key_padding"}),
+                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask"}),
                             device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
@@ -764,7 +924,7 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # an argument. So the kernels take ARCH, DTYPE and ALIGNED as constexprs that only the key and the
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
-                     "WINDOW", "KEY_BOUNDS", "PRECISION", "GROUP"] + (["TMA"] if kind == "fwd" else [])
+                     "WINDOW", "KEY_BOUNDS", "MASK", "PRECISION", "GROUP"] + (["TMA"] if kind == "fwd" else [])
               for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -911,6 +1071,45 @@ def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor
     return kb, (spec.causal.offset(L, S), *(window or (-L, S))), flags
 
 
+def mask_summary(mask: Tensor) -> Tensor:
+    """The per-tile summary of a (B, H, L, S) mask tensor the kernels read (_mask_tile): a uint8 code per
+    MASK_CELL x MASK_CELL cell of (rows, keys), CELL_SEEN where the mask leaves some score visible
+    (bool True, float not -inf; NaN counts as visible), plus CELL_PLAIN where it changes none (bool
+    True, float 0). Computed once per launch over the mask's stored values only: a dim the mask
+    broadcasts (stride 0) is summarised once and the summary broadcasts it too, (B, H, cdiv(L, MASK_CELL),
+    cdiv(S, MASK_CELL)) with stride 0 there. Rows and keys past L and S count as neither."""
+    B, H, L, S = mask.shape
+    stored = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    if mask.dtype == torch.bool:
+        seen, plain = stored, stored
+    else:
+        seen, plain = stored != float("-inf"), stored == 0
+    b, h, rows, keys = stored.shape
+    cell_rows, cell_keys = (max(1, min(n, MASK_CELL)) for n in (rows, keys))  # a broadcast dim: one cell of one
+    pad = (0, -keys % cell_keys, 0, -rows % cell_rows)
+    cells = (b, h, -(-rows // cell_rows), cell_rows, -(-keys // cell_keys), cell_keys)
+    any_seen = torch.nn.functional.pad(seen.to(torch.uint8), pad, value=0).reshape(cells).amax((3, 5))
+    all_plain = torch.nn.functional.pad(plain.to(torch.uint8), pad, value=1).reshape(cells).amin((3, 5))
+    codes = any_seen * CELL_SEEN + all_plain * CELL_PLAIN
+    return codes.expand(B, H, -1, -1)
+
+
+def _mask_args(mask: Optional[Tensor], B: int, H: int, L: int, S: int, unused: Tensor) -> Tuple[tuple, int]:
+    """The kernels' view of a mask tensor: (mask, summary, the mask's 4 strides, the summary's 4) and the
+    MASK constexpr; without a mask, ``unused`` (any tensor) for both pointers, zero strides, MASK_NONE."""
+    if mask is None:
+        return (unused, unused) + (0,) * 8, MASK_NONE
+    if not (mask.shape == (B, H, L, S) and mask.device == unused.device
+            and mask.dtype in (torch.bool, torch.float32, torch.float16, torch.bfloat16)):
+        raise ValueError(f"fused_attn triton: mask must be a bool or float ({B}, {H}, {L}, {S}) tensor on "
+                         f"{unused.device}, got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+    summary = mask_summary(mask)
+    # A broadcast dim of one cell: stride 0, so any cell index reads it.
+    summary_strides = tuple(0 if n == 1 else st for n, st in zip(summary.shape, summary.stride()))
+    values = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return (values, summary, *values.stride(), *summary_strides), MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+
+
 def _common_meta(q: Tensor, v: Tensor, flags: dict, arch: Optional[int], strided) -> dict:
     E, EV = q.shape[3], v.shape[3]
     dot_fp32, precision = _modes(q.dtype)
@@ -920,19 +1119,22 @@ def _common_meta(q: Tensor, v: Tensor, flags: dict, arch: Optional[int], strided
 
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: AttnSpec,
-                 arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None) -> Launch:
+                 arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None,
+                 mask: Optional[Tensor] = None) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
-    (None: the interpreter); ``key_bounds`` int64 (B, 2) or None."""
+    (None: the interpreter); ``key_bounds`` int64 (B, 2) or None; ``mask`` a bool or float (B, H, L, S)
+    tensor (any strides) or None."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
     tensors = (q, k, v, out)
     kb, offsets, flags = _visibility_args(spec, L, S, key_bounds, B, lse)
+    mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, lse)
     meta = _common_meta(q, v, flags, arch, tensors)
     meta["TMA"] = use_tma(tensors, arch)
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
-    args = (*tensors, lse, kb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            H, H // HK, B * H, L, S, *offsets, spec.scale * LOG2E, _bucket(L), _bucket(S))
+    args = (*tensors, lse, kb, *mask_args[:2], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *mask_args[2:], H, H // HK, B * H, L, S, *offsets, spec.scale * LOG2E, _bucket(L), _bucket(S))
     return Launch("fwd", args, meta, _grid(L, B * H, "BLOCK_M"), _config("fwd", meta, arch, _bucket(L), deterministic))
 
 
@@ -945,7 +1147,7 @@ def uses_top_key(dtype: torch.dtype) -> bool:
 def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   delta: Tensor, top_j: Optional[Tensor], top_c: Optional[Tensor], dq: Tensor, dk: Tensor,
                   dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False,
-                  key_bounds: Optional[Tensor] = None) -> List[Launch]:
+                  key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> List[Launch]:
     """The backward's three launches, in order: preprocess (delta), dQ, dK/dV. For fp32 inputs
     (uses_top_key) the dQ kernel writes each row's top key and c to top_j (int32) and top_c (fp32),
     (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in)."""
@@ -959,16 +1161,18 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                  dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None, TOP_KEY=top),
                  _grid(L, B * H, "BLOCK_M"), pre_config)
     kb, offsets, flags = _visibility_args(spec, L, S, key_bounds, B, delta)
+    mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, delta)
     meta = _common_meta(q, v, flags, arch, (q, k, v, dout, dq, dk, dv))
     meta["TOP_KEY"] = top
     qk_scale, scale = spec.scale * LOG2E, spec.scale
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, dq, *strides, *dq.stride()[:3],
-                              H, H // HK, B * H, L, S, *offsets, qk_scale, scale, _bucket(L), _bucket(S)),
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_args[2:])
+    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], dq, *strides,
+                              *dq.stride()[:3], H, H // HK, B * H, L, S, *offsets, qk_scale, scale, _bucket(L),
+                              _bucket(S)),
                        meta, _grid(L, B * H, "BLOCK_M"), _config("dq", meta, arch, _bucket(L), deterministic))
-    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, dk, dv, *strides, *dk.stride()[:3],
-                           *dv.stride()[:3], HK, H // HK, B * HK, L, S, *offsets, qk_scale, scale, _bucket(L),
-                           _bucket(S)),
+    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], dk, dv, *strides,
+                           *dk.stride()[:3], *dv.stride()[:3], HK, H // HK, B * HK, L, S, *offsets, qk_scale, scale,
+                           _bucket(L), _bucket(S)),
                   meta, _grid(S, B * HK, "BLOCK_N"), _config("dkdv", meta, arch, _bucket(S), deterministic))
     return [pre, dq_launch, dkdv]
 
@@ -1002,7 +1206,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Option
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
-                          torch.are_deterministic_algorithms_enabled(), key_bounds)
+                          torch.are_deterministic_algorithms_enabled(), key_bounds, mask)
     _run(launch, q.device)
     return out, lse
 
@@ -1021,7 +1225,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     dv = new_output(v.shape, v.dtype, v.device)
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
                              delta, top_j, top_c, dq, dk, dv, spec, device_arch(q.device),
-                             torch.are_deterministic_algorithms_enabled(), key_bounds)
+                             torch.are_deterministic_algorithms_enabled(), key_bounds, mask)
     for launch in launches:
         _run(launch, q.device)
     return dq, dk, dv

@@ -181,10 +181,10 @@ def make_tensor(shape, dtype, layout):
 
 
 def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=True, window=(-1, -1),
-                key_padding=False):
+                key_padding=False, mask_kind=None):
     """Forward (and backward) through fused_attn.scaled_dot_product_attention on a fake sm_<arch>
-    (``window``; ``key_padding``: a mask that pads the last keys of batch 0, i.e. key bounds);
-    returns the Capture."""
+    (``window``; ``key_padding``: a mask that pads the last keys of batch 0, i.e. key bounds; ``mask_kind``
+    "bool" or "float": a random (B, 1, L, S) mask tensor of that kind, ~30% hidden); returns the Capture."""
     q = make_tensor((B, H, L, E), dtype, layout).requires_grad_()
     k = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
     v = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
@@ -192,6 +192,9 @@ def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=Tr
     if key_padding:
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
         mask[0, ..., S // 2:] = False
+    elif mask_kind is not None:
+        hidden = torch.rand(B, 1, L, S) < 0.3
+        mask = ~hidden if mask_kind == "bool" else torch.randn(B, 1, L, S).masked_fill(hidden, float("-inf")).to(dtype)
     with fake_gpu(arch) as cap:
         out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != HK,
                                                       window=window, backend="triton")
@@ -222,7 +225,7 @@ def compile_record(record: dict) -> dict:
     c = record["constexprs"]
     return dict(kind=record["kind"], arch=record["arch"], head_dim=c.get("HEAD_DIM", c.get("HEAD_DIM_V")),
                 dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), window=c.get("WINDOW", "-"),
-                key_bounds=c.get("KEY_BOUNDS", "-"), tma=bool(c.get("TMA")),
+                key_bounds=c.get("KEY_BOUNDS", "-"), mask=c.get("MASK", "-"), tma=bool(c.get("TMA")),
                 aligned=c.get("ALIGNED", "-"),
                 config=f"M{c.get('BLOCK_M')}/N{c.get('BLOCK_N', '-')}/w{record['num_warps']}/s{record['num_stages']}",
                 regs=res.get("REG", -1), spill=res.get("LOCAL", 0) + res.get("STACK", 0), smem=k.metadata.shared,
@@ -267,13 +270,13 @@ def notes(rows) -> list:
 
 
 def print_table(rows) -> None:
-    print(f"{'kernel':8} {'arch':6} {'D':>4} {'dtype':5} {'causal':6} {'window':6} {'bounds':6} {'aligned':7} "
-          f"{'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
+    print(f"{'kernel':8} {'arch':6} {'D':>4} {'dtype':5} {'causal':6} {'window':6} {'bounds':6} {'mask':4} "
+          f"{'aligned':7} {'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
     for r in rows:
         kernel = r["kind"] + ("+tma" if r["tma"] else "")
         print(f"{kernel:8} sm_{r['arch']:<3} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
-              f"{str(r['window']):6} {str(r['key_bounds']):6} {str(r['aligned']):7} {r['config']:16} {r['regs']:>4} "
-              f"{r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
+              f"{str(r['window']):6} {str(r['key_bounds']):6} {str(r['mask']):4} {str(r['aligned']):7} "
+              f"{r['config']:16} {r['regs']:>4} {r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
 
 
 def compile_all(records, jobs: int) -> list:
@@ -294,9 +297,12 @@ REPRESENTATIVE = [(64, torch.float16, True, (4, 2)), (128, torch.bfloat16, False
                   (256, torch.bfloat16, True, (4, 2)), (96, torch.float32, False, (2, 2)),
                   (256, torch.float32, True, (4, 2))]
 QUICK = [(128, torch.bfloat16, False, (2, 2)), (256, torch.float16, True, (4, 2))]
-# The sliding window and key bounds together (their scalars, extra loops and masks) where registers are tightest
+# The sliding window and key bounds together (their scalars, extra loops and masks) where registers are tightest;
+# the same shapes with a mask tensor (MASK: its loads, the per-tile summary and the tile skip), bf16 with a
+# float mask in the inputs' dtype, fp32 with a boolean one
 VISIBILITY = [(256, torch.bfloat16, True, (4, 2)), (256, torch.float32, True, (4, 2))]
 VISIBILITY_WINDOW = (64, 0)
+MASK_KIND = {torch.bfloat16: "float", torch.float32: "bool"}
 LENGTH = 256  # no shorter than any block, so the length rule prunes nothing
 
 
@@ -305,13 +311,14 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
     autotuner would benchmark; on sm_90 and newer fp16/bf16 also the forward of misaligned inputs
     (the pointer path, where aligned inputs take TMA), up to head dim 128: at 256 it spills with
     every config (triton_attention.MISALIGNED_REGISTER_SHARE). Each shape of ``visibility`` once more
-    with a sliding window and key bounds."""
+    with a sliding window and key bounds, and once with a mask tensor (MASK_KIND)."""
     records = []
     for arch in archs:
         for head_dim, dtype, causal, (H, HK) in visibility:
-            cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal,
-                              window=VISIBILITY_WINDOW, key_padding=True)
-            records += [r for r in cap.records if r["phase"] == "bench"]
+            for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True), dict(mask_kind=MASK_KIND[dtype])):
+                cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal, **extra)
+                # every config benchmarked, and the launch of a kernel whose prune keeps one (no benchmark)
+                records += [r for r in cap.records if r["kind"] != "pre"]
         for head_dim, dtype, causal, (H, HK) in reps:
             cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal)
             records += [r for r in cap.records if r["phase"] == "bench" or r["kind"] == "pre"]
