@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "params.h"
+#include "tile_ops.h"
 
 namespace fused_attn::cpu {
 
@@ -43,6 +44,31 @@ inline const T* mask_row(const MaskRef& m, int64_t b, int64_t h, int64_t i, int6
   return static_cast<const T*>(m.ptr) + b * m.batch + h * m.head + i * m.row + j * m.col;
 }
 
+// Whether any of a mask row's columns [cb, ce) (stride cs) lets its score through (seen), and
+// whether all leave it unchanged (plain): bool True; float not -inf, and 0.
+template <typename T>
+FA_ALWAYS_INLINE void classify_row(const T* row, int64_t cb, int64_t ce, int64_t cs, bool& seen, bool& plain) {
+  int any = 0, all = 1;
+  if constexpr (std::is_same_v<T, uint8_t>) {
+#pragma omp simd reduction(| : any) reduction(& : all)
+    for (int64_t c = cb; c < ce; ++c) {
+      const int x = row[c * cs] != 0;
+      any |= x;
+      all &= x;
+    }
+  } else {
+    constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(| : any) reduction(& : all)
+    for (int64_t c = cb; c < ce; ++c) {
+      const float x = static_cast<float>(row[c * cs]);
+      any |= x != NEG_INF;
+      all &= x == 0.0f;
+    }
+  }
+  seen = any != 0;
+  plain = all != 0;
+}
+
 // How the mask treats the visible scores of query rows [i0, i0 + rows) and keys [j0, j0 + cols)
 // (row r's visible columns iv[r], relative to j0; iv nullptr: all): NONE hides them all, FULL
 // leaves them all unchanged, PARTIAL otherwise.
@@ -55,19 +81,10 @@ inline TileMask classify_mask_tile(const MaskRef& m, int64_t b, int64_t h, int64
       const KeyInterval keys = iv ? iv[r] : KeyInterval{0, cols};
       const T* row = mask_row<T>(m, b, h, i0 + r, j0);
       bool seen = false, plain = true;
-      if constexpr (std::is_same_v<T, uint8_t>) {
-        for (int64_t c = keys.begin; c < keys.end; ++c) {
-          const bool x = row[c * m.col] != 0;
-          seen |= x;
-          plain &= x;
-        }
+      if (m.col == 1) {  // the usual layout: a loop the compiler vectorises
+        classify_row(row, keys.begin, keys.end, 1, seen, plain);
       } else {
-        constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-        for (int64_t c = keys.begin; c < keys.end; ++c) {
-          const float x = static_cast<float>(row[c * m.col]);
-          seen |= x != NEG_INF;
-          plain &= x == 0.0f;
-        }
+        classify_row(row, keys.begin, keys.end, m.col, seen, plain);
       }
       any_seen |= seen;
       all_plain &= plain;
@@ -75,6 +92,19 @@ inline TileMask classify_mask_tile(const MaskRef& m, int64_t b, int64_t h, int64
     }
     return all_plain ? TileMask::FULL : any_seen ? TileMask::PARTIAL : TileMask::NONE;
   });
+}
+
+// One row of apply_mask_tile: scores sr[c], c in [cb, ce), against mask values row[c * cs].
+template <typename T, typename acc_t>
+FA_ALWAYS_INLINE void mask_row_scores(acc_t* sr, const T* row, int64_t cb, int64_t ce, int64_t cs, acc_t hidden,
+                                      acc_t mult) {
+  if constexpr (std::is_same_v<T, uint8_t>) {
+#pragma omp simd
+    for (int64_t c = cb; c < ce; ++c) sr[c] = row[c * cs] ? sr[c] : hidden;
+  } else {
+#pragma omp simd
+    for (int64_t c = cb; c < ce; ++c) sr[c] += static_cast<acc_t>(row[c * cs]) * mult;
+  }
 }
 
 // The mask on a score tile s (rows x cols, ld) of query rows i0.. and keys j0.. (see the
@@ -89,13 +119,10 @@ inline void apply_mask_tile(const MaskRef& m, int64_t b, int64_t h, int64_t i0, 
       const KeyInterval keys = iv ? iv[r] : KeyInterval{0, cols};
       const T* row = mask_row<T>(m, b, h, i0 + r, j0);
       acc_t* sr = s + r * ld;
-      const int64_t cs = m.col;
-      if constexpr (std::is_same_v<T, uint8_t>) {
-#pragma omp simd
-        for (int64_t c = keys.begin; c < keys.end; ++c) sr[c] = row[c * cs] ? sr[c] : hidden;
+      if (m.col == 1) {  // the usual layout: a loop the compiler vectorises
+        mask_row_scores(sr, row, keys.begin, keys.end, 1, hidden, mult);
       } else {
-#pragma omp simd
-        for (int64_t c = keys.begin; c < keys.end; ++c) sr[c] += static_cast<acc_t>(row[c * cs]) * mult;
+        mask_row_scores(sr, row, keys.begin, keys.end, m.col, hidden, mult);
       }
     }
   });
