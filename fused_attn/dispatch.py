@@ -146,10 +146,12 @@ class ReferenceBackend:
         window = (p.spec.window_left, p.spec.window_right)
         if p.cu_seqlens_q is not None:
             out, lse = reference.varlen_attention(p.q, p.k, p.v, p.cu_seqlens_q, p.cu_seqlens_k, p.spec.dropout_p,
-                                                  p.spec.causal, p.spec.scale, window=window, compute_dtype=dt)
+                                                  p.spec.causal, p.spec.scale, window=window,
+                                                  alibi_slopes=p.alibi_slopes, compute_dtype=dt)
         else:
             out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
-                                           window=window, key_bounds=p.key_bounds, compute_dtype=dt)
+                                           window=window, key_bounds=p.key_bounds, alibi_slopes=p.alibi_slopes,
+                                           compute_dtype=dt)
         return out.to(p.dtype), lse
 
 

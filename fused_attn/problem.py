@@ -43,6 +43,9 @@ class Problem:
     # within the sequence; int64 (n_seq + 1,) on q's device. None: one sequence.
     cu_seqlens_q: Optional[Tensor] = None
     cu_seqlens_k: Optional[Tensor] = None
+    # ALiBi, FlashAttention-2's: fp32 (B, Hq) (varlen: (n_seq, Hq)) slopes; the score of query i and
+    # key j gets -slope * |i + S - L - j| (S, L the sequence's) added after the scale. None: no ALiBi.
+    alibi_slopes: Optional[Tensor] = None
 
     def tensor_args(self) -> Dict[str, Tensor]:
         """The call's tensors the kernel ops take (``spec.TENSOR_ARGS``), those given, by name."""
@@ -59,6 +62,8 @@ class Problem:
             used = used | {"key_padding"}
         if self.cu_seqlens_q is not None:
             used = used | {"varlen"}
+        if self.alibi_slopes is not None:
+            used = used | {"alibi"}
         return used
 
     @property
@@ -195,8 +200,26 @@ def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
     return Problem(q, k, v, None, spec, (B, Hq, L, vs[3]))
 
 
+def _alibi(slopes, rows: Tuple[int, ...], n_rows: int, H: int, device) -> Tensor:
+    """ALiBi slopes checked (fp32, on ``device``, broadcastable to ``rows + (H,)``: per head, or per
+    batch entry / sequence and head) and made (n_rows, H) contiguous."""
+    if not isinstance(slopes, Tensor) or slopes.dtype != torch.float32:
+        raise TypeError("alibi_slopes must be a float32 tensor of shape (H,) or (batch..., H), got "
+                        + (f"{slopes.dtype} {_shape(slopes)}" if isinstance(slopes, Tensor) else type(slopes).__name__))
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but the inputs are on {device}")
+    full = rows + (H,)
+    try:
+        ok = slopes.dim() >= 1 and tuple(torch.broadcast_shapes(slopes.shape, full)) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"alibi_slopes of shape {_shape(slopes)} does not broadcast to {full} (batch..., heads)")
+    return slopes.expand(full).reshape(n_rows, H).contiguous()
+
+
 def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                 scale=None, enable_gqa=False, window=None) -> Problem:
+                 scale=None, enable_gqa=False, window=None, alibi_slopes=None) -> Problem:
     """Check the arguments of ``scaled_dot_product_attention`` and canonicalise them.
 
     Accepts what torch's SDPA accepts: q, k, v of any ranks >= 2 whose leading dims (the
@@ -206,7 +229,7 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     only pads keys becomes per-batch key bounds (``Problem.key_bounds``, see _key_padding_bounds).
     """
     window = (-1, -1) if window is None else _window(window)
-    if attn_mask is None and not dropout_p and window == (-1, -1):
+    if attn_mask is None and not dropout_p and window == (-1, -1) and alibi_slopes is None:
         p = _common_call(query, key, value, is_causal, scale, enable_gqa)
         if p is not None:
             return p
@@ -318,7 +341,8 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     out_shape = out_batch + (L, v.shape[-1])
     spec = AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p), window_left=window[0],
                     window_right=window[1])
-    return Problem(q, k, v, mask, spec, out_shape, key_bounds)
+    alibi = None if alibi_slopes is None else _alibi(alibi_slopes, batch, B, H, q.device)
+    return Problem(q, k, v, mask, spec, out_shape, key_bounds, alibi_slopes=alibi)
 
 
 def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) -> Tuple[Tensor, int]:
@@ -339,7 +363,7 @@ def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) ->
 
 
 def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                        scale=None, causal=False, window=None) -> Problem:
+                        scale=None, causal=False, window=None, alibi_slopes=None) -> Problem:
     """Check the arguments of ``varlen_attention`` and pack them as one problem of batch 1: q
     (1, Hq, total_q, E), k and v (1, Hk, total_k, E / Ev) views of the packed (total, H, E) inputs,
     with the sequences' offsets (``Problem.cu_seqlens_q`` / ``_k``); causal is lower-right per sequence."""
@@ -375,4 +399,6 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     spec = AttnSpec(scale=float(scale), causal=mode, dropout_p=float(dropout_p), window_left=window[0],
                     window_right=window[1])
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    return Problem(q4, k4, v4, None, spec, (1, Hq, Lt, Ev), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    alibi = None if alibi_slopes is None else _alibi(alibi_slopes, (n_seq,), n_seq, Hq, q.device)
+    return Problem(q4, k4, v4, None, spec, (1, Hq, Lt, Ev), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                   alibi_slopes=alibi)

@@ -36,6 +36,7 @@ def attention(
     *,
     window: Tuple[int, int] = (-1, -1),
     key_bounds: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Naive attention on canonical inputs.
@@ -44,7 +45,8 @@ def attention(
     (head i of q uses kv head ``i // (Hq // Hk)``). ``attn_mask``: boolean (True =
     may attend) or additive float, broadcastable to (B, Hq, L, S); it combines
     with ``causal``, the sliding ``window`` (left, right; ``AttnSpec``'s) and the per-batch
-    ``key_bounds`` ((B, 2): batch b sees keys [begin, end) only). Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
+    ``key_bounds`` ((B, 2): batch b sees keys [begin, end) only). ``alibi_slopes`` (B or 1, Hq):
+    ``-slope * |i + S - L - j|`` added to the scaled scores. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
     ``compute_dtype``.
     """
     dt = compute_dtype or q.dtype
@@ -57,6 +59,10 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
+    if alibi_slopes is not None:
+        i = torch.arange(L, device=q.device)[:, None] + (S - L)
+        j = torch.arange(S, device=q.device)[None, :]
+        s = s - alibi_slopes.to(dt)[:, :, None, None] * (i - j).abs().to(dt)
     spec = AttnSpec(scale=scale, causal=CausalMode(causal), window_left=window[0], window_right=window[1])
     allowed = visible_keys(L, S, spec, key_bounds, q.device)
     if attn_mask is not None:
@@ -96,12 +102,13 @@ def varlen_attention(
     scale: Optional[float] = None,
     *,
     window: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Variable-length sequences packed along the rows: q (1, Hq, total_q, E), k, v (1, Hk, total_k,
     E / Ev); sequence b is query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) against key rows
     [cu_seqlens_k[b], cu_seqlens_k[b + 1]), each computed by :func:`attention` on its own (causal
-    and window aligned within the sequence). Returns ``(out (1, Hq, total_q, Ev), lse (1, Hq, total_q))``."""
+    and window aligned within the sequence; ``alibi_slopes`` (n_seq, Hq), row b the sequence's). Returns ``(out (1, Hq, total_q, Ev), lse (1, Hq, total_q))``."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     dt = compute_dtype or q.dtype
     outs, lses = [], []
@@ -112,7 +119,9 @@ def varlen_attention(
             lses.append(q.new_full((1, q.shape[1], n), float("-inf"), dtype=dt))
             continue
         o, l_ = attention(q[:, :, cq[b]:cq[b + 1]], k[:, :, ck[b]:ck[b + 1]], v[:, :, ck[b]:ck[b + 1]], None,
-                          dropout_p, causal, scale, window=window, compute_dtype=compute_dtype)
+                          dropout_p, causal, scale, window=window,
+                          alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
+                          compute_dtype=compute_dtype)
         outs.append(o)
         lses.append(l_)
     if not outs:

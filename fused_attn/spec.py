@@ -9,8 +9,9 @@ same fields are ``csrc/common/attn_params.h`` (``Visibility``, ``scale``).
 
 Tensors that describe the call travel in the :class:`~fused_attn.problem.Problem` beside the
 spec; the ops take them as their last arguments (:data:`TENSOR_ARGS`, None where unused):
-``key_bounds`` (a key-padding mask normalised by ``make_problem``), ``mask``, and
-``cu_seqlens_q`` / ``cu_seqlens_k`` (variable-length sequences packed into one problem). :meth:`Problem.features` names what a call uses beyond plain attention;
+``key_bounds`` (a key-padding mask normalised by ``make_problem``), ``mask``,
+``cu_seqlens_q`` / ``cu_seqlens_k`` (variable-length sequences packed into one problem) and
+``alibi_slopes``. :meth:`Problem.features` names what a call uses beyond plain attention;
 each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
 derives its refusal messages from that data.
 
@@ -84,11 +85,12 @@ FEATURES = {
     "window": "a sliding window",
     "key_padding": "a key-padding mask",
     "varlen": "varlen_attention (packed variable-length sequences)",
+    "alibi": "ALiBi (alibi_slopes)",
 }
 
 # The call's tensors the kernel ops take after the spec's fields (Problem's fields of these names;
 # None where unused): per-batch key bounds, the mask tensor, the varlen sequences' offsets.
-TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k")
+TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
 # The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, then the
 # tensors of TENSOR_ARGS.
 OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, "

@@ -320,3 +320,78 @@ def test_masks_the_cpu_kernels_leave_to_the_reference():
     torch.testing.assert_close(trained.grad, ref_mask.grad)
     why = fused_attn.explain_dispatch(q, k, v, torch.randn(8, 8), scale=1e-31)
     assert why["cpu"] == "a float attn_mask with |scale| < 1e-30 is not supported, got scale = 1e-31"
+
+
+# ---- ALiBi (FlashAttention-2's: -slope * |i + S - L - j| added after the scale) -----------------
+
+ALIBI_CASES = {  # id -> (L, S, causal mode, window, padding runs or mask, per-batch slopes)
+    "heads": (113, 203, CausalMode.NONE, (-1, -1), None, False),
+    "per_batch_causal_lower_right": (97, 203, CausalMode.LOWER_RIGHT, (-1, -1), None, True),
+    "upper_left_L_gt_S": (203, 97, CausalMode.UPPER_LEFT, (-1, -1), None, False),
+    "window_across_blocks": (600, 700, CausalMode.NONE, (130, 7), None, False),
+    "key_padding": (113, 700, CausalMode.NONE, (-1, -1), [(0, 640), (300, 700)], True),
+    "bool_mask": (113, 203, CausalMode.NONE, (-1, -1), "bool", False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(ALIBI_CASES))
+def test_alibi_in_the_cpu_kernels(case, dtype):
+    L, S, mode, window, masking, per_batch = ALIBI_CASES[case]
+    q, k, v = make_inputs(B, HQ, HK, L, S, 32, 24, dtype)
+    g = torch.Generator().manual_seed(11)
+    slopes = torch.rand((B, HQ) if per_batch else (HQ,), generator=g) * 0.3
+    mask = None
+    if masking == "bool":
+        mask = torch.rand(B, 1, L, S, generator=g) > 0.3
+    elif masking is not None:
+        mask = _padding_mask(masking, S)
+    p = make_problem(q, k, v, mask, is_causal=mode is CausalMode.UPPER_LEFT, enable_gqa=True, window=window,
+                     alibi_slopes=slopes)
+    assert "alibi" in p.features() and p.alibi_slopes.shape == (B, HQ)
+    check_backend("cpu", q, k, v, mode, with_lse_grad=True, window=window, attn_mask=mask, alibi_slopes=slopes)
+
+
+def test_alibi_moves_the_output_and_matches_torch_with_the_bias_as_a_mask():
+    """The same call through torch SDPA with ALiBi written out as an additive float mask."""
+    q, k, v = make_inputs(2, 4, 4, 9, 13, 16, 16, torch.float64)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    i, j = torch.arange(9)[:, None] + 13 - 9, torch.arange(13)[None, :]
+    bias = -slopes[:, None, None].double() * (i - j).abs()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    got = fused_attn.scaled_dot_product_attention(q, k, v, alibi_slopes=slopes, backend="cpu")
+    torch.testing.assert_close(got, want)
+    assert (got - fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("slopes,error,match", [
+    (torch.ones(3), ValueError, r"alibi_slopes of shape \(3\) does not broadcast to \(2, 4\)"),
+    (torch.ones(4, dtype=torch.float64), TypeError, "alibi_slopes must be a float32 tensor"),
+    ([0.5] * 4, TypeError, "alibi_slopes must be a float32 tensor"),
+])
+def test_bad_alibi_slopes_say_what_was_passed(slopes, error, match):
+    q, k, v = make_inputs(2, 4, 4, 5, 5, 8, 8, torch.float32)
+    with pytest.raises(error, match=match):
+        fused_attn.scaled_dot_product_attention(q, k, v, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["heads", "per_sequence"])
+def test_varlen_alibi_in_the_cpu_kernels(per_sequence):
+    """varlen_attention with ALiBi: each sequence's own S - L and (per_sequence) its own slopes, against
+    scaled_dot_product_attention on each sequence alone (fp64)."""
+    lengths = [(5, 9), (0, 3), (40, 40), (17, 1)]
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(sum(a for a, _ in lengths), 4, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(sum(b for _, b in lengths), 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    cu = lambda n: torch.tensor([0] + torch.tensor(n).cumsum(0).tolist())  # noqa: E731
+    cu_q, cu_k = cu([a for a, _ in lengths]), cu([b for _, b in lengths])
+    slopes = torch.rand((len(lengths), 4) if per_sequence else (4,), generator=g)
+    out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, causal=True, alibi_slopes=slopes, backend="cpu")
+    for s, (a, b) in enumerate(lengths):
+        if a == 0:
+            continue
+        qs, ks = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        alone = fused_attn.scaled_dot_product_attention(
+            q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1), enable_gqa=True, window=(-1, 0),
+            alibi_slopes=slopes[s] if per_sequence else slopes, backend="reference")
+        torch.testing.assert_close(out[qs], alone.transpose(0, 1))

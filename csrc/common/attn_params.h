@@ -68,23 +68,27 @@ struct Visibility {
   const int64_t* cu_k = nullptr;
   int64_t n_seq = 0;
 
+  // Where query row i stands: its sequence (0 without varlen), its row in it, the sequence's first
+  // key and key count, and its diagonals' offsets (causal, window: S - L of the sequence).
+  struct Frame {
+    int64_t seq, row, first, count, causal_offset, window_offset;
+  };
+  FA_COMMON_FN Frame frame(int64_t i, int64_t len_k) const {
+    if (cu_q == nullptr) return {0, i, 0, len_k, causal_offset, window_offset};
+    int64_t lo = 0, hi = n_seq;  // the sequence of row i: the last s with cu_q[s] <= i
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (cu_q[mid] <= i) lo = mid; else hi = mid;
+    }
+    const int64_t len_q_s = cu_q[lo + 1] - cu_q[lo], count = cu_k[lo + 1] - cu_k[lo];
+    return {lo, i - cu_q[lo], cu_k[lo], count, causal == kCausalLowerRight ? count - len_q_s : 0, count - len_q_s};
+  }
+
   // Keys [begin, end) of [0, len_k) that query row i sees (empty as end <= begin).
   template <class Index>
   FA_COMMON_FN KeyInterval<Index> keys(Index i, Index len_k) const {
-    int64_t row = static_cast<int64_t>(i), first = 0, count = len_k, c_off = causal_offset, w_off = window_offset;
-    if (cu_q != nullptr) {  // the sequence of row i: the last s with cu_q[s] <= i
-      int64_t lo = 0, hi = n_seq;
-      while (hi - lo > 1) {
-        const int64_t mid = (lo + hi) / 2;
-        if (cu_q[mid] <= row) lo = mid; else hi = mid;
-      }
-      const int64_t len_q_s = cu_q[lo + 1] - cu_q[lo];
-      row -= cu_q[lo];
-      first = cu_k[lo];
-      count = cu_k[lo + 1] - first;
-      c_off = causal == kCausalLowerRight ? count - len_q_s : 0;
-      w_off = count - len_q_s;
-    }
+    const Frame f = frame(static_cast<int64_t>(i), static_cast<int64_t>(len_k));
+    const int64_t row = f.row, first = f.first, count = f.count, c_off = f.causal_offset, w_off = f.window_offset;
     // [b, e) relative to the sequence's first key
     int64_t b = key_begin - first, e = (key_end < static_cast<int64_t>(len_k) ? key_end : len_k) - first;
     if (e > count) e = count;
@@ -135,6 +139,9 @@ struct AttnFwdCommon {
   // nullptr: every key.
   const int64_t* key_bounds = nullptr;
   MaskRef mask;  // kind kMaskNone: no mask tensor
+  // ALiBi slopes, fp32 (batch or, varlen, sequences) x heads_q; nullptr: none. The score of query
+  // i and key j gets -slope * |i + S - L - j| after the scale (mask_ops.h: apply_alibi_tile).
+  const float* alibi = nullptr;
 
   // What the rows of batch entry b see.
   FA_COMMON_FN Visibility visibility(int64_t b) const {

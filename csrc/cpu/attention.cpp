@@ -49,6 +49,7 @@ struct SpecArgs {
   const std::optional<at::Tensor>& mask;
   const std::optional<at::Tensor>& cu_seqlens_q;
   const std::optional<at::Tensor>& cu_seqlens_k;
+  const std::optional<at::Tensor>& alibi_slopes;
 };
 
 // One of varlen's cumulative sequence lengths: int64 (n_seq + 1,), 0 first, non-decreasing, total last.
@@ -140,16 +141,27 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
     c.vis.cu_k = cu_seqlens(*spec.cu_seqlens_k, "cu_seqlens_k", n_seq, d.len_k);
     c.vis.n_seq = n_seq;
   }
+  if (spec.alibi_slopes.has_value()) {
+    const at::Tensor& a = *spec.alibi_slopes;
+    const int64_t rows = c.vis.cu_q ? c.vis.n_seq : d.batch;
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 2 &&
+                    a.size(0) == rows && a.size(1) == d.heads_q,
+                "alibi_slopes must be a contiguous float32 CPU tensor of shape (", rows, ", ", d.heads_q, "), got ",
+                a.scalar_type(), " ", a.sizes(), " on ", a.device());
+    c.alibi = a.data_ptr<float>();
+  }
   return c;
 }
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              int64_t causal, double scale, int64_t window_left, int64_t window_right,
              const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
-             const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
+             const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+             const std::optional<at::Tensor>& alibi_slopes) {
   AttnFwdParams p{};
-  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(
-      q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask, cu_seqlens_q, cu_seqlens_k});
+  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
+                                                                          key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
+                                                                          alibi_slopes});
   const Dims& d = p.dims;
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
@@ -168,10 +180,12 @@ void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, con
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
               int64_t window_right, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
-              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
+              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+              const std::optional<at::Tensor>& alibi_slopes) {
   AttnBwdParams p{};
-  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(
-      q, k, v, SpecArgs{causal, scale, window_left, window_right, key_bounds, mask, cu_seqlens_q, cu_seqlens_k});
+  static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
+                                                                          key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
+                                                                          alibi_slopes});
   const Dims& d = p.dims;
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());

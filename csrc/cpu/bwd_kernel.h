@@ -169,6 +169,7 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
           if (!use_micro) gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row,
                                acc_t(0), s, BK);
           if (p.mask.kind != kMaskNone) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, nullptr, s, BK, mask_mult);
+          if (p.alibi != nullptr) apply_alibi_tile(p, vis, b, h, i0, rows, j0, kc, nullptr, s, BK, mask_mult);
           for (int64_t r = 0; r < rows; ++r) {
             if (!ex[i0 + r]) continue;
             const acc_t* y = s + r * BK;
@@ -356,13 +357,18 @@ void attention_backward(AttnBwdParams p) {
                                               : TileMask::FULL;
             if (by_mask == TileMask::NONE) continue;
             const bool apply_mask = by_mask == TileMask::PARTIAL;
+            const bool rewrite = apply_mask || p.alibi != nullptr;  // scores changed before P
+            const auto rewrite_scores = [&] {
+              if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
+              if (p.alibi != nullptr) apply_alibi_tile(p, vis, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
+            };
             acc_t* dq_blk = dq_chunk + (bh * d.len_q + i0) * d.head_dim;
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
-                if (apply_mask) {  // raw scores, the mask, then P (the AVX-512 clone of probs)
+                if (rewrite) {  // raw scores, the mask / ALiBi, then P (the AVX-512 clone of probs)
                   gemm_f32_avx512<false>(rows, kc, d.head_dim, 1.0f, q_blk, p.q_stride.row, k_t, BK, s, BK, false);
-                  apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
+                  rewrite_scores();
                   probs(s, BK, rows, kc, iv, g, a, hi_blk, lo_blk);
                 } else if (masked)
                   gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
@@ -388,8 +394,8 @@ void attention_backward(AttnBwdParams p) {
 #endif
             gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row, acc_t(0), s,
                  BK);
-            if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
-            probs(s, BK, rows, kc, masked || apply_mask ? iv : nullptr, g, a, hi_blk, lo_blk);
+            if (rewrite) rewrite_scores();
+            probs(s, BK, rows, kc, masked || rewrite ? iv : nullptr, g, a, hi_blk, lo_blk);
             gemm(false, true, rows, kc, d.head_dim_v, acc_t(1), do_blk, p.do_stride.row, v_blk, p.v_stride.row,
                  acc_t(0), dp, BK);
             dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);

@@ -447,7 +447,7 @@ void attention_forward(AttnFwdParams p) {
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
   // A mask tensor's float values enter the raw scores as bias / scale (mask_ops.h).
-  const bool has_mask = p.mask.kind != kMaskNone;
+  const bool has_mask = p.mask.kind != kMaskNone, has_alibi = p.alibi != nullptr;
   const acc_t mask_mult = static_cast<acc_t>(1.0 / p.scale);
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
@@ -527,12 +527,17 @@ void attention_forward(AttnFwdParams p) {
                                           : TileMask::FULL;
         if (by_mask == TileMask::NONE) continue;
         const bool apply_mask = by_mask == TileMask::PARTIAL;
+        const bool rewrite = apply_mask || has_alibi;  // scores changed before the softmax
+        const auto rewrite_scores = [&] {
+          if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
+          if (has_alibi) apply_alibi_tile(p, vis, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
+        };
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
-          if (use_micro && apply_mask) {  // scores, the mask, then the softmax pass (AVX-512 clone)
+          if (use_micro && rewrite) {  // scores, the mask / ALiBi, then the softmax pass (AVX-512 clone)
             packed->scores_raw(j0, q_blk, p.q_stride.row, rows, cols, s, BK);
-            apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
+            rewrite_scores();
             online_softmax(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr);
             gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
                                    true, corr);
@@ -556,7 +561,7 @@ void attention_forward(AttnFwdParams p) {
         if (!use_packed)
           gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row,
                p.k_stride.row, acc_t(0), s, BK);
-        if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
+        if (rewrite) rewrite_scores();
         softmax_step<scalar_t>(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr, p16, BK);
         if constexpr (LOW_PRECISION) {
           scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);

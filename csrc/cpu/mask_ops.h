@@ -128,6 +128,25 @@ inline void apply_mask_tile(const MaskRef& m, int64_t b, int64_t h, int64_t i0, 
   });
 }
 
+// ALiBi on a score tile s (rows x cols, ld) of query rows i0.. and keys j0.. of query head h in
+// batch entry b, inside row r's visible columns iv[r] (nullptr: all): s += -slope |i + S - L - j| mult
+// (mult as for float masks; S - L, and the slope's row, those of the row's sequence for varlen).
+template <typename acc_t>
+inline void apply_alibi_tile(const AttnFwdCommon<int64_t>& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0,
+                             int64_t rows, int64_t j0, int64_t cols, const KeyInterval* iv, acc_t* s, int64_t ld,
+                             acc_t mult) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const KeyInterval keys = iv ? iv[r] : KeyInterval{0, cols};
+    const Visibility::Frame f = vis.frame(i0 + r, p.dims.len_k);
+    const acc_t slope = static_cast<acc_t>(p.alibi[(vis.cu_q ? f.seq : b) * p.dims.heads_q + h]);
+    const acc_t step = -slope * mult;
+    const int64_t diag = f.first + f.row + f.window_offset - j0;  // the column at distance 0
+    acc_t* sr = s + r * ld;
+#pragma omp simd
+    for (int64_t c = keys.begin; c < keys.end; ++c) sr[c] += step * static_cast<acc_t>(std::abs(diag - c));
+  }
+}
+
 // Whether the mask lets query row i of head h in batch entry b see key j.
 inline bool mask_admits(const MaskRef& m, int64_t b, int64_t h, int64_t i, int64_t j) {
   return mask_type_switch(m.kind, [&](auto zero) {

@@ -68,7 +68,8 @@ except ImportError as e:  # built without the C++ extension, or a broken build
                      "`pip install --no-build-isolation .` and torch installed")
 
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
-                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask", "varlen"}))
+                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask", "varlen",
+                                                      "alibi"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -141,16 +142,17 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
 forward, backward = define_ops("cpu", __name__, ("cpu",), saved_lse_dtype)
 
 
-# A float mask enters the raw scores as bias / scale (csrc/cpu/mask_ops.h): |scale| below this would
-# overflow it.
+# A float mask or ALiBi bias enters the raw scores as bias / scale (csrc/cpu/mask_ops.h): |scale|
+# below this would overflow it.
 FLOAT_MASK_MIN_SCALE = 1e-30
 
 
 def hardware_refusal(p, explicit: bool) -> Optional[str]:
     """Why this install cannot run problem ``p`` beyond what CAPABILITIES says (None: it can)."""
-    if _IMPORT_ERROR is None and p.mask is not None and p.mask.dtype != torch.bool \
-            and abs(p.spec.scale) < FLOAT_MASK_MIN_SCALE:
-        return f"a float attn_mask with |scale| < {FLOAT_MASK_MIN_SCALE:g} is not supported, got scale = {p.spec.scale:g}"
+    biased = (p.mask is not None and p.mask.dtype != torch.bool) or p.alibi_slopes is not None
+    if _IMPORT_ERROR is None and biased and abs(p.spec.scale) < FLOAT_MASK_MIN_SCALE:
+        what = "ALiBi" if p.mask is None or p.mask.dtype == torch.bool else "a float attn_mask"
+        return f"{what} with |scale| < {FLOAT_MASK_MIN_SCALE:g} is not supported, got scale = {p.spec.scale:g}"
     return _IMPORT_ERROR
 
 
