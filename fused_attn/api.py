@@ -12,7 +12,8 @@ from .problem import make_problem, make_varlen_problem
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, window: Tuple[int, int] = (-1, -1),
-                                 alibi_slopes: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                                 alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                                 backend: Optional[str] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same arguments and semantics: inputs ``(N..., L, E)`` whose leading dims, the head dim
@@ -31,7 +32,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (aligned bottom-right; -1: unbounded on that side); it combines with the other masks.
     ``alibi_slopes``: ALiBi as FlashAttention-2's, fp32 slopes of shape (Hq,) or (N..., Hq) (per
     batch entry and head): the score of query i and key j gets ``-slope * |i + S - L - j|``
-    added after the scale.
+    added after the scale. ``softcap > 0``: logit soft-capping as FlashAttention-2's, a score x
+    (after the scale) becomes ``softcap * tanh(x / softcap)`` before ALiBi and the masks.
 
     The fused kernels run causal masks, CausalBias and sliding windows without building any
     mask, and key-padding masks without reading them per element: a boolean or float (0 / -inf)
@@ -48,33 +50,36 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic;
     see :func:`fused_attn.use_backend` and the ``FUSED_ATTN_BACKEND`` environment variable).
     """
-    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes)
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes,
+                     softcap)
     return p.restore_out(dispatch.run(p, backend)[0])
 
 
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
                        *, window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
-                       backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                       softcap: float = 0.0, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax log-sum-exp.
 
-    Arguments as :func:`scaled_dot_product_attention` (no dropout; ``window``, ``alibi_slopes`` too). Returns
+    Arguments as :func:`scaled_dot_product_attention` (no dropout; ``window``, ``alibi_slopes``,
+    ``softcap`` too). Returns
     ``(out, lse)``: ``out`` as there, ``lse`` float32 of shape ``(N..., Hq, L)``, the natural
     log of each query row's sum of ``exp(scale * q.k + mask)`` over the keys it sees
     (``-inf`` for a row that sees none). Both are differentiable. Two attentions over
     disjoint key sets combine exactly as ``out = w1 * out1 + w2 * out2`` with
     ``w_i = exp(lse_i - logaddexp(lse1, lse2))``.
     """
-    p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window, alibi_slopes)
+    p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window, alibi_slopes, softcap)
     return p.restore(*dispatch.run(p, backend))
 
 
 def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                      dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                      enable_gqa: bool = False, *, window: Tuple[int, int] = (-1, -1),
-                     alibi_slopes: Optional[Tensor] = None) -> Dict[str, Optional[str]]:
+                     alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0) -> Dict[str, Optional[str]]:
     """For each backend, in automatic-choice order, why it would refuse this call (None: it can run it)."""
-    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes)
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes,
+                     softcap)
     return dispatch.refusals(p)
 
 
@@ -96,14 +101,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     ``scale`` defaults to 1/sqrt(E). ``alibi_slopes``: fp32 (Hq,) or (n_seq, Hq), the bias
     ``-slope * |i + S - L - j|`` of each sequence's own lengths. Returns out (total_q, Hq, Ev), and
     with ``return_lse`` also the log-sum-exp (Hq, total_q), fp32 (FlashAttention's layout; -inf for
-    rows that see no key). Both are differentiable. ``dropout_p > 0`` runs on the reference backend.
-
-    ``softcap`` is FlashAttention-2's argument that fused_attn does not run yet: anything but 0 raises.
+    rows that see no key). ``softcap`` as in :func:`scaled_dot_product_attention`. Both results are
+    differentiable. ``dropout_p > 0`` runs on the reference backend.
     """
-    if softcap != 0.0:
-        raise ValueError(f"varlen_attention: softcap is not supported yet (pass 0.0), got {softcap}")
     p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                            causal, window, alibi_slopes)
+                            causal, window, alibi_slopes, softcap)
     out, lse = p.restore(*dispatch.run(p, backend))  # (1, Hq, total_q, Ev), (1, Hq, total_q)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0]) if return_lse else out

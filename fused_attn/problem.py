@@ -12,6 +12,7 @@ No data is copied for 3-D and 4-D inputs whose batch dims agree.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Optional, Tuple
 
@@ -218,8 +219,16 @@ def _alibi(slopes, rows: Tuple[int, ...], n_rows: int, H: int, device) -> Tensor
     return slopes.expand(full).reshape(n_rows, H).contiguous()
 
 
+def _softcap(softcap) -> float:
+    """``softcap`` checked: a finite number >= 0 (0: off)."""
+    value = float(softcap) if isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) else float("nan")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap!r}")
+    return value
+
+
 def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                 scale=None, enable_gqa=False, window=None, alibi_slopes=None) -> Problem:
+                 scale=None, enable_gqa=False, window=None, alibi_slopes=None, softcap=0.0) -> Problem:
     """Check the arguments of ``scaled_dot_product_attention`` and canonicalise them.
 
     Accepts what torch's SDPA accepts: q, k, v of any ranks >= 2 whose leading dims (the
@@ -229,7 +238,7 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     only pads keys becomes per-batch key bounds (``Problem.key_bounds``, see _key_padding_bounds).
     """
     window = (-1, -1) if window is None else _window(window)
-    if attn_mask is None and not dropout_p and window == (-1, -1) and alibi_slopes is None:
+    if attn_mask is None and not dropout_p and window == (-1, -1) and alibi_slopes is None and not softcap:
         p = _common_call(query, key, value, is_causal, scale, enable_gqa)
         if p is not None:
             return p
@@ -340,7 +349,7 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         window = (-1, -1)
     out_shape = out_batch + (L, v.shape[-1])
     spec = AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p), window_left=window[0],
-                    window_right=window[1])
+                    window_right=window[1], softcap=_softcap(softcap))
     alibi = None if alibi_slopes is None else _alibi(alibi_slopes, batch, B, H, q.device)
     return Problem(q, k, v, mask, spec, out_shape, key_bounds, alibi_slopes=alibi)
 
@@ -363,7 +372,7 @@ def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) ->
 
 
 def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                        scale=None, causal=False, window=None, alibi_slopes=None) -> Problem:
+                        scale=None, causal=False, window=None, alibi_slopes=None, softcap=0.0) -> Problem:
     """Check the arguments of ``varlen_attention`` and pack them as one problem of batch 1: q
     (1, Hq, total_q, E), k and v (1, Hk, total_k, E / Ev) views of the packed (total, H, E) inputs,
     with the sequences' offsets (``Problem.cu_seqlens_q`` / ``_k``); causal is lower-right per sequence."""
@@ -397,7 +406,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if window == (-1, 0):
         window = (-1, -1)
     spec = AttnSpec(scale=float(scale), causal=mode, dropout_p=float(dropout_p), window_left=window[0],
-                    window_right=window[1])
+                    window_right=window[1], softcap=_softcap(softcap))
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     alibi = None if alibi_slopes is None else _alibi(alibi_slopes, (n_seq,), n_seq, Hq, q.device)
     return Problem(q4, k4, v4, None, spec, (1, Hq, Lt, Ev), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,

@@ -37,6 +37,7 @@ def attention(
     window: Tuple[int, int] = (-1, -1),
     key_bounds: Optional[Tensor] = None,
     alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Naive attention on canonical inputs.
@@ -46,7 +47,8 @@ def attention(
     may attend) or additive float, broadcastable to (B, Hq, L, S); it combines
     with ``causal``, the sliding ``window`` (left, right; ``AttnSpec``'s) and the per-batch
     ``key_bounds`` ((B, 2): batch b sees keys [begin, end) only). ``alibi_slopes`` (B or 1, Hq):
-    ``-slope * |i + S - L - j|`` added to the scaled scores. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
+    ``-slope * |i + S - L - j|`` added to the scaled scores; ``softcap > 0`` caps the scaled scores
+    as ``softcap * tanh(x / softcap)`` first. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
     ``compute_dtype``.
     """
     dt = compute_dtype or q.dtype
@@ -59,6 +61,8 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         i = torch.arange(L, device=q.device)[:, None] + (S - L)
         j = torch.arange(S, device=q.device)[None, :]
@@ -103,6 +107,7 @@ def varlen_attention(
     *,
     window: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Variable-length sequences packed along the rows: q (1, Hq, total_q, E), k, v (1, Hk, total_k,
@@ -121,7 +126,7 @@ def varlen_attention(
         o, l_ = attention(q[:, :, cq[b]:cq[b + 1]], k[:, :, ck[b]:ck[b + 1]], v[:, :, ck[b]:ck[b + 1]], None,
                           dropout_p, causal, scale, window=window,
                           alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
-                          compute_dtype=compute_dtype)
+                          softcap=softcap, compute_dtype=compute_dtype)
         outs.append(o)
         lses.append(l_)
     if not outs:

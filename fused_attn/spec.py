@@ -1,7 +1,7 @@
 """What an attention call computes, described once from the API to every kernel.
 
 :class:`AttnSpec` (frozen) holds the call's scalar semantics: which keys each query sees
-(``causal``, a sliding ``window``), the softmax ``scale`` and ``dropout_p``. ``make_problem`` builds it once;
+(``causal``, a sliding ``window``), the softmax ``scale``, logit ``softcap`` and ``dropout_p``. ``make_problem`` builds it once;
 the dispatcher, the autograd formula, the reference and the backends read it; the kernel ops
 take it flattened by :meth:`AttnSpec.op_args` (schema :data:`OP_ARGS_SCHEMA`, rebuilt by
 :meth:`AttnSpec.from_op_args`): the one place a field is turned into op arguments. In C++ the
@@ -86,6 +86,7 @@ FEATURES = {
     "key_padding": "a key-padding mask",
     "varlen": "varlen_attention (packed variable-length sequences)",
     "alibi": "ALiBi (alibi_slopes)",
+    "softcap": "logit soft-capping (softcap > 0)",
 }
 
 # The call's tensors the kernel ops take after the spec's fields (Problem's fields of these names;
@@ -93,7 +94,7 @@ FEATURES = {
 TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
 # The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, then the
 # tensors of TENSOR_ARGS.
-OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, "
+OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, float softcap=0.0, "
                   + ", ".join(f"Tensor? {name}=None" for name in TENSOR_ARGS))
 
 
@@ -108,19 +109,23 @@ class AttnSpec:
     # i + S - L - window_left <= j <= i + S - L + window_right; -1: unbounded on that side.
     window_left: int = -1
     window_right: int = -1
+    # Logit soft-capping, FlashAttention-2's: a score x = scale q.k becomes softcap * tanh(x / softcap)
+    # (before ALiBi and masks); 0: off.
+    softcap: float = 0.0
 
     def op_args(self, **tensors: Optional[Tensor]) -> tuple:
         """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then the call's tensors
         (``tensors`` by their :data:`TENSOR_ARGS` names; the others None)."""
-        return (int(self.causal), self.scale, self.window_left, self.window_right,
+        return (int(self.causal), self.scale, self.window_left, self.window_right, self.softcap,
                 *(tensors.get(name) for name in TENSOR_ARGS))
 
     @classmethod
     def from_op_args(cls, causal: int, scale: float, window_left: int = -1, window_right: int = -1,
-                     *tensors: Optional[Tensor]) -> Tuple["AttnSpec", Dict[str, Tensor]]:
+                     softcap: float = 0.0, *tensors: Optional[Tensor]) -> Tuple["AttnSpec", Dict[str, Tensor]]:
         """The spec and the call's tensors (by name, those given) back from :meth:`op_args` (inside an
         op: the kernels' view of the call)."""
-        spec = cls(scale=scale, causal=CausalMode(causal), window_left=window_left, window_right=window_right)
+        spec = cls(scale=scale, causal=CausalMode(causal), window_left=window_left, window_right=window_right,
+                   softcap=softcap)
         return spec, {name: t for name, t in zip(TENSOR_ARGS, tensors) if t is not None}
 
     @property
@@ -136,6 +141,8 @@ class AttnSpec:
             used.add("dropout")
         if self.windowed:
             used.add("window")
+        if self.softcap > 0.0:
+            used.add("softcap")
         return frozenset(used)
 
 

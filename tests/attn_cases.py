@@ -170,7 +170,7 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
         out, lse = reference.attention(*leaves, attn_mask=None if isinstance(mask, CausalBias) else mask,
                                        causal=mode, scale=kwargs.get("scale"), window=kwargs.get("window", (-1, -1)),
                                        alibi_slopes=None if slopes is None else slopes.reshape(-1, q.shape[-3]),
-                                       compute_dtype=compute_dtype)
+                                       softcap=kwargs.get("softcap", 0.0), compute_dtype=compute_dtype)
     else:
         leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
         out, lse = fused_attn.attention_with_lse(*leaves, backend=backend, **kwargs)
@@ -186,12 +186,12 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
 
 
 def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale=None, backward=True,
-                  window=(-1, -1), attn_mask=None, alibi_slopes=None):
+                  window=(-1, -1), attn_mask=None, alibi_slopes=None, softcap=0.0):
     """Run ``backend`` through the public API and check out, lse and (with ``backward``) dq, dk,
     dv against the fp64 reference under the tolerance rule; out keeps the inputs' dtype, lse is
     fp32 (fp64 for fp64 inputs). ``window``, a mask tensor ``attn_mask`` (not with
-    lower-right causal, which is itself the mask argument) and ``alibi_slopes`` ((Hq,) or
-    (B, Hq)) go to both. Returns the max error ratio of each result."""
+    lower-right causal, which is itself the mask argument), ``alibi_slopes`` ((Hq,) or
+    (B, Hq)) and ``softcap`` go to both. Returns the max error ratio of each result."""
     L, S = q.shape[-2], k.shape[-2]
     kwargs = dict(scale=scale, enable_gqa=q.shape[-3] != k.shape[-3], **sdpa_causal_args(mode, L, S))
     if window != (-1, -1):
@@ -201,6 +201,8 @@ def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale
         kwargs["attn_mask"] = attn_mask
     if alibi_slopes is not None:
         kwargs["alibi_slopes"] = alibi_slopes
+    if softcap:
+        kwargs["softcap"] = softcap
     seed = int(torch.randint(2 ** 31, ()))
     got = run_attention(backend, q, k, v, mode, kwargs, backward, with_lse_grad, seed)
     ref = run_attention(None, q, k, v, mode, kwargs, backward, with_lse_grad, seed, compute_dtype=torch.float64)

@@ -20,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import (AttentionInterface, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,  # noqa: E402
-                          BertConfig, DynamicCache, LlamaConfig, T5Config, T5PreTrainedModel)
+                          BertConfig, DynamicCache, Gemma2Config, LlamaConfig, T5Config, T5PreTrainedModel)
 from transformers.masking_utils import bidirectional_mask_function, sliding_window_causal_mask_function  # noqa: E402
 
 import fused_attn.integrations.transformers as fa_hf  # noqa: E402
@@ -228,6 +228,26 @@ def test_t5_relative_position_bias_and_padding_run_the_fused_kernel(ran):
     assert torch.equal(ours.generate(ids, **kw), theirs.generate(ids, **kw))
 
 
+@torch.no_grad()
+def test_gemma2_softcap_and_sliding_window_run_the_fused_kernel(ran):
+    """Gemma 2: logit soft-capping (transformers passes softcap) in every layer, a sliding-window layer
+    (transformers' mask tensor) and a full one; against "eager" (which soft-caps), under the tolerance rule."""
+    cfg = Gemma2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=64, initializer_range=0.2,
+                       attn_logit_softcapping=5.0, final_logit_softcapping=None, sliding_window=4, pad_token_id=0)
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=fa_hf.register()).eval()
+    theirs = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    theirs.load_state_dict(ours.state_dict())
+    ids = torch.randint(3, V, (2, 11))
+    logits = ours(ids).logits
+    assert ran and set(ran) == {"cpu"}, ran
+    assert_close(logits, copy.deepcopy(theirs).double()(ids).logits, theirs(ids).logits, name="Gemma 2")
+    cfg.attn_logit_softcapping = None  # the control: without the cap the logits move
+    uncapped = AutoModelForCausalLM.from_config(cfg, attn_implementation=fa_hf.register()).eval()
+    uncapped.load_state_dict(ours.state_dict())
+    assert (uncapped(ids).logits - logits).abs().max() > WRONG
+
+
 def test_mask_function_returns_none_exactly_where_the_fused_kernels_run():
     kw = dict(batch_size=2, allow_is_bidirectional_skip=True)
     no_pad, pad = torch.ones(2, 8, dtype=torch.bool), torch.ones(2, 8, dtype=torch.bool)
@@ -260,8 +280,6 @@ def test_mask_function_returns_none_exactly_where_the_fused_kernels_run():
 
 def test_unsupported_features_raise_with_the_reason():
     q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="soft-capping"):
-        fa_hf.attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
     with pytest.raises(ValueError, match="sinks"):
         fa_hf.attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
     with pytest.raises(ValueError, match="paged caches"):

@@ -108,7 +108,7 @@ def test_varlen_equals_padded_sdpa_per_sequence():
     (dict(q=torch.randn(8, 3, 16)), ValueError, "multiple of the key/value heads, got 3 and 2"),
     (dict(k=torch.randn(9, 2, 8)), ValueError, "k must be \\(total_k, Hk, E\\)"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes of shape \(3\) does not broadcast to \(3, 4\)"),
-    (dict(softcap=30.0), ValueError, "softcap is not supported yet"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
     (dict(window=(3, -2)), ValueError, "window must be a pair"),
 ])
 def test_varlen_bad_arguments_say_what_was_passed(change, error, match):

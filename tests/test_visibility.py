@@ -395,3 +395,44 @@ def test_varlen_alibi_in_the_cpu_kernels(per_sequence):
             q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1), enable_gqa=True, window=(-1, 0),
             alibi_slopes=slopes[s] if per_sequence else slopes, backend="reference")
         torch.testing.assert_close(out[qs], alone.transpose(0, 1))
+
+
+# ---- logit soft-capping (FlashAttention-2's: softcap * tanh(x / softcap), x = scale q.k) ---------
+
+SOFTCAP_CASES = {  # id -> (L, S, causal mode, window, softcap, with ALiBi, padding runs)
+    "cap5": (113, 203, CausalMode.NONE, (-1, -1), 5.0, False, None),
+    "cap2_causal_alibi": (203, 203, CausalMode.UPPER_LEFT, (-1, -1), 2.0, True, None),
+    "cap10_window_padding": (113, 700, CausalMode.NONE, (40, 3), 10.0, False, [(0, 640), (300, 700)]),
+    "cap30_lower_right_across_blocks": (600, 700, CausalMode.LOWER_RIGHT, (-1, -1), 30.0, False, None),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+def test_softcap_in_the_cpu_kernels(case, dtype):
+    """Scores large enough for the cap to matter (q ~ N(0, 3^2)), forward, lse and gradients."""
+    L, S, mode, window, cap, alibi, runs = SOFTCAP_CASES[case]
+    q, k, v = make_inputs(B, HQ, HK, L, S, 32, 24, dtype)
+    q = (3 * q.double()).to(dtype)
+    slopes = torch.full((HQ,), 0.05) if alibi else None
+    mask = None if runs is None else _padding_mask(runs, S)
+    assert "softcap" in make_problem(q, k, v, mask, enable_gqa=True, window=window, softcap=cap).features()
+    check_backend("cpu", q, k, v, mode, with_lse_grad=True, window=window, attn_mask=mask, alibi_slopes=slopes,
+                  softcap=cap)
+
+
+def test_softcap_caps_and_matches_torch_on_capped_scores():
+    q, k, v = make_inputs(1, 2, 2, 7, 9, 8, 8, torch.float64)
+    q = 10 * q
+    scores = softcapped = 4.0 * torch.tanh(q @ k.transpose(-2, -1) / 8 ** 0.5 / 4.0)
+    want = torch.softmax(softcapped, dim=-1) @ v
+    got = fused_attn.scaled_dot_product_attention(q, k, v, softcap=4.0, backend="cpu")
+    torch.testing.assert_close(got, want)
+    assert scores.abs().max() < 4.0 and (got - fused_attn.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("inf"), float("nan"), "3", True])
+def test_bad_softcap_is_refused(softcap):
+    q, k, v = make_inputs(1, 2, 2, 4, 4, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+        fused_attn.scaled_dot_product_attention(q, k, v, softcap=softcap)

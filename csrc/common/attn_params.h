@@ -135,6 +135,7 @@ struct AttnFwdCommon {
   Strides q_stride, k_stride, v_stride, o_stride;
   Visibility vis;
   double scale;  // softmax scale (the spec's), applied to q . k
+  double softcap = 0.0;  // > 0: a score x = scale q . k becomes softcap tanh(x / softcap)
   // Per batch entry b, keys [key_bounds[2b], key_bounds[2b + 1]) only (a key-padding mask);
   // nullptr: every key.
   const int64_t* key_bounds = nullptr;

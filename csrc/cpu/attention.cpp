@@ -45,6 +45,7 @@ struct SpecArgs {
   int64_t causal;
   double scale;
   int64_t window_left, window_right;
+  double softcap;
   const std::optional<at::Tensor>& key_bounds;
   const std::optional<at::Tensor>& mask;
   const std::optional<at::Tensor>& cu_seqlens_q;
@@ -116,6 +117,9 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
   c.v_stride = strides_of(v);
   c.vis = make_visibility(spec.causal, d.len_q, d.len_k, spec.window_left, spec.window_right);
   c.scale = spec.scale;
+  TORCH_CHECK(std::isfinite(spec.softcap) && spec.softcap >= 0.0, "softcap must be finite and >= 0, got ",
+              spec.softcap);
+  c.softcap = spec.softcap;
   if (spec.key_bounds.has_value()) {
     const at::Tensor& kb = *spec.key_bounds;
     TORCH_CHECK(kb.device().is_cpu() && kb.scalar_type() == at::kLong && kb.is_contiguous() && kb.dim() == 2 &&
@@ -154,14 +158,14 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
 }
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-             int64_t causal, double scale, int64_t window_left, int64_t window_right,
+             int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
              const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
              const std::optional<at::Tensor>& alibi_slopes) {
   AttnFwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
-                                                                          key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
-                                                                          alibi_slopes});
+                                                                          softcap, key_bounds, mask, cu_seqlens_q,
+                                                                          cu_seqlens_k, alibi_slopes});
   const Dims& d = p.dims;
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
@@ -179,13 +183,14 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
-              int64_t window_right, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
+              int64_t window_right, double softcap, const std::optional<at::Tensor>& key_bounds,
+              const std::optional<at::Tensor>& mask,
               const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
               const std::optional<at::Tensor>& alibi_slopes) {
   AttnBwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
-                                                                          key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
-                                                                          alibi_slopes});
+                                                                          softcap, key_bounds, mask, cu_seqlens_q,
+                                                                          cu_seqlens_k, alibi_slopes});
   const Dims& d = p.dims;
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());

@@ -168,6 +168,8 @@ void recompute_row_stats(const AttnBwdParams& p, bool use_micro, int64_t BQ, int
 #endif
           if (!use_micro) gemm(false, true, rows, kc, d.head_dim, alpha, q_blk, p.q_stride.row, k_blk, p.k_stride.row,
                                acc_t(0), s, BK);
+          if (p.softcap > 0.0)
+            apply_softcap_tile(s, BK, rows, kc, static_cast<acc_t>(p.softcap), mask_mult, (acc_t*)nullptr);
           if (p.mask.kind != kMaskNone) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, nullptr, s, BK, mask_mult);
           if (p.alibi != nullptr) apply_alibi_tile(p, vis, b, h, i0, rows, j0, kc, nullptr, s, BK, mask_mult);
           for (int64_t r = 0; r < rows; ++r) {
@@ -232,7 +234,7 @@ void attention_backward(AttnBwdParams p) {
   const acc_t g = FP32 ? score_sgn : acc_t(1);
   const acc_t a = FP32 ? score_asc : acc_t(1);
   // A mask tensor's float values in the scores' units (mask_ops.h): raw scores for fp32, log2 units else.
-  const bool has_mask = p.mask.kind != kMaskNone;
+  const bool has_mask = p.mask.kind != kMaskNone, has_softcap = p.softcap > 0.0;
   const acc_t mask_mult = FP32 ? static_cast<acc_t>(1.0 / p.scale) : static_cast<acc_t>(LOG2E);
 
   // 1. delta = rowsum(dO * O) (fp32: also in double, delta64, for exact_dscore) and dlse,
@@ -297,7 +299,7 @@ void attention_backward(AttnBwdParams p) {
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     const int64_t tile = BQ * BK;
     const int64_t n_t = use_micro ? BK * (d.head_dim + d.head_dim_v) : 0;  // K^T and V^T of the key block
-    at::Tensor scratch = at::empty({2 * tile + BK * d.head_dim + BK * d.head_dim_v + n_t},
+    at::Tensor scratch = at::empty({(has_softcap ? 3 : 2) * tile + BK * d.head_dim + BK * d.head_dim_v + n_t},
                                    at::TensorOptions().dtype(acc_dtype));
     at::Tensor scratch16 = at::empty({LOW_PRECISION ? tile : 0}, at::TensorOptions().dtype(in_dtype));
     std::vector<KeyInterval> iv_buf(BQ);
@@ -307,6 +309,8 @@ void attention_backward(AttnBwdParams p) {
     acc_t* dv_acc = dk_acc + BK * d.head_dim;
     acc_t* k_t = dv_acc + BK * d.head_dim_v;  // E x BK
     acc_t* v_t = k_t + BK * d.head_dim;      // Ev x BK
+    // soft-capping's tanh, a tile, after everything above (k_t / v_t take n_t, 0 off the micro path)
+    acc_t* th = has_softcap ? s + 2 * tile + BK * d.head_dim + BK * d.head_dim_v + n_t : nullptr;
     scalar_t* t16 = scratch16.data_ptr<scalar_t>();
     KeyInterval* iv = iv_buf.data();
 
@@ -357,8 +361,9 @@ void attention_backward(AttnBwdParams p) {
                                               : TileMask::FULL;
             if (by_mask == TileMask::NONE) continue;
             const bool apply_mask = by_mask == TileMask::PARTIAL;
-            const bool rewrite = apply_mask || p.alibi != nullptr;  // scores changed before P
-            const auto rewrite_scores = [&] {
+            const bool rewrite = apply_mask || p.alibi != nullptr || has_softcap;  // scores changed before P
+            const auto rewrite_scores = [&] {  // soft-capping (tanh kept in th), ALiBi, the mask
+              if (has_softcap) apply_softcap_tile(s, BK, rows, kc, static_cast<acc_t>(p.softcap), mask_mult, th);
               if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
               if (p.alibi != nullptr) apply_alibi_tile(p, vis, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
             };
@@ -382,6 +387,7 @@ void attention_backward(AttnBwdParams p) {
                   return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_stride.row, v_blk,
                                          p.v_stride.row, d.head_dim_v};
                 });
+                if (has_softcap) softcap_grad_tile(dp, th, BK, rows, kc);
                 gemm_f32_avx512<true>(kc, d.head_dim_v, rows, 1.0f, s, BK, do_blk, p.do_stride.row, dv_acc,
                                       d.head_dim_v, true);
                 gemm_f32_avx512<true>(kc, d.head_dim, rows, scale, dp, BK, q_blk, p.q_stride.row, dk_acc, d.head_dim,
@@ -407,6 +413,7 @@ void attention_backward(AttnBwdParams p) {
                                                   d.head_dim_v, delta64_blk[r],
                                                   s[r * BK + c], dl_blk[r]);
             }
+            if (has_softcap) softcap_grad_tile(dp, th, BK, rows, kc);
             if constexpr (LOW_PRECISION) {
               convert_tile(s, BK, t16, BK, rows, kc);
               gemm(true, false, kc, d.head_dim_v, rows, acc_t(1), t16, BK, do_blk, p.do_stride.row, acc_t(1), dv_acc,

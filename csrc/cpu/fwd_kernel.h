@@ -447,7 +447,7 @@ void attention_forward(AttnFwdParams p) {
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
   // A mask tensor's float values enter the raw scores as bias / scale (mask_ops.h).
-  const bool has_mask = p.mask.kind != kMaskNone, has_alibi = p.alibi != nullptr;
+  const bool has_mask = p.mask.kind != kMaskNone, has_alibi = p.alibi != nullptr, has_softcap = p.softcap > 0.0;
   const acc_t mask_mult = static_cast<acc_t>(1.0 / p.scale);
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
@@ -527,8 +527,9 @@ void attention_forward(AttnFwdParams p) {
                                           : TileMask::FULL;
         if (by_mask == TileMask::NONE) continue;
         const bool apply_mask = by_mask == TileMask::PARTIAL;
-        const bool rewrite = apply_mask || has_alibi;  // scores changed before the softmax
-        const auto rewrite_scores = [&] {
+        const bool rewrite = apply_mask || has_alibi || has_softcap;  // scores changed before the softmax
+        const auto rewrite_scores = [&] {  // soft-capping, then ALiBi, then the mask (FlashAttention-2's order)
+          if (has_softcap) apply_softcap_tile(s, BK, rows, cols, static_cast<acc_t>(p.softcap), mask_mult, (acc_t*)nullptr);
           if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
           if (has_alibi) apply_alibi_tile(p, vis, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
         };

@@ -147,6 +147,32 @@ inline void apply_alibi_tile(const AttnFwdCommon<int64_t>& p, const Visibility& 
   }
 }
 
+// Logit soft-capping on a score tile s (rows x cols, ld), every column: a score x = s / mult in
+// natural units (mult as for float masks) becomes softcap tanh(x / softcap), stored back times
+// mult; with th, tanh(x / softcap) is kept there (ld) for the backward's factor 1 - tanh^2.
+template <typename acc_t>
+inline void apply_softcap_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, acc_t softcap, acc_t mult, acc_t* th) {
+  const acc_t to_x = acc_t(1) / (mult * softcap), back = softcap * mult;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* sr = s + r * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      const acc_t t = std::tanh(sr[c] * to_x);
+      sr[c] = t * back;
+      if (th) th[r * ld + c] = t;
+    }
+  }
+}
+
+// The backward through soft-capping: dS (rows x cols, ld) of the capped scores times
+// d capped / d x = 1 - tanh^2 (th from apply_softcap_tile).
+template <typename acc_t>
+inline void softcap_grad_tile(acc_t* ds, const acc_t* th, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) ds[r * ld + c] *= acc_t(1) - th[r * ld + c] * th[r * ld + c];
+  }
+}
+
 // Whether the mask lets query row i of head h in batch entry b see key j.
 inline bool mask_admits(const MaskRef& m, int64_t b, int64_t h, int64_t i, int64_t j) {
   return mask_type_switch(m.kind, [&](auto zero) {

@@ -29,8 +29,8 @@ and whose masks come from ``transformers.masking_utils`` (T5 from transformers 5
   tile (tiles it hides are skipped); dropout in training runs on fused_attn's reference backend
   (O(L*S) memory; fused_attn says once why).
 - Rows that see no key at all (a left-padded query position) give zeros, as torch's SDPA does with
-  a boolean mask. ``softcap``, attention sinks (``s_aux``) and paged caches (continuous batching)
-  raise.
+  a boolean mask. ``softcap`` (Gemma 2's logit soft-capping) runs in the CPU kernels; attention
+  sinks (``s_aux``) and paged caches (continuous batching) raise.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ if Version(transformers.__version__) < Version(MIN_VERSION):
                       "pip install 'fused_attn[transformers]'")
 
 NAME = "fused_attn"
-UNSUPPORTED = {"softcap": "logit soft-capping", "s_aux": "attention sinks"}
+UNSUPPORTED = {"s_aux": "attention sinks"}
 
 
 def register() -> str:
@@ -167,5 +167,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         else:
             upper_left = True
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=upper_left,
-                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1], window=window)
+                                       scale=scaling, enable_gqa=query.shape[1] != key.shape[1], window=window,
+                                       softcap=kwargs.get("softcap") or 0.0)
     return out.transpose(1, 2).contiguous(), None

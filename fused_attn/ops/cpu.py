@@ -69,7 +69,7 @@ except ImportError as e:  # built without the C++ extension, or a broken build
 
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                             features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask", "varlen",
-                                                      "alibi"}))
+                                                      "alibi", "softcap"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -149,9 +149,10 @@ FLOAT_MASK_MIN_SCALE = 1e-30
 
 def hardware_refusal(p, explicit: bool) -> Optional[str]:
     """Why this install cannot run problem ``p`` beyond what CAPABILITIES says (None: it can)."""
-    biased = (p.mask is not None and p.mask.dtype != torch.bool) or p.alibi_slopes is not None
-    if _IMPORT_ERROR is None and biased and abs(p.spec.scale) < FLOAT_MASK_MIN_SCALE:
-        what = "ALiBi" if p.mask is None or p.mask.dtype == torch.bool else "a float attn_mask"
+    float_mask = p.mask is not None and p.mask.dtype != torch.bool
+    if _IMPORT_ERROR is None and (float_mask or p.alibi_slopes is not None or p.spec.softcap) \
+            and abs(p.spec.scale) < FLOAT_MASK_MIN_SCALE:
+        what = "a float attn_mask" if float_mask else "ALiBi" if p.alibi_slopes is not None else "softcap"
         return f"{what} with |scale| < {FLOAT_MASK_MIN_SCALE:g} is not supported, got scale = {p.spec.scale:g}"
     return _IMPORT_ERROR
 

@@ -121,7 +121,7 @@ def _operand(t: Tensor) -> Tensor:
 
 def _kernel_args(spec: AttnSpec, tensors: dict) -> Tuple[int, float]:
     """The spec's fields the CUDA kernels take (causal, scale); CAPABILITIES refuses the rest."""
-    if spec.windowed or tensors:
+    if spec.windowed or spec.softcap or tensors:
         raise RuntimeError(f"the CUDA kernels run no sliding window, key-padding mask, mask tensor or varlen "
                            f"sequences, got {', '.join(tensors) or 'a window'}")
     return int(spec.causal), spec.scale
