@@ -3,7 +3,8 @@
 The interpreter runs the kernels' Python source, so a line tracer sees which kernel
 statements ran. A handful of calls that cover the code paths (each causal mode, ragged
 tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, fp32's
-fp64 lse, the forward's tensor-descriptor path, windows, key bounds and mask tensors)
+fp64 lse, the forward's tensor-descriptor path, windows, key bounds, mask tensors and varlen
+sequences)
 must together execute every statement inside every @triton.jit function.
 """
 import ast
@@ -78,6 +79,14 @@ def test_every_kernel_statement_runs(monkeypatch):
         for dtype, mask in ((torch.float32, biases), (torch.bfloat16, admitted)):
             q, k, v = make_inputs(2, 4, 2, 70, 45, 40, 24, dtype)
             check_backend("triton", q, k, v, CausalMode.NONE, with_lse_grad=True, attn_mask=mask)
+        # varlen sequences, fp32 (top keys), causal with a window; a sequence without queries and a short
+        # one leave programs past their sequence's end (accuracy and tiles: tests/test_varlen.py,
+        # tests/test_triton_visibility.py)
+        cu_q, cu_k = torch.tensor([0, 40, 40, 45]), torch.tensor([0, 70, 80, 120])
+        q, k, v = (torch.randn(n, heads, 16, requires_grad=True) for n, heads in ((45, 4), (120, 2), (120, 2)))
+        out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 40, 70, causal=True, window=(20, 0),
+                                               return_lse=True, backend="triton")
+        (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
     finally:
         sys.settrace(None)
     missing = sorted(f"{statements[line]}:{line}" for line in statements if line not in hit)

@@ -15,6 +15,7 @@ import inspect
 import pytest
 import torch
 
+import fused_attn
 from fused_attn.ops import triton_attention as T
 from fused_attn.problem import make_problem
 from fused_attn.spec import AttnSpec, CausalMode, visible_keys
@@ -221,7 +222,7 @@ def test_mask_gqa(device, dtype, Hk):
 
 def _counting(monkeypatch, name):
     """Wrap the kernel loop ``name`` (its module global, which the interpreted kernels call) to
-    record (tiles visited, masked) per call."""
+    record (tiles visited, masked, tiles starting past the loop's extent: its S, for dK/dV its L) per call."""
     inner = getattr(T, name)
     params = inspect.signature(inner.fn).parameters
     calls = []
@@ -229,8 +230,10 @@ def _counting(monkeypatch, name):
     def counted(*args):
         a = dict(zip(params, args))
         lo, hi = (a[x].handle.data.item() if hasattr(a[x], "handle") else int(a[x]) for x in ("lo", "hi"))
-        block = a["BLOCK_M"] if name == "_bwd_dkdv_inner" else a["BLOCK_N"]
-        calls.append((len(range(lo, hi, block)), bool(a["MASKED"])))
+        block, extent = (a["BLOCK_M"], a["L"]) if name == "_bwd_dkdv_inner" else (a["BLOCK_N"], a["S"])
+        extent = extent.handle.data.item() if hasattr(extent, "handle") else int(extent)
+        tiles = range(lo, hi, block)
+        calls.append((len(tiles), bool(a["MASKED"]), sum(start >= extent for start in tiles)))
         return inner(*args)
 
     monkeypatch.setattr(T, name, counted)
@@ -275,7 +278,7 @@ def test_tiles_no_row_sees_are_skipped(device, monkeypatch, mode, window, bounds
     want_rows = (Hq * sum(r[0] for r in rows), Hq * sum(r[1] for r in rows))
     want_cols = (Hq * sum(c[0] for c in cols), Hq * sum(c[1] for c in cols))
     for name, want in (("_fwd_inner", want_rows), ("_bwd_dq_inner", want_rows), ("_bwd_dkdv_inner", want_cols)):
-        got = (sum(n for n, _ in calls[name]), sum(n for n, masked in calls[name] if masked))
+        got = (sum(n for n, _, _ in calls[name]), sum(n for n, masked, _ in calls[name] if masked))
         assert got == want, f"{name}: (visited, masked) tiles {got}, want {want}"
     assert want_rows[0] < Hq * B * -(-L // bm) * -(-S // bn)  # something was skipped
 
@@ -333,3 +336,50 @@ def test_mask_tiles_skipped(device, monkeypatch):
         got = (len(got), sum(got))
         assert got == want, f"{name}: (computed, mask applied) tiles {got}, want {want}"
     assert want[0] < len(tiles) * Hq and want[1] < want[0]  # some tiles skipped, some unmasked
+
+
+# ---- varlen: each program's tiles lie in its own sequence --------------------------------------
+
+# (query length, key length) per sequence: no query rows (its keys NaN below: no row sees them), no
+# keys, a ragged last key tile next to them. Query lengths are whole tiles of 32 (the interpreter's
+# blocks), where _expected_tiles counts as the dK/dV kernel does.
+VARLEN_TILES = [(64, 100), (0, 20), (32, 45), (96, 96), (64, 0), (32, 7)]
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (20, 0)), (False, (10, 3))],
+                         ids=["full", "causal_window20", "window10_3"])
+def test_varlen_tiles_stay_in_their_sequence(device, monkeypatch, causal, window):
+    """With varlen sequences each kernel loop visits exactly the tiles of its own sequence where some
+    (query, key) pair is visible (a sequence's keys and rows counted from its first: local tiles),
+    none starting past the sequence's end, masking exactly those not wholly visible; NaN in k and v
+    at the keys of a sequence without queries, which its neighbours' ragged tiles overlap in the
+    packed rows, stay out of every result (dk = dv = 0 there)."""
+    if not T.INTERPRETED:
+        pytest.skip("counts the interpreter's loop calls")
+    from test_varlen import HQ, _oracle, _packed, _run  # the varlen test's packing, oracle and gradients
+
+    calls = {name: _counting(monkeypatch, name) for name in ("_fwd_inner", "_bwd_dq_inner", "_bwd_dkdv_inner")}
+    q, k, v, cu_q, cu_k, mq, mk = _packed(VARLEN_TILES, FP32, torch.Generator().manual_seed(7))
+    kp, vp = k.clone(), v.clone()
+    kp[100:120], vp[100:120] = float("nan"), float("nan")  # sequence 1: keys no row sees
+
+    def ours(q, k, v):
+        return fused_attn.varlen_attention(q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_k.to(device),
+                                           mq, mk, causal=causal, window=window, return_lse=True, backend="triton")
+    got = _run(ours, q, kp, vp, 5)
+    ref = _run(_oracle(torch.float64, cu_q, cu_k, causal, window), q, k, v, 5)
+    base = _run(_oracle(None, cu_q, cu_k, causal, window), q, k, v, 5)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert_close(got[name].cpu(), ref[name], base[name], name, dtype=FP32)
+    spec = AttnSpec(scale=1.0, causal=LR if causal else NONE, window_left=window[0], window_right=window[1])
+    bm, bn = T.INTERPRETER_BLOCKS["BLOCK_M"], T.INTERPRETER_BLOCKS["BLOCK_N"]
+    rows = cols = (0, 0)
+    for L, S in VARLEN_TILES:
+        vis = visible_keys(L, S, spec)
+        vis = torch.ones(L, S, dtype=torch.bool) if vis is None else vis
+        rows = tuple(a + HQ * b for a, b in zip(rows, _expected_tiles(vis, bm, bn, L, S)))
+        cols = tuple(a + HQ * b for a, b in zip(cols, _expected_tiles(vis.T, bn, bm, S, L)))
+    for name, want in (("_fwd_inner", rows), ("_bwd_dq_inner", rows), ("_bwd_dkdv_inner", cols)):
+        got = (sum(n for n, _, _ in calls[name]), sum(n for n, masked, _ in calls[name] if masked))
+        assert got == want, f"{name}: (visited, masked) tiles {got}, want {want}"
+        assert not any(beyond for _, _, beyond in calls[name]), f"{name}: a tile starts past its sequence's end"

@@ -13,7 +13,7 @@ import fused_attn
 from fused_attn import reference
 from fused_attn.problem import make_varlen_problem
 from fused_attn.spec import CausalMode
-from fused_attn.testing import assert_close
+from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
 HQ, HK, E, EV = 4, 2, 32, 24
 
@@ -80,6 +80,47 @@ def test_varlen_cpu_matches_each_sequence_alone(lengths, causal, window, dtype):
     assert got["lse"].shape == (HQ, q.shape[0])
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert_close(got[name], ref[name], base[name], name, dtype=q.dtype if name == "lse" else None)
+
+
+# The Triton kernels under the interpreter are slow: fewer cases, blocks of 32 rows and keys
+# (INTERPRETER_BLOCKS) so the last case still crosses several, one query block per short sequence.
+TRITON_LENGTHS = {name: LENGTHS[name] for name in ("self_with_empty_and_one", "cross_lengths_differ")}
+TRITON_LENGTHS["across_triton_blocks"] = [(100, 100), (40, 170), (7, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (8, 2)), (True, (30, 0))],
+                         ids=["full", "causal", "window8_2", "causal_window30"])
+@pytest.mark.parametrize("lengths", list(TRITON_LENGTHS))
+def test_varlen_triton_matches_each_sequence_alone(device, lengths, causal, window, dtype):
+    """The Triton kernels' VARLEN path (a block per sequence, see triton_attention's docstring)
+    against the oracle, as the CPU test above; their tiles: tests/test_triton_visibility.py."""
+    _check_triton(device, TRITON_LENGTHS[lengths], causal, window, dtype)
+
+
+def test_varlen_triton_fp16(device):
+    _check_triton(device, TRITON_LENGTHS["cross_lengths_differ"], True, (30, 0), torch.float16)
+
+
+def _check_triton(device, lengths, causal, window, dtype):
+    """The CPU test's comparison, run on the Triton backend on ``device`` (cpu: the interpreter)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, cu_q, cu_k, mq, mk = _packed(lengths, dtype, gen)
+
+    def ours(q, k, v):
+        out, lse = fused_attn.varlen_attention(q.to(device), k.to(device), v.to(device), cu_q.to(device),
+                                               cu_k.to(device), mq, mk, causal=causal, window=window,
+                                               return_lse=True, backend="triton")
+        return out.cpu(), lse.cpu()
+    got = _run(ours, q, k, v, 5)
+    ref = _run(_oracle(torch.float64, cu_q, cu_k, causal, window), q, k, v, 5)
+    base = _run(_oracle(None, cu_q, cu_k, causal, window), q, k, v, 5)
+    truncated = stores_bf16_by_truncation("triton", dtype)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        if name == "lse":
+            assert_close(got[name], ref[name], base[name], name, dtype=q.dtype)
+        else:
+            assert_close(got[name], ref[name], base[name], name, truncated_bf16=truncated)
 
 
 def test_varlen_equals_padded_sdpa_per_sequence():

@@ -29,7 +29,24 @@ Visibility: query i sees key j < S iff all of
   any stride on the keys): boolean, True where the query may attend, or additive float (fp32
   or the inputs' dtype), added to the scaled score (scale * q.k + mask; -inf hides the key,
   NaN makes the row NaN). No mask gradient (the dispatcher refuses a mask that requires grad).
-Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float): a call without
+- varlen (varlen_attention): the problem is one batch of packed sequences, int64 offsets
+  cu_seqlens_q / cu_seqlens_k (n_seq + 1); row i of sequence s (rows [cu_q[s], cu_q[s + 1])) sees
+  only keys [cu_k[s], cu_k[s + 1]), and within it, as local row and key of a sequence of L_s rows
+  and S_s keys, the rules above with L_s and S_s for L and S (causal lower-right, the window
+  aligned bottom-right per sequence; never with key bounds or a mask tensor). As FlashAttention-2:
+  the grid's batch index runs over the sequences (grid (cdiv(max L_s, BLOCK), n_seq * heads)), so
+  a query block (forward, dQ) or key block (dK/dV) lies inside one sequence; each program loads
+  its sequence's offsets (_sequence), exits if its block starts past the sequence's end, moves its
+  base pointers to the sequence's first row and key (the packed views' row strides) and runs the
+  plain loops on local lengths, tiles and offsets. Every tile it visits holds its own sequence's
+  keys only (the ragged last tile's keys past S_s are masked, never read). The launcher takes the
+  longest sequences' lengths from the offsets (one device sync per launch, as make_varlen_problem
+  already syncs to check them): they size the grid and the tuning key's length buckets. The
+  forward takes the pointer path: a tensor descriptor clips only at the packed end, so a query
+  block's store would write the next sequence's rows. Compile table, head dim 256 bf16 on sm_90: that
+  pointer forward spills with BLOCK 64 x 64 (232 bytes; 64 x 32 does not) and dQ 8 bytes, which the
+  prune does not yet know (it budgets the aligned forward for TMA there).
+Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN): a call without
 it compiles none of its work. A row that sees no key gets out = 0 and lse = -inf; its gradients
 are 0, and a key no row sees gets dk = dv = 0.
 
@@ -89,7 +106,8 @@ timed: each launch runs fixed_config, the first kept config for its (arch, kerne
 dims, length bucket), so results are bitwise identical across processes and runs (same GPU
 model, same Triton).
 
-Grids: (row blocks, Y, Z), batch * heads spread over Y and Z, each within CUDA's 65535.
+Grids: (row blocks, Y, Z), batch * heads (sequences * heads with VARLEN) spread over Y and Z, each
+within CUDA's 65535.
 Launch decisions (TMA or pointers, descriptors, configs and their prune, tuning key, grid) are
 plain functions of the tensors and the target arch (forward_plan, backward_plan); device_arch
 is the one place that asks the GPU, so tests fake an arch (tests/test_triton_launch.py).
@@ -191,6 +209,19 @@ def _key_bounds(KB, b, S, KEY_BOUNDS: tl.constexpr):
         key_lo = 0
         key_hi = S
     return key_lo, key_hi
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, seq, causal_offset, window_lo, window_hi):
+    """VARLEN: sequence ``seq``'s first query row and first key (int64), its lengths L and S, and its
+    rows' (causal_offset, window_lo, window_hi): the launcher passes them relative to a sequence's
+    bottom-right diagonal (see _visibility_args), so each gets S - L added."""
+    q0 = tl.load(CU_Q + seq)
+    k0 = tl.load(CU_K + seq)
+    L = (tl.load(CU_Q + seq + 1) - q0).to(tl.int32)
+    S = (tl.load(CU_K + seq + 1) - k0).to(tl.int32)
+    diagonal = S - L
+    return q0, k0, L, S, causal_offset + diagonal, window_lo + diagonal, window_hi + diagonal
 
 
 @triton.jit
@@ -390,16 +421,27 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM,
+def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                 H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, L_BUCKET, S_BUCKET,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                TMA: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr, TMA: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
+    rows_per_head = L  # of lse: the packed rows with VARLEN
+    if VARLEN:  # the grid's batches are the sequences of the one packed batch: move to this one's rows
+        q0, k0, L, S, causal_offset, window_lo, window_hi = _sequence(CU_Q, CU_K, b, causal_offset, window_lo,
+                                                                      window_hi)
+        if start_m >= L:
+            return
+        b = tl.zeros_like(b)
+        Q += q0 * stride_qm
+        K += k0 * stride_kn
+        V += k0 * stride_vn
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -450,13 +492,16 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM,
         lse = tl.where(seen, m_i.to(tl.float64) * _LN2 + tl.log(l_safe.to(tl.float64)), unseen)
     else:
         lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, unseen)
+    if VARLEN:  # moved here, not at the top: one offset lives through the loop, not two pointers
+        O += q0 * stride_om
+        LSE += q0
     if TMA:  # rows past L and columns past Ev are clipped by the descriptor
         O.store([b32, h32, start_m, 0], out.to(q.dtype).reshape([1, 1, BLOCK_M, BLOCK_DV]))
     else:
         o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
         tl.store(o_base + rows[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
                  mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + (b * H + h) * L + offs_m, lse, mask=offs_m < L)
+    tl.store(LSE + (b * H + h) * rows_per_head + offs_m, lse, mask=offs_m < L)
 
 
 @triton.jit
@@ -570,7 +615,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_ba
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
@@ -578,17 +623,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DK, DV,
                      HK, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
                      S_BUCKET, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr,
-                     PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
-                     ALIGNED: tl.constexpr):
+                     WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr,
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr,
+                     DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
+    rows_per_head = L  # of lse, delta and the top keys: the packed rows with VARLEN
+    if VARLEN:  # the grid's batches are the sequences of the one packed batch
+        q0, k0, L, S, causal_offset, window_lo, window_hi = _sequence(CU_Q, CU_K, b, causal_offset, window_lo,
+                                                                      window_hi)
+        if start_n >= S:
+            return
+        b = tl.zeros_like(b)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row0 = tl.cast(start_n, tl.int64)
+    if VARLEN:  # the block's first key in the packed keys; its query rows start at q0 (below). Two offsets
+        row0 += k0  # live through the loops, not ten moved pointers (they spilled at head dim 256 on sm_80)
     in_s = offs_n < S
     k = tl.load(K + b * stride_kb + hk * stride_kh + row0 * stride_kn + cols[:, None] * stride_kn + offs_d[None, :],
                 mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -605,10 +659,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DK, DV,
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + bh * L
-        delta_base = DELTA + bh * L
-        top_j_base = TOP_J + bh * L
-        top_c_base = TOP_C + bh * L
+        lse_base = LSE + bh * rows_per_head
+        delta_base = DELTA + bh * rows_per_head
+        top_j_base = TOP_J + bh * rows_per_head
+        top_c_base = TOP_C + bh * rows_per_head
+        if VARLEN:
+            q_base += q0 * stride_qm
+            do_base += q0 * stride_dom
+            lse_base += q0
+            delta_base += q0
+            top_j_base += q0
+            top_c_base += q0
         mask_base = M + b * stride_mb + h * stride_mh
         summary = MSUM + b * stride_tb + h * stride_th
         if CAUSAL or WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
@@ -722,7 +783,7 @@ def _bwd_dq_tile(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delt
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
@@ -731,9 +792,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DQ,
                    S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                   TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                   KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                   PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
+                   ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
+    rows_per_head = L  # of lse, delta and the top keys: the packed rows with VARLEN
+    if VARLEN:  # the grid's batches are the sequences of the one packed batch: move to this one's rows
+        q0, k0, L, S, causal_offset, window_lo, window_hi = _sequence(CU_Q, CU_K, b, causal_offset, window_lo,
+                                                                      window_hi)
+        if start_m >= L:
+            return
+        b = tl.zeros_like(b)
+        Q += q0 * stride_qm
+        DO += q0 * stride_dom
+        K += k0 * stride_kn
+        V += k0 * stride_vn
+        LSE += q0
+        DELTA += q0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -744,7 +819,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DQ,
                 mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dom + rows[:, None] * stride_dom
                  + offs_dv[None, :], mask=in_l[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    row_ids = (b * H + h) * L + offs_m
+    row_ids = (b * H + h) * rows_per_head + offs_m
     lse_hi, lse_lo = _lse_log2(LSE + row_ids, in_l)
     delta = tl.load(DELTA + row_ids, mask=in_l, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -783,7 +858,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DQ,
         # offsets come again from the program ids (free to re-read) rather than held through the loops
         # (row_ids spilled 8-16 bytes on sm_80).
         first, bh = _program_block(HEADS, BLOCK_M)
-        top_rows = (bh.to(tl.int64) * L + first) + rows
+        if VARLEN:  # the packed batch's head, from the sequence's first row
+            top_rows = ((bh % H).to(tl.int64) * rows_per_head + q0 + first) + rows
+        else:
+            top_rows = (bh.to(tl.int64) * rows_per_head + first) + rows
         c += tl.load(TOP_C + top_rows, mask=in_l, other=0.0)
         tl.store(TOP_J + top_rows, top_j, mask=in_l)
         tl.store(TOP_C + top_rows, c, mask=in_l)
@@ -794,6 +872,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, DQ,
         k_top = tl.load(k_rows[:, None] + offs_d[None, :], mask=found[:, None] & (offs_d[None, :] < HEAD_DIM),
                         other=0.0)
         dq += tl.where(found, top_p * (c - (top_dp - delta)), 0.0)[:, None] * k_top
+    if VARLEN:  # moved here, not at the top: one offset lives through the loops, not three pointers
+        DQ += q0 * stride_dqm
     tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_l[:, None] & (offs_d[None, :] < HEAD_DIM))
 
@@ -843,7 +923,8 @@ INTERPRETER_TMA = False
 # Oldest GPU the kernels run on (bf16 tensor cores, cp.async); hardware_refusal refuses older ones.
 MIN_ARCH = 80
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask"}),
+                            features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask",
+                                                "varlen"}),
                             device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
@@ -924,7 +1005,8 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # an argument. So the kernels take ARCH, DTYPE and ALIGNED as constexprs that only the key and the
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
-                     "WINDOW", "KEY_BOUNDS", "MASK", "PRECISION", "GROUP"] + (["TMA"] if kind == "fwd" else [])
+                     "WINDOW", "KEY_BOUNDS", "MASK", "VARLEN", "PRECISION", "GROUP"]
+              + (["TMA"] if kind == "fwd" else [])
               for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -1057,9 +1139,17 @@ def window_offsets(spec: AttnSpec, L: int, S: int) -> Optional[Tuple[int, int]]:
 
 
 def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor], B: int,
-                     unused: Tensor) -> Tuple[Tensor, Tuple[int, int, int], dict]:
+                     unused: Tensor, varlen: bool = False) -> Tuple[Tensor, Tuple[int, int, int], dict]:
     """The kernels' view of which keys a query sees: the key-bounds pointer (``unused``, any tensor, without
-    key bounds), (causal_offset, window_lo, window_hi) and the constexprs CAUSAL, WINDOW, KEY_BOUNDS."""
+    key bounds), (causal_offset, window_lo, window_hi) and the constexprs CAUSAL, WINDOW, KEY_BOUNDS.
+    With ``varlen`` (L, S the longest sequences' lengths) the offsets are relative to a sequence's
+    bottom-right diagonal, S_s - L_s, which each program adds for its own (_sequence): the window's
+    sides as window_offsets gives them for the longest lengths, minus S - L (an unbounded side then
+    reaches no key of any sequence: -S - L_s + S_s <= -L_s, L + S_s - L_s >= S_s), and 0 for causal
+    (lower-right, what make_varlen_problem builds)."""
+    if varlen and (spec.causal is CausalMode.UPPER_LEFT or key_bounds is not None):
+        raise ValueError("fused_attn triton: varlen sequences take lower-right causal and no key bounds, got "
+                         f"{spec.causal.name} causal{' and key bounds' if key_bounds is not None else ''}")
     window = window_offsets(spec, L, S)
     if key_bounds is not None and not (key_bounds.shape == (B, 2) and key_bounds.dtype == torch.int64
                                        and key_bounds.device == unused.device):
@@ -1068,7 +1158,29 @@ def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor
     flags = dict(CAUSAL=spec.causal is not CausalMode.NONE, WINDOW=window is not None,
                  KEY_BOUNDS=key_bounds is not None)
     kb = key_bounds.contiguous() if key_bounds is not None else unused
-    return kb, (spec.causal.offset(L, S), *(window or (-L, S))), flags
+    offsets = (spec.causal.offset(L, S), *(window or (-L, S)))
+    if varlen:
+        offsets = tuple(offset - (S - L) for offset in offsets)
+    return kb, offsets, flags
+
+
+def _varlen_args(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], B: int, L: int, S: int,
+                 mask: Optional[Tensor], unused: Tensor) -> Tuple[Tensor, Tensor, int, int, int]:
+    """The kernels' view of varlen sequences: the offsets' pointers (``unused``, any tensor, without
+    them), the grid's batch count (the sequences) and the lengths the grid tiles (the longest
+    sequence's rows and keys, read from the offsets: a device sync); without varlen B, L, S."""
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return unused, unused, B, L, S
+    n_seq = cu_seqlens_q.numel() - 1
+    if not (B == 1 and mask is None and cu_seqlens_k is not None and cu_seqlens_k.numel() == n_seq + 1
+            and all(cu.dtype == torch.int64 and cu.device == unused.device for cu in (cu_seqlens_q, cu_seqlens_k))):
+        raise ValueError(f"fused_attn triton: varlen sequences need one packed batch, no mask tensor and int64 "
+                         f"cu_seqlens_q, cu_seqlens_k of one length on {unused.device}, got batch {B}, "
+                         f"{'a' if mask is not None else 'no'} mask, cu_seqlens_q {cu_seqlens_q.dtype} "
+                         f"{tuple(cu_seqlens_q.shape)}, cu_seqlens_k "
+                         f"{None if cu_seqlens_k is None else (cu_seqlens_k.dtype, tuple(cu_seqlens_k.shape))}")
+    longest = [int(cu.diff().max()) if n_seq else 0 for cu in (cu_seqlens_q, cu_seqlens_k)]
+    return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), n_seq, *longest
 
 
 def mask_summary(mask: Tensor) -> Tensor:
@@ -1120,22 +1232,29 @@ def _common_meta(q: Tensor, v: Tensor, flags: dict, arch: Optional[int], strided
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: AttnSpec,
                  arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None,
-                 mask: Optional[Tensor] = None) -> Launch:
+                 mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+                 cu_seqlens_k: Optional[Tensor] = None) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
     (None: the interpreter); ``key_bounds`` int64 (B, 2) or None; ``mask`` a bool or float (B, H, L, S)
-    tensor (any strides) or None."""
+    tensor (any strides) or None; ``cu_seqlens_q``, ``cu_seqlens_k`` int64 (n_seq + 1) offsets of
+    packed sequences (B = 1) or None. The grid tiles L (with varlen, the longest sequence's rows)."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
     tensors = (q, k, v, out)
-    kb, offsets, flags = _visibility_args(spec, L, S, key_bounds, B, lse)
+    cu_q, cu_k, grid_b, grid_l, grid_s = _varlen_args(cu_seqlens_q, cu_seqlens_k, B, L, S, mask, lse)
+    varlen = cu_seqlens_q is not None
+    kb, offsets, flags = _visibility_args(spec, grid_l, grid_s, key_bounds, B, lse, varlen)
     mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, lse)
+    flags["VARLEN"] = varlen
     meta = _common_meta(q, v, flags, arch, tensors)
-    meta["TMA"] = use_tma(tensors, arch)
+    meta["TMA"] = not varlen and use_tma(tensors, arch)  # varlen: see the module docstring
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
-    args = (*tensors, lse, kb, *mask_args[:2], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *mask_args[2:], H, H // HK, B * H, L, S, *offsets, spec.scale * LOG2E, _bucket(L), _bucket(S))
-    return Launch("fwd", args, meta, _grid(L, B * H, "BLOCK_M"), _config("fwd", meta, arch, _bucket(L), deterministic))
+    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], *mask_args[2:], H, H // HK, grid_b * H, L, S, *offsets, spec.scale * LOG2E,
+            _bucket(grid_l), _bucket(grid_s))
+    return Launch("fwd", args, meta, _grid(grid_l, grid_b * H, "BLOCK_M"),
+                  _config("fwd", meta, arch, _bucket(grid_l), deterministic))
 
 
 def uses_top_key(dtype: torch.dtype) -> bool:
@@ -1147,10 +1266,13 @@ def uses_top_key(dtype: torch.dtype) -> bool:
 def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   delta: Tensor, top_j: Optional[Tensor], top_c: Optional[Tensor], dq: Tensor, dk: Tensor,
                   dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False,
-                  key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> List[Launch]:
+                  key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None) -> List[Launch]:
     """The backward's three launches, in order: preprocess (delta), dQ, dK/dV. For fp32 inputs
     (uses_top_key) the dQ kernel writes each row's top key and c to top_j (int32) and top_c (fp32),
-    (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in)."""
+    (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in). The
+    preprocess works row by row on the packed rows whatever the sequences; dQ and dK/dV tile them as
+    forward_plan."""
     B, H, L, _ = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
     top = uses_top_key(q.dtype)
@@ -1160,20 +1282,23 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                          *dout.stride()[:3], H, B * H, L),
                  dict(HEAD_DIM_V=EV, BLOCK_DV=block_d(EV), HAS_DLSE=dlse is not None, TOP_KEY=top),
                  _grid(L, B * H, "BLOCK_M"), pre_config)
-    kb, offsets, flags = _visibility_args(spec, L, S, key_bounds, B, delta)
+    cu_q, cu_k, grid_b, grid_l, grid_s = _varlen_args(cu_seqlens_q, cu_seqlens_k, B, L, S, mask, delta)
+    varlen = cu_seqlens_q is not None
+    kb, offsets, flags = _visibility_args(spec, grid_l, grid_s, key_bounds, B, delta, varlen)
     mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, delta)
+    flags["VARLEN"] = varlen
     meta = _common_meta(q, v, flags, arch, (q, k, v, dout, dq, dk, dv))
     meta["TOP_KEY"] = top
     qk_scale, scale = spec.scale * LOG2E, spec.scale
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_args[2:])
-    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], dq, *strides,
-                              *dq.stride()[:3], H, H // HK, B * H, L, S, *offsets, qk_scale, scale, _bucket(L),
-                              _bucket(S)),
-                       meta, _grid(L, B * H, "BLOCK_M"), _config("dq", meta, arch, _bucket(L), deterministic))
-    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], dk, dv, *strides,
-                           *dk.stride()[:3], *dv.stride()[:3], HK, H // HK, B * HK, L, S, *offsets, qk_scale, scale,
-                           _bucket(L), _bucket(S)),
-                  meta, _grid(S, B * HK, "BLOCK_N"), _config("dkdv", meta, arch, _bucket(S), deterministic))
+    buckets = (_bucket(grid_l), _bucket(grid_s))
+    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, dq, *strides,
+                              *dq.stride()[:3], H, H // HK, grid_b * H, L, S, *offsets, qk_scale, scale, *buckets),
+                       meta, _grid(grid_l, grid_b * H, "BLOCK_M"), _config("dq", meta, arch, buckets[0], deterministic))
+    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, dk, dv, *strides,
+                           *dk.stride()[:3], *dv.stride()[:3], HK, H // HK, grid_b * HK, L, S, *offsets, qk_scale,
+                           scale, *buckets),
+                  meta, _grid(grid_s, grid_b * HK, "BLOCK_N"), _config("dkdv", meta, arch, buckets[1], deterministic))
     return [pre, dq_launch, dkdv]
 
 
@@ -1200,20 +1325,22 @@ def _run(launch: Launch, device: torch.device) -> None:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
-             mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+             mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+             cu_seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
-                          torch.are_deterministic_algorithms_enabled(), key_bounds, mask)
+                          torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q, cu_seqlens_k)
     _run(launch, q.device)
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, key_bounds: Optional[Tensor] = None,
-              mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
+              ) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)
@@ -1225,7 +1352,8 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     dv = new_output(v.shape, v.dtype, v.device)
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
                              delta, top_j, top_c, dq, dk, dv, spec, device_arch(q.device),
-                             torch.are_deterministic_algorithms_enabled(), key_bounds, mask)
+                             torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q,
+                             cu_seqlens_k)
     for launch in launches:
         _run(launch, q.device)
     return dq, dk, dv

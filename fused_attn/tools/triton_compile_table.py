@@ -203,6 +203,21 @@ def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=Tr
     return cap
 
 
+def varlen_call(arch, n_seq, H, HK, L, S, E, dtype, causal=True, window=(-1, -1)):
+    """Forward and backward through fused_attn.varlen_attention on a fake sm_<arch>: ``n_seq`` packed
+    sequences, the first of L queries and S keys, the others shorter by a ragged amount (the grid
+    tiles the longest); inputs (total, H, E) contiguous, 16-byte aligned. Returns the Capture."""
+    lengths = [(max(1, L - 37 * i), max(1, S - 21 * i)) for i in range(n_seq)]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist()) for n in zip(*lengths))
+    q = torch.randn(int(cu_q[-1]), H, E).to(dtype).requires_grad_()
+    k = torch.randn(int(cu_k[-1]), HK, E).to(dtype).requires_grad_()
+    v = torch.randn(int(cu_k[-1]), HK, E).to(dtype).requires_grad_()
+    with fake_gpu(arch) as cap:
+        out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, L, S, causal=causal, window=window, backend="triton")
+        out.backward(torch.randn(out.shape).to(dtype))
+    return cap
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiling a record
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +240,8 @@ def compile_record(record: dict) -> dict:
     c = record["constexprs"]
     return dict(kind=record["kind"], arch=record["arch"], head_dim=c.get("HEAD_DIM", c.get("HEAD_DIM_V")),
                 dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), window=c.get("WINDOW", "-"),
-                key_bounds=c.get("KEY_BOUNDS", "-"), mask=c.get("MASK", "-"), tma=bool(c.get("TMA")),
+                key_bounds=c.get("KEY_BOUNDS", "-"), mask=c.get("MASK", "-"), varlen=c.get("VARLEN", "-"),
+                tma=bool(c.get("TMA")),
                 aligned=c.get("ALIGNED", "-"),
                 config=f"M{c.get('BLOCK_M')}/N{c.get('BLOCK_N', '-')}/w{record['num_warps']}/s{record['num_stages']}",
                 regs=res.get("REG", -1), spill=res.get("LOCAL", 0) + res.get("STACK", 0), smem=k.metadata.shared,
@@ -271,11 +287,12 @@ def notes(rows) -> list:
 
 def print_table(rows) -> None:
     print(f"{'kernel':8} {'arch':6} {'D':>4} {'dtype':5} {'causal':6} {'window':6} {'bounds':6} {'mask':4} "
-          f"{'aligned':7} {'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
+          f"{'varlen':6} {'aligned':7} {'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
     for r in rows:
         kernel = r["kind"] + ("+tma" if r["tma"] else "")
         print(f"{kernel:8} sm_{r['arch']:<3} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
-              f"{str(r['window']):6} {str(r['key_bounds']):6} {str(r['mask']):4} {str(r['aligned']):7} "
+              f"{str(r['window']):6} {str(r['key_bounds']):6} {str(r['mask']):4} {str(r['varlen']):6} "
+              f"{str(r['aligned']):7} "
               f"{r['config']:16} {r['regs']:>4} {r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
 
 
@@ -299,7 +316,8 @@ REPRESENTATIVE = [(64, torch.float16, True, (4, 2)), (128, torch.bfloat16, False
 QUICK = [(128, torch.bfloat16, False, (2, 2)), (256, torch.float16, True, (4, 2))]
 # The sliding window and key bounds together (their scalars, extra loops and masks) where registers are tightest;
 # the same shapes with a mask tensor (MASK: its loads, the per-tile summary and the tile skip), bf16 with a
-# float mask in the inputs' dtype, fp32 with a boolean one
+# float mask in the inputs' dtype, fp32 with a boolean one; and as varlen sequences with the window (VARLEN: the
+# sequence's offsets, the early exit, the moved pointers; the forward on its pointer path)
 VISIBILITY = [(256, torch.bfloat16, True, (4, 2)), (256, torch.float32, True, (4, 2))]
 VISIBILITY_WINDOW = (64, 0)
 MASK_KIND = {torch.bfloat16: "float", torch.float32: "bool"}
@@ -311,13 +329,15 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
     autotuner would benchmark; on sm_90 and newer fp16/bf16 also the forward of misaligned inputs
     (the pointer path, where aligned inputs take TMA), up to head dim 128: at 256 it spills with
     every config (triton_attention.MISALIGNED_REGISTER_SHARE). Each shape of ``visibility`` once more
-    with a sliding window and key bounds, and once with a mask tensor (MASK_KIND)."""
+    with a sliding window and key bounds, once with a mask tensor (MASK_KIND), and once as varlen
+    sequences with the window."""
     records = []
     for arch in archs:
         for head_dim, dtype, causal, (H, HK) in visibility:
-            for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True), dict(mask_kind=MASK_KIND[dtype])):
-                cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal, **extra)
-                # every config benchmarked, and the launch of a kernel whose prune keeps one (no benchmark)
+            caps = [public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal, **extra)
+                    for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True), dict(mask_kind=MASK_KIND[dtype]))]
+            caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW))
+            for cap in caps:  # every config benchmarked, and the launch of a kernel whose prune keeps one
                 records += [r for r in cap.records if r["kind"] != "pre"]
         for head_dim, dtype, causal, (H, HK) in reps:
             cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal)
