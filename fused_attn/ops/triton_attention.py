@@ -932,8 +932,14 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 
               100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
 SMEM_LIMIT_DEFAULT = 99 * 1024
 # Estimated tile values per thread (see _fits) above which ptxas spilled in the compile table.
-REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 128, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 66,
+REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 124, ("dq", 2): 128, ("fwd", 4): 100, ("dkdv", 4): 66,
                    ("dq", 4): 96}  # fp32 dq: (32, 16, 8, 2) at head dim 256 (100) spills with TOP_KEY on sm_80
+# 16-bit dkdv: (32, 128, 8, 3) and (32, 64, 4, 3) at head dim 64 (estimate 128) spill 8 / 24 bytes on
+# sm_80 since the dK/dV loop carries the window / key-bounds / mask offsets: 124 leaves them out.
+# The varlen forward runs the pointer path (a TMA descriptor clips at the packed tensor's end, not
+# at a sequence's) with the sequence's offsets live: this share of the budget (at head dim 256 bf16
+# it keeps (64, 32, 8, 2), estimate 104, and leaves out (64, 64, 8, 2), 112, which spills on sm_90).
+VARLEN_FWD_REGISTER_SHARE = 0.68
 # Inputs that are not 16-byte aligned (see _aligned) load element by element, an address and a
 # value register each: their tiles get this share of the budget. Measured on sm_90's pointer
 # path: fp16/bf16 head dims up to 128 then compile without spills; head dim 256 spills with every
@@ -956,7 +962,8 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, aligned: bool) -> bool:
+def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, aligned: bool,
+          varlen: bool = False) -> bool:
     """Rough shared-memory and register estimates, calibrated on the compile table."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     threads = 32 * cfg.num_warps
@@ -972,17 +979,19 @@ def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, 
         smem = cfg.num_stages * bn * (d + dv) * elem + bm * (d + dv) * elem
         regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
     budget = REGISTER_BUDGET[kind, elem] * (1 if aligned else MISALIGNED_REGISTER_SHARE)
+    if varlen and kind == "fwd":
+        budget *= VARLEN_FWD_REGISTER_SHARE
     return smem <= smem_limit(arch) and regs <= budget
 
 
 def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int,
-                  length: Optional[int] = None, aligned: bool = True) -> List[triton.Config]:
+                  length: Optional[int] = None, aligned: bool = True, varlen: bool = False) -> List[triton.Config]:
     """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype, arch and
     alignment, and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than
     it. Never empty; kept configs stay in their declared order."""
     configs = CONFIGS[kind][elem_bytes]
     d, dv = block_d(head_dim), block_d(head_dim_v)
-    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned)]
+    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned, varlen)]
     if not kept:  # never empty: fall back to the smallest tiles
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     if length is not None:
@@ -993,11 +1002,11 @@ def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, ar
 
 
 def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: int, length: int,
-                 aligned: bool = True) -> triton.Config:
+                 aligned: bool = True, varlen: bool = False) -> triton.Config:
     """Deterministic mode's config: the first config, in declared order, that prune_configs keeps for
     this (kind, arch, dtype, head dims, length bucket, alignment). A pure function, so every process
     picks it."""
-    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned)[0]
+    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned, varlen)[0]
 
 
 # Autotune keys. Triton keys its tuning cache on these arguments' values plus the dtype of each
@@ -1018,7 +1027,8 @@ def prune_hook(kind: str):
     length bucket, never a tensor: on the TMA path Q, K, V and O are TensorDescriptors."""
     def prune(configs, named_args, **kwargs):
         return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], ELEM_BYTES[kwargs["DTYPE"]],
-                             kwargs["ARCH"], named_args[TUNED_LENGTH[kind]], kwargs["ALIGNED"])
+                             kwargs["ARCH"], named_args[TUNED_LENGTH[kind]], kwargs["ALIGNED"],
+                             bool(kwargs.get("VARLEN")))
     return prune
 
 
@@ -1122,7 +1132,8 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
     if INTERPRETED:
         return triton.Config(dict(INTERPRETER_BLOCKS), pre_hook=_tma_block_shapes)
     if deterministic:
-        return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length, meta["ALIGNED"])
+        return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length, meta["ALIGNED"],
+                            bool(meta.get("VARLEN")))
     return None
 
 

@@ -253,7 +253,9 @@ SPILL_TOLERANCE = 128  # bytes of spills tolerated elsewhere (see problems)
 
 
 def calibrated(row: dict) -> bool:
-    return row["arch"] in CALIBRATED_ARCHS and row["aligned"] is not False
+    """Whether the register estimates were calibrated for the row: sm_80 / sm_90, aligned inputs, not
+    varlen (whose pointer-path forward and per-sequence offsets the estimates only approximate)."""
+    return row["arch"] in CALIBRATED_ARCHS and row["aligned"] is not False and row.get("varlen") is not True
 
 
 def problems(row: dict, fp32_ieee: bool = True) -> list:
