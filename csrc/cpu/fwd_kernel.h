@@ -442,7 +442,7 @@ void attention_forward(AttnFwdParams p) {
   }
   const int64_t n_qblocks = static_cast<int64_t>(qblocks.size());
   const int64_t group = d.heads_q / d.heads_kv;
-  const int64_t tile_align = 64;  // key tiles start on a packing panel (PackedKV::PANEL)
+  const int64_t tile_align = PackedKV<scalar_t>::PANEL;  // key tiles start on a packing panel
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
   const acc_t score_asc = static_cast<acc_t>(std::abs(p.scale) * LOG2E);
