@@ -148,11 +148,11 @@ class ReferenceBackend:
             out, lse = reference.varlen_attention(p.q, p.k, p.v, p.cu_seqlens_q, p.cu_seqlens_k, p.spec.dropout_p,
                                                   p.spec.causal, p.spec.scale, window=window,
                                                   alibi_slopes=p.alibi_slopes, softcap=p.spec.softcap,
-                                                  compute_dtype=dt)
+                                                  dropout_seed=p.dropout_seed, compute_dtype=dt)
         else:
             out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
                                            window=window, key_bounds=p.key_bounds, alibi_slopes=p.alibi_slopes,
-                                           softcap=p.spec.softcap, compute_dtype=dt)
+                                           softcap=p.spec.softcap, dropout_seed=p.dropout_seed, compute_dtype=dt)
         return out.to(p.dtype), lse
 
 

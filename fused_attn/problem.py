@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
+from . import dropout
 from .ops._common import lse_dtype
 from .spec import TENSOR_ARGS, AttnSpec, CausalMode
 
@@ -47,6 +48,8 @@ class Problem:
     # ALiBi, FlashAttention-2's: fp32 (B, Hq) (varlen: (n_seq, Hq)) slopes; the score of query i and
     # key j gets -slope * |i + S - L - j| (S, L the sequence's) added after the scale. None: no ALiBi.
     alibi_slopes: Optional[Tensor] = None
+    # dropout_p > 0: the call's Philox seed, int64 (1,) on the CPU (fused_attn.dropout). None: no dropout.
+    dropout_seed: Optional[Tensor] = None
 
     def tensor_args(self) -> Dict[str, Tensor]:
         """The call's tensors the kernel ops take (``spec.TENSOR_ARGS``), those given, by name."""
@@ -351,7 +354,8 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     spec = AttnSpec(scale=scale, causal=causal, dropout_p=float(dropout_p), window_left=window[0],
                     window_right=window[1], softcap=_softcap(softcap))
     alibi = None if alibi_slopes is None else _alibi(alibi_slopes, batch, B, H, q.device)
-    return Problem(q, k, v, mask, spec, out_shape, key_bounds, alibi_slopes=alibi)
+    return Problem(q, k, v, mask, spec, out_shape, key_bounds, alibi_slopes=alibi,
+                   dropout_seed=dropout.draw_seed() if spec.dropout_p > 0.0 else None)
 
 
 def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) -> Tuple[Tensor, int]:
@@ -410,4 +414,4 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     alibi = None if alibi_slopes is None else _alibi(alibi_slopes, (n_seq,), n_seq, Hq, q.device)
     return Problem(q4, k4, v4, None, spec, (1, Hq, Lt, Ev), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                   alibi_slopes=alibi)
+                   alibi_slopes=alibi, dropout_seed=dropout.draw_seed() if spec.dropout_p > 0.0 else None)

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import dropout
 from .spec import AttnSpec, CausalMode, causal_mask, visible_keys  # noqa: F401 (tests use causal_mask)
 
 
@@ -38,6 +39,8 @@ def attention(
     key_bounds: Optional[Tensor] = None,
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
+    dropout_origin: Tuple[int, int] = (0, 0),
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Naive attention on canonical inputs.
@@ -48,7 +51,9 @@ def attention(
     with ``causal``, the sliding ``window`` (left, right; ``AttnSpec``'s) and the per-batch
     ``key_bounds`` ((B, 2): batch b sees keys [begin, end) only). ``alibi_slopes`` (B or 1, Hq):
     ``-slope * |i + S - L - j|`` added to the scaled scores; ``softcap > 0`` caps the scaled scores
-    as ``softcap * tanh(x / softcap)`` first. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
+    as ``softcap * tanh(x / softcap)`` first. ``dropout_p > 0`` drops the probabilities as
+    ``fused_attn.dropout`` says for ``dropout_seed`` (drawn from torch's generator when None), with
+    this call's rows and keys at ``dropout_origin`` (row, key) of the stream. Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` in
     ``compute_dtype``.
     """
     dt = compute_dtype or q.dtype
@@ -90,7 +95,7 @@ def attention(
     empty = denom == 0
     lse = torch.where(seen, torch.log(safe) + m, torch.full_like(m, float("-inf")).masked_fill(~empty, float("nan")))
     if dropout_p > 0.0:
-        p = torch.nn.functional.dropout(p, dropout_p)
+        p = dropout.apply(p, dropout_p, dropout_seed, *dropout_origin)
     out = torch.matmul(p, v)
     return out, lse.squeeze(-1)
 
@@ -108,14 +113,18 @@ def varlen_attention(
     window: Tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Variable-length sequences packed along the rows: q (1, Hq, total_q, E), k, v (1, Hk, total_k,
     E / Ev); sequence b is query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) against key rows
     [cu_seqlens_k[b], cu_seqlens_k[b + 1]), each computed by :func:`attention` on its own (causal
-    and window aligned within the sequence; ``alibi_slopes`` (n_seq, Hq), row b the sequence's). Returns ``(out (1, Hq, total_q, Ev), lse (1, Hq, total_q))``."""
+    and window aligned within the sequence; ``alibi_slopes`` (n_seq, Hq), row b the sequence's; dropout
+    at the packed rows and keys). Returns ``(out (1, Hq, total_q, Ev), lse (1, Hq, total_q))``."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     dt = compute_dtype or q.dtype
+    if dropout_p > 0.0 and dropout_seed is None:
+        dropout_seed = dropout.draw_seed()  # one stream for all the sequences
     outs, lses = [], []
     for b in range(len(cq) - 1):
         if cq[b + 1] == cq[b] or ck[b + 1] == ck[b]:  # no query, or no key: zeros, lse -inf
@@ -126,7 +135,8 @@ def varlen_attention(
         o, l_ = attention(q[:, :, cq[b]:cq[b + 1]], k[:, :, ck[b]:ck[b + 1]], v[:, :, ck[b]:ck[b + 1]], None,
                           dropout_p, causal, scale, window=window,
                           alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
-                          softcap=softcap, compute_dtype=compute_dtype)
+                          softcap=softcap, dropout_seed=dropout_seed, dropout_origin=(cq[b], ck[b]),
+                          compute_dtype=compute_dtype)
         outs.append(o)
         lses.append(l_)
     if not outs:

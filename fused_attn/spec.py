@@ -11,7 +11,8 @@ Tensors that describe the call travel in the :class:`~fused_attn.problem.Problem
 spec; the ops take them as their last arguments (:data:`TENSOR_ARGS`, None where unused):
 ``key_bounds`` (a key-padding mask normalised by ``make_problem``), ``mask``,
 ``cu_seqlens_q`` / ``cu_seqlens_k`` (variable-length sequences packed into one problem) and
-``alibi_slopes``. :meth:`Problem.features` names what a call uses beyond plain attention;
+``alibi_slopes``, ``dropout_seed`` (``fused_attn.dropout``: how every backend drops the same
+elements). :meth:`Problem.features` names what a call uses beyond plain attention;
 each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
 derives its refusal messages from that data.
 
@@ -90,11 +91,13 @@ FEATURES = {
 }
 
 # The call's tensors the kernel ops take after the spec's fields (Problem's fields of these names;
-# None where unused): per-batch key bounds, the mask tensor, the varlen sequences' offsets.
-TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
+# None where unused): per-batch key bounds, the mask tensor, the varlen sequences' offsets, the ALiBi
+# slopes, the dropout seed (``fused_attn.dropout``: an int64 CPU tensor of shape (1,)).
+TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "dropout_seed")
 # The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, then the
 # tensors of TENSOR_ARGS.
 OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, float softcap=0.0, "
+                  "float dropout_p=0.0, "
                   + ", ".join(f"Tensor? {name}=None" for name in TENSOR_ARGS))
 
 
@@ -116,16 +119,17 @@ class AttnSpec:
     def op_args(self, **tensors: Optional[Tensor]) -> tuple:
         """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then the call's tensors
         (``tensors`` by their :data:`TENSOR_ARGS` names; the others None)."""
-        return (int(self.causal), self.scale, self.window_left, self.window_right, self.softcap,
+        return (int(self.causal), self.scale, self.window_left, self.window_right, self.softcap, self.dropout_p,
                 *(tensors.get(name) for name in TENSOR_ARGS))
 
     @classmethod
     def from_op_args(cls, causal: int, scale: float, window_left: int = -1, window_right: int = -1,
-                     softcap: float = 0.0, *tensors: Optional[Tensor]) -> Tuple["AttnSpec", Dict[str, Tensor]]:
+                     softcap: float = 0.0, dropout_p: float = 0.0,
+                     *tensors: Optional[Tensor]) -> Tuple["AttnSpec", Dict[str, Tensor]]:
         """The spec and the call's tensors (by name, those given) back from :meth:`op_args` (inside an
         op: the kernels' view of the call)."""
         spec = cls(scale=scale, causal=CausalMode(causal), window_left=window_left, window_right=window_right,
-                   softcap=softcap)
+                   softcap=softcap, dropout_p=dropout_p)
         return spec, {name: t for name, t in zip(TENSOR_ARGS, tensors) if t is not None}
 
     @property

@@ -46,11 +46,13 @@ struct SpecArgs {
   double scale;
   int64_t window_left, window_right;
   double softcap;
+  double dropout_p;
   const std::optional<at::Tensor>& key_bounds;
   const std::optional<at::Tensor>& mask;
   const std::optional<at::Tensor>& cu_seqlens_q;
   const std::optional<at::Tensor>& cu_seqlens_k;
   const std::optional<at::Tensor>& alibi_slopes;
+  const std::optional<at::Tensor>& dropout_seed;
 };
 
 // One of varlen's cumulative sequence lengths: int64 (n_seq + 1,), 0 first, non-decreasing, total last.
@@ -159,13 +161,14 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
              int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
-             const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
+             double dropout_p, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-             const std::optional<at::Tensor>& alibi_slopes) {
+             const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
   AttnFwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
-                                                                          softcap, key_bounds, mask, cu_seqlens_q,
-                                                                          cu_seqlens_k, alibi_slopes});
+                                                                          softcap, dropout_p, key_bounds, mask,
+                                                                          cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                                                                          dropout_seed});
   const Dims& d = p.dims;
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
@@ -183,14 +186,15 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
-              int64_t window_right, double softcap, const std::optional<at::Tensor>& key_bounds,
+              int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& key_bounds,
               const std::optional<at::Tensor>& mask,
               const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-              const std::optional<at::Tensor>& alibi_slopes) {
+              const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
   AttnBwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
-                                                                          softcap, key_bounds, mask, cu_seqlens_q,
-                                                                          cu_seqlens_k, alibi_slopes});
+                                                                          softcap, dropout_p, key_bounds, mask,
+                                                                          cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                                                                          dropout_seed});
   const Dims& d = p.dims;
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());

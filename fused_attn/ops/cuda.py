@@ -121,9 +121,9 @@ def _operand(t: Tensor) -> Tensor:
 
 def _kernel_args(spec: AttnSpec, tensors: dict) -> Tuple[int, float]:
     """The spec's fields the CUDA kernels take (causal, scale); CAPABILITIES refuses the rest."""
-    if spec.windowed or spec.softcap or tensors:
-        raise RuntimeError(f"the CUDA kernels run no sliding window, key-padding mask, mask tensor or varlen "
-                           f"sequences, got {', '.join(tensors) or 'a window'}")
+    if spec.windowed or spec.softcap or spec.dropout_p or tensors:
+        raise RuntimeError(f"the CUDA kernels run no sliding window, soft-capping, dropout, key-padding mask, mask "
+                           f"tensor, ALiBi or varlen sequences, got {', '.join(tensors) or 'a spec field'}")
     return int(spec.causal), spec.scale
 
 
