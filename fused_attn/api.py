@@ -58,18 +58,21 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
                        *, window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
-                       softcap: float = 0.0, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                       softcap: float = 0.0, dropout_p: float = 0.0,
+                       backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax log-sum-exp.
 
-    Arguments as :func:`scaled_dot_product_attention` (no dropout; ``window``, ``alibi_slopes``,
-    ``softcap`` too). Returns
+    Arguments as :func:`scaled_dot_product_attention` (``window``, ``alibi_slopes``, ``softcap``
+    too; ``dropout_p`` keyword-only here, and lse is that of the probabilities before dropout, as
+    FlashAttention's). Returns
     ``(out, lse)``: ``out`` as there, ``lse`` float32 of shape ``(N..., Hq, L)``, the natural
     log of each query row's sum of ``exp(scale * q.k + mask)`` over the keys it sees
     (``-inf`` for a row that sees none). Both are differentiable. Two attentions over
     disjoint key sets combine exactly as ``out = w1 * out1 + w2 * out2`` with
     ``w_i = exp(lse_i - logaddexp(lse1, lse2))``.
     """
-    p = make_problem(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window, alibi_slopes, softcap)
+    p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes,
+                     softcap)
     return p.restore(*dispatch.run(p, backend))
 
 

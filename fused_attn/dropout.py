@@ -82,7 +82,7 @@ def apply(probs: Tensor, p: float, seed: Optional[Tensor], row0: int = 0, col0: 
     """``probs`` (B, H, L, S) after dropout with ``seed`` (drawn here when None): dropped elements 0,
     kept ones scaled by :func:`keep_scale`."""
     if p >= 1.0:
-        return torch.zeros_like(probs)
+        return probs * 0.0  # zeros that keep the graph (gradients of zero, as torch's dropout gives)
     seed = draw_seed() if seed is None else seed
     B, H, L, S = probs.shape
     keep = keep_mask(seed, p, B, H, L, S, row0, col0, probs.device)

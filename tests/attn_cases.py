@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 import fused_attn
-from fused_attn import reference
+from fused_attn import dropout, reference
 from fused_attn.spec import CausalMode
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
@@ -164,13 +164,18 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
     drawn from ``seed`` in the inputs' dtype, so every run of one call sees the same values.
     """
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the call's dropout seed (drawn from torch's generator), the same in every run
     if backend is None:
         leaves = [t.detach().to(compute_dtype or q.dtype).requires_grad_(backward) for t in (q, k, v)]
         mask, slopes = kwargs.get("attn_mask"), kwargs.get("alibi_slopes")
+        p_drop = kwargs.get("dropout_p", 0.0)
         out, lse = reference.attention(*leaves, attn_mask=None if isinstance(mask, CausalBias) else mask,
-                                       causal=mode, scale=kwargs.get("scale"), window=kwargs.get("window", (-1, -1)),
+                                       dropout_p=p_drop, causal=mode, scale=kwargs.get("scale"),
+                                       window=kwargs.get("window", (-1, -1)),
                                        alibi_slopes=None if slopes is None else slopes.reshape(-1, q.shape[-3]),
-                                       softcap=kwargs.get("softcap", 0.0), compute_dtype=compute_dtype)
+                                       softcap=kwargs.get("softcap", 0.0),
+                                       dropout_seed=dropout.draw_seed() if p_drop else None,
+                                       compute_dtype=compute_dtype)
     else:
         leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
         out, lse = fused_attn.attention_with_lse(*leaves, backend=backend, **kwargs)
@@ -186,12 +191,13 @@ def run_attention(backend, q, k, v, mode: CausalMode, kwargs: dict, backward: bo
 
 
 def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale=None, backward=True,
-                  window=(-1, -1), attn_mask=None, alibi_slopes=None, softcap=0.0):
+                  window=(-1, -1), attn_mask=None, alibi_slopes=None, softcap=0.0, dropout_p=0.0):
     """Run ``backend`` through the public API and check out, lse and (with ``backward``) dq, dk,
     dv against the fp64 reference under the tolerance rule; out keeps the inputs' dtype, lse is
     fp32 (fp64 for fp64 inputs). ``window``, a mask tensor ``attn_mask`` (not with
     lower-right causal, which is itself the mask argument), ``alibi_slopes`` ((Hq,) or
-    (B, Hq)) and ``softcap`` go to both. Returns the max error ratio of each result."""
+    (B, Hq)), ``softcap`` and ``dropout_p`` (with one seed: both drop the same elements) go to
+    both. Returns the max error ratio of each result."""
     L, S = q.shape[-2], k.shape[-2]
     kwargs = dict(scale=scale, enable_gqa=q.shape[-3] != k.shape[-3], **sdpa_causal_args(mode, L, S))
     if window != (-1, -1):
@@ -203,6 +209,8 @@ def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale
         kwargs["alibi_slopes"] = alibi_slopes
     if softcap:
         kwargs["softcap"] = softcap
+    if dropout_p:
+        kwargs["dropout_p"] = dropout_p
     seed = int(torch.randint(2 ** 31, ()))
     got = run_attention(backend, q, k, v, mode, kwargs, backward, with_lse_grad, seed)
     ref = run_attention(None, q, k, v, mode, kwargs, backward, with_lse_grad, seed, compute_dtype=torch.float64)

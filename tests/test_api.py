@@ -186,13 +186,14 @@ def test_automatic_choice_falls_back_and_says_so_once(monkeypatch):
     monkeypatch.setattr(dispatch, "_said", set())
     ran = _spy(monkeypatch)
     q = rand(1, 2, 5, 8, dtype=torch.float32)
-    with pytest.warns(UserWarning, match="triton: dropout_p > 0 is not supported"):
-        fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    mask = torch.randn(5, 5, requires_grad=True)  # a mask gradient: no kernel gives one
+    with pytest.warns(UserWarning, match="triton: a float attn_mask that requires grad is not supported"):
+        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert ran[-2:] == ["reference", "reference"]
-    reasons = fused_attn.explain_dispatch(q, q, q, dropout_p=0.1)
+    reasons = fused_attn.explain_dispatch(q, q, q, attn_mask=mask)
     assert list(reasons) == list(dispatch.ORDER) and reasons["reference"] is None
     assert "ask for backend='triton' by name" in fused_attn.explain_dispatch(q, q, q)["triton"]
 

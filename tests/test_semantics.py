@@ -37,7 +37,7 @@ CASES = {
                              False),
     "float_mask_and_causal_L>S": ((2, 3, 7, 8), (2, 3, 5, 8), (2, 3, 5, 8),
                                   {"attn_mask": "float", "is_causal": True}, False),
-    "dropout_1": ((2, 3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), {"dropout_p": 1.0}, False),
+    "dropout_1": ((2, 3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), {"dropout_p": 1.0}, True),
     "L=0": ((2, 3, 0, 8), (2, 3, 6, 8), (2, 3, 6, 8), {"is_causal": True}, True),
     "S=0": ((2, 3, 5, 8), (2, 3, 0, 8), (2, 3, 0, 8), {}, True),
     "S=0_causal_gqa": ((2, 6, 5, 8), (2, 2, 0, 8), (2, 2, 0, 8), {"is_causal": True, "enable_gqa": True}, True),
@@ -94,8 +94,9 @@ def test_matches_torch(case, backend):
 def test_kernels_refuse_by_name():
     """Calls the fused kernels cannot run raise with the reason when a kernel is asked for by name."""
     q = rand(1, 2, 4, 8)
-    with pytest.raises(RuntimeError, match="dropout_p > 0 is not supported"):
-        fused_attn.scaled_dot_product_attention(q, q, q, dropout_p=0.5, is_causal=True, backend="cpu")
+    mask = torch.randn(2, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="a float attn_mask that requires grad is not supported"):
+        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask, backend="cpu")
     with pytest.raises(RuntimeError, match="head dims of 0 are not supported, got E = 0, Ev = 8"):
         fused_attn.scaled_dot_product_attention(q[..., :0], q[..., :0], q, backend="cpu")
 

@@ -16,6 +16,8 @@
 #define FA_COMMON_FN inline
 #endif
 
+#include "dropout.h"
+
 namespace fused_attn {
 
 // Largest head dim (E and Ev) any kernel takes.
@@ -143,6 +145,7 @@ struct AttnFwdCommon {
   // ALiBi slopes, fp32 (batch or, varlen, sequences) x heads_q; nullptr: none. The score of query
   // i and key j gets -slope * |i + S - L - j| after the scale (mask_ops.h: apply_alibi_tile).
   const float* alibi = nullptr;
+  Dropout dropout;  // of the probabilities (dropout.h); dropout.on false: none
 
   // What the rows of batch entry b see.
   FA_COMMON_FN Visibility visibility(int64_t b) const {

@@ -156,6 +156,15 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
                 a.scalar_type(), " ", a.sizes(), " on ", a.device());
     c.alibi = a.data_ptr<float>();
   }
+  TORCH_CHECK(spec.dropout_p >= 0.0 && spec.dropout_p <= 1.0, "dropout_p must be in [0, 1], got ", spec.dropout_p);
+  if (spec.dropout_p > 0.0) {
+    TORCH_CHECK(spec.dropout_seed.has_value(), "dropout_p = ", spec.dropout_p, " needs dropout_seed");
+    const at::Tensor& s = *spec.dropout_seed;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kLong && s.numel() == 1,
+                "dropout_seed must be an int64 CPU tensor of one element, got ", s.scalar_type(), " ", s.sizes(),
+                " on ", s.device());
+    c.dropout = make_dropout(spec.dropout_p, static_cast<uint64_t>(s.item<int64_t>()));
+  }
   return c;
 }
 

@@ -36,10 +36,12 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "config.h"
+#include "dropout_ops.h"
 #include "gemm.h"
 #include "gemm_avx512.h"
 #include "mask_ops.h"
@@ -236,6 +238,8 @@ void attention_backward(AttnBwdParams p) {
   // A mask tensor's float values in the scores' units (mask_ops.h): raw scores for fp32, log2 units else.
   const bool has_mask = p.mask.kind != kMaskNone, has_softcap = p.softcap > 0.0;
   const acc_t mask_mult = FP32 ? static_cast<acc_t>(1.0 / p.scale) : static_cast<acc_t>(LOG2E);
+  const bool has_dropout = p.dropout.on;
+  const acc_t keep_scale = static_cast<acc_t>(p.dropout.keep_scale);
 
   // 1. delta = rowsum(dO * O) (fp32: also in double, delta64, for exact_dscore) and dlse,
   //    kept apart (dscores_impl), and lse log2 e in double split as hi a + lo, so that
@@ -313,6 +317,8 @@ void attention_backward(AttnBwdParams p) {
     acc_t* th = has_softcap ? s + 2 * tile + BK * d.head_dim + BK * d.head_dim_v + n_t : nullptr;
     scalar_t* t16 = scratch16.data_ptr<scalar_t>();
     KeyInterval* iv = iv_buf.data();
+    std::optional<DropoutTile> dropped;  // this thread's keep decisions of a tile
+    if (has_dropout) dropped.emplace(BQ, BK);
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
       const int64_t chunk = idx % n_chunks, bhk = idx / n_chunks;
@@ -368,6 +374,26 @@ void attention_backward(AttnBwdParams p) {
               if (p.alibi != nullptr) apply_alibi_tile(p, vis, b, h, i0, rows, j0, kc, iv, s, BK, mask_mult);
             };
             acc_t* dq_blk = dq_chunk + (bh * d.len_q + i0) * d.head_dim;
+            // fp32: dS where P > DS_EXACT_ABOVE in double (as DScoresEpilogue), dP times keep (dropout).
+            const auto exact_dscores = [&](const uint8_t* keep) {
+              if constexpr (FP32) {
+                for (int64_t r = 0; r < rows; ++r)
+                  for (int64_t c = 0; c < kc; ++c)
+                    if (s[r * BK + c] > DS_EXACT_ABOVE)
+                      dp[r * BK + c] = exact_dscore(do_blk + r * p.do_stride.row, v_blk + c * p.v_stride.row,
+                                                    d.head_dim_v, delta64_blk[r], s[r * BK + c], dl_blk[r],
+                                                    keep == nullptr ? 1.0 : keep[r * BK + c] ? p.dropout.keep_scale : 0.0);
+              }
+            };
+            // Dropout (P in s, dP = dO V^T in dp): dP as the forward's dropped P saw it, dS from the
+            // undropped P, then P dropped for dV.
+            const auto dropout_dscores = [&] {
+              const uint8_t* keep = dropped->draw(p.dropout, bh, i0, rows, j0, kc);
+              drop_scale_tile(dp, BK, rows, kc, keep, BK, keep_scale);
+              dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
+              exact_dscores(keep);
+              drop_scale_tile(s, BK, rows, kc, keep, BK, keep_scale);
+            };
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
               if (use_micro) {
@@ -383,10 +409,15 @@ void attention_backward(AttnBwdParams p) {
                   gemm_f32_panels<false>(rows, kc, d.head_dim, q_blk, p.q_stride.row, k_t, BK, [&](int64_t c0) {
                     return ProbsEpilogue<false>{s, BK, c0, g, a, nullptr, hi_blk, lo_blk};
                   });
-                gemm_f32_panels<false>(rows, kc, d.head_dim_v, do_blk, p.do_stride.row, v_t, BK, [&](int64_t c0) {
-                  return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_stride.row, v_blk,
-                                         p.v_stride.row, d.head_dim_v};
-                });
+                if (has_dropout) {
+                  gemm_f32_avx512<false>(rows, kc, d.head_dim_v, 1.0f, do_blk, p.do_stride.row, v_t, BK, dp, BK, false);
+                  dropout_dscores();
+                } else {
+                  gemm_f32_panels<false>(rows, kc, d.head_dim_v, do_blk, p.do_stride.row, v_t, BK, [&](int64_t c0) {
+                    return DScoresEpilogue{dp, s, BK, c0, delta_blk, dl_blk, delta64_blk, do_blk, p.do_stride.row,
+                                           v_blk, p.v_stride.row, d.head_dim_v};
+                  });
+                }
                 if (has_softcap) softcap_grad_tile(dp, th, BK, rows, kc);
                 gemm_f32_avx512<true>(kc, d.head_dim_v, rows, 1.0f, s, BK, do_blk, p.do_stride.row, dv_acc,
                                       d.head_dim_v, true);
@@ -404,14 +435,11 @@ void attention_backward(AttnBwdParams p) {
             probs(s, BK, rows, kc, masked || rewrite ? iv : nullptr, g, a, hi_blk, lo_blk);
             gemm(false, true, rows, kc, d.head_dim_v, acc_t(1), do_blk, p.do_stride.row, v_blk, p.v_stride.row,
                  acc_t(0), dp, BK);
-            dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
-            if constexpr (FP32) {  // as DScoresEpilogue
-              for (int64_t r = 0; r < rows; ++r)
-                for (int64_t c = 0; c < kc; ++c)
-                  if (s[r * BK + c] > DS_EXACT_ABOVE)
-                    dp[r * BK + c] = exact_dscore(do_blk + r * p.do_stride.row, v_blk + c * p.v_stride.row,
-                                                  d.head_dim_v, delta64_blk[r],
-                                                  s[r * BK + c], dl_blk[r]);
+            if (has_dropout) {
+              dropout_dscores();
+            } else {
+              dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
+              exact_dscores(nullptr);
             }
             if (has_softcap) softcap_grad_tile(dp, th, BK, rows, kc);
             if constexpr (LOW_PRECISION) {

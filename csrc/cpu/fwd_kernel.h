@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "config.h"
+#include "dropout_ops.h"
 #include "gemm.h"
 #include "gemm_avx512.h"
 #include "mask_ops.h"
@@ -449,6 +450,7 @@ void attention_forward(AttnFwdParams p) {
   // A mask tensor's float values enter the raw scores as bias / scale (mask_ops.h).
   const bool has_mask = p.mask.kind != kMaskNone, has_alibi = p.alibi != nullptr, has_softcap = p.softcap > 0.0;
   const acc_t mask_mult = static_cast<acc_t>(1.0 / p.scale);
+  const bool has_dropout = p.dropout.on;
   const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
@@ -478,6 +480,8 @@ void attention_forward(AttnFwdParams p) {
     scalar_t* p16 = scratch16.data_ptr<scalar_t>();
     scalar_t* q_pad = p16 + (LOW_PRECISION ? BQ * BK : 0);
     KeyInterval* iv = iv_buf.data();
+    std::optional<DropoutTile> dropped;  // this thread's keep decisions of a tile
+    if (has_dropout) dropped.emplace(BQ, BK);
     std::optional<PackedKV<scalar_t>> packed;  // this thread's packed kv head
     if constexpr (LOW_PRECISION || FP32) {
       if (use_packed) packed.emplace(p, BK);
@@ -533,6 +537,10 @@ void attention_forward(AttnFwdParams p) {
           if (apply_mask) apply_mask_tile(p.mask, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
           if (has_alibi) apply_alibi_tile(p, vis, b, h, i0, rows, j0, cols, tile_iv, s, BK, mask_mult);
         };
+        // Dropout: the row sums l (and lse) take P before it; P V after it (keep_scale at the end).
+        const auto drop = [&](auto* probs, int64_t ld) {
+          if (has_dropout) drop_tile(probs, ld, rows, cols, dropped->draw(p.dropout, bh, i0, rows, j0, cols), BK);
+        };
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
@@ -540,6 +548,7 @@ void attention_forward(AttnFwdParams p) {
             packed->scores_raw(j0, q_blk, p.q_stride.row, rows, cols, s, BK);
             rewrite_scores();
             online_softmax(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr);
+            drop(s, BK);
             gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
                                    true, corr);
             continue;
@@ -550,6 +559,7 @@ void attention_forward(AttnFwdParams p) {
             packed->scores_softmax(j0, q_blk, p.q_stride.row, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
                                    sum16);
             fold_softmax_block(rows, m, l, corr, sum16, score_asc);
+            drop(s, BK);
             gemm_f32_avx512<false>(rows, d.head_dim_v, cols, 1.0f, s, BK, v_blk, p.v_stride.row, acc, d.head_dim_v,
                                    true, corr);
             continue;
@@ -564,6 +574,7 @@ void attention_forward(AttnFwdParams p) {
                p.k_stride.row, acc_t(0), s, BK);
         if (rewrite) rewrite_scores();
         softmax_step<scalar_t>(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr, p16, BK);
+        if constexpr (LOW_PRECISION) drop(p16, BK); else drop(s, BK);
         if constexpr (LOW_PRECISION) {
           scale_rows(acc, d.head_dim_v, rows, d.head_dim_v, corr);
           if (use_brgemm) {
@@ -586,9 +597,10 @@ void attention_forward(AttnFwdParams p) {
       auto* lse_blk = lse + bh * d.len_q + i0;
       // l = 0: the row saw no key (or only -inf scores): out 0, lse -inf. l NaN (a NaN score)
       // makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf (out NaN: inf - inf).
+      const acc_t keep_scale = has_dropout ? static_cast<acc_t>(p.dropout.keep_scale) : acc_t(1);
       for (int64_t r = 0; r < rows; ++r) {
         const bool seen = l[r] != acc_t(0);
-        const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
+        const acc_t inv = seen ? keep_scale / l[r] : acc_t(0);
         for (int64_t c = 0; c < d.head_dim_v; ++c)
           out_blk[r * d.head_dim_v + c] = static_cast<scalar_t>(acc[r * d.head_dim_v + c] * inv);
         const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()

@@ -296,8 +296,10 @@ inline double dot_f64(const float* a, const float* b, int64_t n) {
   for (int64_t e = 0; e < n; ++e) sum += double(a[e]) * double(b[e]);
   return sum;
 }
-inline float exact_dscore(const float* dout_row, const float* v_row, int64_t Ev, double delta64, float p, float dl) {
-  return static_cast<float>(double(p) * ((dot_f64(dout_row, v_row, Ev) - delta64) + double(dl)));
+// dp_mult: what dropout multiplies this element's dP by (keep_scale or 0; 1 without dropout).
+inline float exact_dscore(const float* dout_row, const float* v_row, int64_t Ev, double delta64, float p, float dl,
+                          double dp_mult = 1.0) {
+  return static_cast<float>(double(p) * ((dot_f64(dout_row, v_row, Ev) * dp_mult - delta64) + double(dl)));
 }
 
 FA_CPU_VEC_VERSIONS(online_softmax,
