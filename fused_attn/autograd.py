@@ -1,7 +1,8 @@
 """The one autograd formula of the fused kernel backends, registered on each backend's ops.
 
 A kernel backend's forward op ``fused_attn::<backend>_fwd(q, k, v, <spec>) -> (out, lse)`` and
-backward op ``fused_attn::<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)``
+backward op ``fused_attn::<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>, *, mask_grad) -> (dq, dk, dv,
+dmask)`` (dmask: the gradient of a float mask tensor, (B, Hq, L, S), where ``mask_grad``; else empty)
 (``<spec>``: ``AttnSpec.op_args(key_bounds, mask)``, schema ``spec.OP_ARGS_SCHEMA``) are defined by
 ``ops._common.define_ops``, which calls :func:`register` here: the forward op is differentiable
 by itself (``torch.library.register_autograd``), so a traced or exported graph that holds the
@@ -23,12 +24,21 @@ from __future__ import annotations
 
 import torch
 
+from .spec import op_arg_index
+
+
+MASK_ARG = op_arg_index("mask")  # the mask tensor's place among the op arguments
+
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *op_args = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.op_args = tuple(op_args)
+    # a float mask that requires grad: the backward op computes its gradient too (ctx.needs_input_grad
+    # does not cover the op arguments under AOT autograd, so it is read here)
+    mask = op_args[MASK_ARG] if len(op_args) > MASK_ARG else None
+    ctx.mask_grad = mask is not None and mask.requires_grad
     ctx.set_materialize_grads(False)  # an unused lse gives dlse None, not a tensor of zeros
 
 
@@ -37,8 +47,12 @@ def _attention_backward(bwd_op):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(dout, dlse, q, k, v, out, lse, *ctx.op_args)
-        return (dq, dk, dv) + (None,) * len(ctx.op_args)
+        mask_grad = ctx.mask_grad
+        dq, dk, dv, dmask = bwd_op(dout, dlse, q, k, v, out, lse, *ctx.op_args, mask_grad=mask_grad)
+        grads = [None] * len(ctx.op_args)
+        if mask_grad:
+            grads[MASK_ARG] = dmask
+        return (dq, dk, dv, *grads)
 
     return backward
 
@@ -51,7 +65,7 @@ def _no_double_backward(backend: str):
     return backward
 
 
-def _save_nothing(ctx, inputs, output):
+def _save_nothing(ctx, inputs, output, keyword_only_inputs=None):
     pass
 
 

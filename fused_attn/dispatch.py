@@ -87,13 +87,14 @@ def _launch(ops: ModuleType, p: Problem) -> Tuple[Tensor, Tensor]:
     return ops._forward(p.q, p.k, p.v, p.spec, **p.tensor_args())
 
 
-def _recorded(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def _recorded(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> bool:
     """Whether something records this call, so that it must go through the torch.library op:
-    autograd (inputs that require grad), torch.compile / export / jit tracing, a dispatch mode, a
+    autograd (inputs or a float mask that require grad), torch.compile / export / jit tracing, a dispatch mode, a
     functorch transform, or a tensor subclass. Otherwise the op's implementation runs directly,
     saving the dispatcher's Python layers (tens of microseconds: decoding steps, small calls)."""
     return (torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                             or (mask is not None and mask.requires_grad)))
             or not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor)
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state() is not None)
@@ -128,7 +129,7 @@ class KernelBackend:
         """(out, lse) through the backend's forward op, which is differentiable (fused_attn.autograd),
         or, where nothing records the call, straight through the op's implementation."""
         ops = self.ops()
-        if _recorded(p.q, p.k, p.v):
+        if _recorded(p.q, p.k, p.v, p.mask):
             return ops.forward(p.q, p.k, p.v, *p.spec.op_args(**p.tensor_args()))
         return _launch(ops, p)
 

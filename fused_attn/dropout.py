@@ -35,8 +35,9 @@ _U32 = 0xFFFFFFFF
 
 
 def draw_seed() -> Tensor:
-    """A fresh 63-bit seed from torch's default (CPU) generator, as an int64 tensor of shape (1,)."""
-    return torch.empty((1,), dtype=torch.int64).random_()
+    """A fresh 63-bit seed (non-negative, as every backend reads it alike) from torch's default (CPU)
+    generator, as an int64 tensor of shape (1,) (out of place, so torch.compile traces it)."""
+    return torch.randint(0, 2 ** 63 - 1, (1,), dtype=torch.int64)
 
 
 def threshold(p: float) -> int:
@@ -67,7 +68,7 @@ def keep_mask(seed: Tensor, p: float, B: int, H: int, L: int, S: int, row0: int 
               device=None) -> Tensor:
     """The keep decision (True = kept) of elements (b, h, row0 + i, col0 + j) for i < L, j < S, as a
     boolean (B, H, L, S) tensor: what a kernel given ``seed`` (``draw_seed``'s tensor) does."""
-    s = int(seed.reshape(-1)[0])
+    s = int(seed.reshape(-1)[0]) & 0xFFFFFFFFFFFFFFFF  # the key's 64 bits
     i = torch.arange(row0, row0 + L, dtype=torch.int64, device=device)[:, None]
     j = torch.arange(col0, col0 + S, dtype=torch.int64, device=device)[None, :]
     bh = torch.arange(B * H, dtype=torch.int64, device=device)[:, None, None]

@@ -101,6 +101,11 @@ OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right
                   + ", ".join(f"Tensor? {name}=None" for name in TENSOR_ARGS))
 
 
+def op_arg_index(name: str) -> int:
+    """Where tensor ``name`` (of :data:`TENSOR_ARGS`) stands among the op arguments of :data:`OP_ARGS_SCHEMA`."""
+    return len(OP_ARGS_SCHEMA.split(",")) - len(TENSOR_ARGS) + TENSOR_ARGS.index(name)
+
+
 @dataclass(frozen=True)
 class AttnSpec:
     """The scalar semantics of one attention call (see the module docstring)."""

@@ -185,16 +185,16 @@ def test_automatic_choice_falls_back_and_says_so_once(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_said", set())
     ran = _spy(monkeypatch)
-    q = rand(1, 2, 5, 8, dtype=torch.float32)
-    mask = torch.randn(5, 5, requires_grad=True)  # a mask gradient: no kernel gives one
-    with pytest.warns(UserWarning, match="triton: a float attn_mask that requires grad is not supported"):
-        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    q = rand(1, 2, 5, 300, dtype=torch.float32)  # a head dim no kernel takes
+    with pytest.warns(UserWarning, match="cpu: head dims up to 256 are supported, got E = 300"):
+        fused_attn.scaled_dot_product_attention(q, q, q)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fused_attn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        fused_attn.scaled_dot_product_attention(q, q, q)
     assert ran[-2:] == ["reference", "reference"]
-    reasons = fused_attn.explain_dispatch(q, q, q, attn_mask=mask)
+    reasons = fused_attn.explain_dispatch(q, q, q)
     assert list(reasons) == list(dispatch.ORDER) and reasons["reference"] is None
+    q = q[..., :8]
     assert "ask for backend='triton' by name" in fused_attn.explain_dispatch(q, q, q)["triton"]
 
 
@@ -212,14 +212,19 @@ def test_fake_kernels_trace_shapes():
     """The ops' fake implementations give the real ops' shapes (what torch.compile traces with)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import fused_attn.ops.triton_attention  # noqa: F401  (registers the ops)
+    import fused_attn.ops.cpu  # noqa: F401  (registers the ops)
+    import fused_attn.ops.triton_attention  # noqa: F401
     q, k, v = rand(2, 6, 7, 16, dtype=torch.float16), rand(2, 2, 9, 16, dtype=torch.float16), rand(2, 2, 9, 24, dtype=torch.float16)
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
         out, lse = torch.ops.fused_attn.triton_fwd(fq, fk, fv, 1, 0.25)
-        dq, dk, dv = torch.ops.fused_attn.triton_bwd(out, None, fq, fk, fv, out, lse, 1, 0.25)
+        dq, dk, dv, dmask = torch.ops.fused_attn.triton_bwd(out, None, fq, fk, fv, out, lse, 1, 0.25)
+        fmask = mode.from_tensor(rand(2, 6, 7, 9, dtype=torch.float16))
+        cpu_grads = torch.ops.fused_attn.cpu_bwd(out, None, fq, fk, fv, out, lse, 1, 0.25, mask=fmask,
+                                                 mask_grad=True)
     assert out.shape == (2, 6, 7, 24) and lse.shape == (2, 6, 7) and lse.dtype == torch.float32
-    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert (dq.shape, dk.shape, dv.shape, dmask.shape) == (q.shape, k.shape, v.shape, (0,))
+    assert cpu_grads[3].shape == fmask.shape and cpu_grads[3].dtype == fmask.dtype
 
 
 def test_automatic_order_by_device(monkeypatch):

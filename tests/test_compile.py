@@ -176,11 +176,11 @@ def test_first_call_of_the_process_under_compile(monkeypatch):
 
 
 def test_fallback_warning_under_compile(monkeypatch):
-    """A float mask that requires grad under automatic choice falls back to the reference and says so
+    """A head dim no kernel takes (300) under automatic choice falls back to the reference and says so
     once, no graph break."""
     monkeypatch.setattr(dispatch, "_said", set())
-    q, k, v = leaves((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
-    mask = torch.randn(8, 8, requires_grad=True)
+    q, k, v = leaves((1, 2, 8, 300), (1, 2, 8, 300), (1, 2, 8, 16))
+    mask = torch.randn(8, 8)
     rec = Recorder()
     compiled = torch.compile(lambda q, k, v: fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                              fullgraph=True, backend=rec)
@@ -190,6 +190,25 @@ def test_fallback_warning_under_compile(monkeypatch):
         warnings.simplefilter("error")
         compiled(q, k, v)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_mask_gradient_and_dropout_under_compile(backend):
+    """A float mask that requires grad, and dropout, run in the cpu kernels under torch.compile
+    (no graph break) with the eager call's gradients (the dropout seed drawn in the graph)."""
+    q, k, v = leaves((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
+    mask = torch.randn(8, 8, requires_grad=True)
+
+    def fn(q, k, v, mask, p):
+        return fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    got = outputs_and_grads(lambda *a: compiled(*a, 0.0), (q, k, v, mask))
+    want = outputs_and_grads(lambda *a: fn(*a, 0.0), (q, k, v, mask))
+    torch.testing.assert_close(got, want)
+    out = compiled(q, k, v, mask, 0.5)
+    out.sum().backward()
+    assert mask.grad is not None and out.ne(fn(q, k, v, mask, 0.0)).any()
 
 
 # ---- nn.MultiheadAttention and the models ----

@@ -14,6 +14,7 @@ import torch
 import fused_attn
 from fused_attn.problem import make_problem
 from fused_attn.spec import CausalMode
+from fused_attn.testing import assert_close
 
 from attn_cases import check_backend, make_inputs
 
@@ -308,17 +309,48 @@ def test_nan_v_at_hidden_keys_follows_the_dense_product():
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
 
 
-def test_masks_the_cpu_kernels_leave_to_the_reference():
-    q, k, v = make_inputs(1, 2, 2, 8, 8, 8, 8, torch.float32)
-    trained = torch.randn(8, 8, requires_grad=True)
-    why = fused_attn.explain_dispatch(q, k, v, trained)
-    assert why["cpu"].startswith("a float attn_mask that requires grad is not supported")
-    out = fused_attn.scaled_dot_product_attention(q, k, v, trained)  # the reference: the mask's gradient
-    out.sum().backward()
-    ref_mask = trained.detach().clone().requires_grad_()
-    torch.nn.functional.scaled_dot_product_attention(q, k, v, ref_mask).sum().backward()
-    torch.testing.assert_close(trained.grad, ref_mask.grad)
-    why = fused_attn.explain_dispatch(q, k, v, torch.randn(8, 8), scale=1e-31)
+MASK_GRAD_CASES = {  # id -> (mask shape, query heads (3 kv heads), L, S, extra keyword arguments)
+    "full": ((2, 3, 70, 131), 3, 70, 131, {}),
+    "broadcast_batch_heads_causal": ((70, 131), 3, 70, 131, {"is_causal": True}),
+    "per_batch_window_across_blocks": ((2, 1, 300, 333), 3, 300, 333, {"window": (90, 10)}),
+    "broadcast_rows_softcap": ((2, 3, 1, 131), 3, 70, 131, {"softcap": 2.0}),
+    "dropout_gqa": ((2, 6, 70, 131), 6, 70, 131, {"dropout_p": 0.3}),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16),
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(MASK_GRAD_CASES))
+def test_float_mask_gradient_in_the_cpu_kernels(case, dtype):
+    """A float mask that requires grad gets its gradient (dS, summed over the dims it broadcasts
+    over) from the cpu kernels' backward, as the reference (torch's autograd) gives it."""
+    shape, Hq, L, S, kw = MASK_GRAD_CASES[case]
+    q, k, v = make_inputs(2, Hq, 3, L, S, 40, 24, dtype)
+    mask = torch.randn(shape, dtype=dtype)
+    dout = torch.randn(2, Hq, L, 24, dtype=dtype)
+    assert fused_attn.explain_dispatch(q, k, v, mask.requires_grad_(), enable_gqa=Hq != 3, **kw)["cpu"] is None
+    grads = {}
+    for run, backend, dt in (("cpu", "cpu", dtype), ("ref", "reference", torch.float64), ("base", "reference", dtype)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, mask)]
+        torch.manual_seed(7)  # one dropout seed for every run
+        out = fused_attn.scaled_dot_product_attention(*leaves[:3], leaves[3], enable_gqa=Hq != 3, backend=backend, **kw)
+        grads[run] = torch.autograd.grad((out * dout.to(dt)).sum(), leaves)
+    for name, got, ref, base in zip(("dq", "dk", "dv", "dmask"), grads["cpu"], grads["ref"], grads["base"]):
+        assert got.shape == ref.shape and got.dtype == dtype, (name, got.shape, got.dtype)
+        assert_close(got, ref, base, name)
+
+
+def test_mask_gradient_follows_torch_and_skipped_tiles_are_zero():
+    q, k, v = make_inputs(1, 2, 2, 130, 200, 16, 16, torch.float32)
+    mask = torch.randn(130, 200, requires_grad=True)
+    fused_attn.scaled_dot_product_attention(q, k, v, mask, is_causal=True, backend="cpu").sum().backward()
+    ref_mask = mask.detach().clone().requires_grad_()
+    causal = torch.ones(130, 200, dtype=torch.bool).tril()
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, ref_mask.masked_fill(~causal, float("-inf"))
+                                                     ).sum().backward()
+    torch.testing.assert_close(mask.grad, ref_mask.grad)
+    assert (mask.grad[~causal] == 0).all() and (mask.grad[causal] != 0).any()
+    why = fused_attn.explain_dispatch(q, k, v, torch.randn(130, 200), scale=1e-31)
     assert why["cpu"] == "a float attn_mask with |scale| < 1e-30 is not supported, got scale = 1e-31"
 
 

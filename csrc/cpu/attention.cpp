@@ -194,7 +194,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, int64_t causal, double scale, int64_t window_left,
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const std::optional<at::Tensor>& dmask, int64_t causal, double scale, int64_t window_left,
               int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& key_bounds,
               const std::optional<at::Tensor>& mask,
               const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
@@ -230,6 +230,12 @@ void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, con
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  if (dmask.has_value()) {
+    TORCH_CHECK(p.mask.kind != kMaskNone && p.mask.kind != kMaskBool, "dmask needs a float mask tensor");
+    check_output(*dmask, "dmask", {d.batch, d.heads_q, d.len_q, d.len_k},
+                 q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    p.dmask = dmask->data_ptr();
+  }
   dtype_switch(q.scalar_type(), [&](auto scalar, auto acc) {
     attention_backward<decltype(scalar), decltype(acc)>(p);
   });

@@ -298,6 +298,7 @@ void attention_backward(AttnBwdParams p) {
   acc_t* dq_acc = dq_acc_t.data_ptr<acc_t>();
   auto* dk = static_cast<scalar_t*>(p.dk);
   auto* dv = static_cast<scalar_t*>(p.dv);
+  auto* dmask = static_cast<acc_t*>(p.dmask);
   const int64_t n_tasks = d.batch * d.heads_kv * n_chunks;
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
@@ -382,17 +383,24 @@ void attention_backward(AttnBwdParams p) {
                     if (s[r * BK + c] > DS_EXACT_ABOVE)
                       dp[r * BK + c] = exact_dscore(do_blk + r * p.do_stride.row, v_blk + c * p.v_stride.row,
                                                     d.head_dim_v, delta64_blk[r], s[r * BK + c], dl_blk[r],
-                                                    keep == nullptr ? 1.0 : keep[r * BK + c] ? p.dropout.keep_scale : 0.0);
+                                                    keep == nullptr ? 1.0 : keep[r * dropped->ldk + c] ? p.dropout.keep_scale : 0.0);
               }
             };
             // Dropout (P in s, dP = dO V^T in dp): dP as the forward's dropped P saw it, dS from the
             // undropped P, then P dropped for dV.
             const auto dropout_dscores = [&] {
               const uint8_t* keep = dropped->draw(p.dropout, bh, i0, rows, j0, kc);
-              drop_scale_tile(dp, BK, rows, kc, keep, BK, keep_scale);
+              drop_scale_tile(dp, BK, rows, kc, keep, dropped->ldk, keep_scale);
               dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
               exact_dscores(keep);
-              drop_scale_tile(s, BK, rows, kc, keep, BK, keep_scale);
+              drop_scale_tile(s, BK, rows, kc, keep, dropped->ldk, keep_scale);
+            };
+            // The float mask's gradient: dS, the gradient of the scores it is added to (before
+            // soft-capping's factor: the mask comes after the cap).
+            const auto save_dmask = [&] {
+              if (dmask == nullptr) return;
+              for (int64_t r = 0; r < rows; ++r)
+                std::copy(dp + r * BK, dp + r * BK + kc, dmask + ((bh * d.len_q) + i0 + r) * d.len_k + j0);
             };
 #ifdef FA_CPU_HAVE_AVX512_PATH
             if constexpr (FP32) {
@@ -418,6 +426,7 @@ void attention_backward(AttnBwdParams p) {
                                            v_blk, p.v_stride.row, d.head_dim_v};
                   });
                 }
+                save_dmask();
                 if (has_softcap) softcap_grad_tile(dp, th, BK, rows, kc);
                 gemm_f32_avx512<true>(kc, d.head_dim_v, rows, 1.0f, s, BK, do_blk, p.do_stride.row, dv_acc,
                                       d.head_dim_v, true);
@@ -441,6 +450,7 @@ void attention_backward(AttnBwdParams p) {
               dscores(dp, s, BK, rows, kc, delta_blk, dl_blk);
               exact_dscores(nullptr);
             }
+            save_dmask();
             if (has_softcap) softcap_grad_tile(dp, th, BK, rows, kc);
             if constexpr (LOW_PRECISION) {
               convert_tile(s, BK, t16, BK, rows, kc);

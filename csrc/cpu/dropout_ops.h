@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "params.h"  // common/attn_params.h, which includes common/dropout.h
@@ -12,58 +13,51 @@
 
 namespace fused_attn::cpu {
 
-// Philox outputs of row i (of head bh) for counters c_begin + c, c < n: output t at out[t * n + c].
-FA_ALWAYS_INLINE void philox_row_impl(uint32_t k0, uint32_t k1, uint32_t i, uint32_t bh, int64_t c_begin, int64_t n,
-                                      uint32_t* out) {
+// Keep decisions of row i (of head bh) for counters c_begin + c, c < n: the four keys of counter c
+// are the bytes of keep4[c] (1 = kept), in key order on a little-endian CPU, so that the loop stores
+// one 32-bit word per SIMD lane.
+FA_ALWAYS_INLINE void keep_row_impl(uint32_t k0, uint32_t k1, uint32_t thr, uint32_t i, uint32_t bh, int64_t c_begin,
+                                    int64_t n, uint32_t* keep4) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     uint32_t x0 = static_cast<uint32_t>(c_begin + c), x1 = i, x2 = bh, x3 = 0;
     philox4x32_10(x0, x1, x2, x3, k0, k1);
-    out[c] = x0;
-    out[n + c] = x1;
-    out[2 * n + c] = x2;
-    out[3 * n + c] = x3;
+    keep4[c] = uint32_t(x0 >= thr) | uint32_t(x1 >= thr) << 8 | uint32_t(x2 >= thr) << 16 | uint32_t(x3 >= thr) << 24;
   }
 }
-FA_CPU_VEC_VERSIONS(philox_row,
-                    (uint32_t k0, uint32_t k1, uint32_t i, uint32_t bh, int64_t c_begin, int64_t n, uint32_t* out),
-                    (k0, k1, i, bh, c_begin, n, out))
+FA_CPU_VEC_VERSIONS(keep_row,
+                    (uint32_t k0, uint32_t k1, uint32_t thr, uint32_t i, uint32_t bh, int64_t c_begin, int64_t n,
+                     uint32_t* keep4),
+                    (k0, k1, thr, i, bh, c_begin, n, keep4))
 
-// A tile's keep decisions: keep[r * ldk + c] = 1 where element (bh, i0 + r, j0 + c) is kept, for
-// r < rows, c < cols. `scratch` holds the row's outputs (DropoutScratch).
+// A tile's keep decisions, drawn per row: draw() returns keep with keep[r * ldk + c] = 1 where
+// element (bh, i0 + r, j0 + c) is kept, for r < rows, c < cols.
 struct DropoutTile {
-  std::vector<uint32_t> outs;
-  std::vector<uint8_t> keep;
-  int64_t ldk = 0;
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "keep_row's words are read as bytes in key order");
+  int64_t ldk;  // bytes per row: whole counters, one more for a tile not starting on one
+  std::vector<uint32_t> words;
 
   DropoutTile(int64_t max_rows, int64_t max_cols)
-      : outs(kKeysPerPhilox * (max_cols / kKeysPerPhilox + 2)), keep(max_rows * max_cols), ldk(max_cols) {}
+      : ldk(kKeysPerPhilox * (max_cols / kKeysPerPhilox + 2)), words(max_rows * ldk / kKeysPerPhilox) {}
 
   const uint8_t* draw(const Dropout& dr, int64_t bh, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
     const int64_t c_begin = j0 / kKeysPerPhilox, n = (j0 + cols + kKeysPerPhilox - 1) / kKeysPerPhilox - c_begin;
-    const int64_t skip = j0 - c_begin * kKeysPerPhilox;  // columns of the first call before j0
-    const uint32_t thr = dr.threshold;
-    for (int64_t r = 0; r < rows; ++r) {
-      philox_row(dr.key_lo(), dr.key_hi(), static_cast<uint32_t>(i0 + r), static_cast<uint32_t>(bh), c_begin, n,
-                 outs.data());
-      uint8_t* k = keep.data() + r * ldk;
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t x = c + skip;
-        k[c] = outs[(x % kKeysPerPhilox) * n + x / kKeysPerPhilox] >= thr;
-      }
-    }
-    return keep.data();
+    for (int64_t r = 0; r < rows; ++r)
+      keep_row(dr.key_lo(), dr.key_hi(), dr.threshold, static_cast<uint32_t>(i0 + r), static_cast<uint32_t>(bh),
+               c_begin, n, words.data() + r * (ldk / kKeysPerPhilox));
+    return reinterpret_cast<const uint8_t*>(words.data()) + (j0 - c_begin * kKeysPerPhilox);
   }
 };
 
-// Zero the dropped elements of a (rows x cols) tile (forward: P before P V; 16-bit P too).
+// Zero the dropped elements of a (rows x cols) tile (forward: P before P V; 16-bit P as its bits).
 template <typename T>
 inline void drop_tile(T* t, int64_t ld, int64_t rows, int64_t cols, const uint8_t* keep, int64_t ldk) {
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, T>;
   for (int64_t r = 0; r < rows; ++r) {
-    T* row = t + r * ld;
+    Bits* row = reinterpret_cast<Bits*>(t + r * ld);
     const uint8_t* k = keep + r * ldk;
-    for (int64_t c = 0; c < cols; ++c)
-      if (!k[c]) row[c] = T(0);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] = k[c] ? row[c] : Bits(0);
   }
 }
 

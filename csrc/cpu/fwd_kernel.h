@@ -539,7 +539,7 @@ void attention_forward(AttnFwdParams p) {
         };
         // Dropout: the row sums l (and lse) take P before it; P V after it (keep_scale at the end).
         const auto drop = [&](auto* probs, int64_t ld) {
-          if (has_dropout) drop_tile(probs, ld, rows, cols, dropped->draw(p.dropout, bh, i0, rows, j0, cols), BK);
+          if (has_dropout) drop_tile(probs, ld, rows, cols, dropped->draw(p.dropout, bh, i0, rows, j0, cols), dropped->ldk);
         };
         const scalar_t* v_blk = v_bh + j0 * p.v_stride.row;
 #ifdef FA_CPU_HAVE_AVX512_PATH

@@ -31,7 +31,7 @@ struct AttnFwdParams : fused_attn::AttnFwdCommon<int64_t> {
 };
 
 // Backward: the forward's inputs and outputs (out, lse) in, with dout (any strides) and
-// dlse (the lse dtype, or nullptr: has_dlse); dq, dk, dv out.
+// dlse (the lse dtype, or nullptr: has_dlse); dq, dk, dv (and dmask) out.
 struct AttnBwdParams : fused_attn::AttnBwdCommon<int64_t> {
   const void* q;
   const void* k;
@@ -43,6 +43,9 @@ struct AttnBwdParams : fused_attn::AttnBwdCommon<int64_t> {
   void* dq;
   void* dk;
   void* dv;
+  // The float mask's gradient dS (batch, heads_q, len_q, len_k), contiguous, acc_t, zero where no
+  // tile writes it; nullptr: not asked for.
+  void* dmask = nullptr;
 };
 
 // The saved lse's type: fp64 for fp32 inputs too, so that the backward's P is exact at a

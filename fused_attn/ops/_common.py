@@ -60,9 +60,11 @@ def saved_lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _fake_backward(dout, dlse, q, k, v, out, lse, *op_args):
-    """Shapes of a backend's backward op (dq, dk, dv like q, k, v), for torch.compile."""
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _fake_backward(dout, dlse, q, k, v, out, lse, *op_args, mask_grad=False):
+    """Shapes of a backend's backward op (dq, dk, dv like q, k, v; dmask like the mask or empty), for torch.compile."""
+    mask = AttnSpec.from_op_args(*op_args)[1].get("mask")
+    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[torch.dtype], torch.dtype]):
@@ -73,8 +75,10 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
     * ``<backend>_fwd(q, k, v, <spec>) -> (out (B, Hq, L, Ev), lse (B, Hq, L))`` runs
       ``_forward(q, k, v, spec, **tensors)``; lse's dtype is ``saved_lse(q.dtype)`` (what the
       backward reads);
-    * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>) -> (dq, dk, dv)`` runs
-      ``_backward(dout, dlse, q, k, v, out, lse, spec, **tensors)``;
+    * ``<backend>_bwd(dout, dlse, q, k, v, out, lse, <spec>, *, mask_grad) -> (dq, dk, dv, dmask)`` runs
+      ``_backward(dout, dlse, q, k, v, out, lse, spec, **tensors)``, with ``mask_grad=True`` where the
+      gradient of the float mask tensor is asked for (a backend whose CAPABILITIES hold "mask_grad":
+      its launcher then returns dmask too, in the mask's shape and dtype; otherwise dmask is empty);
 
     where ``<spec>`` is ``AttnSpec.op_args(**tensors)`` (schema ``OP_ARGS_SCHEMA``) and ``spec``,
     ``tensors`` what ``AttnSpec.from_op_args`` rebuilds from it: the call's tensors that are given,
@@ -87,15 +91,18 @@ def define_ops(backend: str, module: str, device_types, saved_lse: Callable[[tor
     fwd_name, bwd_name = f"fused_attn::{backend}_fwd", f"fused_attn::{backend}_bwd"
     torch.library.define(fwd_name, f"(Tensor q, Tensor k, Tensor v, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor)")
     torch.library.define(bwd_name, "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
-                                   f"Tensor lse, {OP_ARGS_SCHEMA}) -> (Tensor, Tensor, Tensor)")
+                                   f"Tensor lse, {OP_ARGS_SCHEMA}, *, bool mask_grad=False) "
+                                   "-> (Tensor, Tensor, Tensor, Tensor)")
 
     def fwd_impl(q, k, v, *op_args):
         spec, tensors = AttnSpec.from_op_args(*op_args)
         return launchers._forward(q, k, v, spec, **tensors)
 
-    def bwd_impl(dout, dlse, q, k, v, out, lse, *op_args):
+    def bwd_impl(dout, dlse, q, k, v, out, lse, *op_args, mask_grad=False):
         spec, tensors = AttnSpec.from_op_args(*op_args)
-        return launchers._backward(dout, dlse, q, k, v, out, lse, spec, **tensors)
+        if mask_grad:
+            return launchers._backward(dout, dlse, q, k, v, out, lse, spec, mask_grad=True, **tensors)
+        return (*launchers._backward(dout, dlse, q, k, v, out, lse, spec, **tensors), q.new_empty((0,)))
 
     def fwd_fake(q, k, v, *op_args):
         B, H, L, _ = q.shape

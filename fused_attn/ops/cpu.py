@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttnSpec, Capabilities
-from ._common import define_ops, last_dim_contiguous, new_output, saved_lse_dtype
+from ._common import define_ops, last_dim_contiguous, lse_dtype, new_output, saved_lse_dtype
 
 try:
     from .. import _C_cpu as _C
@@ -69,7 +69,8 @@ except ImportError as e:  # built without the C++ extension, or a broken build
 
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                             features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask", "varlen",
-                                                      "alibi", "softcap", "dropout"}))
+                                                      "alibi", "softcap", "dropout",
+                                                      "mask_grad"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 
@@ -128,15 +129,19 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor)
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, mask_grad: bool = False, **tensors: Tensor) -> Tuple[Tensor, ...]:
+    """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, Hq, L, S) in its dtype too."""
     q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, *spec.op_args(**tensors))
-    return dq, dk, dv
+    mask = tensors.get("mask")
+    # the tiles write dS where they visit; the rest (skipped tiles) is zero
+    dmask = torch.zeros(mask.shape, dtype=lse_dtype(q.dtype), device=q.device) if mask_grad else None
+    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, dmask, *spec.op_args(**tensors))
+    return (dq, dk, dv) if dmask is None else (dq, dk, dv, dmask.to(mask.dtype))
 
 
 forward, backward = define_ops("cpu", __name__, ("cpu",), saved_lse_dtype)

@@ -424,7 +424,7 @@ def sanitizer_launches(device: str = "cuda") -> int:
             k, v = (torch.randn(B, Hk, S, E, device=device, dtype=dtype) for _ in range(2))
             out, lse = cuda.forward(q, k, v, causal, E ** -0.5)
             dout = torch.randn_like(out)
-            dq, dk, dv = cuda.backward(dout, torch.randn_like(lse), q, k, v, out, lse, causal, E ** -0.5)
+            dq, dk, dv, _ = cuda.backward(dout, torch.randn_like(lse), q, k, v, out, lse, causal, E ** -0.5)
             if device == "cuda":
                 torch.cuda.synchronize()
             assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv)), f"non-finite result at E={E} {dtype}"
