@@ -22,6 +22,7 @@ LENGTHS = {  # id -> per sequence (query length, key length)
     "cross_lengths_differ": [(3, 40), (17, 1), (0, 5), (64, 203), (9, 0)],
     "across_cpu_blocks": [(600, 600), (130, 1100), (7, 7)],
     "one_sequence": [(203, 97)],
+    "awkward_1023": [(1023, 1023), (1, 1023), (1023, 17)],
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -60,10 +61,15 @@ def _oracle(compute_dtype, cu_q, cu_k, causal, window):
     return fn
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (8, 2)), (True, (30, 0))],
-                         ids=["full", "causal", "window8_2", "causal_window30"])
-@pytest.mark.parametrize("lengths", list(LENGTHS))
+MODES = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)), "window8_2": (False, (8, 2)),
+         "causal_window30": (True, (30, 0))}
+# Every combination, but the 1023-long sequences (CI time) only causal windowed in fp32 and bf16.
+CPU_CASES = [pytest.param(lengths, *MODES[mode], dtype, id=f"{lengths}-{mode}-{str(dtype).replace('torch.', '')}")
+             for lengths in LENGTHS for mode in MODES for dtype in DTYPES
+             if lengths != "awkward_1023" or (mode == "causal_window30" and dtype in (torch.float32, torch.bfloat16))]
+
+
+@pytest.mark.parametrize("lengths,causal,window,dtype", CPU_CASES)
 def test_varlen_cpu_matches_each_sequence_alone(lengths, causal, window, dtype):
     gen = torch.Generator().manual_seed(3)
     q, k, v, cu_q, cu_k, mq, mk = _packed(LENGTHS[lengths], dtype, gen)
