@@ -39,9 +39,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     mask, and key-padding masks without reading them per element: a boolean or float (0 / -inf)
     mask of shape ``(N..., 1, 1, S)`` that admits one run of consecutive keys per batch entry
     (right or left padding) becomes per-batch key bounds, and the CPU and Triton kernels skip
-    the padded keys' tiles. Any other mask tensor, ``dropout_p > 0``, or a head dim of 0, runs on
+    the padded keys' tiles. Any other boolean or float mask is read tile by tile where it is
+    stored (tiles it hides are skipped); a float mask that requires grad gets its gradient from
+    the CPU kernels. What a backend does not run (see :func:`fused_attn.explain_dispatch`) runs on
     the reference backend (O(L*S) memory) under automatic choice and is refused by an explicit
     kernel backend.
+
+    ``dropout_p > 0`` drops probabilities inside the kernels, nothing of size L x S stored: one
+    Philox stream (``fused_attn.dropout``) seeded per call from torch's default generator, so
+    ``torch.manual_seed`` reproduces a call and every backend drops the same elements; the
+    backward draws them again.
 
     A query row that sees no key at all (a fully masked row, or ``causal_lower_right`` with
     L > S) outputs zeros and gets zero gradients, as torch 2.13 and FlashAttention do.
@@ -105,7 +112,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     ``-slope * |i + S - L - j|`` of each sequence's own lengths. Returns out (total_q, Hq, Ev), and
     with ``return_lse`` also the log-sum-exp (Hq, total_q), fp32 (FlashAttention's layout; -inf for
     rows that see no key). ``softcap`` as in :func:`scaled_dot_product_attention`. Both results are
-    differentiable. ``dropout_p > 0`` runs on the reference backend.
+    differentiable. ``dropout_p`` as in :func:`scaled_dot_product_attention` (the packed rows index
+    the stream).
     """
     p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
                             causal, window, alibi_slopes, softcap)

@@ -38,8 +38,8 @@ class MultiheadAttention(nn.Module):
     fused kernels run it; a ``key_padding_mask`` alone or with ``is_causal=True`` that pads
     each sequence at one end (right or left: one run of attended keys per sequence) runs in
     the CPU and Triton kernels as per-sequence key bounds (nothing of size L x S); any other
-    mask, or dropout in training, is a mask tensor that only the reference backend runs
-    (O(L*S) memory).
+    mask is a mask tensor the kernels read tile by tile. Dropout in training runs in the kernels
+    (``fused_attn.dropout``).
 
     ``need_weights=True`` (torch's default) does not change which kernel computes
     the output; the weights are computed separately as ``softmax(q k^T / sqrt(d) +

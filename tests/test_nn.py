@@ -229,10 +229,16 @@ def test_training_mode_without_dropout_parity():
     _check(ours, torch_mha, torch32, q, k, v, _masks("padding_bool", True, S))
 
 
-def test_dropout_applies_in_training_only():
+def test_dropout_applies_in_training_only(monkeypatch):
+    from fused_attn import dispatch
+    chosen = []
+    real_choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda p, backend=None, **kw: chosen.append(
+        real := real_choose(p, backend, **kw)) or real)
     mha = fnn.MultiheadAttention(E, H, dropout=0.5)
     x = torch.randn(L, N, E)
     first, w = mha(x, x, x)
+    assert [b.name for b in chosen] == ["cpu"]  # dropout in the kernels, not the reference
     second, _ = mha(x, x, x)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(w.sum(-1), torch.ones(N, L))  # weights before dropout
