@@ -11,7 +11,8 @@ with 25% of the keys padded (right padding, each batch entry its own length aver
 S), given to every provider; ``window256`` a sliding window of 256 keys each side (fused_attn's
 ``window=(256, 256)``; torch SDPA and naive get the same (L, S) boolean mask, since they take
 no window); ``mask30`` a random boolean (B, 1, L, S) mask hiding 30% of the pairs (a general
-mask: every tile masked in part). GFLOP/s count the visible (query, key) pairs only.
+mask: every tile masked in part); ``drop10`` dropout_p = 0.1 (no mask; every provider drops,
+torch SDPA with its own generator). GFLOP/s count the visible (query, key) pairs only.
 
 Providers: naive PyTorch (fused_attn.reference, in the inputs' dtype), torch SDPA with
 each backend torch lets you select on the device (torch.nn.attention.sdpa_kernel), every
@@ -63,7 +64,7 @@ from fused_attn.testing import peak_memory_bytes  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 BWD_FLOPS_FACTOR = 2.5  # backward = 2.5 x forward (two GEMMs forward, five backward)
-MASKS = ("none", "pad25", "window256", "mask30")
+MASKS = ("none", "pad25", "window256", "mask30", "drop10")
 CSV_COLUMNS = ("device", "provider", "dtype", "B", "H", "L", "S", "E", "causal", "mask", "mode", "median_ms", "q1_ms",
                "q3_ms", "iqr_ms", "gflops", "pct_peak", "peak_mem_mb", "x_sdpa")
 # Dense peak TFLOP/s by device name fragment: (bf16/fp16 tensor core, fp32 without TF32).
@@ -97,6 +98,8 @@ def mask_args(mask: str, B: int, L: int, S: int, device) -> dict:
     if mask == "mask30":
         g = torch.Generator().manual_seed(2)
         return {"attn_mask": (torch.rand(B, 1, L, S, generator=g) > 0.3).to(device)}
+    if mask == "drop10":
+        return {"dropout_p": 0.1}
     if mask == "window256":
         i = torch.arange(L, device=device)[:, None] + (S - L)
         j = torch.arange(S, device=device)[None, :]
@@ -114,11 +117,12 @@ def _torch_mask(causal: bool, extra: dict, L: int, S: int) -> dict:
     """SDPA's arguments for the case: the mask (a window as its boolean mask), with causal folded in
     (torch refuses is_causal with a mask in some backends)."""
     m = extra.get("attn_mask", extra.get("window_mask"))
+    drop = {"dropout_p": extra["dropout_p"]} if "dropout_p" in extra else {}
     if m is None:
-        return {"is_causal": causal}
+        return {"is_causal": causal, **drop}
     if causal:
         m = m & torch.ones(L, S, dtype=torch.bool, device=m.device).tril()
-    return {"attn_mask": m}
+    return {"attn_mask": m, **drop}
 
 
 @dataclass
@@ -150,8 +154,9 @@ def _sdpa_provider(backend) -> Provider:
 
 def _fused_provider(name: str) -> Provider:
     def make(q, k, v, causal, extra):
-        kw = {key: val for key, val in extra.items() if key in ("attn_mask", "window")}
-        p = make_problem(q, k, v, kw.get("attn_mask"), is_causal=causal, window=kw.get("window"))
+        kw = {key: val for key, val in extra.items() if key in ("attn_mask", "window", "dropout_p")}
+        p = make_problem(q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), is_causal=causal,
+                         window=kw.get("window"))
         if dispatch.get(name).refusal(p, explicit=True) is not None:
             return None
         return lambda: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=name, **kw)
@@ -180,7 +185,7 @@ def _varlen_provider(name: str) -> Provider:
 def _naive(q, k, v, causal, extra):
     mode = CausalMode.UPPER_LEFT if causal else CausalMode.NONE
     mask = extra.get("attn_mask", extra.get("window_mask"))
-    return lambda: reference.attention(q, k, v, mask, causal=mode)[0]
+    return lambda: reference.attention(q, k, v, mask, extra.get("dropout_p", 0.0), causal=mode)[0]
 
 
 def _flash_attn_provider() -> Optional[Provider]:
