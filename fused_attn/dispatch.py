@@ -101,10 +101,14 @@ def _recorded(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) ->
 
 
 class KernelBackend:
-    """A fused kernel backend whose ops live in ``fused_attn.ops.<module>``."""
+    """A fused kernel backend whose ops live in ``fused_attn.ops.<module>``. ``cpu_by_name_only``: its
+    CPU path is a test vehicle (an interpreter, an emulator) that runs only when asked for by name, so
+    automatic choice passes it over for CPU tensors without asking (its reason is asked for only
+    when a fallback message names it)."""
 
-    def __init__(self, op: str, name: str, module: str):
+    def __init__(self, op: str, name: str, module: str, cpu_by_name_only: bool = False):
         self.op, self.name, self.module = op, name, module
+        self.cpu_by_name_only = cpu_by_name_only
         self._ops: Optional[ModuleType] = None
         self._import_error: Optional[str] = None
 
@@ -159,8 +163,8 @@ class ReferenceBackend:
 
 ATTENTION = "attention"  # the operation of scaled_dot_product_attention and attention_with_lse
 BACKENDS = {
-    (ATTENTION, "triton"): KernelBackend(ATTENTION, "triton", "triton_attention"),
-    (ATTENTION, "cuda"): KernelBackend(ATTENTION, "cuda", "cuda"),
+    (ATTENTION, "triton"): KernelBackend(ATTENTION, "triton", "triton_attention", cpu_by_name_only=True),
+    (ATTENTION, "cuda"): KernelBackend(ATTENTION, "cuda", "cuda", cpu_by_name_only=True),
     (ATTENTION, "cpu"): KernelBackend(ATTENTION, "cpu", "cpu"),
     (ATTENTION, "reference"): ReferenceBackend(),
 }
@@ -253,12 +257,16 @@ def choose(p: Problem, backend: Optional[str] = None, op: str = ATTENTION):
         return get(name, op)
     reasons = {}
     for name in order(p.device):
-        why = get(name, op).refusal(p, explicit=False)
+        b = get(name, op)
+        if p.device.type == "cpu" and getattr(b, "cpu_by_name_only", False):
+            reasons[name] = None  # refuses (see KernelBackend); its reason only if a message needs it
+            continue
+        why = b.refusal(p, explicit=False)
         if why is None:
             if name == "reference" and reasons:
                 msg = "fused_attn: running naive PyTorch attention (O(L*S) memory) because " + "; ".join(
-                    f"{n}: {r}" for n, r in reasons.items())
+                    f"{n}: {r or get(n, op).refusal(p, explicit=False)}" for n, r in reasons.items())
                 _say_once(msg)
-            return get(name, op)
+            return b
         reasons[name] = why
     raise AssertionError("the reference backend refuses nothing")

@@ -10,6 +10,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fused_attn
 from fused_attn import dispatch, reference
+from fused_attn.problem import make_problem
 from fused_attn.spec import CausalMode
 
 
@@ -196,6 +197,26 @@ def test_automatic_choice_falls_back_and_says_so_once(monkeypatch):
     assert list(reasons) == list(dispatch.ORDER) and reasons["reference"] is None
     q = q[..., :8]
     assert "ask for backend='triton' by name" in fused_attn.explain_dispatch(q, q, q)["triton"]
+
+
+def test_automatic_choice_passes_over_test_vehicles_for_cpu_tensors(monkeypatch):
+    """Triton's and CUDA's CPU paths refuse CPU tensors under automatic choice (the rule the shortcut
+    rests on); automatic choice does not ask them then (per-call cost), only for a fallback message."""
+    q = rand(1, 2, 5, 8, dtype=torch.float32)
+    p = make_problem(q, q, q)
+    for name in ("triton", "cuda"):
+        assert dispatch.get(name).cpu_by_name_only and dispatch.get(name).refusal(p, explicit=False)
+    asked = []
+    for name in ("triton", "cuda"):
+        b = dispatch.get(name)
+        monkeypatch.setattr(b, "refusal", (lambda f, n: lambda *a, **kw: (asked.append(n), f(*a, **kw))[1])(
+            b.refusal, name))
+    assert dispatch.choose(p).name == "cpu" and asked == []
+    monkeypatch.setattr(dispatch, "_said", set())
+    wide = rand(1, 2, 5, 300, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="triton: .*; cuda: .*; cpu: head dims up to 256"):
+        assert dispatch.choose(make_problem(wide, wide, wide)).name == "reference"
+    assert asked == ["triton", "cuda"]
 
 
 def test_fully_masked_rows_are_zero_with_zero_grad():

@@ -4,6 +4,9 @@
 // hooks (test_hooks.cpp) add their functions to the same module.
 #include <torch/extension.h>
 
+#include <limits>
+#include <tuple>
+
 #include "bindings.h"
 #include "bwd_kernel.h"
 #include "dtype_switch.h"
@@ -38,6 +41,21 @@ void check_output(const at::Tensor& t, const char* name, at::IntArrayRef shape, 
 }
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// What the kernels read in place: unit stride on the last dim and rows that do not overlap (an
+// expanded L does); anything else is copied contiguous first.
+at::Tensor operand(const at::Tensor& t) {
+  const bool unit = t.dim() != 4 || t.stride(3) == 1 || t.size(3) == 1;
+  const bool rows_apart = t.dim() != 4 || t.size(2) <= 1 || t.stride(2) >= t.size(3);
+  return unit && rows_apart ? t : t.contiguous();
+}
+
+// An output the kernels write whole: uninitialised, or NaN-filled (poison, the tests' setting) so
+// that an element a kernel forgets to write shows.
+at::Tensor new_output(at::IntArrayRef shape, c10::ScalarType dtype, bool poison) {
+  const auto options = at::TensorOptions().dtype(dtype);
+  return poison ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options) : at::empty(shape, options);
+}
 
 // The checked inputs' part of the params, shared by forward and backward.
 // The op arguments after the tensors (fused_attn/spec.py: OP_ARGS_SCHEMA).
@@ -168,19 +186,21 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
   return c;
 }
 
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-             int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
+// (out, lse): allocated here (poison: NaN-filled first), q, k, v read in place where they can be.
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+             bool poison, int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
              double dropout_p, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
              const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+  const at::Tensor q = operand(q_in), k = operand(k_in), v = operand(v_in);
   AttnFwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
                                                                           softcap, dropout_p, key_bounds, mask,
                                                                           cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                                                                           dropout_seed});
   const Dims& d = p.dims;
-  check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
-  check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()));
+  at::Tensor out = new_output({d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type(), poison);
+  at::Tensor lse = new_output({d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()), poison);
   p.o_stride = strides_of(out);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -190,6 +210,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
   dtype_switch(q.scalar_type(), [&](auto scalar, auto acc) {
     attention_forward<decltype(scalar), decltype(acc)>(p);
   });
+  return {out, lse};
 }
 
 void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
@@ -246,7 +267,7 @@ void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, con
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_attn CPU kernels: fused attention forward and backward (see csrc/cpu/*_kernel.h)";
-  m.def("forward", &fused_attn::cpu::forward, "attention forward into (out, lse)");
+  m.def("forward", &fused_attn::cpu::forward, "attention forward: (out, lse)");
   m.def("backward", &fused_attn::cpu::backward, "attention backward into (dq, dk, dv)");
   fused_attn::cpu::def_path_functions(m);
   fused_attn::cpu::def_test_hooks(m);

@@ -13,10 +13,15 @@ from ..spec import OP_ARGS_SCHEMA, AttnSpec
 POISON_ENV = "FUSED_ATTN_POISON"
 
 
+def poisoned() -> bool:
+    """Whether outputs are NaN-filled before the kernels write them (FUSED_ATTN_POISON=1: the tests)."""
+    return os.environ.get(POISON_ENV) == "1"
+
+
 def new_output(shape, dtype, device) -> torch.Tensor:
     """An uninitialised output tensor; NaN-filled when FUSED_ATTN_POISON=1 (the tests set it),
     so any element a kernel forgets to write shows up as NaN."""
-    if os.environ.get(POISON_ENV) == "1":
+    if poisoned():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 

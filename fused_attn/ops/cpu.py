@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttnSpec, Capabilities
-from ._common import define_ops, last_dim_contiguous, lse_dtype, new_output, saved_lse_dtype
+from ._common import define_ops, last_dim_contiguous, lse_dtype, new_output, poisoned, saved_lse_dtype
 
 try:
     from .. import _C_cpu as _C
@@ -119,13 +119,10 @@ def _operand(t: Tensor) -> Tensor:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor]:
-    """Forward; ``tensors``: the call's key_bounds, mask, cu_seqlens_q / _k (spec.TENSOR_ARGS), those given."""
-    q, k, v = _operand(q), _operand(k), _operand(v)
-    B, H, L, _ = q.shape
-    out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
-    lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
-    _C.forward(q, k, v, out, lse, *spec.op_args(**tensors))
-    return out, lse
+    """Forward; ``tensors``: the call's tensors of spec.TENSOR_ARGS, those given. The extension
+    allocates out and lse (poisoned as new_output's) and copies an operand only where it cannot be
+    read in place (as _operand): per-call cost, which decoding steps and small calls pay."""
+    return _C.forward(q, k, v, poisoned(), *spec.op_args(**tensors))
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
