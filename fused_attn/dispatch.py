@@ -26,7 +26,6 @@ break the graph (an import's outcome is fixed for the life of the process).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import math
 import os
@@ -76,10 +75,20 @@ def _say_once(msg: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1024)
+_refusals: Dict[tuple, Optional[str]] = {}
+
+
 def _capability_refusal(caps, name: str, features, dtype, device, head_dim: int, head_dim_v: int) -> Optional[str]:
-    """``caps.refusal(...)``, backend ``name``'s CAPABILITIES (data: one answer per configuration)."""
-    return caps.refusal(name, features, dtype, device, head_dim, head_dim_v)
+    """``caps.refusal(...)``, backend ``name``'s CAPABILITIES (data: one answer per configuration,
+    cached by the backend's name; the frozen dataclass itself hashes slowly, field by field)."""
+    key = (name, features, dtype, device.type, head_dim, head_dim_v)
+    try:
+        return _refusals[key]
+    except KeyError:
+        if len(_refusals) > 4096:
+            _refusals.clear()
+        why = _refusals[key] = caps.refusal(name, features, dtype, device, head_dim, head_dim_v)
+        return why
 
 
 def _launch(ops: ModuleType, p: Problem) -> Tuple[Tensor, Tensor]:
