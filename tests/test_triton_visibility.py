@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fused_attn
+from fused_attn import reference
 from fused_attn.ops import triton_attention as T
 from fused_attn.problem import make_problem
 from fused_attn.spec import AttnSpec, CausalMode, visible_keys
@@ -38,10 +39,11 @@ def _padding_mask(bounds, S, device):
     return ((j >= kb[:, :1]) & (j < kb[:, 1:]))[:, None, None, :]
 
 
-def check(q, k, v, mode=NONE, window=(-1, -1), bounds=None, mask=None, lse_grad=False):
+def check(q, k, v, mode=NONE, window=(-1, -1), bounds=None, mask=None, lse_grad=False, alibi=None, softcap=0.0):
     """attn_cases.check_backend for the Triton backend, with key ``bounds`` (per batch, as a padding
-    mask) or a ``mask`` tensor; checks that make_problem hands the kernels what the case means to test
-    (key bounds, a mask tensor, lower-right causal for window (-1, 0)). Returns the max error ratios."""
+    mask) or a ``mask`` tensor, ALiBi slopes ``alibi`` (B, Hq) and ``softcap``; checks that make_problem
+    hands the kernels what the case means to test (key bounds, a mask tensor, lower-right causal for
+    window (-1, 0)). Returns the max error ratios."""
     attn_mask = mask if bounds is None else _padding_mask(bounds, k.shape[-2], q.device)
     if attn_mask is not None or window == (-1, 0):
         p = make_problem(q, k, v, attn_mask=attn_mask, is_causal=mode is UL, window=window,
@@ -49,7 +51,8 @@ def check(q, k, v, mode=NONE, window=(-1, -1), bounds=None, mask=None, lse_grad=
         assert (p.key_bounds is not None) == (bounds is not None), "not the kernels' key bounds"
         assert (p.mask is not None) == (mask is not None), "the mask did not reach the kernels as a mask"
         assert window != (-1, 0) or p.spec.causal is LR
-    return check_backend("triton", q, k, v, mode, with_lse_grad=lse_grad, window=window, attn_mask=attn_mask)
+    return check_backend("triton", q, k, v, mode, with_lse_grad=lse_grad, window=window, attn_mask=attn_mask,
+                         alibi_slopes=alibi, softcap=softcap)
 
 
 def check_clean(q, k, v, dirty, window=(-1, -1), attn_mask=None, lse_grad=False):
@@ -220,6 +223,71 @@ def test_mask_gqa(device, dtype, Hk):
     q, k, v = _inputs(80, 150, dtype, device, Hq=6, Hk=Hk, E=32)
     mask = _float32_heads(2, 6, 80, 150, dtype, device)
     check(q, k, v, UL, mask=mask)
+
+
+# ---- soft-capping and ALiBi ---------------------------------------------------------------------
+
+def _slopes(B, H, device):
+    """ALiBi slopes (B, Hq), one per batch and head: the geometric ones of ALiBi's paper, varied by batch."""
+    return (2.0 ** (-8.0 * torch.arange(1, H + 1, device=device) / H))[None, :] * torch.tensor([[1.0], [0.5]],
+                                                                                                 device=device)[:B]
+
+
+# (dtype, causal, window, L, S, softcap, ALiBi, q magnitude): softcap near the scores' size and far above
+# it; scores large enough (q x 4) that tanh saturates and rows are nearly one-hot (the fp32 top-key
+# path with the softcap derivative); ALiBi with both causal alignments and L > S, L < S
+SOFTCAP_ALIBI = [(FP32, NONE, (-1, -1), 113, 203, 2.0, False, 4.0), (FP32, LR, (-1, -1), 203, 97, 0.0, True, 1.0),
+                 (FP32, UL, (20, 4), 113, 64, 30.0, True, 10.0), (FP16, NONE, (-1, -1), 97, 113, 1.0, True, 1.0),
+                 (BF16, LR, (-1, -1), 17, 64, 5.0, True, 1.0)]
+
+
+@pytest.mark.parametrize("dtype,mode,window,L,S,softcap,alibi,magnitude", SOFTCAP_ALIBI,
+                         ids=["fp32-softcap2-saturated", "fp32-alibi-lower_right-L203-S97",
+                              "fp32-both-causal-w20_4", "fp16-both-L97-S113", "bf16-both-lower_right-L17"])
+def test_softcap_alibi(device, dtype, mode, window, L, S, softcap, alibi, magnitude):
+    q, k, v = _inputs(L, S, dtype, device)
+    check((q.float() * magnitude).to(dtype), k, v, mode, window=window, lse_grad=dtype == FP32, softcap=softcap,
+          alibi=_slopes(2, 2, device) if alibi else None)
+
+
+def test_softcap_alibi_gqa_bounds_mask(device):
+    """With GQA 6:3 and key bounds (fp16), and with a float mask tensor (fp32): softcap, then ALiBi, then
+    the mask, on the tiles each visits."""
+    q, k, v = _inputs(80, 150, FP16, device, Hq=6, Hk=3)
+    check(q, k, v, window=(24, 0), bounds=((3, 140), (50, 120)), softcap=3.0, alibi=_slopes(2, 6, device))
+    L, S = 48, 70
+    q, k, v = _inputs(L, S, FP32, device)
+    check(q, k, v, UL, mask=_float32_heads(2, 2, L, S, FP32, device), softcap=1.5, alibi=_slopes(2, 2, device),
+          lse_grad=True)
+
+
+def test_softcap_alibi_varlen(device):
+    """Varlen: ALiBi's distance and slope per sequence (local rows and keys, row s of the slopes), with
+    a window, softcap and an empty sequence, against reference.varlen_attention."""
+    from test_varlen import _packed, _run
+
+    lengths = [(17, 23), (0, 5), (64, 61), (40, 33), (9, 0)]
+    q, k, v, cu_q, cu_k, mq, mk = _packed(lengths, FP32, torch.Generator().manual_seed(4))
+    alibi = torch.rand(len(lengths), q.shape[1])
+    window, softcap = (20, 3), 2.0
+
+    def ours(q, k, v):
+        return fused_attn.varlen_attention(q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_k.to(device),
+                                           mq, mk, window=window, alibi_slopes=alibi.to(device), softcap=softcap,
+                                           return_lse=True, backend="triton")
+
+    def oracle(compute_dtype):
+        def fn(q, k, v):
+            q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out, lse = reference.varlen_attention(q4, k4, v4, cu_q.long(), cu_k.long(), window=window,
+                                                  alibi_slopes=alibi, softcap=softcap, compute_dtype=compute_dtype)
+            return out[0].transpose(0, 1), lse[0].float() if compute_dtype != torch.float64 else lse[0]
+        return fn
+    got = _run(ours, q, k, v, 5)
+    ref = _run(oracle(torch.float64), q, k, v, 5)
+    base = _run(oracle(None), q, k, v, 5)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert_close(got[name].cpu(), ref[name], base[name], name, dtype=FP32)
 
 
 # ---- tiles no row sees are skipped -------------------------------------------------------------

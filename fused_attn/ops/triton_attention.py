@@ -45,10 +45,33 @@ Visibility: query i sees key j < S iff all of
   forward takes the pointer path: a tensor descriptor clips only at the packed end, so a query
   block's store would write the next sequence's rows. Compile table, head dim 256 bf16 on sm_90: that
   pointer forward spills with BLOCK 64 x 64 (232 bytes; 64 x 32 does not) and dQ 8 bytes, which the
-  prune does not yet know (it budgets the aligned forward for TMA there).
-Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN): a call without
-it compiles none of its work. A row that sees no key gets out = 0 and lse = -inf; its gradients
-are 0, and a key no row sees gets dk = dv = 0.
+  prune does not yet know (it budgets the aligned forward for TMA there). Varlen with softcap, ALiBi and
+  dropout at head dim 256 (compile table, tolerated as varlen rows are): bf16 forward 24 bytes on sm_90;
+  fp32 forward 56 / 120 bytes (sm_80 / sm_90), dQ 8 / 32 (ptxas held it to 128 registers), dK/dV 0 / 8.
+Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN; SOFTCAP, ALIBI,
+DROPOUT, below): a call without it compiles none of its work. A row that sees no key gets out = 0
+and lse = -inf; its gradients are 0, and a key no row sees gets dk = dv = 0.
+
+Scores (_scores, the same code in all three kernels, so the backward recomputes the forward's scores
+as the forward rounded them): x = scale * q.k; soft-capping (constexpr SOFTCAP, FlashAttention-2's) makes it
+softcap * tanh(x / softcap), then ALiBi (ALIBI; alibi_slopes fp32 (B, Hq), varlen (n_seq, Hq) by
+sequence) adds -slope * |i + S - L - j| (local rows, keys and lengths with varlen), then come the
+visibility rules and the mask tensor. Neither changes which keys a query sees, so tiles are skipped
+and masked as without them. tanh is _tanh (tl has none; libdevice's does not run in the interpreter):
+1 - 2 / (2^(2|y| log2 e) + 1), no inf / inf for large |y|, and the Taylor series below |y| = 0.55,
+where that form cancels; within 2 ulp of fp32 tanh. Backward: dS = P (dP - delta) times 1 - t^2,
+t = tanh(x / softcap) recomputed with the scores; the fp32 top-key design below holds unchanged (its c
+is in capped-score units), the dQ kernel also tracks each row's top key's 1 - t^2 for its swap.
+Dropout (DROPOUT; fused_attn.dropout's stream, no L x S state: each tile regenerates its keep
+decision, _dropout_keep, from the seed, one Philox-4x32-10 call per 4 keys of a row, interleaved
+into key order; rows and keys are the packed ones with varlen, whose sequences' keys may start off
+a multiple of 4: there each key picks its output from two calls, twice the Philox work). The
+forward's l and lse are those of P before dropout (FlashAttention's), acc sums (P keep) V and
+out = acc keep_scale / l; backward: dV = (P keep keep_scale)^T dO, dP = (dO V^T) keep keep_scale,
+dS = P (dP - delta) with delta = rowsum(dO O) as without dropout (sum P = 1 still holds, so the top
+key's c is unchanged too). The dK/dV kernel builds its keep tile as (queries, keys) and transposes
+it. The threshold is compared unsigned (as int32 after adding -2^31 to both sides); the seed and
+threshold are not specialised on (a call draws a new seed).
 
 Mask tensors and tiles: the launcher first summarises the mask (mask_summary, torch ops over the
 mask's stored values, once per forward and once per backward launch): a code per 16 x 16 cell
@@ -145,6 +168,7 @@ if triton_version_problem(triton.__version__):  # the dispatcher reports an Impo
 
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
+from .. import dropout
 from ..spec import AttnSpec, Capabilities, CausalMode
 from ._common import allow_tf32, define_ops, last_dim_contiguous, new_output, saved_lse_dtype
 
@@ -163,6 +187,13 @@ _MASK_CELL = tl.constexpr(MASK_CELL)
 _MASK_BOOL = tl.constexpr(MASK_BOOL)
 _CELL_SEEN = tl.constexpr(CELL_SEEN)
 _CELL_PLAIN = tl.constexpr(CELL_PLAIN)
+# _tanh: below this |y| the Taylor series (to y^15), above it 1 - 2 / (e^2y + 1): both within 2 ulp.
+_TANH_SERIES = tl.constexpr(0.55)
+_PHILOX_ROUNDS = tl.constexpr(dropout.PHILOX_ROUNDS)
+_INT32_MIN = tl.constexpr(-2 ** 31)  # adding it (xor) maps uint32 order onto int32 order
+# Per-call dropout scalars: not specialised (on divisibility by 16), which would compile a second variant
+# of each kernel for one call in 16.
+DROPOUT_SCALARS = ["seed", "drop_thr"]
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -353,12 +384,103 @@ def _mask_scores(s, mask_base, stride_mm, stride_mn, i, j, L, S, MASK: tl.conste
 
 
 @triton.jit
+def _tanh(y):
+    """tanh in fp32 within 2 ulp, from exp2 (tl has no tanh; libdevice's does not run in the
+    interpreter): 1 - 2 / (2^(2|y| log2 e) + 1) where that has no cancellation (|y| >= TANH_SERIES,
+    and no inf / inf: exp2 overflows to inf and gives 1), below it the Taylor series to y^15."""
+    a = tl.abs(y)
+    a2 = a * a
+    series = -929569 / 638512875
+    series = series * a2 + 21844 / 6081075
+    series = series * a2 - 1382 / 155925
+    series = series * a2 + 62 / 2835
+    series = series * a2 - 17 / 315
+    series = series * a2 + 2 / 15
+    series = series * a2 - 1 / 3
+    series = series * a2 + 1.0
+    t = tl.where(a < _TANH_SERIES, a * series, 1.0 - 2.0 / (tl.math.exp2(a * (2 * _LOG2E)) + 1.0))
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _scores(dot, i, j, diagonal, qk_scale, softcap_scale, softcap_log2, alibi_log2, SOFTCAP: tl.constexpr,
+            ALIBI: tl.constexpr):
+    """Scores in log2 units of rows i and keys j (broadcast shapes, either orientation) from their
+    dot products q.k: scale * q.k, with SOFTCAP softcap * tanh(scale * q.k / softcap) (softcap_scale =
+    scale / softcap, softcap_log2 = softcap * log2(e)), then with ALIBI - slope * |i + diagonal - j|
+    (alibi_log2 = slope * log2(e), diagonal = S - L). Also t = tanh(scale * q.k / softcap) (SOFTCAP;
+    else unused), whose 1 - t^2 the backward's dS takes."""
+    if SOFTCAP:
+        t = _tanh(dot * softcap_scale)
+        s = t * softcap_log2
+    else:
+        t = dot
+        s = dot * qk_scale
+    if ALIBI:
+        s -= alibi_log2 * tl.abs(i + diagonal - j).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _philox_pick(shift, a0, a1, a2, a3, b0, b1, b2, W: tl.constexpr):
+    """Output number shift + W (shift 0..3) of the Philox calls a (0..3) and the next ones b (4..6)."""
+    if W == 0:
+        return tl.where(shift == 0, a0, tl.where(shift == 1, a1, tl.where(shift == 2, a2, a3)))
+    elif W == 1:
+        return tl.where(shift == 0, a1, tl.where(shift == 1, a2, tl.where(shift == 2, a3, b0)))
+    elif W == 2:
+        return tl.where(shift == 0, a2, tl.where(shift == 1, a3, tl.where(shift == 2, b0, b1)))
+    else:
+        return tl.where(shift == 0, a3, tl.where(shift == 1, b0, tl.where(shift == 2, b1, b2)))
+
+
+@triton.jit
+def _dropout_keep(seed, drop_thr, bh, rows, first_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KEYS_ALIGNED: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """The keep decision (fused_attn.dropout) of rows ``rows`` (stream rows: packed with VARLEN) and
+    keys first_key + n of head slice ``bh`` = b * Hq + h, as a (BLOCK_M, BLOCK_N) tile, or with
+    KEYS_FIRST (BLOCK_N, BLOCK_M) (the dK/dV kernel's orientation, built so, not transposed): output
+    (j % 4) of philox(seed, j // 4, i, bh, 0) >= the threshold, compared unsigned (drop_thr =
+    threshold - 2^31 against the output's bits - 2^31, as int32). Each call gives four neighbouring
+    keys: with KEYS_ALIGNED (first_key % 4 == 0) one call per 4 keys, joined into key order; otherwise
+    (VARLEN: a sequence's keys start anywhere) the calls of first_key // 4 + g and the next, and each
+    key picks its output from them (twice the Philox work)."""
+    groups = first_key // 4 + tl.arange(0, BLOCK_N // 4)
+    if KEYS_FIRST:
+        shape: tl.constexpr = (BLOCK_N // 4, BLOCK_M)
+        c0 = tl.broadcast_to(groups[:, None], shape).to(tl.uint32)
+        c1 = tl.broadcast_to(rows[None, :], shape).to(tl.uint32)
+    else:
+        shape: tl.constexpr = (BLOCK_M, BLOCK_N // 4)
+        c0 = tl.broadcast_to(groups[None, :], shape).to(tl.uint32)
+        c1 = tl.broadcast_to(rows[:, None], shape).to(tl.uint32)
+    c2 = tl.full(shape, 0, tl.uint32) + bh.to(tl.uint32)
+    c3 = tl.full(shape, 0, tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, _PHILOX_ROUNDS)
+    if not KEYS_ALIGNED:
+        shift = first_key % 4
+        n0, n1, n2, _ = tl.philox(seed, c0 + 1, c1, c2, c3, _PHILOX_ROUNDS)
+        r0, r1, r2, r3 = (_philox_pick(shift, r0, r1, r2, r3, n0, n1, n2, 0),
+                          _philox_pick(shift, r0, r1, r2, r3, n0, n1, n2, 1),
+                          _philox_pick(shift, r0, r1, r2, r3, n0, n1, n2, 2),
+                          _philox_pick(shift, r0, r1, r2, r3, n0, n1, n2, 3))
+    if KEYS_FIRST:  # [g, m, x, y] = output 2x + y, to key 4g + 2x + y
+        r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+        r = tl.reshape(tl.permute(r, (0, 2, 3, 1)), (BLOCK_N, BLOCK_M))
+    else:
+        r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return (r.to(tl.int32, bitcast=True) ^ _INT32_MIN) >= drop_thr
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m, lo, hi, L, S,
                causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary,
-               stride_tm, stride_tn, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr, drop_bh,
+               drop_row0, drop_key0, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-               MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+               MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+               VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         visit = True
         apply = False
@@ -367,21 +489,25 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32
         if visit:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m,
                                       start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                                      stride_mm, stride_mn, apply, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                      BLOCK_DV, BLOCK_N, MASKED, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
-                                      PRECISION, TMA)
+                                      stride_mm, stride_mn, apply, qk_scale, softcap_scale, softcap_log2,
+                                      alibi_log2, seed, drop_thr, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V,
+                                      BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP,
+                                      ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TMA)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, offs_m, start_n, L, S,
               causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale,
+              softcap_scale, softcap_log2, alibi_log2, seed, drop_thr, drop_bh, drop_row0, drop_key0,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-              KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+              KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
               TMA: tl.constexpr):
     """One key tile of the forward's online softmax. ``apply`` (with MASK): the mask tensor changes
-    some score of the tile."""
+    some score of the tile. With DROPOUT, l sums the probabilities before dropout and acc the kept
+    ones (the caller scales by keep_scale / l)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -398,7 +524,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32,
         else:
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
-    qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+    qk = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    qk, _ = _scores(qk, offs_m[:, None], offs_n[None, :], S - L, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                    SOFTCAP, ALIBI)
     if MASKED:
         visible = _visible(offs_m[:, None], offs_n[None, :], S, causal_offset, window_lo, window_hi, key_lo,
                            key_hi, CAUSAL, WINDOW, KEY_BOUNDS)
@@ -415,24 +543,35 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32,
     p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, drop_thr, drop_bh, drop_row0 + offs_m, drop_key0 + start_n, q.shape[0], BLOCK_N,
+                             not VARLEN, False)
+        p = tl.where(keep, p, 0.0)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, PRECISION)
     m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K,
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
+def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
-                H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, L_BUCKET, S_BUCKET,
+                H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, softcap_scale, softcap_log2,
+                seed, drop_thr, keep_scale, L_BUCKET, S_BUCKET,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
+                ALIBI: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                 PRECISION: tl.constexpr, TMA: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
                 ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     rows_per_head = L  # of lse: the packed rows with VARLEN
+    alibi_log2 = 0.0
+    if ALIBI:  # this batch's (VARLEN: sequence's) slope of head h
+        alibi_log2 = tl.load(AL + b * H + h) * _LOG2E
+    drop_row0 = 0  # the dropout stream's row and key of the first query and key (VARLEN: the sequence's)
+    drop_key0 = 0
     if VARLEN:  # the grid's batches are the sequences of the one packed batch: move to this one's rows
         q0, k0, L, S, causal_offset, window_lo, window_hi = _sequence(CU_Q, CU_K, b, causal_offset, window_lo,
                                                                       window_hi)
@@ -442,6 +581,10 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K,
         Q += q0 * stride_qm
         K += k0 * stride_kn
         V += k0 * stride_vn
+        if DROPOUT:
+            drop_row0 = q0
+            drop_key0 = k0
+    drop_bh = b * H + h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -470,21 +613,27 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m,
                                    start, tl.minimum(mid_lo, hi), L, S, causal_offset, window_lo, window_hi, key_lo,
                                    key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale,
-                                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
-                                   KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TMA)
+                                   softcap_scale, softcap_log2, alibi_log2, seed, drop_thr, drop_bh, drop_row0,
+                                   drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL,
+                                   WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m,
                                mid_lo, mid_hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                               stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                               BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
-                               PRECISION, TMA)
+                               stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale,
+                               softcap_log2, alibi_log2, seed, drop_thr, drop_bh, drop_row0, drop_key0, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK,
+                               SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32, start_m, offs_m,
                                mid_hi, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                               stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                               BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
-                               PRECISION, TMA)
+                               stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale,
+                               softcap_log2, alibi_log2, seed, drop_thr, drop_bh, drop_row0, drop_key0, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK,
+                               SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TMA)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    if DROPOUT:  # acc holds the kept probabilities' P V, l all of them
+        out = acc * (keep_scale / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     # l = 0: the row saw no key, lse -inf. l NaN: a NaN score (lse NaN) or a +inf one (inf - inf;
     # lse +inf, its max). Out is NaN in both, through acc.
     unseen = tl.where(l_i == 0.0, float("-inf"), tl.where(m_i == float("inf"), float("inf"), float("nan")))
@@ -551,10 +700,12 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, TOP_C, stride_ob, stride_oh, stride_om, 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
                     stride_dom, start_n, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                    stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM: tl.constexpr,
+                    stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2,
+                    alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM: tl.constexpr,
                     HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                    KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                     TOP_KEY: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         visit = True
@@ -564,21 +715,26 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_b
         if visit:
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                     stride_qm, stride_dom, start_m, start_n, L, S, causal_offset, window_lo, window_hi,
-                                    key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale, HEAD_DIM,
-                                    HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASKED, CAUSAL, WINDOW,
-                                    KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
+                                    key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale, softcap_scale,
+                                    softcap_log2, alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0,
+                                    drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASKED,
+                                    CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32,
+                                    PRECISION, TOP_KEY)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
                    stride_dom, start_m, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                   stride_mm, stride_mn, apply, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   stride_mm, stride_mn, apply, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr,
+                   keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-                   MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
-    """One query tile's share of a key block's dK and dV. ``apply`` (with MASK): the mask tensor
-    changes some score of the tile."""
+                   MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                   VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
+    """One query tile's share of a key block's dK and dV (the tile held as keys x queries). ``apply``
+    (with MASK): the mask tensor changes some score of the tile. With DROPOUT dV takes the kept P (the
+    caller scales dV by keep_scale) and dP is (dO V^T) * keep * keep_scale."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -593,7 +749,9 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_ba
     lse_hi, lse_lo = _lse_log2(lse_base + offs_m, in_l)
     delta = tl.load(delta_base + offs_m, mask=in_l, other=0.0)
     # Rows past L load q = dO = 0, so they add nothing to dK or dV; keys past S are never stored.
-    st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+    st = _dot(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    st, tt = _scores(st, offs_m[None, :], offs_n[:, None], S - L, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                     SOFTCAP, ALIBI)
     if MASK:
         if apply:
             st = _mask_scores(st, mask_base, stride_mm, stride_mn, offs_m[None, :], offs_n[:, None], L, S, MASK)
@@ -603,39 +761,56 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_ba
                                key_hi, CAUSAL, WINDOW, KEY_BOUNDS), pt, 0.0)
     if MASK:  # keys the mask hides, also in rows it hides entirely (lse -inf: exp2(-inf + inf) is NaN)
         pt = tl.where(st == float("-inf"), 0.0, pt)
-    dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
     dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_FP32, PRECISION)
+    if DROPOUT:  # the keep decision of element (query i, key j), as (keys, queries)
+        keep = _dropout_keep(seed, drop_thr, drop_bh, drop_row0 + offs_m, drop_key0 + start_n, BLOCK_M, BLOCK_N,
+                             not VARLEN, True)
+        dv = _dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv, DOT_FP32, PRECISION)
+        dpt = tl.where(keep, dpt * keep_scale, 0.0)
+    else:
+        dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
     dst = pt * (dpt - delta[None, :])
     if TOP_KEY:  # at each row's top key, dP - delta is the dQ kernel's c (see _bwd_dq_kernel)
         top_j = tl.load(top_j_base + offs_m, mask=in_l, other=-1)
         top_c = tl.load(top_c_base + offs_m, mask=in_l, other=0.0)
         dst = tl.where(offs_n[:, None] == top_j[None, :], pt * top_c[None, :], dst)
+    if SOFTCAP:  # d(softcap tanh(x / softcap)) / dx
+        dst *= 1.0 - tt * tt
     dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_FP32, PRECISION)
     return dk, dv
 
 
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, DK, DV,
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, AL, DK, DV,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     HK, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
-                     S_BUCKET, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HK, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, softcap_scale,
+                     softcap_log2, seed, drop_thr, keep_scale, L_BUCKET, S_BUCKET, HEAD_DIM: tl.constexpr,
+                     HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr,
+                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                      DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr,
                      DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
     rows_per_head = L  # of lse, delta and the top keys: the packed rows with VARLEN
+    H = HK * GROUP
+    alibi_row = b  # ALIBI: this batch's (VARLEN: sequence's) row of slopes
+    drop_row0 = 0  # the dropout stream's row and key of the first query and key (VARLEN: the sequence's)
+    drop_key0 = 0
     if VARLEN:  # the grid's batches are the sequences of the one packed batch
         q0, k0, L, S, causal_offset, window_lo, window_hi = _sequence(CU_Q, CU_K, b, causal_offset, window_lo,
                                                                       window_hi)
         if start_n >= S:
             return
         b = tl.zeros_like(b)
+        if DROPOUT:
+            drop_row0 = q0
+            drop_key0 = k0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -653,10 +828,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, C
     key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
     start, mid_lo, mid_hi, hi = _query_range(start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
                                              BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
-    H = HK * GROUP
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
+        alibi_log2 = 0.0
+        if ALIBI:
+            alibi_log2 = tl.load(AL + alibi_row * H + h) * _LOG2E
+        drop_bh = bh.to(tl.int32)
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + bh * rows_per_head
@@ -676,20 +854,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, C
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                      stride_qm, stride_dom, start_n, start, tl.minimum(mid_lo, hi), L, S,
                                      causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm,
-                                     stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                                     BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK,
-                                     DOT_FP32, PRECISION, TOP_KEY)
+                                     stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2,
+                                     alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM,
+                                     HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS,
+                                     MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TOP_KEY)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                  stride_qm, stride_dom, start_n, mid_lo, mid_hi, L, S, causal_offset, window_lo,
                                  window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm,
-                                 stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False,
-                                 CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
+                                 stride_tn, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr,
+                                 keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT,
+                                 VARLEN, DOT_FP32, PRECISION, TOP_KEY)
         if WINDOW or KEY_BOUNDS:  # masked tiles after it (rows the window's left edge leaves out)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                      stride_qm, stride_dom, start_n, mid_hi, hi, L, S, causal_offset, window_lo,
                                      window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm,
-                                     stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                                     True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
+                                     stride_tn, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr,
+                                     keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                     BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT,
+                                     VARLEN, DOT_FP32, PRECISION, TOP_KEY)
+    if DROPOUT:
+        dv *= keep_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + row0 * stride_dkn + cols[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + b * stride_dvb + hk * stride_dvh + row0 * stride_dvn + cols[:, None] * stride_dvn + offs_dv[None, :],
@@ -697,27 +882,34 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, C
 
 
 @triton.jit
-def _top_update(top_p, top_j, top_dp, c, p_sum, p, dp, start_n):
-    """Folds one key tile into each row's running top key (its P, index and dP; the tile's first
+def _top_update(top_p, top_j, top_dp, top_dcap, c, p_sum, p, dp, dcap, start_n, SOFTCAP: tl.constexpr):
+    """Folds one key tile into each row's running top key (its P, index, dP and, with SOFTCAP, the
+    softcap derivative dcap = 1 - t^2 there; the tile's first
     largest P takes over only if strictly larger, so ties keep the first key), c = sum over the keys
     so far of P_i (dP_top - dP_i) (the top's own term is exactly 0) and their sum of P. A new top
     shifts c by (dP_new - dP_old) * p_sum: no cancellation, since the keys so far sum to < 1 - P_new.
     Starting from top (0, -1, 0), a key with P = 0 never becomes the top."""
     tile_p, tile_j = tl.max(p, 1, return_indices=True, return_indices_tie_break_left=True)
-    tile_dp = tl.sum(tl.where(tl.arange(0, p.shape[1])[None, :] == tile_j[:, None], dp, 0.0), 1)
+    at_top = tl.arange(0, p.shape[1])[None, :] == tile_j[:, None]
+    tile_dp = tl.sum(tl.where(at_top, dp, 0.0), 1)
     new = tile_p > top_p
     new_dp = tl.where(new, tile_dp, top_dp)
+    if SOFTCAP:
+        top_dcap = tl.where(new, tl.sum(tl.where(at_top, dcap, 0.0), 1), top_dcap)
     c += tl.where(new, (tile_dp - top_dp) * p_sum, 0.0) + tl.sum(p * (new_dp[:, None] - dp), 1)
-    return tl.where(new, tile_p, top_p), tl.where(new, start_n + tile_j, top_j), new_dp, c, p_sum + tl.sum(p, 1)
+    return (tl.where(new, tile_p, top_p), tl.where(new, start_n + tile_j, top_j), new_dp, top_dcap, c,
+            p_sum + tl.sum(p, 1))
 
 
 @triton.jit
-def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
+def _bwd_dq_inner(dq, top_p, top_j, top_dp, top_dcap, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
                   stride_kn, stride_vn, start_m, offs_m, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo,
-                  key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale,
+                  key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale,
+                  softcap_log2, alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+                  WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+                  ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -728,23 +920,29 @@ def _bwd_dq_inner(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, del
         if MASK:
             visit, apply = _mask_tile(summary, stride_tm, stride_tn, start_m, start_n, L, S, BLOCK_M, BLOCK_N)
         if visit:
-            dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_tile(
-                dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-                stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                stride_mm, stride_mn, apply, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED,
-                CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
-    return dq, top_p, top_j, top_dp, c, p_sum
+            dq, top_p, top_j, top_dp, top_dcap, c, p_sum = _bwd_dq_tile(
+                dq, top_p, top_j, top_dp, top_dcap, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+                stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo,
+                key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                BLOCK_N, MASKED, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION,
+                TOP_KEY)
+    return dq, top_p, top_j, top_dp, top_dcap, c, p_sum
 
 
 @triton.jit
-def _bwd_dq_tile(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
-                 stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
-                 stride_mm, stride_mn, apply, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr,
-                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
+def _bwd_dq_tile(dq, top_p, top_j, top_dp, top_dcap, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base,
+                 stride_kn, stride_vn, offs_m, offs_d, offs_dv, cols, start_n, L, S, causal_offset, window_lo,
+                 window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale, softcap_scale,
+                 softcap_log2, alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                 TOP_KEY: tl.constexpr):
     """One key tile's share of a query block's dQ (and its rows' top keys). ``apply`` (with MASK):
-    the mask tensor changes some score of the tile."""
+    the mask tensor changes some score of the tile. With DROPOUT dP is (dO V^T) * keep * keep_scale;
+    with SOFTCAP dS is P (dP - delta) (1 - t^2)."""
     offs_n = start_n + cols
     row0 = tl.cast(start_n, tl.int64)
     if MASKED:
@@ -758,7 +956,9 @@ def _bwd_dq_tile(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delt
                      mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         vt = tl.load(v_base + row0 * stride_vn + cols[None, :] * stride_vn + offs_dv[:, None],
                      mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
-    s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION) * qk_scale
+    s = _dot(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    s, t = _scores(s, offs_m[:, None], offs_n[None, :], S - L, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                   SOFTCAP, ALIBI)
     if MASK:
         if apply:
             s = _mask_scores(s, mask_base, stride_mm, stride_mn, offs_m[:, None], offs_n[None, :], L, S, MASK)
@@ -770,33 +970,49 @@ def _bwd_dq_tile(dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delt
     if MASK:  # keys the mask hides, also in rows it hides entirely (lse -inf: exp2(-inf + inf) is NaN)
         p = tl.where(s == float("-inf"), 0.0, p)
     dp = _dot(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_FP32, PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, drop_thr, drop_bh, drop_row0 + offs_m, drop_key0 + start_n, q.shape[0], BLOCK_N,
+                             not VARLEN, False)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    dcap = t
+    if SOFTCAP:  # d(softcap tanh(x / softcap)) / dx
+        dcap = 1.0 - t * t
     if TOP_KEY:
         seen_dp = dp
         if MASKED:  # a NaN or inf of v at a key the row cannot see stays out of c
             seen_dp = tl.where(visible, dp, 0.0)
         if MASK:  # nor one at a key the mask hides (P = 0 there, so it never becomes the top)
             seen_dp = tl.where(s == float("-inf"), 0.0, seen_dp)
-        top_p, top_j, top_dp, c, p_sum = _top_update(top_p, top_j, top_dp, c, p_sum, p, seen_dp, start_n)
+        top_p, top_j, top_dp, top_dcap, c, p_sum = _top_update(top_p, top_j, top_dp, top_dcap, c, p_sum, p, seen_dp,
+                                                               dcap, start_n, SOFTCAP)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds *= dcap
     dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, DOT_FP32, PRECISION)
-    return dq, top_p, top_j, top_dp, c, p_sum
+    return dq, top_p, top_j, top_dp, top_dcap, c, p_sum
 
 
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, DQ,
+@triton.jit(do_not_specialize=DROPOUT_SCALARS)
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, AL, DQ,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                    stride_dqb, stride_dqh, stride_dqm,
-                   H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, L_BUCKET,
-                   S_BUCKET,
+                   H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, sm_scale, softcap_scale,
+                   softcap_log2, seed, drop_thr, keep_scale, L_BUCKET, S_BUCKET,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                   KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
+                   ALIBI: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                    PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
                    ALIGNED: tl.constexpr):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     rows_per_head = L  # of lse, delta and the top keys: the packed rows with VARLEN
+    alibi_log2 = 0.0
+    if ALIBI:  # this batch's (VARLEN: sequence's) slope of head h
+        alibi_log2 = tl.load(AL + b * H + h) * _LOG2E
+    drop_row0 = 0  # the dropout stream's row and key of the first query and key (VARLEN: the sequence's)
+    drop_key0 = 0
     if VARLEN:  # the grid's batches are the sequences of the one packed batch: move to this one's rows
         q0, k0, L, S, causal_offset, window_lo, window_hi = _sequence(CU_Q, CU_K, b, causal_offset, window_lo,
                                                                       window_hi)
@@ -809,6 +1025,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_
         V += k0 * stride_vn
         LSE += q0
         DELTA += q0
+        if DROPOUT:
+            drop_row0 = q0
+            drop_key0 = k0
+    drop_bh = b * H + h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -828,6 +1048,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_
     top_p = tl.zeros([BLOCK_M], dtype=tl.float32)
     top_j = tl.full([BLOCK_M], -1, dtype=tl.int32)
     top_dp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    top_dcap = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     c = tl.zeros([BLOCK_M], dtype=tl.float32)
     p_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
@@ -836,22 +1057,27 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_
     mask_base = M + b * stride_mb + h * stride_mh
     summary = MSUM + b * stride_tb + h * stride_th
     if WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
-        dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
-            dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+        dq, top_p, top_j, top_dp, top_dcap, c, p_sum = _bwd_dq_inner(
+            dq, top_p, top_j, top_dp, top_dcap, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
             stride_vn, start_m, offs_m, start, tl.minimum(mid_lo, hi), L, S, causal_offset, window_lo, window_hi,
-            key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM,
-            HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32,
-            PRECISION, TOP_KEY)
-    dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
-        dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+            key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale,
+            softcap_log2, alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM,
+            HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI,
+            DROPOUT, VARLEN, DOT_FP32, PRECISION, TOP_KEY)
+    dq, top_p, top_j, top_dp, top_dcap, c, p_sum = _bwd_dq_inner(
+        dq, top_p, top_j, top_dp, top_dcap, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
         stride_vn, start_m, offs_m, mid_lo, mid_hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
-        mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-        BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
-    dq, top_p, top_j, top_dp, c, p_sum = _bwd_dq_inner(
-        dq, top_p, top_j, top_dp, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
+        mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2,
+        alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+        BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN,
+        DOT_FP32, PRECISION, TOP_KEY)
+    dq, top_p, top_j, top_dp, top_dcap, c, p_sum = _bwd_dq_inner(
+        dq, top_p, top_j, top_dp, top_dcap, c, p_sum, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_kn,
         stride_vn, start_m, offs_m, mid_hi, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
-        mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-        BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, DOT_FP32, PRECISION, TOP_KEY)
+        mask_base, stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2,
+        alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+        BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN,
+        DOT_FP32, PRECISION, TOP_KEY)
     if TOP_KEY:
         # c = dP - delta at the top key without cancellation (sum over the keys of P (dP_top - dP)), plus
         # dlse, which the preprocess left in TOP_C; the dK/dV kernel reads the top key and c. The row
@@ -871,7 +1097,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_
         k_rows = k_base + top_j.to(tl.int64) * stride_kn
         k_top = tl.load(k_rows[:, None] + offs_d[None, :], mask=found[:, None] & (offs_d[None, :] < HEAD_DIM),
                         other=0.0)
-        dq += tl.where(found, top_p * (c - (top_dp - delta)), 0.0)[:, None] * k_top
+        swap = top_p * (c - (top_dp - delta))
+        if SOFTCAP:  # dS at the top key carries its 1 - t^2 as every dS
+            swap *= top_dcap
+        dq += tl.where(found, swap, 0.0)[:, None] * k_top
     if VARLEN:  # moved here, not at the top: one offset lives through the loops, not three pointers
         DQ += q0 * stride_dqm
     tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqm + rows[:, None] * stride_dqm + offs_d[None, :],
@@ -890,9 +1119,15 @@ def _tma_block_shapes(nargs):
             nargs[name].block_shape = [1, 1, rows, cols]
 
 
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+def _cfg(bm, bn, warps, stages, maxnreg=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, maxnreg=maxnreg,
                          pre_hook=_tma_block_shapes)
+
+
+# ptxas on sm_90 held these dK/dV configs to 128 registers and spilled (head dim 256: bf16 (16, 16, 8, 2) 8 bytes,
+# fp32 (16, 16, 8, 1) with softcap and ALiBi 24 bytes; compile table); .maxnreg 255 lets it take what an 8-warp
+# block allows, without spills.
+FULL_REGISTERS = 255
 
 
 # Configs by element size: 2 = fp16/bf16 on tensor cores, 4 = fp32 (IEEE fp32 dots run on FMA
@@ -904,8 +1139,10 @@ FWD_CONFIGS = {
     4: [_cfg(32, 16, 4, 2), _cfg(16, 16, 4, 2)],
 }
 BWD_DKDV_CONFIGS = {
-    2: [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2), _cfg(16, 64, 8, 2), _cfg(16, 32, 8, 2)],
-    4: [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 1)],
+    # (16, 16, 8, 2): for head dim 256 with dropout, where (16, 32, 8, 2) spills 16 bytes (DROPOUT_REGISTER_SHARE)
+    2: [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2), _cfg(16, 64, 8, 2), _cfg(16, 32, 8, 2),
+        _cfg(16, 16, 8, 2, FULL_REGISTERS)],
+    4: [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 1, FULL_REGISTERS)],
 }
 BWD_DQ_CONFIGS = {
     2: [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2), _cfg(32, 16, 8, 2),
@@ -924,7 +1161,7 @@ INTERPRETER_TMA = False
 MIN_ARCH = 80
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
                             features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask",
-                                                "varlen"}),
+                                                "varlen", "softcap", "alibi", "dropout"}),
                             device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
@@ -940,6 +1177,12 @@ REGISTER_BUDGET = {("fwd", 2): 160, ("dkdv", 2): 124, ("dq", 2): 128, ("fwd", 4)
 # at a sequence's) with the sequence's offsets live: this share of the budget (at head dim 256 bf16
 # it keeps (64, 32, 8, 2), estimate 104, and leaves out (64, 64, 8, 2), 112, which spills on sm_90).
 VARLEN_FWD_REGISTER_SHARE = 0.68
+# Dropout's Philox keep tiles (10 rounds over a (rows, keys / 4) tile, joined into key order) take registers
+# beside the tiles the estimate counts: with dropout 16-bit kernels get this share of the budget. Compile table
+# with dropout, softcap and ALiBi (window, key bounds; head dims 64, 128, 256, sm_80 and sm_90, every config):
+# forward configs of estimate 112 spilled (128 x 128 at head dim 64, 64 x 64 at 256), 104 did not; dK/dV ones
+# of estimate 56 spilled (16 x 64 at head dim 64 on sm_80, 80 bytes), 52 did not; dQ's as without dropout.
+DROPOUT_REGISTER_SHARE = {("fwd", 2): 0.68, ("dkdv", 2): 0.44}
 # Inputs that are not 16-byte aligned (see _aligned) load element by element, an address and a
 # value register each: their tiles get this share of the budget. Measured on sm_90's pointer
 # path: fp16/bf16 head dims up to 128 then compile without spills; head dim 256 spills with every
@@ -963,7 +1206,7 @@ def block_d(head_dim: int) -> int:
 
 
 def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, aligned: bool,
-          varlen: bool = False) -> bool:
+          varlen: bool = False, dropout: bool = False) -> bool:
     """Rough shared-memory and register estimates, calibrated on the compile table."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     threads = 32 * cfg.num_warps
@@ -979,19 +1222,21 @@ def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, 
         smem = cfg.num_stages * bn * (d + dv) * elem + bm * (d + dv) * elem
         regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
     budget = REGISTER_BUDGET[kind, elem] * (1 if aligned else MISALIGNED_REGISTER_SHARE)
-    if varlen and kind == "fwd":
-        budget *= VARLEN_FWD_REGISTER_SHARE
+    shares = [VARLEN_FWD_REGISTER_SHARE if varlen and kind == "fwd" else 1.0,
+              DROPOUT_REGISTER_SHARE.get((kind, elem), 1.0) if dropout else 1.0]
+    budget *= min(shares)  # both are extra state beside the estimated tiles: the larger need, not the product
     return smem <= smem_limit(arch) and regs <= budget
 
 
 def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int,
-                  length: Optional[int] = None, aligned: bool = True, varlen: bool = False) -> List[triton.Config]:
+                  length: Optional[int] = None, aligned: bool = True, varlen: bool = False,
+                  dropout: bool = False) -> List[triton.Config]:
     """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype, arch and
     alignment, and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than
     it. Never empty; kept configs stay in their declared order."""
     configs = CONFIGS[kind][elem_bytes]
     d, dv = block_d(head_dim), block_d(head_dim_v)
-    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned, varlen)]
+    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned, varlen, dropout)]
     if not kept:  # never empty: fall back to the smallest tiles
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     if length is not None:
@@ -1002,11 +1247,11 @@ def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, ar
 
 
 def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: int, length: int,
-                 aligned: bool = True, varlen: bool = False) -> triton.Config:
+                 aligned: bool = True, varlen: bool = False, dropout: bool = False) -> triton.Config:
     """Deterministic mode's config: the first config, in declared order, that prune_configs keeps for
     this (kind, arch, dtype, head dims, length bucket, alignment). A pure function, so every process
     picks it."""
-    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned, varlen)[0]
+    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned, varlen, dropout)[0]
 
 
 # Autotune keys. Triton keys its tuning cache on these arguments' values plus the dtype of each
@@ -1014,7 +1259,7 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # an argument. So the kernels take ARCH, DTYPE and ALIGNED as constexprs that only the key and the
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
-                     "WINDOW", "KEY_BOUNDS", "MASK", "VARLEN", "PRECISION", "GROUP"]
+                     "WINDOW", "KEY_BOUNDS", "MASK", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "PRECISION", "GROUP"]
               + (["TMA"] if kind == "fwd" else [])
               for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
@@ -1028,7 +1273,7 @@ def prune_hook(kind: str):
     def prune(configs, named_args, **kwargs):
         return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], ELEM_BYTES[kwargs["DTYPE"]],
                              kwargs["ARCH"], named_args[TUNED_LENGTH[kind]], kwargs["ALIGNED"],
-                             bool(kwargs.get("VARLEN")))
+                             bool(kwargs.get("VARLEN")), bool(kwargs.get("DROPOUT")))
     return prune
 
 
@@ -1133,7 +1378,7 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
         return triton.Config(dict(INTERPRETER_BLOCKS), pre_hook=_tma_block_shapes)
     if deterministic:
         return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length, meta["ALIGNED"],
-                            bool(meta.get("VARLEN")))
+                            bool(meta.get("VARLEN")), bool(meta.get("DROPOUT")))
     return None
 
 
@@ -1233,6 +1478,32 @@ def _mask_args(mask: Optional[Tensor], B: int, H: int, L: int, S: int, unused: T
     return (values, summary, *values.stride(), *summary_strides), MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
 
 
+def _feature_args(spec: AttnSpec, alibi_slopes: Optional[Tensor], dropout_seed: Optional[Tensor], rows: int, H: int,
+                  unused: Tensor) -> Tuple[Tensor, tuple, dict]:
+    """The kernels' view of soft-capping, ALiBi and dropout: the slopes' pointer (``unused``, any tensor,
+    without ALiBi; else fp32 (rows, H) contiguous, rows the batches or, varlen, the sequences), the scalars
+    (softcap_scale, softcap_log2, seed, drop_thr, keep_scale) and the constexprs SOFTCAP, ALIBI, DROPOUT.
+    drop_thr is dropout.threshold(p) - 2^31 (an int32, see _dropout_keep); the seed is
+    ``int(dropout_seed[0])``, one host read of a CPU tensor."""
+    if alibi_slopes is not None and not (alibi_slopes.shape == (rows, H) and alibi_slopes.dtype == torch.float32
+                                         and alibi_slopes.device == unused.device and alibi_slopes.is_contiguous()):
+        raise ValueError(f"fused_attn triton: alibi_slopes must be a contiguous float32 ({rows}, {H}) tensor on "
+                         f"{unused.device}, got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)} on "
+                         f"{alibi_slopes.device}{'' if alibi_slopes.is_contiguous() else ', not contiguous'}")
+    drop = spec.dropout_p > 0.0
+    if drop and not (dropout_seed is not None and dropout_seed.shape == (1,) and dropout_seed.dtype == torch.int64
+                     and dropout_seed.device.type == "cpu"):
+        raise ValueError("fused_attn triton: dropout_p > 0 needs dropout_seed, an int64 CPU tensor of shape (1,), got "
+                         + ("None" if dropout_seed is None else f"{dropout_seed.dtype} {tuple(dropout_seed.shape)} on "
+                            f"{dropout_seed.device}"))
+    softcap = spec.softcap > 0.0
+    scalars = (spec.scale / spec.softcap if softcap else 0.0, spec.softcap * LOG2E,
+               int(dropout_seed[0]) if drop else 0, (dropout.threshold(spec.dropout_p) if drop else 0) - 2 ** 31,
+               dropout.keep_scale(spec.dropout_p) if drop else 1.0)
+    flags = dict(SOFTCAP=softcap, ALIBI=alibi_slopes is not None, DROPOUT=drop)
+    return (alibi_slopes if alibi_slopes is not None else unused), scalars, flags
+
+
 def _common_meta(q: Tensor, v: Tensor, flags: dict, arch: Optional[int], strided) -> dict:
     E, EV = q.shape[3], v.shape[3]
     dot_fp32, precision = _modes(q.dtype)
@@ -1244,11 +1515,13 @@ def _common_meta(q: Tensor, v: Tensor, flags: dict, arch: Optional[int], strided
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec: AttnSpec,
                  arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None,
                  mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
-                 cu_seqlens_k: Optional[Tensor] = None) -> Launch:
+                 cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                 dropout_seed: Optional[Tensor] = None) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
     (None: the interpreter); ``key_bounds`` int64 (B, 2) or None; ``mask`` a bool or float (B, H, L, S)
     tensor (any strides) or None; ``cu_seqlens_q``, ``cu_seqlens_k`` int64 (n_seq + 1) offsets of
-    packed sequences (B = 1) or None. The grid tiles L (with varlen, the longest sequence's rows)."""
+    packed sequences (B = 1) or None; ``alibi_slopes`` fp32 (B or n_seq, H) or None; ``dropout_seed``
+    int64 (1,) on the CPU with spec.dropout_p > 0. The grid tiles L (with varlen, the longest sequence's rows)."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
     tensors = (q, k, v, out)
@@ -1257,12 +1530,13 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec
     kb, offsets, flags = _visibility_args(spec, grid_l, grid_s, key_bounds, B, lse, varlen)
     mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, lse)
     flags["VARLEN"] = varlen
-    meta = _common_meta(q, v, flags, arch, tensors)
+    slopes, scalars, feature_flags = _feature_args(spec, alibi_slopes, dropout_seed, grid_b, H, lse)
+    meta = _common_meta(q, v, {**flags, **feature_flags}, arch, tensors)
     meta["TMA"] = not varlen and use_tma(tensors, arch)  # varlen: see the module docstring
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
-    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *mask_args[2:], H, H // HK, grid_b * H, L, S, *offsets, spec.scale * LOG2E,
+    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, slopes, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], *mask_args[2:], H, H // HK, grid_b * H, L, S, *offsets, spec.scale * LOG2E, *scalars,
             _bucket(grid_l), _bucket(grid_s))
     return Launch("fwd", args, meta, _grid(grid_l, grid_b * H, "BLOCK_M"),
                   _config("fwd", meta, arch, _bucket(grid_l), deterministic))
@@ -1278,7 +1552,8 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                   delta: Tensor, top_j: Optional[Tensor], top_c: Optional[Tensor], dq: Tensor, dk: Tensor,
                   dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False,
                   key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None) -> List[Launch]:
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                  alibi_slopes: Optional[Tensor] = None, dropout_seed: Optional[Tensor] = None) -> List[Launch]:
     """The backward's three launches, in order: preprocess (delta), dQ, dK/dV. For fp32 inputs
     (uses_top_key) the dQ kernel writes each row's top key and c to top_j (int32) and top_c (fp32),
     (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in). The
@@ -1298,17 +1573,19 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
     kb, offsets, flags = _visibility_args(spec, grid_l, grid_s, key_bounds, B, delta, varlen)
     mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, delta)
     flags["VARLEN"] = varlen
-    meta = _common_meta(q, v, flags, arch, (q, k, v, dout, dq, dk, dv))
+    slopes, scalars, feature_flags = _feature_args(spec, alibi_slopes, dropout_seed, grid_b, H, delta)
+    meta = _common_meta(q, v, {**flags, **feature_flags}, arch, (q, k, v, dout, dq, dk, dv))
     meta["TOP_KEY"] = top
     qk_scale, scale = spec.scale * LOG2E, spec.scale
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_args[2:])
     buckets = (_bucket(grid_l), _bucket(grid_s))
-    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, dq, *strides,
-                              *dq.stride()[:3], H, H // HK, grid_b * H, L, S, *offsets, qk_scale, scale, *buckets),
+    dq_launch = Launch("dq", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, slopes, dq,
+                              *strides, *dq.stride()[:3], H, H // HK, grid_b * H, L, S, *offsets, qk_scale, scale,
+                              *scalars, *buckets),
                        meta, _grid(grid_l, grid_b * H, "BLOCK_M"), _config("dq", meta, arch, buckets[0], deterministic))
-    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, dk, dv, *strides,
-                           *dk.stride()[:3], *dv.stride()[:3], HK, H // HK, grid_b * HK, L, S, *offsets, qk_scale,
-                           scale, *buckets),
+    dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, slopes, dk, dv,
+                           *strides, *dk.stride()[:3], *dv.stride()[:3], HK, H // HK, grid_b * HK, L, S, *offsets,
+                           qk_scale, scale, *scalars, *buckets),
                   meta, _grid(grid_s, grid_b * HK, "BLOCK_N"), _config("dkdv", meta, arch, buckets[1], deterministic))
     return [pre, dq_launch, dkdv]
 
@@ -1331,26 +1608,30 @@ def _run(launch: Launch, device: torch.device) -> None:
         cfg = launch.config
         if cfg.pre_hook is not None:
             cfg.pre_hook({**launch.named_args(), **launch.meta, **cfg.kwargs})
+        options = {} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}
         KERNELS[launch.kind][launch.grid](*launch.args, **launch.meta, **cfg.kwargs, num_warps=cfg.num_warps,
-                                          num_stages=cfg.num_stages)
+                                          num_stages=cfg.num_stages, **options)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
              mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
-             cu_seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+             cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+             dropout_seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
-                          torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q, cu_seqlens_k)
+                          torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
+                          alibi_slopes, dropout_seed)
     _run(launch, q.device)
     return out, lse
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               spec: AttnSpec, key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
+              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+              alibi_slopes: Optional[Tensor] = None, dropout_seed: Optional[Tensor] = None
               ) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
@@ -1364,7 +1645,7 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
                              delta, top_j, top_c, dq, dk, dv, spec, device_arch(q.device),
                              torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q,
-                             cu_seqlens_k)
+                             cu_seqlens_k, alibi_slopes, dropout_seed)
     for launch in launches:
         _run(launch, q.device)
     return dq, dk, dv

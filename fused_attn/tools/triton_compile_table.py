@@ -180,11 +180,20 @@ def make_tensor(shape, dtype, layout):
     return t
 
 
+def _extras(features: dict, n_rows: int, H: int) -> dict:
+    """The public arguments of ``features`` (FEATURES' keys): ALiBi slopes (n_rows, H) for "alibi"."""
+    extras = {name: value for name, value in features.items() if name != "alibi"}
+    if features.get("alibi"):
+        extras["alibi_slopes"] = torch.rand(n_rows, H)
+    return extras
+
+
 def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=True, window=(-1, -1),
-                key_padding=False, mask_kind=None):
+                key_padding=False, mask_kind=None, features=None):
     """Forward (and backward) through fused_attn.scaled_dot_product_attention on a fake sm_<arch>
     (``window``; ``key_padding``: a mask that pads the last keys of batch 0, i.e. key bounds; ``mask_kind``
-    "bool" or "float": a random (B, 1, L, S) mask tensor of that kind, ~30% hidden); returns the Capture."""
+    "bool" or "float": a random (B, 1, L, S) mask tensor of that kind, ~30% hidden; ``features``: softcap,
+    alibi, dropout_p as FEATURES); returns the Capture."""
     q = make_tensor((B, H, L, E), dtype, layout).requires_grad_()
     k = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
     v = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
@@ -197,13 +206,13 @@ def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=Tr
         mask = ~hidden if mask_kind == "bool" else torch.randn(B, 1, L, S).masked_fill(hidden, float("-inf")).to(dtype)
     with fake_gpu(arch) as cap:
         out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != HK,
-                                                      window=window, backend="triton")
+                                                      window=window, backend="triton", **_extras(features or {}, B, H))
         if backward:
             out.backward(make_tensor(out.shape, dtype, layout))
     return cap
 
 
-def varlen_call(arch, n_seq, H, HK, L, S, E, dtype, causal=True, window=(-1, -1)):
+def varlen_call(arch, n_seq, H, HK, L, S, E, dtype, causal=True, window=(-1, -1), features=None):
     """Forward and backward through fused_attn.varlen_attention on a fake sm_<arch>: ``n_seq`` packed
     sequences, the first of L queries and S keys, the others shorter by a ragged amount (the grid
     tiles the longest); inputs (total, H, E) contiguous, 16-byte aligned. Returns the Capture."""
@@ -213,7 +222,8 @@ def varlen_call(arch, n_seq, H, HK, L, S, E, dtype, causal=True, window=(-1, -1)
     k = torch.randn(int(cu_k[-1]), HK, E).to(dtype).requires_grad_()
     v = torch.randn(int(cu_k[-1]), HK, E).to(dtype).requires_grad_()
     with fake_gpu(arch) as cap:
-        out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, L, S, causal=causal, window=window, backend="triton")
+        out = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, L, S, causal=causal, window=window, backend="triton",
+                                          **_extras(features or {}, n_seq, H))
         out.backward(torch.randn(out.shape).to(dtype))
     return cap
 
@@ -241,6 +251,8 @@ def compile_record(record: dict) -> dict:
     return dict(kind=record["kind"], arch=record["arch"], head_dim=c.get("HEAD_DIM", c.get("HEAD_DIM_V")),
                 dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), window=c.get("WINDOW", "-"),
                 key_bounds=c.get("KEY_BOUNDS", "-"), mask=c.get("MASK", "-"), varlen=c.get("VARLEN", "-"),
+                features="".join(letter for name, letter in (("SOFTCAP", "s"), ("ALIBI", "a"), ("DROPOUT", "d"))
+                                 if c.get(name)) or "-",
                 tma=bool(c.get("TMA")),
                 aligned=c.get("ALIGNED", "-"),
                 config=f"M{c.get('BLOCK_M')}/N{c.get('BLOCK_N', '-')}/w{record['num_warps']}/s{record['num_stages']}",
@@ -289,11 +301,12 @@ def notes(rows) -> list:
 
 def print_table(rows) -> None:
     print(f"{'kernel':8} {'arch':6} {'D':>4} {'dtype':5} {'causal':6} {'window':6} {'bounds':6} {'mask':4} "
-          f"{'varlen':6} {'aligned':7} {'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
+          f"{'varlen':6} {'feat':4} {'aligned':7} {'config':16} {'regs':>4} {'spill':>5} {'smem':>7} wgmma")
     for r in rows:
         kernel = r["kind"] + ("+tma" if r["tma"] else "")
         print(f"{kernel:8} sm_{r['arch']:<3} {r['head_dim']:>4} {r['dtype']:5} {str(r['causal']):6} "
               f"{str(r['window']):6} {str(r['key_bounds']):6} {str(r['mask']):4} {str(r['varlen']):6} "
+              f"{r.get('features', '-'):4} "
               f"{str(r['aligned']):7} "
               f"{r['config']:16} {r['regs']:>4} {r['spill']:>5} {r['smem']:>7} {r['wgmma']}")
 
@@ -322,6 +335,13 @@ QUICK = [(128, torch.bfloat16, False, (2, 2)), (256, torch.float16, True, (4, 2)
 # sequence's offsets, the early exit, the moved pointers; the forward on its pointer path)
 VISIBILITY = [(256, torch.bfloat16, True, (4, 2)), (256, torch.float32, True, (4, 2))]
 VISIBILITY_WINDOW = (64, 0)
+# Soft-capping, ALiBi and dropout (their scalars, tanh, the ALiBi bias, the Philox keep tiles; the dK/dV kernel's
+# transposed keep tile; varlen's misaligned Philox path) all at once, with the window and key bounds, and as varlen
+FEATURES = dict(softcap=30.0, alibi=True, dropout_p=0.1)
+NO_DROPOUT = dict(softcap=30.0, alibi=True)  # the same without dropout (whose prune differs)
+# dropout's prune (triton_attention.DROPOUT_REGISTER_SHARE) is also checked at a head dim where the default
+# budget keeps larger dK/dV tiles
+FEATURE_SHAPES = [(64, torch.float16, True, (4, 2))]
 MASK_KIND = {torch.bfloat16: "float", torch.float32: "bool"}
 LENGTH = 256  # no shorter than any block, so the length rule prunes nothing
 
@@ -332,15 +352,24 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
     (the pointer path, where aligned inputs take TMA), up to head dim 128: at 256 it spills with
     every config (triton_attention.MISALIGNED_REGISTER_SHARE). Each shape of ``visibility`` once more
     with a sliding window and key bounds, once with a mask tensor (MASK_KIND), and once as varlen
-    sequences with the window."""
+    sequences with the window; then both again with softcap, ALiBi and dropout (FEATURES), the first also
+    without dropout (NO_DROPOUT) and at the head dims of FEATURE_SHAPES."""
     records = []
     for arch in archs:
         for head_dim, dtype, causal, (H, HK) in visibility:
             caps = [public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal, **extra)
-                    for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True), dict(mask_kind=MASK_KIND[dtype]))]
+                    for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True), dict(mask_kind=MASK_KIND[dtype]),
+                                  dict(window=VISIBILITY_WINDOW, key_padding=True, features=FEATURES),
+                                  dict(window=VISIBILITY_WINDOW, key_padding=True, features=NO_DROPOUT))]
             caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW))
+            caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW,
+                                    FEATURES))
             for cap in caps:  # every config benchmarked, and the launch of a kernel whose prune keeps one
                 records += [r for r in cap.records if r["kind"] != "pre"]
+        for head_dim, dtype, causal, (H, HK) in FEATURE_SHAPES if visibility else ():
+            cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal,
+                              window=VISIBILITY_WINDOW, key_padding=True, features=FEATURES)
+            records += [r for r in cap.records if r["kind"] != "pre"]
         for head_dim, dtype, causal, (H, HK) in reps:
             cap = public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal)
             records += [r for r in cap.records if r["phase"] == "bench" or r["kind"] == "pre"]
