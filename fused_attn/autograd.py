@@ -57,12 +57,60 @@ def _attention_backward(bwd_op):
     return backward
 
 
+def _double_backward_error(backend: str) -> RuntimeError:
+    return RuntimeError(f"fused_attn backend {backend!r} does not support double backward (gradients of "
+                        "gradients); use backend='reference' for it")
+
+
 def _no_double_backward(backend: str):
     def backward(ctx, *grads):
-        raise RuntimeError(f"fused_attn backend {backend!r} does not support double backward (gradients of "
-                           "gradients); use backend='reference' for it")
+        raise _double_backward_error(backend)
 
     return backward
+
+
+class _Gradients(torch.autograd.Function):
+    """The gradients of EagerAttention's backward under create_graph: themselves, refusing to be
+    differentiated (as the backward op's own autograd formula does)."""
+
+    @staticmethod
+    def forward(ctx, backend, anchor, *grads):  # anchor: an input that requires grad, so the outputs do
+        ctx.backend = backend
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _double_backward_error(ctx.backend)
+
+
+class EagerAttention(torch.autograd.Function):
+    """The formula above for an eager call that nothing traces (``dispatch._traced``): the backend's
+    launchers called directly, without the torch.library op's Python layers (about 100 us a call
+    with the op's many arguments; decoding steps and small calls pay it). The same launchers, spec
+    and tensors, so the same results and gradients as through the op (tests/test_ops.py checks them
+    bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, launchers, spec, tensors, backend):
+        out, lse = launchers._forward(q, k, v, spec, **tensors)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.launchers, ctx.spec, ctx.tensors, ctx.backend = launchers, spec, tensors, backend
+        ctx.mask_grad = mask is not None and mask.requires_grad
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        extra = {"mask_grad": True} if ctx.mask_grad else {}
+        with torch.no_grad():
+            grads = ctx.launchers._backward(dout, dlse, q, k, v, out, lse, ctx.spec, **extra, **ctx.tensors)
+        if torch.is_grad_enabled():  # create_graph: gradients that refuse to be differentiated
+            grads = _Gradients.apply(ctx.backend, q if q.requires_grad else k if k.requires_grad else v, *grads)
+        dmask = grads[3] if ctx.mask_grad else None
+        return grads[0], grads[1], grads[2], dmask, None, None, None, None
 
 
 def _save_nothing(ctx, inputs, output, keyword_only_inputs=None):

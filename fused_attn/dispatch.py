@@ -37,7 +37,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import autograd, reference
 from .ops._common import lse_dtype
 from .problem import Problem
 
@@ -96,17 +96,22 @@ def _launch(ops: ModuleType, p: Problem) -> Tuple[Tensor, Tensor]:
     return ops._forward(p.q, p.k, p.v, p.spec, **p.tensor_args())
 
 
-def _recorded(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> bool:
-    """Whether something records this call, so that it must go through the torch.library op:
-    autograd (inputs or a float mask that require grad), torch.compile / export / jit tracing, a dispatch mode, a
-    functorch transform, or a tensor subclass. Otherwise the op's implementation runs directly,
-    saving the dispatcher's Python layers (tens of microseconds: decoding steps, small calls)."""
+def _traced(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether something traces or intercepts this call, so that it must go through the torch.library
+    op: torch.compile / export / jit tracing, a dispatch mode, a functorch transform, or a tensor
+    subclass. Otherwise the op's implementation runs directly (with autograd.EagerAttention where
+    gradients are needed), saving the dispatcher's Python layers (tens of microseconds: decoding
+    steps, small calls)."""
     return (torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                             or (mask is not None and mask.requires_grad)))
             or not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor)
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state() is not None)
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool:
+    """Whether autograd records this call: inputs, or a float mask, that require grad."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (mask is not None and mask.requires_grad))
 
 
 class KernelBackend:
@@ -140,10 +145,13 @@ class KernelBackend:
 
     def run(self, p: Problem) -> Tuple[Tensor, Tensor]:
         """(out, lse) through the backend's forward op, which is differentiable (fused_attn.autograd),
-        or, where nothing records the call, straight through the op's implementation."""
+        where something traces the call; otherwise straight through the op's implementation, with the
+        op's autograd formula as an autograd.Function where gradients are needed."""
         ops = self.ops()
-        if _recorded(p.q, p.k, p.v, p.mask):
+        if _traced(p.q, p.k, p.v):
             return ops.forward(p.q, p.k, p.v, *p.spec.op_args(**p.tensor_args()))
+        if _needs_grad(p.q, p.k, p.v, p.mask):
+            return autograd.EagerAttention.apply(p.q, p.k, p.v, p.mask, ops, p.spec, p.tensor_args(), self.name)
         return _launch(ops, p)
 
 

@@ -86,8 +86,9 @@ def test_double_backward_on_the_reference():
 
 
 def test_eager_calls_skip_the_dispatcher_only_when_nothing_records(monkeypatch):
-    """dispatch._recorded: a plain inference call runs the op's implementation directly (no
-    dispatcher layers); a call that autograd or a dispatch mode records goes through the op."""
+    """dispatch._traced: a plain inference call runs the op's implementation directly (no
+    dispatcher layers), a training call its launchers under autograd.EagerAttention; a call that a
+    dispatch mode (or torch.compile, tests/test_compile.py) records goes through the op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     direct = []
@@ -111,9 +112,11 @@ def test_eager_calls_skip_the_dispatcher_only_when_nothing_records(monkeypatch):
     assert direct == ["cpu"]
     torch.testing.assert_close(got, want)
     direct.clear()
-    qg = q.clone().requires_grad_()
-    fused_attn.scaled_dot_product_attention(qg, k, v, backend="cpu").sum().backward()
-    assert direct == [] and qg.grad is not None
+    qg = q.clone().requires_grad_()  # autograd records it: the launchers under EagerAttention, not the op
+    out = fused_attn.scaled_dot_product_attention(qg, k, v, backend="cpu")
+    assert type(out.grad_fn).__name__ == "EagerAttentionBackward" and direct == []
+    out.sum().backward()
+    assert qg.grad is not None
     with SeenOps() as mode, torch.no_grad():
         fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu")
     assert direct == [] and "fused_attn.cpu_fwd.default" in mode.ops
