@@ -45,7 +45,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     the reference backend (O(L*S) memory) under automatic choice and is refused by an explicit
     kernel backend.
 
-    ``dropout_p > 0`` drops probabilities inside the kernels, nothing of size L x S stored: one
+    ``dropout_p > 0`` drops probabilities inside the CPU and Triton kernels, nothing of size L x S stored: one
     Philox stream (``fused_attn.dropout``) seeded per call from torch's default generator, so
     ``torch.manual_seed`` reproduces a call and every backend drops the same elements; the
     backward draws them again.
