@@ -153,7 +153,7 @@ def test_dropout_gqa_window_bounds_alibi_softcap(device):
 def test_dropout_varlen(device):
     """Varlen sequences (keys at packed offsets not multiples of 4, an empty sequence) with causal,
     ALiBi per sequence, out, lse and every gradient against reference.varlen_attention with the seed."""
-    from test_varlen import _packed, _run
+    from test_varlen import _oracle, _packed, _run
 
     lengths = [(17, 23), (0, 5), (64, 61), (33, 40), (9, 0)]
     q, k, v, cu_q, cu_k, mq, mk = _packed(lengths, FP32, torch.Generator().manual_seed(2))
@@ -168,12 +168,7 @@ def test_dropout_varlen(device):
                                            return_lse=True, backend="triton")
 
     def oracle(compute_dtype):
-        def fn(q, k, v):
-            q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out, lse = reference.varlen_attention(q4, k4, v4, cu_q.long(), cu_k.long(), p, LR, alibi_slopes=alibi,
-                                                  dropout_seed=stream, compute_dtype=compute_dtype)
-            return out[0].transpose(0, 1), lse[0].float() if compute_dtype != torch.float64 else lse[0]
-        return fn
+        return _oracle(compute_dtype, cu_q, cu_k, True, dropout_p=p, alibi_slopes=alibi, dropout_seed=stream)
     got = _run(ours, q, k, v, 5)
     ref = _run(oracle(torch.float64), q, k, v, 5)
     base = _run(oracle(None), q, k, v, 5)

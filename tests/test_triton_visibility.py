@@ -264,7 +264,7 @@ def test_softcap_alibi_gqa_bounds_mask(device):
 def test_softcap_alibi_varlen(device):
     """Varlen: ALiBi's distance and slope per sequence (local rows and keys, row s of the slopes), with
     a window, softcap and an empty sequence, against reference.varlen_attention."""
-    from test_varlen import _packed, _run
+    from test_varlen import _oracle, _packed, _run
 
     lengths = [(17, 23), (0, 5), (64, 61), (40, 33), (9, 0)]
     q, k, v, cu_q, cu_k, mq, mk = _packed(lengths, FP32, torch.Generator().manual_seed(4))
@@ -277,12 +277,7 @@ def test_softcap_alibi_varlen(device):
                                            return_lse=True, backend="triton")
 
     def oracle(compute_dtype):
-        def fn(q, k, v):
-            q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out, lse = reference.varlen_attention(q4, k4, v4, cu_q.long(), cu_k.long(), window=window,
-                                                  alibi_slopes=alibi, softcap=softcap, compute_dtype=compute_dtype)
-            return out[0].transpose(0, 1), lse[0].float() if compute_dtype != torch.float64 else lse[0]
-        return fn
+        return _oracle(compute_dtype, cu_q, cu_k, False, window, alibi_slopes=alibi, softcap=softcap)
     got = _run(ours, q, k, v, 5)
     ref = _run(oracle(torch.float64), q, k, v, 5)
     base = _run(oracle(None), q, k, v, 5)

@@ -50,13 +50,15 @@ def _run(fn, q, k, v, gen_seed):
     return dict(zip(("out", "lse", "dq", "dk", "dv"), (out.detach(), lse.detach(), *grads)))
 
 
-def _oracle(compute_dtype, cu_q, cu_k, causal, window):
+def _oracle(compute_dtype, cu_q, cu_k, causal, window=(-1, -1), dropout_p=0.0, **extra):
+    """reference.varlen_attention on packed (total, H, E) inputs (``extra``: its alibi_slopes, softcap,
+    dropout_seed), its results in varlen_attention's layout."""
     mode = CausalMode.LOWER_RIGHT if causal else CausalMode.NONE
 
     def fn(q, k, v):
         q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out, lse = reference.varlen_attention(q4, k4, v4, cu_q.long(), cu_k.long(), 0.0, mode,
-                                              window=window, compute_dtype=compute_dtype)
+        out, lse = reference.varlen_attention(q4, k4, v4, cu_q.long(), cu_k.long(), dropout_p, mode,
+                                              window=window, compute_dtype=compute_dtype, **extra)
         return out[0].transpose(0, 1), lse[0].float() if compute_dtype != torch.float64 else lse[0]
     return fn
 
