@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn import reference
 from fused_attn.ops import triton_attention as T
 from fused_attn.problem import make_problem
 from fused_attn.spec import AttnSpec, CausalMode, visible_keys
