@@ -76,7 +76,7 @@ class _Gradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, anchor, *grads):  # anchor: an input that requires grad, so the outputs do
         ctx.backend = backend
-        return tuple(g.view_as(g) for g in grads)
+        return tuple(g.clone() for g in grads)  # fresh tensors, as the backward op's (create_graph only)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -108,7 +108,8 @@ class EagerAttention(torch.autograd.Function):
         with torch.no_grad():
             grads = ctx.launchers._backward(dout, dlse, q, k, v, out, lse, ctx.spec, **extra, **ctx.tensors)
         if torch.is_grad_enabled():  # create_graph: gradients that refuse to be differentiated
-            grads = _Gradients.apply(ctx.backend, q if q.requires_grad else k if k.requires_grad else v, *grads)
+            anchor = next(t for t in (q, k, v, ctx.tensors.get("mask")) if t is not None and t.requires_grad)
+            grads = _Gradients.apply(ctx.backend, anchor, *grads)
         dmask = grads[3] if ctx.mask_grad else None
         return grads[0], grads[1], grads[2], dmask, None, None, None, None
 

@@ -81,6 +81,8 @@ _refusals: Dict[tuple, Optional[str]] = {}
 def _capability_refusal(caps, name: str, features, dtype, device, head_dim: int, head_dim_v: int) -> Optional[str]:
     """``caps.refusal(...)``, backend ``name``'s CAPABILITIES (data: one answer per configuration,
     cached by the backend's name; the frozen dataclass itself hashes slowly, field by field)."""
+    if torch.compiler.is_compiling():  # a dict Dynamo traced and guarded on would recompile once it fills
+        return caps.refusal(name, features, dtype, device, head_dim, head_dim_v)
     key = (name, features, dtype, device.type, head_dim, head_dim_v)
     try:
         return _refusals[key]

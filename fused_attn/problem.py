@@ -60,7 +60,7 @@ class Problem:
         used = self.spec.features()
         if self.mask is not None:
             used = used | {"bool_mask" if self.mask.dtype == torch.bool else "float_mask"}
-            if self.mask.requires_grad:
+            if self.mask.requires_grad and torch.is_grad_enabled():
                 used = used | {"mask_grad"}
         if self.key_bounds is not None:
             used = used | {"key_padding"}

@@ -175,6 +175,19 @@ def test_first_call_of_the_process_under_compile(monkeypatch):
     assert "not available in this install" in fused_attn.explain_dispatch(q, k, v)["triton"]
 
 
+def test_one_graph_for_repeated_calls(monkeypatch):
+    """The dispatcher's caches do not make a compiled call site compile twice (Dynamo guards on the
+    dicts it traces: a cache filled while tracing failed its guard on the next call)."""
+    monkeypatch.setattr(dispatch, "_refusals", {})
+    q, k, v = leaves((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
+    rec = Recorder()
+    compiled = torch.compile(lambda q, k, v: fused_attn.scaled_dot_product_attention(q, k, v), fullgraph=True,
+                             backend=rec)
+    for _ in range(3):
+        compiled(q, k, v)
+    assert len(rec.graphs) == 1
+
+
 def test_fallback_warning_under_compile(monkeypatch):
     """A head dim no kernel takes (300) under automatic choice falls back to the reference and says so
     once, no graph break."""

@@ -77,6 +77,18 @@ def test_double_backward_says_use_reference(name):
         gq.float().sum().backward()
 
 
+def test_double_backward_of_a_mask_gradient_says_use_reference():
+    """Only the float mask requires grad: its gradient under create_graph refuses to be differentiated
+    with the same message (not autograd's "does not require grad")."""
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    mask = torch.randn(9, 9, requires_grad=True)
+    out = fused_attn.scaled_dot_product_attention(q, k, v, mask, backend="cpu")
+    (gm,) = torch.autograd.grad(out.square().sum(), mask, create_graph=True)
+    assert gm.requires_grad
+    with pytest.raises(RuntimeError, match="backend 'cpu' does not support double backward.*backend='reference'"):
+        gm.sum().backward()
+
+
 def test_double_backward_on_the_reference():
     """What the error points to works: gradcheck of gradients on the reference backend."""
     q, k, v = (torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
