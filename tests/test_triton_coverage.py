@@ -87,6 +87,17 @@ def test_every_kernel_statement_runs(monkeypatch):
         out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 40, 70, causal=True, window=(20, 0),
                                                return_lse=True, backend="triton")
         (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+        # soft-capping, ALiBi and dropout, fp32 (top keys) and fp16, dense and varlen (keys at packed
+        # offsets off a multiple of 4) (accuracy: tests/test_triton_visibility.py, test_triton_dropout.py)
+        for dtype in (torch.float32, torch.float16):
+            q, k, v = (t.requires_grad_() for t in make_inputs(2, 4, 2, 70, 45, 40, 24, dtype))
+            out, lse = fused_attn.attention_with_lse(q, k, v, is_causal=True, enable_gqa=True, softcap=2.0,
+                                                     alibi_slopes=torch.rand(4), dropout_p=0.3, backend="triton")
+            (out.float().sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+        q, k, v = (torch.randn(n, heads, 16, requires_grad=True) for n, heads in ((45, 4), (120, 2), (120, 2)))
+        out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 40, 70, causal=True, dropout_p=0.3, softcap=2.0,
+                                               alibi_slopes=torch.rand(3, 4), return_lse=True, backend="triton")
+        (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
     finally:
         sys.settrace(None)
     missing = sorted(f"{statements[line]}:{line}" for line in statements if line not in hit)
