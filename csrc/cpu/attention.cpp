@@ -213,13 +213,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   return {out, lse};
 }
 
-void backward(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
-              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+// q, k, v, dout read in place where they can be (operand); out, lse, dlse contiguous.
+void backward(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, const at::Tensor& q_in,
+              const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const std::optional<at::Tensor>& dmask, int64_t causal, double scale, int64_t window_left,
               int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& key_bounds,
               const std::optional<at::Tensor>& mask,
               const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
               const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+  const at::Tensor q = operand(q_in), k = operand(k_in), v = operand(v_in), dout = operand(dout_in);
   AttnBwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
                                                                           softcap, dropout_p, key_bounds, mask,

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ..spec import AttnSpec, Capabilities
-from ._common import define_ops, last_dim_contiguous, lse_dtype, new_output, poisoned, saved_lse_dtype
+from ._common import define_ops, lse_dtype, new_output, poisoned, saved_lse_dtype
 
 try:
     from .. import _C_cpu as _C
@@ -110,25 +110,18 @@ def path() -> str:
     return (f"portable ({why}): compiler-vectorised softmax loops at {_C.vec_isa()}, GEMMs through PyTorch's BLAS")
 
 
-def _operand(t: Tensor) -> Tensor:
-    """Unit stride on the last dim and rows that do not overlap (e.g. an expanded L)."""
-    t = last_dim_contiguous(t)
-    if t.shape[2] > 1 and t.stride(2) < t.shape[3]:
-        t = t.contiguous()
-    return t
-
-
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor]:
     """Forward; ``tensors``: the call's tensors of spec.TENSOR_ARGS, those given. The extension
     allocates out and lse (poisoned as new_output's) and copies an operand only where it cannot be
-    read in place (as _operand): per-call cost, which decoding steps and small calls pay."""
+    read in place (unit stride on the last dim, rows that do not overlap): per-call cost, which
+    decoding steps and small calls pay."""
     return _C.forward(q, k, v, poisoned(), *spec.op_args(**tensors))
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               spec: AttnSpec, mask_grad: bool = False, **tensors: Tensor) -> Tuple[Tensor, ...]:
-    """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, Hq, L, S) in its dtype too."""
-    q, k, v, dout = _operand(q), _operand(k), _operand(v), _operand(dout)
+    """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, Hq, L, S) in its dtype too. The
+    extension copies q, k, v, dout only where it cannot read them in place (as the forward)."""
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     dq = new_output(q.shape, q.dtype, q.device)
