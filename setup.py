@@ -114,7 +114,7 @@ if __name__ == "__main__":  # also under pip (setuptools.build_meta runs this fi
         install_requires=["torch>=2.5", "triton>=3.0", "pybind11", "ninja", "numpy"],
         # fused_attn.integrations.transformers needs transformers' mask interface of 5.4 on (q_length, q_offset)
         extras_require={"transformers": ["transformers>=5.4"],
-                        "test": ["pytest", "pytest-benchmark", "matplotlib", "transformers>=5.4"]},
+                        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "matplotlib", "transformers>=5.4"]},
         ext_modules=ext_modules,
         cmdclass={"build_ext": cpp_extension.BuildExtension} if ext_modules else {},
     )

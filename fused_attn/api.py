@@ -41,7 +41,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     (right or left padding) becomes per-batch key bounds, and the CPU and Triton kernels skip
     the padded keys' tiles. Any other boolean or float mask is read tile by tile where it is
     stored (tiles it hides are skipped); a float mask that requires grad gets its gradient from
-    the CPU kernels. What a backend does not run (see :func:`fused_attn.explain_dispatch`) runs on
+    the CPU and Triton kernels. What a backend does not run (see :func:`fused_attn.explain_dispatch`) runs on
     the reference backend (O(L*S) memory) under automatic choice and is refused by an explicit
     kernel backend.
 

@@ -9,7 +9,8 @@ import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 import fused_attn
-from fused_attn import dropout, reference
+from fused_attn import dispatch, dropout, reference
+from fused_attn.problem import make_problem
 from fused_attn.spec import CausalMode
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
@@ -225,3 +226,41 @@ def check_backend(backend, q, k, v, mode: CausalMode, with_lse_grad=False, scale
         else:
             ratios[name] = assert_close(got[name], ref[name], base[name], name, truncated_bf16=truncated)
     return ratios
+
+
+# ---- the gradient of a float mask that requires grad ---------------------------------------
+
+MASK_GRAD_CASES = {  # id -> (mask shape, query heads (3 kv heads), L, S, extra keyword arguments)
+    "full": ((2, 3, 70, 131), 3, 70, 131, {}),
+    "broadcast_batch_heads_causal": ((70, 131), 3, 70, 131, {"is_causal": True}),
+    "per_batch_window_across_blocks": ((2, 1, 300, 333), 3, 300, 333, {"window": (90, 10)}),
+    "broadcast_rows_softcap": ((2, 3, 1, 131), 3, 70, 131, {"softcap": 2.0}),
+    "dropout_gqa": ((2, 6, 70, 131), 6, 70, 131, {"dropout_p": 0.3}),
+    # rows 0-39 see keys i + 35 .. i + 85: no row visits the first 32 keys (the interpreter's tile is 32 x 32)
+    "small_window_dropout_gqa": ((2, 6, 40, 100), 6, 40, 100, {"window": (25, 25), "dropout_p": 0.3}),
+}
+# the interpreter's subset (the larger windows and dropout cases cost it a minute each)
+MASK_GRAD_INTERPRETED = ("full", "broadcast_batch_heads_causal", "broadcast_rows_softcap", "small_window_dropout_gqa")
+
+
+def check_mask_gradient(backend, case, dtype, device="cpu"):
+    """A float mask (MASK_GRAD_CASES[case]) that requires grad gets its gradient (dS, summed over the
+    dims it broadcasts over) from ``backend``'s kernels, as the reference (torch's autograd) gives it,
+    and dq, dk, dv with it; checked against the fp64 reference under the tolerance rule."""
+    shape, Hq, L, S, kw = MASK_GRAD_CASES[case]
+    q, k, v = make_inputs(2, Hq, 3, L, S, 40, 24, dtype, device)
+    mask = torch.randn(shape, dtype=dtype, device=device)
+    dout = torch.randn(2, Hq, L, 24, dtype=dtype, device=device)
+    p = make_problem(q, k, v, mask.requires_grad_(), enable_gqa=Hq != 3, **kw)
+    assert "mask_grad" in p.features() and dispatch.refusals(p, explicit=True)[backend] is None
+    grads = {}
+    for run, name, dt in ((backend, backend, dtype), ("ref", "reference", torch.float64),
+                          ("base", "reference", dtype)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, mask)]
+        torch.manual_seed(7)  # one dropout seed for every run
+        out = fused_attn.scaled_dot_product_attention(*leaves[:3], leaves[3], enable_gqa=Hq != 3, backend=name, **kw)
+        grads[run] = torch.autograd.grad((out * dout.to(dt)).sum(), leaves)
+    truncated = stores_bf16_by_truncation(backend, dtype)
+    for name, got, ref, base in zip(("dq", "dk", "dv", "dmask"), grads[backend], grads["ref"], grads["base"]):
+        assert got.shape == ref.shape and got.dtype == dtype, (name, got.shape, got.dtype)
+        assert_close(got, ref, base, name, truncated_bf16=truncated and name != "dmask")  # dmask: torch's .to

@@ -21,7 +21,7 @@ ptxas info    : Used 255 registers, used 1 barriers, 49152 bytes smem, 368 bytes
 
 
 def test_parser_flags_spills_and_shared_memory():
-    (row,) = cct.parse_ptxas(SPILLING_PTXAS, "80")
+    (row,) = cct.parse_ptxas(SPILLING_PTXAS)
     assert (row.registers, row.static_smem, row.stack, row.spill_stores, row.spill_loads) == (255, 49152, 32, 24, 16)
     row.dynamic_smem = 130 * 1024  # 48 KiB static + 130 KiB dynamic > 163 KiB on sm_80
     cct.check(row, {})
@@ -36,6 +36,10 @@ def test_table_compiles_what_setup_py_ships():
     assert sorted(built) == sorted([f"sm_{a}" for a in cct.SASS_ARCHS] + [f"compute_{cct.PTX_ARCH}"])
     assert cct.gencode("90a") == "-gencode=arch=compute_90a,code=sm_90a"
     assert cct.gencode("120") == "-gencode=arch=compute_80,code=sm_120"
+    assert cct.gencode("80", "120") == "-gencode=arch=compute_80,code=[sm_80,sm_120]"
+    assert cct.ptx_groups(("80", "90a", "120")) == [("80", "120"), ("90a",)]
+    with pytest.raises(ValueError, match="different PTX"):
+        cct.gencode("80", "90a")
     with pytest.raises(ValueError, match="unknown arch 75; choose from 80, 86"):
         cct.compile_table(("75",))
 

@@ -3,6 +3,8 @@ triton subset of the one case grid (tests/attn_cases.py), against the fp64 refer
 the 2x-PyTorch-error rule (attn_cases.check_backend): out, lse, dq, dk, dv."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fused_attn
 from fused_attn.ops import triton_attention as T
@@ -20,6 +22,46 @@ pytestmark = pytest.mark.skipif(not T.INTERPRETED and not torch.cuda.is_availabl
 def test_causal_and_lengths(device, mode, L, S):
     q, k, v = make_inputs(1, 2, 2, L, S, 64, 64, torch.float16, device)
     check_backend("triton", q, k, v, mode)
+
+
+# The issue's longest awkward length, 1023 (31 full interpreter blocks and a ragged one), against a
+# short side and against itself (causal with a 100-key window: a few tiles per row block, as the
+# interpreter is slow; one head).
+@pytest.mark.parametrize("L,S,mode,window", [(1023, 17, CausalMode.LOWER_RIGHT, (-1, -1)),
+                                             (17, 1023, CausalMode.NONE, (-1, -1)),
+                                             (1023, 1023, CausalMode.UPPER_LEFT, (100, 0))],
+                         ids=["L1023-S17", "L17-S1023", "L1023-window100"])
+def test_length_1023(device, L, S, mode, window):
+    q, k, v = make_inputs(1, 1, 1, L, S, 16, 16, torch.float32, device)
+    check_backend("triton", q, k, v, mode, with_lse_grad=True, window=window)
+
+
+@pytest.mark.skipif(not T.INTERPRETED, reason="the interpreter's patching of triton.language")
+def test_interpreted_launch_patches_the_language_once(monkeypatch):
+    """Inside our launches, nested @triton.jit calls do not patch triton.language again (Triton's
+    interpreter does at every call: half an interpreted launch's time); outside them Triton's own
+    behaviour is kept. The results are checked by every interpreted test."""
+    from triton.runtime import interpreter
+    calls = []
+    original = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: calls.append(fn.__name__) or original(fn))
+    q, k, v = make_inputs(1, 1, 1, 70, 45, 16, 16, torch.float32)
+    fused_attn.scaled_dot_product_attention(q, k, v, backend="triton")  # 3 x 2 tiles, helpers in each
+    assert calls[0] == "_fwd_kernel" and len(calls) <= 2, calls  # the launch's, then tl.core's (tl.zeros)
+    calls.clear()
+    x = torch.ones(1)
+    _add_one_kernel[(2,)](x)  # Triton's: the launch's patch, then one per nested call
+    assert x.item() == 3.0 and calls == ["_add_one_kernel", "_add_one", "_add_one"], calls
+
+
+@triton.jit
+def _add_one(x):
+    return x + 1
+
+
+@triton.jit
+def _add_one_kernel(X):
+    tl.store(X, _add_one(tl.load(X)))
 
 
 # every head-dim bucket, powers of two and not (masked inside the kernel), and Ev != E

@@ -69,10 +69,11 @@ def test_every_kernel_statement_runs(monkeypatch):
         out, lse = fused_attn.attention_with_lse(q, k, v, attn_mask=padding, is_causal=True, window=(20, 2),
                                                  enable_gqa=True, backend="triton")
         (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
-        # mask tensors: fp32 float (-inf in places, a row hidden) and a bf16 boolean one with whole tiles
-        # hidden and admitted (their accuracy and tile skipping: tests/test_triton_visibility.py)
+        # mask tensors: fp32 float (-inf in places, a row hidden; requiring grad) and a bf16 boolean one with
+        # whole tiles hidden and admitted (their accuracy and tile skipping: tests/test_triton_visibility.py)
         biases = torch.randn(2, 4, 70, 45).masked_fill(torch.rand(2, 4, 70, 45) < 0.2, float("-inf"))
         biases[:, :, 3] = float("-inf")
+        biases.requires_grad_()  # its gradient (MASK_GRAD; accuracy: tests/test_triton_visibility.py)
         admitted = torch.rand(2, 1, 70, 45) > 0.3
         admitted[..., :32] = False
         admitted[:, :, 32:64, 32:] = True

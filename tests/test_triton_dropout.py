@@ -176,8 +176,8 @@ def test_dropout_varlen(device):
         assert_close(got[name].cpu(), ref[name], base[name], name, dtype=FP32)
 
 
-def test_prune_hook_reads_dropout():
-    """The autotuner's prune (which the interpreter never runs) gets DROPOUT as a keyword constexpr and
+def test_prune_hook_reads_dropout_and_mask_grad():
+    """The autotuner's prune (never run by the interpreter) gets DROPOUT and MASK_GRAD as keyword constexprs and
     keeps the smaller tiles the compile table measured for dropout's Philox tiles (DROPOUT_REGISTER_SHARE):
     at head dim 256 fp16 on sm_80, dK/dV (16, 16) blocks, not the (16, 32) ones that spill with dropout."""
     def blocks(kind, dropout_on):
@@ -188,3 +188,8 @@ def test_prune_hook_reads_dropout():
     assert blocks("dkdv", True) == [(16, 16)] and (16, 32) in blocks("dkdv", False)
     assert blocks("fwd", True) == [(64, 32)] and (64, 64) in blocks("fwd", False)
     assert T.fixed_config("dkdv", 256, 256, "fp16", 80, 1024, dropout=True).kwargs["BLOCK_N"] == 16
+    # the float mask's gradient (MASK_GRAD_REGISTER_SHARE): the same (16, 32) tiles spilled at bf16 head dim 256
+    grad_blocks = T.prune_hook("dkdv")(T.CONFIGS["dkdv"][2], {"S_BUCKET": 1024}, HEAD_DIM=256, HEAD_DIM_V=256,
+                                       DTYPE="bf16", ARCH=80, ALIGNED=True, MASK_GRAD=True)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in grad_blocks] == [(16, 16)]
+    assert T.fixed_config("dkdv", 256, 256, "bf16", 80, 1024, mask_grad=True).kwargs["BLOCK_N"] == 16

@@ -21,7 +21,8 @@ from fused_attn.problem import make_problem
 from fused_attn.spec import AttnSpec, CausalMode, visible_keys
 from fused_attn.testing import assert_close, stores_bf16_by_truncation
 
-from attn_cases import check_backend, make_inputs, mode_id, run_attention
+from attn_cases import (MASK_GRAD_INTERPRETED, check_backend, check_mask_gradient, make_inputs, mode_id,
+                        run_attention)
 
 pytestmark = pytest.mark.skipif(not T.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
@@ -214,6 +215,15 @@ def test_mask_and_window(device, dtype, name, window):
     L, S = 80, 150
     q, k, v = _inputs(L, S, dtype, device)
     check(q, k, v, window=window, mask=MASKS[name](2, 2, L, S, dtype, device), lse_grad=dtype == FP32)
+
+
+@pytest.mark.parametrize("dtype,case", [(FP32, case) for case in MASK_GRAD_INTERPRETED]
+                         + [(BF16, "broadcast_batch_heads_causal"), (FP16, "small_window_dropout_gqa")],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_float_mask_gradient(device, dtype, case):
+    """The float mask's gradient from the dK/dV kernel (MASK_GRAD: the tiles' dS stored), summed over the
+    dims the mask broadcasts over; tiles the kernel skips (causal, window, rows past the mask) stay 0."""
+    check_mask_gradient("triton", case, dtype, device)
 
 
 @pytest.mark.parametrize("dtype,Hk", [(BF16, 1), (FP16, 3)], ids=["bf16-mqa_6to1", "fp16-gqa_6to3"])

@@ -16,7 +16,7 @@ from fused_attn.problem import make_problem
 from fused_attn.spec import CausalMode
 from fused_attn.testing import assert_close
 
-from attn_cases import check_backend, make_inputs
+from attn_cases import MASK_GRAD_CASES, check_backend, check_mask_gradient, make_inputs
 
 B, HQ, HK = 2, 4, 2
 
@@ -319,35 +319,11 @@ def test_nan_v_at_hidden_keys_follows_the_dense_product():
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num())
 
 
-MASK_GRAD_CASES = {  # id -> (mask shape, query heads (3 kv heads), L, S, extra keyword arguments)
-    "full": ((2, 3, 70, 131), 3, 70, 131, {}),
-    "broadcast_batch_heads_causal": ((70, 131), 3, 70, 131, {"is_causal": True}),
-    "per_batch_window_across_blocks": ((2, 1, 300, 333), 3, 300, 333, {"window": (90, 10)}),
-    "broadcast_rows_softcap": ((2, 3, 1, 131), 3, 70, 131, {"softcap": 2.0}),
-    "dropout_gqa": ((2, 6, 70, 131), 6, 70, 131, {"dropout_p": 0.3}),
-}
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16),
                          ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", list(MASK_GRAD_CASES))
 def test_float_mask_gradient_in_the_cpu_kernels(case, dtype):
-    """A float mask that requires grad gets its gradient (dS, summed over the dims it broadcasts
-    over) from the cpu kernels' backward, as the reference (torch's autograd) gives it."""
-    shape, Hq, L, S, kw = MASK_GRAD_CASES[case]
-    q, k, v = make_inputs(2, Hq, 3, L, S, 40, 24, dtype)
-    mask = torch.randn(shape, dtype=dtype)
-    dout = torch.randn(2, Hq, L, 24, dtype=dtype)
-    assert fused_attn.explain_dispatch(q, k, v, mask.requires_grad_(), enable_gqa=Hq != 3, **kw)["cpu"] is None
-    grads = {}
-    for run, backend, dt in (("cpu", "cpu", dtype), ("ref", "reference", torch.float64), ("base", "reference", dtype)):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, mask)]
-        torch.manual_seed(7)  # one dropout seed for every run
-        out = fused_attn.scaled_dot_product_attention(*leaves[:3], leaves[3], enable_gqa=Hq != 3, backend=backend, **kw)
-        grads[run] = torch.autograd.grad((out * dout.to(dt)).sum(), leaves)
-    for name, got, ref, base in zip(("dq", "dk", "dv", "dmask"), grads["cpu"], grads["ref"], grads["base"]):
-        assert got.shape == ref.shape and got.dtype == dtype, (name, got.shape, got.dtype)
-        assert_close(got, ref, base, name)
+    check_mask_gradient("cpu", case, dtype)
 
 
 def test_mask_gradient_follows_torch_and_skipped_tiles_are_zero():

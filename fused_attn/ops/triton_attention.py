@@ -701,12 +701,12 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, TOP_C, stride_ob, stride_oh, stride_om, 
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
                     stride_dom, start_n, lo, hi, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
                     stride_mm, stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2,
-                    alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM: tl.constexpr,
-                    HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                    KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                    TOP_KEY: tl.constexpr):
+                    alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, dm_base,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr,
+                    PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, MASK_GRAD: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         visit = True
         apply = False
@@ -717,9 +717,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_b
                                     stride_qm, stride_dom, start_m, start_n, L, S, causal_offset, window_lo, window_hi,
                                     key_lo, key_hi, mask_base, stride_mm, stride_mn, apply, qk_scale, softcap_scale,
                                     softcap_log2, alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0,
-                                    drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASKED,
-                                    CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32,
-                                    PRECISION, TOP_KEY)
+                                    drop_key0, dm_base, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                                    MASKED, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN,
+                                    DOT_FP32, PRECISION, TOP_KEY, MASK_GRAD)
     return dk, dv
 
 
@@ -727,14 +727,17 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_b
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base, stride_qm,
                    stride_dom, start_m, start_n, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base,
                    stride_mm, stride_mn, apply, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr,
-                   keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr,
-                   MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                   VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr):
+                   keep_scale, drop_bh, drop_row0, drop_key0, dm_base, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                   TOP_KEY: tl.constexpr, MASK_GRAD: tl.constexpr):
     """One query tile's share of a key block's dK and dV (the tile held as keys x queries). ``apply``
     (with MASK): the mask tensor changes some score of the tile. With DROPOUT dV takes the kept P (the
-    caller scales dV by keep_scale) and dP is (dO V^T) * keep * keep_scale."""
+    caller scales dV by keep_scale) and dP is (dO V^T) * keep * keep_scale. With MASK_GRAD the tile's dS
+    (the gradient of the additive float mask: the score it is added to, after soft-capping) is stored at
+    ``dm_base``, a (L, S) row-major fp32 plane."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -774,6 +777,9 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_ba
         top_j = tl.load(top_j_base + offs_m, mask=in_l, other=-1)
         top_c = tl.load(top_c_base + offs_m, mask=in_l, other=0.0)
         dst = tl.where(offs_n[:, None] == top_j[None, :], pt * top_c[None, :], dst)
+    if MASK_GRAD:  # each (query, key) pair is visited once per head: plain stores
+        tl.store(dm_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None], dst,
+                 mask=in_l[None, :] & (offs_n[:, None] < S))
     if SOFTCAP:  # d(softcap tanh(x / softcap)) / dx
         dst *= 1.0 - tt * tt
     dk = _dot(dst.to(qt.dtype), tl.trans(qt), dk, DOT_FP32, PRECISION)
@@ -781,7 +787,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_ba
 
 
 @triton.jit(do_not_specialize=DROPOUT_SCALARS)
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, AL, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, CU_K, AL, DK, DV, DM,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                      stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
@@ -792,8 +798,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, C
                      BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr, ARCH: tl.constexpr,
-                     DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, TOP_KEY: tl.constexpr,
+                     MASK_GRAD: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     start_n, bhk = _program_block(HEADS, BLOCK_N)
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
@@ -850,29 +856,33 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, TOP_J, TOP_C, KB, M, MSUM, CU_Q, C
             top_c_base += q0
         mask_base = M + b * stride_mb + h * stride_mh
         summary = MSUM + b * stride_tb + h * stride_th
+        dm_base = DM  # MASK_GRAD: dmask, (B, H, L, S) contiguous (never with VARLEN)
+        if MASK_GRAD:
+            dm_base += bh * L * S
         if CAUSAL or WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                      stride_qm, stride_dom, start_n, start, tl.minimum(mid_lo, hi), L, S,
                                      causal_offset, window_lo, window_hi, key_lo, key_hi, mask_base, stride_mm,
                                      stride_mn, summary, stride_tm, stride_tn, qk_scale, softcap_scale, softcap_log2,
-                                     alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM,
-                                     HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS,
-                                     MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TOP_KEY)
+                                     alibi_log2, seed, drop_thr, keep_scale, drop_bh, drop_row0, drop_key0, dm_base,
+                                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
+                                     KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TOP_KEY,
+                                     MASK_GRAD)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                  stride_qm, stride_dom, start_n, mid_lo, mid_hi, L, S, causal_offset, window_lo,
                                  window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm,
                                  stride_tn, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr,
-                                 keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                 BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT,
-                                 VARLEN, DOT_FP32, PRECISION, TOP_KEY)
+                                 keep_scale, drop_bh, drop_row0, drop_key0, dm_base, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                 BLOCK_DV, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI,
+                                 DROPOUT, VARLEN, DOT_FP32, PRECISION, TOP_KEY, MASK_GRAD)
         if WINDOW or KEY_BOUNDS:  # masked tiles after it (rows the window's left edge leaves out)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, top_j_base, top_c_base,
                                      stride_qm, stride_dom, start_n, mid_hi, hi, L, S, causal_offset, window_lo,
                                      window_hi, key_lo, key_hi, mask_base, stride_mm, stride_mn, summary, stride_tm,
                                      stride_tn, qk_scale, softcap_scale, softcap_log2, alibi_log2, seed, drop_thr,
-                                     keep_scale, drop_bh, drop_row0, drop_key0, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                     BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI, DROPOUT,
-                                     VARLEN, DOT_FP32, PRECISION, TOP_KEY)
+                                     keep_scale, drop_bh, drop_row0, drop_key0, dm_base, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                     BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK, SOFTCAP, ALIBI,
+                                     DROPOUT, VARLEN, DOT_FP32, PRECISION, TOP_KEY, MASK_GRAD)
     if DROPOUT:
         dv *= keep_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + row0 * stride_dkn + cols[:, None] * stride_dkn + offs_d[None, :],
@@ -1161,7 +1171,7 @@ INTERPRETER_TMA = False
 MIN_ARCH = 80
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
                             features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask",
-                                                "varlen", "softcap", "alibi", "dropout"}),
+                                                "varlen", "softcap", "alibi", "dropout", "mask_grad"}),
                             device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
@@ -1183,6 +1193,10 @@ VARLEN_FWD_REGISTER_SHARE = 0.68
 # forward configs of estimate 112 spilled (128 x 128 at head dim 64, 64 x 64 at 256), 104 did not; dK/dV ones
 # of estimate 56 spilled (16 x 64 at head dim 64 on sm_80, 80 bytes), 52 did not; dQ's as without dropout.
 DROPOUT_REGISTER_SHARE = {("fwd", 2): 0.68, ("dkdv", 2): 0.44}
+# The float mask's gradient (MASK_GRAD: the dK/dV kernel stores each dS tile, its addresses beside the tiles the
+# estimate counts): 16-bit dK/dV kernels get this share. Compile table (bf16 float mask, window-free, head dim 256,
+# sm_80): (16, 32, 8, 2), estimate 100, spilled 16 bytes at the full budget.
+MASK_GRAD_REGISTER_SHARE = {("dkdv", 2): 0.8}
 # Inputs that are not 16-byte aligned (see _aligned) load element by element, an address and a
 # value register each: their tiles get this share of the budget. Measured on sm_90's pointer
 # path: fp16/bf16 head dims up to 128 then compile without spills; head dim 256 spills with every
@@ -1206,7 +1220,7 @@ def block_d(head_dim: int) -> int:
 
 
 def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, aligned: bool,
-          varlen: bool = False, dropout: bool = False) -> bool:
+          varlen: bool = False, dropout: bool = False, mask_grad: bool = False) -> bool:
     """Rough shared-memory and register estimates, calibrated on the compile table."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     threads = 32 * cfg.num_warps
@@ -1223,20 +1237,21 @@ def _fits(kind: str, cfg: triton.Config, d: int, dv: int, elem: int, arch: int, 
         regs = (bm * d * (1 + elem / 4) + bm * dv * elem / 4 + 2 * bm * bn) / threads
     budget = REGISTER_BUDGET[kind, elem] * (1 if aligned else MISALIGNED_REGISTER_SHARE)
     shares = [VARLEN_FWD_REGISTER_SHARE if varlen and kind == "fwd" else 1.0,
-              DROPOUT_REGISTER_SHARE.get((kind, elem), 1.0) if dropout else 1.0]
-    budget *= min(shares)  # both are extra state beside the estimated tiles: the larger need, not the product
+              DROPOUT_REGISTER_SHARE.get((kind, elem), 1.0) if dropout else 1.0,
+              MASK_GRAD_REGISTER_SHARE.get((kind, elem), 1.0) if mask_grad else 1.0]
+    budget *= min(shares)  # each is extra state beside the estimated tiles: the largest need, not the product
     return smem <= smem_limit(arch) and regs <= budget
 
 
 def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, arch: int,
                   length: Optional[int] = None, aligned: bool = True, varlen: bool = False,
-                  dropout: bool = False) -> List[triton.Config]:
+                  dropout: bool = False, mask_grad: bool = False) -> List[triton.Config]:
     """The configs of ``kind`` ("fwd", "dkdv", "dq") worth trying for this head dim, dtype, arch and
     alignment, and, given the ``length`` the grid tiles (L; S for dkdv), no block far longer than
     it. Never empty; kept configs stay in their declared order."""
     configs = CONFIGS[kind][elem_bytes]
     d, dv = block_d(head_dim), block_d(head_dim_v)
-    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned, varlen, dropout)]
+    kept = [c for c in configs if _fits(kind, c, d, dv, elem_bytes, arch, aligned, varlen, dropout, mask_grad)]
     if not kept:  # never empty: fall back to the smallest tiles
         kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     if length is not None:
@@ -1247,11 +1262,13 @@ def prune_configs(kind: str, head_dim: int, head_dim_v: int, elem_bytes: int, ar
 
 
 def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: int, length: int,
-                 aligned: bool = True, varlen: bool = False, dropout: bool = False) -> triton.Config:
+                 aligned: bool = True, varlen: bool = False, dropout: bool = False,
+                 mask_grad: bool = False) -> triton.Config:
     """Deterministic mode's config: the first config, in declared order, that prune_configs keeps for
     this (kind, arch, dtype, head dims, length bucket, alignment). A pure function, so every process
     picks it."""
-    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned, varlen, dropout)[0]
+    return prune_configs(kind, head_dim, head_dim_v, ELEM_BYTES[dtype], arch, length, aligned, varlen, dropout,
+                         mask_grad)[0]
 
 
 # Autotune keys. Triton keys its tuning cache on these arguments' values plus the dtype of each
@@ -1260,7 +1277,7 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
                      "WINDOW", "KEY_BOUNDS", "MASK", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "PRECISION", "GROUP"]
-              + (["TMA"] if kind == "fwd" else [])
+              + (["TMA"] if kind == "fwd" else []) + (["MASK_GRAD"] if kind == "dkdv" else [])
               for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -1273,7 +1290,7 @@ def prune_hook(kind: str):
     def prune(configs, named_args, **kwargs):
         return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], ELEM_BYTES[kwargs["DTYPE"]],
                              kwargs["ARCH"], named_args[TUNED_LENGTH[kind]], kwargs["ALIGNED"],
-                             bool(kwargs.get("VARLEN")), bool(kwargs.get("DROPOUT")))
+                             bool(kwargs.get("VARLEN")), bool(kwargs.get("DROPOUT")), bool(kwargs.get("MASK_GRAD")))
     return prune
 
 
@@ -1378,7 +1395,7 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
         return triton.Config(dict(INTERPRETER_BLOCKS), pre_hook=_tma_block_shapes)
     if deterministic:
         return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length, meta["ALIGNED"],
-                            bool(meta.get("VARLEN")), bool(meta.get("DROPOUT")))
+                            bool(meta.get("VARLEN")), bool(meta.get("DROPOUT")), bool(meta.get("MASK_GRAD")))
     return None
 
 
@@ -1553,12 +1570,14 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                   dv: Tensor, spec: AttnSpec, arch: Optional[int], deterministic: bool = False,
                   key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-                  alibi_slopes: Optional[Tensor] = None, dropout_seed: Optional[Tensor] = None) -> List[Launch]:
+                  alibi_slopes: Optional[Tensor] = None, dropout_seed: Optional[Tensor] = None,
+                  dmask: Optional[Tensor] = None) -> List[Launch]:
     """The backward's three launches, in order: preprocess (delta), dQ, dK/dV. For fp32 inputs
     (uses_top_key) the dQ kernel writes each row's top key and c to top_j (int32) and top_c (fp32),
     (B, H, L) each, which the dK/dV kernel reads; otherwise they are None (delta stands in). The
     preprocess works row by row on the packed rows whatever the sequences; dQ and dK/dV tile them as
-    forward_plan."""
+    forward_plan. ``dmask``: the float mask's gradient, fp32 (B, H, L, S) contiguous and zero-filled
+    (the dK/dV kernel writes the tiles it visits; MASK_GRAD), or None."""
     B, H, L, _ = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[3]
     top = uses_top_key(q.dtype)
@@ -1576,6 +1595,11 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
     slopes, scalars, feature_flags = _feature_args(spec, alibi_slopes, dropout_seed, grid_b, H, delta)
     meta = _common_meta(q, v, {**flags, **feature_flags}, arch, (q, k, v, dout, dq, dk, dv))
     meta["TOP_KEY"] = top
+    if dmask is not None and not (flags["MASK"] == MASK_FLOAT and dmask.shape == (B, H, L, S)
+                                  and dmask.dtype == torch.float32 and dmask.is_contiguous()):
+        raise ValueError(f"fused_attn triton: dmask must be a contiguous float32 ({B}, {H}, {L}, {S}) tensor beside a "
+                         f"float mask, got {dmask.dtype} {tuple(dmask.shape)} with mask {flags['MASK']}")
+    dkdv_meta = {**meta, "MASK_GRAD": dmask is not None}
     qk_scale, scale = spec.scale * LOG2E, spec.scale
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_args[2:])
     buckets = (_bucket(grid_l), _bucket(grid_s))
@@ -1584,9 +1608,10 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                               *scalars, *buckets),
                        meta, _grid(grid_l, grid_b * H, "BLOCK_M"), _config("dq", meta, arch, buckets[0], deterministic))
     dkdv = Launch("dkdv", (q, k, v, dout, lse, delta, top_j, top_c, kb, *mask_args[:2], cu_q, cu_k, slopes, dk, dv,
-                           *strides, *dk.stride()[:3], *dv.stride()[:3], HK, H // HK, grid_b * HK, L, S, *offsets,
-                           qk_scale, scale, *scalars, *buckets),
-                  meta, _grid(grid_s, grid_b * HK, "BLOCK_N"), _config("dkdv", meta, arch, buckets[1], deterministic))
+                           dmask if dmask is not None else delta, *strides, *dk.stride()[:3], *dv.stride()[:3], HK,
+                           H // HK, grid_b * HK, L, S, *offsets, qk_scale, scale, *scalars, *buckets),
+                  dkdv_meta, _grid(grid_s, grid_b * HK, "BLOCK_N"),
+                  _config("dkdv", dkdv_meta, arch, buckets[1], deterministic))
     return [pre, dq_launch, dkdv]
 
 
@@ -1597,11 +1622,64 @@ def backward_plan(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
 # The interpreter patches triton.language module-wide while a kernel runs, so launches from
 # concurrent Python threads break each other ("Did you forget to add @triton.jit?"): one at a time.
 _INTERPRETER_LOCK = threading.Lock()
+_IN_LAUNCH = threading.local()  # .patched: during one of our interpreted launches, the language modules patched
+
+
+def _calls_inside_launches_skip_the_patch() -> None:
+    """The interpreter patches triton.language again at every call of a nested @triton.jit function
+    (InterpretedFunction.__call__: inspect.getmembers over three modules, ~2.5 ms): 40-50% of an
+    interpreted launch of these kernels, which call a dozen helpers per tile. During our own launches
+    (_run) a nested call patches only language modules (by the function's globals: triton.language,
+    triton.language.core) not yet patched in this launch; patches stay until the launch ends, as
+    Triton's own nested patches do. Any other call keeps Triton's behaviour, and a Triton without
+    these internals is left alone."""
+    from triton.runtime import interpreter
+    cls = getattr(interpreter, "InterpretedFunction", None)
+    if (cls is None or not hasattr(cls, "rewrite") or not hasattr(interpreter, "_patch_lang")
+            or getattr(cls.__call__, "_fused_attn", False)):
+        return
+    patched_call = cls.__call__
+    langs = (tl, tl.core)
+    uses = {}  # function -> the ids of the language modules its globals hold
+
+    def __call__(self, *args, **kwargs):
+        patched = getattr(_IN_LAUNCH, "patched", None)
+        if patched is None:
+            return patched_call(self, *args, **kwargs)
+        used = uses.get(self.fn)
+        if used is None:
+            used = uses[self.fn] = frozenset(id(m) for m in self.fn.__globals__.values()
+                                             if any(m is lang for lang in langs))
+        if not used <= patched:
+            interpreter._patch_lang(self.fn)
+            patched.update(used)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # as Triton's: the error names the device function's failure
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    __call__._fused_attn = True
+    cls.__call__ = __call__
+
+
+if INTERPRETED:
+    _calls_inside_launches_skip_the_patch()
+
+
+@contextlib.contextmanager
+def _interpreted_launch():
+    with _INTERPRETER_LOCK:
+        _IN_LAUNCH.patched = {id(tl)}  # the launch patches what our kernels' module holds, triton.language
+        try:
+            yield
+        finally:
+            _IN_LAUNCH.patched = None
 
 
 def _run(launch: Launch, device: torch.device) -> None:
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard, _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
+    with guard, _interpreted_launch() if INTERPRETED else contextlib.nullcontext():
         if launch.config is None:
             AUTOTUNED[launch.kind][launch.grid](*launch.args, **launch.meta)
             return
@@ -1629,10 +1707,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Option
 
 
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-              spec: AttnSpec, key_bounds: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              alibi_slopes: Optional[Tensor] = None, dropout_seed: Optional[Tensor] = None
-              ) -> Tuple[Tensor, Tensor, Tensor]:
+              spec: AttnSpec, mask_grad: bool = False, key_bounds: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+              cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+              dropout_seed: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, H, L, S) in its dtype too."""
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)
@@ -1642,13 +1721,15 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    # the dK/dV kernel writes dS where it visits; the rest (skipped tiles) is zero
+    dmask = torch.zeros(mask.shape, dtype=torch.float32, device=q.device) if mask_grad else None
     launches = backward_plan(dout, dlse.contiguous() if dlse is not None else None, q, k, v, out, lse.contiguous(),
                              delta, top_j, top_c, dq, dk, dv, spec, device_arch(q.device),
                              torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q,
-                             cu_seqlens_k, alibi_slopes, dropout_seed)
+                             cu_seqlens_k, alibi_slopes, dropout_seed, dmask)
     for launch in launches:
         _run(launch, q.device)
-    return dq, dk, dv
+    return (dq, dk, dv) if dmask is None else (dq, dk, dv, dmask.to(mask.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

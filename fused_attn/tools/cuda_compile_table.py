@@ -54,7 +54,7 @@ ARCHS = ("80", "90a", "120")
 SASS_ARCHS = ("80", "86", "89", "90a")
 PTX_ARCH = "80"
 TUNED_ARCHS = ("80", "90a")  # the traits' __launch_bounds__ minimum blocks/SM must hold here
-NVCC_FLAGS = ("-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v", "-cubin")
+NVCC_FLAGS = ("-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v", "-c")
 
 MAX_REGS_PER_THREAD = 255
 REGS_PER_SM = 65536
@@ -117,19 +117,22 @@ def _demangle(names: List[str]) -> Dict[str, str]:
     return dict(zip(names, lines)) if len(lines) == len(names) else {n: n for n in names}
 
 
-def parse_ptxas(text: str, arch: str) -> List[KernelRow]:
-    """Rows for the entry functions in ptxas ``-v`` output."""
-    rows: Dict[str, KernelRow] = {}
+def parse_ptxas(text: str) -> List[KernelRow]:
+    """Rows for the entry functions in ptxas ``-v`` output, one per (function, arch): one nvcc run
+    may compile for several archs (see :func:`gencode`), each reported under its own "for 'sm_X'"."""
+    rows: Dict[Tuple[str, str], KernelRow] = {}
     current = None
+    arch = None
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\w+)'", line)
         if m:
-            current = m.group(1)
-            rows[current] = KernelRow(arch, current)
+            arch = m.group(2)
+            current = (m.group(1), arch)
+            rows[current] = KernelRow(arch, m.group(1))
             continue
         m = re.search(r"Function properties for (\S+)", line)
         if m:
-            current = m.group(1) if m.group(1) in rows else None
+            current = (m.group(1), arch) if (m.group(1), arch) in rows else None
             continue
         if current is None:
             continue
@@ -143,8 +146,8 @@ def parse_ptxas(text: str, arch: str) -> List[KernelRow]:
             rows[current].registers = int(m.group(1))
             s = re.search(r"(\d+) bytes smem", line)
             rows[current].static_smem = int(s.group(1)) if s else 0
-    names = _demangle(list(rows))
-    for mangled, r in rows.items():
+    names = _demangle(sorted({mangled for mangled, _ in rows}))
+    for (mangled, _), r in rows.items():
         r.kernel = names[mangled]
     return list(rows.values())
 
@@ -152,8 +155,7 @@ def parse_ptxas(text: str, arch: str) -> List[KernelRow]:
 def cuda_arch_macro(arch: str) -> int:
     """__CUDA_ARCH__ of the code nvcc compiles for ``arch`` (see :func:`gencode`): 800 for
     sm_80 and for an arch JIT-compiled from the compute_80 PTX, 900 for sm_90a."""
-    virtual = arch if arch in SASS_ARCHS else PTX_ARCH
-    return int(re.sub(r"\D", "", virtual)) * 10
+    return int(re.sub(r"\D", "", _virtual(arch))) * 10
 
 
 def manifest(arch: str = "80") -> Dict[str, Tuple[int, int, int]]:
@@ -179,21 +181,40 @@ def manifest(arch: str = "80") -> Dict[str, Tuple[int, int, int]]:
     return table
 
 
-def gencode(arch: str) -> str:
+def _virtual(arch: str) -> str:
+    return arch if arch in SASS_ARCHS else PTX_ARCH
+
+
+def gencode(*archs: str) -> str:
     """sm_<arch> machine code from its own PTX, or, for an arch setup.py ships no machine code
-    for, from the compute_80 PTX (what the driver's JIT does on that GPU)."""
-    virtual = arch if arch in SASS_ARCHS else PTX_ARCH
-    return f"-gencode=arch=compute_{virtual},code=sm_{arch}"
+    for, from the compute_80 PTX (what the driver's JIT does on that GPU). Archs of one PTX share
+    one flag (one front-end pass, ptxas once per arch)."""
+    virtual = {_virtual(a) for a in archs}
+    if len(virtual) != 1:
+        raise ValueError(f"archs {', '.join(archs)} come from different PTX ({', '.join(sorted(virtual))})")
+    codes = ",".join(f"sm_{a}" for a in archs)
+    return f"-gencode=arch=compute_{virtual.pop()},code={codes if len(archs) == 1 else '[' + codes + ']'}"
 
 
-def compile_one(tu: Path, arch: str, nvcc: str) -> Tuple[List[KernelRow], str]:
+def ptx_groups(archs) -> List[Tuple[str, ...]]:
+    """``archs`` grouped by the PTX their machine code comes from (sm_80 and sm_120 share compute_80)."""
+    groups: Dict[str, List[str]] = {}
+    for arch in archs:
+        groups.setdefault(_virtual(arch), []).append(arch)
+    return [tuple(g) for g in groups.values()]
+
+
+def compile_one(tu: Path, archs: Tuple[str, ...], nvcc: str) -> Tuple[List[KernelRow], str]:
     with tempfile.TemporaryDirectory() as d:
-        cmd = [nvcc, *NVCC_FLAGS, gencode(arch), f"-I{CSRC}", str(tu),
-               "-o", str(Path(d) / "k.cubin")]
+        cmd = [nvcc, *NVCC_FLAGS, gencode(*archs), f"-I{CSRC}", str(tu), "-o", str(Path(d) / "k.o")]
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        return [], f"nvcc failed for {tu.relative_to(ROOT)} sm_{arch}:\n{res.stderr[-4000:]}"
-    return parse_ptxas(res.stdout + res.stderr, arch), ""
+        return [], f"nvcc failed for {tu.relative_to(ROOT)} {'/'.join('sm_' + a for a in archs)}:\n{res.stderr[-4000:]}"
+    rows = parse_ptxas(res.stdout + res.stderr)
+    missing = set(archs) - {r.arch for r in rows}
+    if rows and missing:
+        return rows, f"ptxas reported nothing for {tu.relative_to(ROOT)} on {', '.join(sorted(missing))}"
+    return rows, ""
 
 
 def check(row: KernelRow, shapes: Dict[str, Tuple[int, int, int]]) -> None:
@@ -241,7 +262,7 @@ def compile_table(archs=ARCHS, jobs: Optional[int] = None, tus: Optional[List[Pa
     problems: List[str] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         bindings = [pool.submit(compile_binding, tu, nvcc) for tu in translation_units(BINDING_UNITS)]
-        futs = [pool.submit(compile_one, tu, arch, nvcc) for tu in tus for arch in archs]
+        futs = [pool.submit(compile_one, tu, group, nvcc) for tu in tus for group in ptx_groups(archs)]
         for f in futs:
             got, err = f.result()
             if err:

@@ -189,11 +189,11 @@ def _extras(features: dict, n_rows: int, H: int) -> dict:
 
 
 def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=True, window=(-1, -1),
-                key_padding=False, mask_kind=None, features=None):
+                key_padding=False, mask_kind=None, features=None, mask_grad=False):
     """Forward (and backward) through fused_attn.scaled_dot_product_attention on a fake sm_<arch>
     (``window``; ``key_padding``: a mask that pads the last keys of batch 0, i.e. key bounds; ``mask_kind``
-    "bool" or "float": a random (B, 1, L, S) mask tensor of that kind, ~30% hidden; ``features``: softcap,
-    alibi, dropout_p as FEATURES); returns the Capture."""
+    "bool" or "float": a random (B, 1, L, S) mask tensor of that kind, ~30% hidden, a float one requiring
+    grad with ``mask_grad``; ``features``: softcap, alibi, dropout_p as FEATURES); returns the Capture."""
     q = make_tensor((B, H, L, E), dtype, layout).requires_grad_()
     k = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
     v = make_tensor((B, HK, S, E), dtype, layout).requires_grad_()
@@ -204,6 +204,7 @@ def public_call(arch, B, H, HK, L, S, E, dtype, layout, causal=True, backward=Tr
     elif mask_kind is not None:
         hidden = torch.rand(B, 1, L, S) < 0.3
         mask = ~hidden if mask_kind == "bool" else torch.randn(B, 1, L, S).masked_fill(hidden, float("-inf")).to(dtype)
+        mask.requires_grad_(mask_grad)
     with fake_gpu(arch) as cap:
         out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != HK,
                                                       window=window, backend="triton", **_extras(features or {}, B, H))
@@ -232,6 +233,9 @@ def varlen_call(arch, n_seq, H, HK, L, S, E, dtype, causal=True, window=(-1, -1)
 # Compiling a record
 # ---------------------------------------------------------------------------------------------
 
+FEATURE_LETTERS = {"SOFTCAP": "s", "ALIBI": "a", "DROPOUT": "d", "MASK_GRAD": "g"}  # the table's features column
+
+
 def compile_record(record: dict) -> dict:
     """Compile one record for its arch exactly as the launch would (Triton's preload of the
     specialization data); resources and instruction checks from the cubin and PTX."""
@@ -251,8 +255,7 @@ def compile_record(record: dict) -> dict:
     return dict(kind=record["kind"], arch=record["arch"], head_dim=c.get("HEAD_DIM", c.get("HEAD_DIM_V")),
                 dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), window=c.get("WINDOW", "-"),
                 key_bounds=c.get("KEY_BOUNDS", "-"), mask=c.get("MASK", "-"), varlen=c.get("VARLEN", "-"),
-                features="".join(letter for name, letter in (("SOFTCAP", "s"), ("ALIBI", "a"), ("DROPOUT", "d"))
-                                 if c.get(name)) or "-",
+                features="".join(letter for name, letter in FEATURE_LETTERS.items() if c.get(name)) or "-",
                 tma=bool(c.get("TMA")),
                 aligned=c.get("ALIGNED", "-"),
                 config=f"M{c.get('BLOCK_M')}/N{c.get('BLOCK_N', '-')}/w{record['num_warps']}/s{record['num_stages']}",
@@ -342,7 +345,7 @@ NO_DROPOUT = dict(softcap=30.0, alibi=True)  # the same without dropout (whose p
 # dropout's prune (triton_attention.DROPOUT_REGISTER_SHARE) is also checked at a head dim where the default
 # budget keeps larger dK/dV tiles
 FEATURE_SHAPES = [(64, torch.float16, True, (4, 2))]
-MASK_KIND = {torch.bfloat16: "float", torch.float32: "bool"}
+MASK_KIND = {torch.bfloat16: "float", torch.float32: "bool"}  # the float mask requires grad (MASK_GRAD)
 LENGTH = 256  # no shorter than any block, so the length rule prunes nothing
 
 
@@ -358,7 +361,8 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
     for arch in archs:
         for head_dim, dtype, causal, (H, HK) in visibility:
             caps = [public_call(arch, 2, H, HK, LENGTH, LENGTH, head_dim, dtype, "aligned", causal, **extra)
-                    for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True), dict(mask_kind=MASK_KIND[dtype]),
+                    for extra in (dict(window=VISIBILITY_WINDOW, key_padding=True),
+                                  dict(mask_kind=MASK_KIND[dtype], mask_grad=MASK_KIND[dtype] == "float"),
                                   dict(window=VISIBILITY_WINDOW, key_padding=True, features=FEATURES),
                                   dict(window=VISIBILITY_WINDOW, key_padding=True, features=NO_DROPOUT))]
             caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW))
