@@ -48,3 +48,15 @@ def cuda_emulation(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The files that take minutes, longest first: pytest-xdist (the README's test command, --dist loadfile)
+# hands files to its workers in collection order, so these start at once and the short files fill in.
+LONG_FILES = ("test_triton_visibility.py", "test_cuda_compile.py", "test_triton_aot.py", "test_triton.py",
+              "test_triton_coverage.py", "test_cuda_emu_race.py", "test_cuda_emu_backward.py", "test_varlen.py",
+              "test_cpu.py", "test_compile.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
