@@ -50,11 +50,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-# The files that take minutes, longest first: pytest-xdist (the README's test command, --dist loadfile)
-# hands files to its workers in collection order, so these start at once and the short files fill in.
-LONG_FILES = ("test_triton_visibility.py", "test_cuda_compile.py", "test_triton_aot.py", "test_triton.py",
-              "test_triton_coverage.py", "test_cuda_emu_race.py", "test_cuda_emu_backward.py", "test_varlen.py",
-              "test_cpu.py", "test_compile.py")
+# The files that take minutes, longest first. The README's test command has pytest-xdist hand out one
+# test at a time in collection order (--dist load --maxschedchunk 1), so these start at once on the
+# free workers and the short tests fill in around them (--dist loadfile would start files with few
+# tests, such as the compile tables, last).
+LONG_FILES = ("test_cuda_compile.py", "test_triton_aot.py", "test_triton_coverage.py", "test_triton_visibility.py",
+              "test_triton.py", "test_cuda_emu_race.py", "test_cuda_emu_backward.py", "test_varlen.py", "test_cpu.py",
+              "test_compile.py")
 
 
 def pytest_collection_modifyitems(config, items):
