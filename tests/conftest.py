@@ -48,24 +48,3 @@ def cuda_emulation(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-# The tests that take minutes first, then the files of many slow tests. The README's test command has
-# pytest-xdist hand out tests in collection order, two to each worker at the start and then one at a
-# time to whichever is free (--dist load --maxschedchunk 1), so the two compile tables are placed one
-# per worker (positions 0 and 2) and the short tests fill in around them (--dist loadfile would start
-# files with few tests, such as the compile tables, last).
-FIRST = ("test_cuda_compile.py::test_every_kernel_compiles_for_every_arch_without_spills",
-         "test_triton_coverage.py::test_every_kernel_statement_runs",
-         "test_triton_aot.py::test_all_configs_compile_for_sm80_and_sm90")
-LONG_FILES = ("test_triton_visibility.py", "test_triton.py", "test_cuda_emu_race.py", "test_cuda_emu_backward.py",
-              "test_varlen.py", "test_cpu.py", "test_compile.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        node = f"{item.path.name}::{item.name}"
-        if node in FIRST:
-            return 0, FIRST.index(node)
-        return 1, LONG_FILES.index(item.path.name) if item.path.name in LONG_FILES else len(LONG_FILES)
-    items.sort(key=rank)  # stable: within a rank, pytest's order
