@@ -6,12 +6,12 @@ from typing import Dict, Optional, Tuple, Union
 from torch import Tensor
 
 from . import dispatch
-from .problem import make_problem, make_varlen_problem
+from .problem import NO_WINDOW, make_problem, make_varlen_problem
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, window: Tuple[int, int] = (-1, -1),
+                                 enable_gqa: bool = False, *, window: Tuple[int, int] = NO_WINDOW,
                                  alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
                                  backend: Optional[str] = None) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -57,6 +57,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     ``backend``: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (automatic;
     see :func:`fused_attn.use_backend` and the ``FUSED_ATTN_BACKEND`` environment variable).
     """
+    if attn_mask is None and not dropout_p and window is NO_WINDOW and alibi_slopes is None and not softcap \
+            and scale is None and backend is None:
+        out = dispatch.run_common(query, key, value, is_causal, enable_gqa)  # the common call's lane
+        if out is not None:
+            return out
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes,
                      softcap)
     return p.restore_out(dispatch.run(p, backend)[0])
@@ -64,7 +69,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                       *, window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                       *, window: Tuple[int, int] = NO_WINDOW, alibi_slopes: Optional[Tensor] = None,
                        softcap: float = 0.0, dropout_p: float = 0.0,
                        backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Attention that also returns the softmax log-sum-exp.
@@ -85,7 +90,7 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opt
 
 def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                      dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                     enable_gqa: bool = False, *, window: Tuple[int, int] = (-1, -1),
+                     enable_gqa: bool = False, *, window: Tuple[int, int] = NO_WINDOW,
                      alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0) -> Dict[str, Optional[str]]:
     """For each backend, in automatic-choice order, why it would refuse this call (None: it can run it)."""
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, alibi_slopes,
@@ -95,7 +100,7 @@ def explain_dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, dropout_p: float = 0.0, scale: Optional[float] = None,
-                     causal: bool = False, window: Tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                     causal: bool = False, window: Tuple[int, int] = NO_WINDOW, alibi_slopes: Optional[Tensor] = None,
                      softcap: float = 0.0, return_lse: bool = False,
                      backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention over variable-length sequences packed along the first dim, FlashAttention-2's

@@ -57,9 +57,14 @@ def _attention_backward(bwd_op):
     return backward
 
 
+def double_backward_message(backend: str) -> str:
+    """What a kernel backend says when gradients of its gradients are asked for."""
+    return (f"fused_attn backend {backend!r} does not support double backward (gradients of gradients); use "
+            "backend='reference' for it")
+
+
 def _double_backward_error(backend: str) -> RuntimeError:
-    return RuntimeError(f"fused_attn backend {backend!r} does not support double backward (gradients of "
-                        "gradients); use backend='reference' for it")
+    return RuntimeError(double_backward_message(backend))
 
 
 def _no_double_backward(backend: str):

@@ -22,12 +22,19 @@ the environment variable, which torch.compile reads when it compiles, not at eve
 :func:`use_backend`. A backend's op module is imported on its first use, through
 :func:`torch.compiler.assume_constant_result` so that a first use under compile does not
 break the graph (an import's outcome is fixed for the life of the process).
+
+Per-call cost (small calls and decoding steps, where this Python is most of the time): automatic
+choice remembers, per call configuration (device, dtype, features, head dims), the first backend
+whose capabilities take it, and asks only its hardware refusal again; eager calls that nothing
+traces run the op's implementation directly (``_eager``); and the common call of
+``scaled_dot_product_attention`` (plain 4-D CPU tensors, no mask or other option) takes a lane
+(:func:`run_common`) once its configuration has been chosen, skipping the Problem and choose.
+``benchmarks/per_call.py`` measures it against torch.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 import os
 import threading
 import warnings
@@ -38,13 +45,17 @@ import torch
 from torch import Tensor
 
 from . import autograd, reference
-from .ops._common import lse_dtype
-from .problem import Problem
+from .ops._common import getenv, lse_dtype
+from .problem import Problem, common_call
 
 ENV_VAR = "FUSED_ATTN_BACKEND"
 # The innermost use_backend() of each thread, in a thread-local attribute (not a ContextVar:
 # torch.compile cannot read those, and it guards on this attribute's value).
-_context = threading.local()
+class _Context(threading.local):
+    backend: Optional[str] = None  # a class default: no AttributeError raised and caught per call
+
+
+_context = _Context()
 _said: set = set()
 
 
@@ -116,6 +127,18 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> bool
                                         or (mask is not None and mask.requires_grad))
 
 
+def _eager(ops: ModuleType, p: Problem, name: str) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of a call nothing traces, on backend ``name`` (op module ``ops``): its op's implementation
+    called directly, with the op's autograd formula where gradients are needed: the op module's
+    ``_differentiable`` where it has one (the formula in its extension), else autograd.EagerAttention."""
+    if _needs_grad(p.q, p.k, p.v, p.mask):
+        differentiable = getattr(ops, "_differentiable", None)  # the formula in the extension (cpu)
+        if differentiable is not None:
+            return differentiable(p.q, p.k, p.v, p.spec, **p.tensor_args())
+        return autograd.EagerAttention.apply(p.q, p.k, p.v, p.mask, ops, p.spec, p.tensor_args(), name)
+    return _launch(ops, p)
+
+
 class KernelBackend:
     """A fused kernel backend whose ops live in ``fused_attn.ops.<module>``. ``cpu_by_name_only``: its
     CPU path is a test vehicle (an interpreter, an emulator) that runs only when asked for by name, so
@@ -135,32 +158,44 @@ class KernelBackend:
             raise ImportError(why)
         return self._ops
 
-    def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
-        """Why this backend cannot run ``p`` (None: it can): its capabilities, then its hardware checks."""
+    def capability_refusal(self, p: Problem) -> Optional[str]:
+        """Why this backend cannot run calls like ``p`` (None: it can): the import and its CAPABILITIES, what
+        depends only on the call's configuration (``_configuration``), not on its sizes or the GPU."""
         try:
             ops = self.ops()
         except ImportError as e:
             return f"not available in this install ({e})"
-        return (_capability_refusal(ops.CAPABILITIES, self.name, p.features(), p.dtype, p.device, p.head_dim,
-                                    p.head_dim_v)
-                or ops.hardware_refusal(p, explicit))
+        return _capability_refusal(ops.CAPABILITIES, self.name, p.features(), p.dtype, p.device, p.head_dim,
+                                   p.head_dim_v)
+
+    def hardware_refusal(self, p: Problem, explicit: bool) -> Optional[str]:
+        """Why this backend cannot run ``p`` although it runs calls like it: the op module's
+        ``hardware_refusal`` (the GPU's arch, grid limits, test vehicles); asked after capability_refusal."""
+        return (self._ops or self.ops()).hardware_refusal(p, explicit)
+
+    def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
+        """Why this backend cannot run ``p`` (None: it can): its capabilities, then its hardware checks."""
+        return self.capability_refusal(p) or self.hardware_refusal(p, explicit)
 
     def run(self, p: Problem) -> Tuple[Tensor, Tensor]:
         """(out, lse) through the backend's forward op, which is differentiable (fused_attn.autograd),
-        where something traces the call; otherwise straight through the op's implementation, with the
-        op's autograd formula as an autograd.Function where gradients are needed."""
-        ops = self.ops()
+        where something traces the call; otherwise straight through the op's implementation (_eager)."""
+        ops = self._ops or self.ops()
         if _traced(p.q, p.k, p.v):
             return ops.forward(p.q, p.k, p.v, *p.spec.op_args(**p.tensor_args()))
-        if _needs_grad(p.q, p.k, p.v, p.mask):
-            return autograd.EagerAttention.apply(p.q, p.k, p.v, p.mask, ops, p.spec, p.tensor_args(), self.name)
-        return _launch(ops, p)
+        return _eager(ops, p, self.name)
 
 
 class ReferenceBackend:
     """Naive PyTorch (fused_attn.reference), computed in fp32 for 16-bit inputs."""
 
     name = "reference"
+
+    def capability_refusal(self, p: Problem) -> Optional[str]:
+        return None
+
+    def hardware_refusal(self, p: Problem, explicit: bool) -> Optional[str]:
+        return None
 
     def refusal(self, p: Problem, explicit: bool) -> Optional[str]:
         return None
@@ -223,7 +258,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     per thread, not per asyncio task: a block that awaits shares its choice with the thread's other tasks.
     """
     name = None if name is None else _check_name(name)
-    outer = getattr(_context, "backend", None)
+    outer = _context.backend
     _context.backend = name
     try:
         yield
@@ -233,7 +268,8 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 def requested_backend(backend: Optional[str] = None) -> Optional[str]:
     """The backend asked for by argument, context or environment; None for automatic."""
-    name = backend or getattr(_context, "backend", None) or os.environ.get(ENV_VAR) or None
+    name = backend or _context.backend or (os.environ.get(ENV_VAR) if torch.compiler.is_compiling()
+                                           else getenv(ENV_VAR)) or None
     if name in (None, "auto"):
         return None
     return _check_name(name)
@@ -248,7 +284,8 @@ def run(p: Problem, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` of attention problem ``p`` on the backend :func:`choose` picks, in canonical
     shapes; lse may be more precise than the public dtype (``Problem.restore`` casts it)."""
     chosen = choose(p, backend)
-    if p.S == 0 or math.prod(p.out_shape[:-1]) == 0:
+    B, H, L, _ = p.q.shape
+    if p.k.shape[2] == 0 or B * H * L == 0:
         return _attend_to_nothing(p)
     return chosen.run(p)
 
@@ -265,6 +302,43 @@ def _attend_to_nothing(p: Problem) -> Tuple[Tensor, Tensor]:
     return out, torch.full(out.shape[:-1], float("-inf"), dtype=lse_dtype(p.dtype), device=p.device)
 
 
+# Automatic choice per call configuration (device, dtype, features, head dims): the first backend in order whose
+# capabilities take it, where every backend before it refused it by capability (so that only its hardware
+# refusal is left to ask per call). Not used while torch.compile traces (see _capability_refusal).
+_choices: Dict[tuple, "KernelBackend"] = {}
+
+
+# The common call's lane (run_common): common calls (Problem.common) on CPU tensors, by (dtype, head dims,
+# causal), that automatic choice gave a kernel backend, filled by choose. LANES = False turns it off (tests
+# that watch choose or run see every call then).
+LANES = True
+_lanes: Dict[tuple, "KernelBackend"] = {}
+
+
+def _lane(p: Problem) -> tuple:
+    return p.q.dtype, p.q.shape[3], p.v.shape[3], p.spec.causal
+
+
+def run_common(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, enable_gqa: bool) -> Optional[Tensor]:
+    """The output of a common call (``problem.common_call``: what scaled_dot_product_attention gets with no
+    mask, dropout, window, ALiBi, softcap, scale or backend) on CPU tensors under automatic choice, nothing
+    tracing it, where choose has given its configuration a kernel backend before (the lane); None for
+    any other call, which then takes the general path (make_problem, run). The lane's backend is what choose
+    would give again: a configuration's capability refusals do not change, nor the CPU backends' hardware
+    refusals for such calls. Per-call cost: it skips choose's and the Problem's layers (small calls,
+    decoding steps)."""
+    if not LANES or _context.backend is not None or _traced(q, k, v) or not q.is_cpu or getenv(ENV_VAR):
+        return None
+    p = common_call(q, k, v, is_causal, None, enable_gqa)
+    if p is None:
+        return None
+    b = _lanes.get(_lane(p))
+    B, H, L, _ = q.shape
+    if b is None or k.shape[2] == 0 or B * H * L == 0:
+        return None
+    return _eager(b._ops, p, b.name)[0]
+
+
 def choose(p: Problem, backend: Optional[str] = None, op: str = ATTENTION):
     """The backend of operation ``op`` that runs ``p``: the requested one (which raises if it
     cannot), else the first in :func:`order` that can."""
@@ -274,18 +348,37 @@ def choose(p: Problem, backend: Optional[str] = None, op: str = ATTENTION):
         if why is not None:
             raise RuntimeError(f"fused_attn backend {name!r} cannot run this call: {why}")
         return get(name, op)
+    q = p.q
+    backends = order(q.device) if q.is_cuda else ORDER  # (what order() gives any other device; per-call cost)
+    # what capability refusals depend on, and the order backends are tried in
+    key = None if torch.compiler.is_compiling() else (op, backends, q.device, q.dtype, p.features(), q.shape[3],
+                                                        p.v.shape[3])
+    if key is not None:
+        b = _choices.get(key)
+        if b is not None and b.hardware_refusal(p, explicit=False) is None:
+            return b
     reasons = {}
-    for name in order(p.device):
+    by_configuration = True  # every backend so far refused calls like p (not p's sizes or the GPU)
+    for name in backends:
         b = get(name, op)
         if p.device.type == "cpu" and getattr(b, "cpu_by_name_only", False):
             reasons[name] = None  # refuses (see KernelBackend); its reason only if a message needs it
             continue
-        why = b.refusal(p, explicit=False)
+        why = b.capability_refusal(p)
+        capable = why is None
+        why = why or b.hardware_refusal(p, explicit=False)
         if why is None:
             if name == "reference" and reasons:
                 msg = "fused_attn: running naive PyTorch attention (O(L*S) memory) because " + "; ".join(
                     f"{n}: {r or get(n, op).refusal(p, explicit=False)}" for n, r in reasons.items())
                 _say_once(msg)
+            elif key is not None and by_configuration:
+                if len(_choices) > 4096:
+                    _choices.clear()
+                _choices[key] = b
+                if p.common and q.is_cpu and op == ATTENTION and len(_lanes) < 1024:
+                    _lanes[_lane(p)] = b  # (the CPU backends' hardware refusals take every such call)
             return b
+        by_configuration = by_configuration and not capable
         reasons[name] = why
     raise AssertionError("the reference backend refuses nothing")

@@ -25,6 +25,7 @@ from .ops._common import lse_dtype
 from .spec import TENSOR_ARGS, AttnSpec, CausalMode
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NO_WINDOW = (-1, -1)  # the public functions' default window: known valid (checked by identity, per-call cost)
 
 
 @dataclass
@@ -50,14 +51,22 @@ class Problem:
     alibi_slopes: Optional[Tensor] = None
     # dropout_p > 0: the call's Philox seed, int64 (1,) on the CPU (fused_attn.dropout). None: no dropout.
     dropout_seed: Optional[Tensor] = None
+    # Built by common_call: 4-D inputs of one batch size, no mask or other tensor, the default scale,
+    # causal upper-left or none (what dispatch.run_common takes).
+    common: bool = False
 
     def tensor_args(self) -> Dict[str, Tensor]:
         """The call's tensors the kernel ops take (``spec.TENSOR_ARGS``), those given, by name."""
+        if self.mask is None and self.key_bounds is None and self.cu_seqlens_q is None and \
+                self.alibi_slopes is None and self.dropout_seed is None:
+            return {}  # the common call: per-call cost
         return {name: t for name in TENSOR_ARGS if (t := getattr(self, name)) is not None}
 
     def features(self) -> FrozenSet[str]:
         """The optional features (``spec.FEATURES``) this call uses."""
         used = self.spec.features()
+        if self.mask is None and self.key_bounds is None and self.cu_seqlens_q is None and self.alibi_slopes is None:
+            return used
         if self.mask is not None:
             used = used | {"bool_mask" if self.mask.dtype == torch.bool else "float_mask"}
             if self.mask.requires_grad and torch.is_grad_enabled():
@@ -182,13 +191,13 @@ def _key_padding_bounds(attn_mask: Tensor, full: Tuple[int, ...], batch: Tuple[i
     return torch.stack((begin.masked_fill(empty, 0), end.masked_fill(empty, 0)), 1).to(torch.int64).contiguous()
 
 
-def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
+def common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
     """The Problem of the common call (4-D q, k, v of one batch size, dtype and device, kv heads that
     the query heads share, no mask, no dropout, the default scale) with fewer checks; None for any
     other call, which the general path then checks and canonicalises. Per-call overhead matters
     for small problems (decoding)."""
-    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)) or scale is not None:
-        return None
+    if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor) or scale is not None:
+        return None  # (a tensor subclass takes the general path)
     qs, ks, vs = q.shape, k.shape, v.shape
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         return None
@@ -198,10 +207,22 @@ def _common_call(q, k, v, is_causal, scale, enable_gqa) -> Optional[Problem]:
         return None
     if Hq != Hk and not (Hk == 1 or (enable_gqa and Hk > 0 and Hq % Hk == 0)):
         return None
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES and q.device == k.device == v.device):
+    dtype = q.dtype
+    if k.dtype is not dtype or v.dtype is not dtype or dtype not in SUPPORTED_DTYPES:
         return None
-    spec = AttnSpec(scale=1.0 / math.sqrt(E), causal=CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE)
-    return Problem(q, k, v, None, spec, (B, Hq, L, vs[3]))
+    if not (q.is_cpu and k.is_cpu and v.is_cpu) and not q.device == k.device == v.device:
+        return None
+    compiling = torch.compiler.is_compiling()
+    key = (E, bool(is_causal))
+    spec = None if compiling else _COMMON_SPECS.get(key)  # (a traced dict that fills recompiles)
+    if spec is None:
+        spec = AttnSpec(scale=1.0 / math.sqrt(E), causal=CausalMode.UPPER_LEFT if is_causal else CausalMode.NONE)
+        if not compiling and len(_COMMON_SPECS) < 1024:
+            _COMMON_SPECS[key] = spec
+    return Problem(q, k, v, None, spec, (B, Hq, L, vs[3]), common=True)
+
+
+_COMMON_SPECS: Dict[Tuple[int, bool], AttnSpec] = {}  # the common call's spec by (head dim, is_causal): frozen, shared
 
 
 def _alibi(slopes, rows: Tuple[int, ...], n_rows: int, H: int, device) -> Tensor:
@@ -240,9 +261,9 @@ def make_problem(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     ``window``: (left, right) sliding window (``AttnSpec``), None or (-1, -1) for none. A mask that
     only pads keys becomes per-batch key bounds (``Problem.key_bounds``, see _key_padding_bounds).
     """
-    window = (-1, -1) if window is None else _window(window)
+    window = NO_WINDOW if window is None or window is NO_WINDOW else _window(window)
     if attn_mask is None and not dropout_p and window == (-1, -1) and alibi_slopes is None and not softcap:
-        p = _common_call(query, key, value, is_causal, scale, enable_gqa)
+        p = common_call(query, key, value, is_causal, scale, enable_gqa)
         if p is not None:
             return p
     for name, t in (("query", query), ("key", key), ("value", value)):

@@ -99,6 +99,8 @@ TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slop
 OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, float softcap=0.0, "
                   "float dropout_p=0.0, "
                   + ", ".join(f"Tensor? {name}=None" for name in TENSOR_ARGS))
+_NO_TENSORS = (None,) * len(TENSOR_ARGS)
+_NO_FEATURES: FrozenSet[str] = frozenset()
 
 
 def op_arg_index(name: str) -> int:
@@ -124,8 +126,10 @@ class AttnSpec:
     def op_args(self, **tensors: Optional[Tensor]) -> tuple:
         """The fields the kernel ops take, in :data:`OP_ARGS_SCHEMA`'s order, then the call's tensors
         (``tensors`` by their :data:`TENSOR_ARGS` names; the others None)."""
-        return (int(self.causal), self.scale, self.window_left, self.window_right, self.softcap, self.dropout_p,
-                *(tensors.get(name) for name in TENSOR_ARGS))
+        scalars = (int(self.causal), self.scale, self.window_left, self.window_right, self.softcap, self.dropout_p)
+        if not tensors:  # the common call: per-call cost
+            return scalars + _NO_TENSORS
+        return scalars + tuple(tensors.get(name) for name in TENSOR_ARGS)
 
     @classmethod
     def from_op_args(cls, causal: int, scale: float, window_left: int = -1, window_right: int = -1,
@@ -143,6 +147,8 @@ class AttnSpec:
 
     def features(self) -> FrozenSet[str]:
         """The :data:`FEATURES` this spec uses."""
+        if not (self.causal or self.dropout_p > 0.0 or self.windowed or self.softcap > 0.0):
+            return _NO_FEATURES  # plain attention: per-call cost
         used = set()
         if self.causal is not CausalMode.NONE:
             used.add("causal")

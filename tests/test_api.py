@@ -304,3 +304,59 @@ def test_use_backend_is_per_thread(monkeypatch):
     t.join()
     assert seen == {"other": None, "other inner": "cpu", "main": "reference"}
     assert dispatch.requested_backend() is None
+
+
+def test_common_call_lane(monkeypatch):
+    """dispatch.run_common: a common call (no mask, dropout, window, ALiBi, softcap, scale or backend) whose
+    configuration automatic choice has resolved runs without choose (per-call cost), with the same outputs and
+    gradients bit for bit as the general path; a requested backend (argument, context, environment), something
+    tracing the call, or LANES = False sends it through choose."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(dispatch, "_lanes", {})
+    monkeypatch.setattr(dispatch, "_choices", {})
+    asked = []
+    real_choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda p, backend=None, **kw: (asked.append(backend), real_choose(
+        p, backend, **kw))[1])
+    for dtype, causal, Hk in ((torch.float32, False, 4), (torch.bfloat16, True, 2)):
+        q = rand(2, 4, 7, 16, dtype=dtype).requires_grad_()
+        k, v = (rand(2, Hk, 9, 16, dtype=dtype).requires_grad_() for _ in range(2))
+        outs = []
+        for n_asked in (1, 0, 0):  # the first call fills the lane, the next take it
+            asked.clear()
+            out = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            assert len(asked) == n_asked
+            outs.append((out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))))
+        with torch.no_grad():
+            assert fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True).grad_fn is None
+        asked.clear()
+        general = fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend="cpu")
+        assert asked == ["cpu"]
+        want = (general, *torch.autograd.grad(general.float().square().sum(), (q, k, v)))
+        for got in outs:
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+    q = rand(1, 2, 5, 8)
+    fused_attn.scaled_dot_product_attention(q, q, q)
+    asked.clear()
+    fused_attn.scaled_dot_product_attention(q, q, q)
+    assert asked == []
+    with fused_attn.use_backend("cpu"):
+        fused_attn.scaled_dot_product_attention(q, q, q)
+    monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
+    fused_attn.scaled_dot_product_attention(q, q, q)
+    monkeypatch.delenv(dispatch.ENV_VAR)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        fused_attn.scaled_dot_product_attention(q, q, q)
+    monkeypatch.setattr(dispatch, "LANES", False)
+    fused_attn.scaled_dot_product_attention(q, q, q)
+    assert asked == [None] * 4
+    monkeypatch.setattr(dispatch, "LANES", True)
+    empty = rand(0, 2, 5, 8)  # no query row: the general path's empty result
+    assert fused_attn.scaled_dot_product_attention(empty, empty, empty).shape == (0, 2, 5, 8)

@@ -44,3 +44,16 @@ def test_bench_cli_cpu_isa_avx2(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == {"sdpa-math", "fused_attn-cpu"}
     assert all(float(r["gflops"]) > 0 for r in rows)
+
+
+def test_per_call_cli(tmp_path):
+    """benchmarks/per_call.py runs its three rows (few calls) and writes its markdown table."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "per_call.py"), "--calls", "5", "--rounds", "2",
+           "--threads", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "per_call.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["tiny fwd", "decode", "tiny fwd+bwd"]
+    for line in table[2:]:
+        fused, torch_us, ratio = (float(c.split()[0]) for c in line.split("|")[2:5])
+        assert fused > 0 and torch_us > 0 and abs(ratio - fused / torch_us) < 0.02 * ratio

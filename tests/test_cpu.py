@@ -70,6 +70,15 @@ def test_many_key_blocks(mode, E, Ev, dtype):
     check(*make_inputs(1, 2, 1, 130, 1100, E, Ev, dtype), mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Hq,Hk,L", [(8, 2, 1), (10, 2, 3), (8, 2, 4)], ids=["decode_4rows", "15rows", "16rows"])
+def test_few_rows_per_kv_head(Hq, Hk, L, dtype):
+    """The forward packs a kv head only where FWD_PACK_MIN_ROWS (16) query rows read it (csrc/cpu/config.h):
+    a decoding step (L = 1, 4 query heads per kv head) and 15 rows read K and V in place, 16 rows pack them;
+    each against the reference over several key blocks (S = 1100), lower-right causal."""
+    check(*make_inputs(2, Hq, Hk, L, 1100, 64, 64, dtype), CausalMode.LOWER_RIGHT)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)

@@ -235,6 +235,7 @@ def test_dropout_applies_in_training_only(monkeypatch):
     real_choose = dispatch.choose
     monkeypatch.setattr(dispatch, "choose", lambda p, backend=None, **kw: chosen.append(
         real := real_choose(p, backend, **kw)) or real)
+    monkeypatch.setattr(dispatch, "LANES", False)  # every call through choose (dispatch.run_common)
     mha = fnn.MultiheadAttention(E, H, dropout=0.5)
     x = torch.randn(L, N, E)
     first, w = mha(x, x, x)

@@ -44,6 +44,7 @@ def ran(monkeypatch):
         return chosen
 
     monkeypatch.setattr(dispatch, "choose", spy)
+    monkeypatch.setattr(dispatch, "LANES", False)  # every call through choose (dispatch.run_common)
     return names
 
 

@@ -1,6 +1,6 @@
 // Python bindings of the CPU attention kernels: input checks, the params structs
-// (params.h) from the tensors, then the kernels. Outputs are allocated by the caller
-// (fused_attn/ops/cpu.py) and fully written here. Path selection (isa.cpp) and the test
+// (params.h) from the tensors, then the kernels, which write the outputs allocated here whole; and
+// their autograd formula for eager calls (Attention). Path selection (isa.cpp) and the test
 // hooks (test_hooks.cpp) add their functions to the same module.
 #include <torch/extension.h>
 
@@ -213,14 +213,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   return {out, lse};
 }
 
-// q, k, v, dout read in place where they can be (operand); out, lse, dlse contiguous.
-void backward(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, const at::Tensor& q_in,
-              const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const std::optional<at::Tensor>& dmask, int64_t causal, double scale, int64_t window_left,
-              int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& key_bounds,
-              const std::optional<at::Tensor>& mask,
-              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-              const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+// (dq, dk, dv, dmask): allocated here as the forward's outputs (poison: NaN-filled first); dmask, the float
+// mask's gradient in the mask's dtype and shape (B, Hq, L, S), only with mask_grad (zero where no tile is
+// visited), else None. q, k, v, dout read in place where they can be (operand); out, lse made contiguous,
+// dlse also cast to lse's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward(
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool poison,
+    bool mask_grad, int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
+    double dropout_p, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
   const at::Tensor q = operand(q_in), k = operand(k_in), v = operand(v_in), dout = operand(dout_in);
   AttnBwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
@@ -228,15 +231,26 @@ void backward(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, 
                                                                           cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                                                                           dropout_seed});
   const Dims& d = p.dims;
+  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  std::optional<at::Tensor> dlse;
+  if (dlse_in.has_value()) dlse = dlse_in->to(lse.scalar_type()).contiguous();
+  at::Tensor dq = new_output({d.batch, d.heads_q, d.len_q, d.head_dim}, q.scalar_type(), poison);
+  at::Tensor dk = new_output({d.batch, d.heads_kv, d.len_k, d.head_dim}, q.scalar_type(), poison);
+  at::Tensor dv = new_output({d.batch, d.heads_kv, d.len_k, d.head_dim_v}, q.scalar_type(), poison);
+  std::optional<at::Tensor> dmask;
+  if (mask_grad) {
+    TORCH_CHECK(mask.has_value() && p.mask.kind != kMaskNone && p.mask.kind != kMaskBool,
+                "mask_grad needs a float mask tensor");
+    // the tiles write dS (fp32; fp64 for fp64 inputs) where they visit; the rest (skipped tiles) stays zero
+    dmask = at::zeros({d.batch, d.heads_q, d.len_q, d.len_k},
+                      at::TensorOptions().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  }
   check_operand(dout, "dout", q);
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape ", out.sizes(), ", got ", dout.sizes());
   const auto lse_dt = lse_dtype(q.scalar_type());
   check_output(out, "out", {d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type());
   check_output(lse, "lse", {d.batch, d.heads_q, d.len_q}, lse_dt);
   if (dlse.has_value()) check_output(*dlse, "dlse", {d.batch, d.heads_q, d.len_q}, lse_dt);
-  check_output(dq, "dq", {d.batch, d.heads_q, d.len_q, d.head_dim}, q.scalar_type());
-  check_output(dk, "dk", {d.batch, d.heads_kv, d.len_k, d.head_dim}, q.scalar_type());
-  check_output(dv, "dv", {d.batch, d.heads_kv, d.len_k, d.head_dim_v}, q.scalar_type());
   p.o_stride = strides_of(out);
   p.do_stride = strides_of(dout);
   p.dq_stride = strides_of(dq);
@@ -253,15 +267,109 @@ void backward(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, 
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  if (dmask.has_value()) {
-    TORCH_CHECK(p.mask.kind != kMaskNone && p.mask.kind != kMaskBool, "dmask needs a float mask tensor");
-    check_output(*dmask, "dmask", {d.batch, d.heads_q, d.len_q, d.len_k},
-                 q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-    p.dmask = dmask->data_ptr();
-  }
+  if (dmask.has_value()) p.dmask = dmask->data_ptr();
   dtype_switch(q.scalar_type(), [&](auto scalar, auto acc) {
     attention_backward<decltype(scalar), decltype(acc)>(p);
   });
+  if (dmask.has_value() && dmask->scalar_type() != mask->scalar_type()) dmask = dmask->to(mask->scalar_type());
+  return {dq, dk, dv, dmask};
+}
+
+// The autograd formula of fused_attn/autograd.py, for eager CPU calls that record gradients
+// (fused_attn.ops.cpu._differentiable): the same forward and backward as the torch.library ops run, with
+// autograd's bookkeeping in C++ rather than in a Python autograd.Function (per-call cost: a small training
+// step or a decoding step with gradients paid tens of microseconds for it). Under create_graph the
+// gradients come out through RefusedGradients, which raises double_backward_message() if they are
+// differentiated (the reference backend supports double backward).
+std::string& double_backward_message() {
+  static std::string message = "fused_attn backend 'cpu' does not support double backward";
+  return message;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct RefusedGradients : public torch::autograd::Function<RefusedGradients> {
+  // anchor: an input that requires grad, so that the copies do too.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& anchor, at::TensorList grads) {
+    variable_list copies;
+    for (const at::Tensor& g : grads) copies.push_back(g.clone());
+    return copies;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false, double_backward_message());
+  }
+};
+
+// Arguments as forward()'s; backward gives dq, dk, dv and (a float mask that requires grad) dmask.
+struct Attention : public torch::autograd::Function<Attention> {
+  static constexpr int kMaskArg = 11;  // the mask's place among forward's arguments after ctx
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               bool poison, int64_t causal, double scale, int64_t window_left, int64_t window_right,
+                               double softcap, double dropout_p, const std::optional<at::Tensor>& key_bounds,
+                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens_q,
+                               const std::optional<at::Tensor>& cu_seqlens_k,
+                               const std::optional<at::Tensor>& alibi_slopes,
+                               const std::optional<at::Tensor>& dropout_seed) {
+    auto [out, lse] = fused_attn::cpu::forward(q, k, v, poison, causal, scale, window_left, window_right, softcap,
+                                               dropout_p, key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                                               dropout_seed);
+    ctx->save_for_backward({q, k, v, out, lse, mask.has_value() ? *mask : at::Tensor()});
+    // the other arguments, as one tuple (one entry of saved_data: per-call cost)
+    ctx->saved_data["args"] = c10::ivalue::Tuple::create(
+        {poison, causal, scale, window_left, window_right, softcap, dropout_p, key_bounds, cu_seqlens_q, cu_seqlens_k,
+         alibi_slopes, dropout_seed});
+    ctx->set_materialize_grads(false);  // an unused lse gives an undefined dlse, not a tensor of zeros
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4], &mask = saved[5];
+    const auto& a = ctx->saved_data["args"].toTupleRef().elements();
+    const auto optional = [&](int i) { return a[i].toOptional<at::Tensor>(); };
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const std::optional<at::Tensor> dlse = grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
+    const bool mask_grad = mask.defined() && mask.requires_grad();
+    variable_list result(16);
+    {
+      at::NoGradGuard no_grad;
+      auto [dq, dk, dv, dmask] = fused_attn::cpu::backward(
+          dout, dlse, q, k, v, out, lse, a[0].toBool(), mask_grad, a[1].toInt(), a[2].toDouble(), a[3].toInt(),
+          a[4].toInt(), a[5].toDouble(), a[6].toDouble(), optional(7),
+          mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt, optional(8), optional(9), optional(10),
+          optional(11));
+      result[0] = dq;
+      result[1] = dk;
+      result[2] = dv;
+      if (dmask.has_value()) result[kMaskArg] = *dmask;
+    }
+    if (at::GradMode::is_enabled()) {  // create_graph: gradients that refuse to be differentiated
+      at::Tensor anchor;
+      for (const at::Tensor* t : {&q, &k, &v, &mask})
+        if (!anchor.defined() && t->defined() && t->requires_grad()) anchor = *t;
+      std::vector<at::Tensor> given;
+      for (int i : {0, 1, 2, kMaskArg})
+        if (result[i].defined()) given.push_back(result[i]);
+      const variable_list copies = RefusedGradients::apply(anchor, at::TensorList(given));
+      int j = 0;
+      for (int i : {0, 1, 2, kMaskArg})
+        if (result[i].defined()) result[i] = copies[j++];
+    }
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> differentiable_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool poison, int64_t causal, double scale,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p,
+    const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+  variable_list r = Attention::apply(q, k, v, poison, causal, scale, window_left, window_right, softcap, dropout_p,
+                                     key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed);
+  return {r[0], r[1]};
 }
 
 }  // namespace
@@ -270,7 +378,11 @@ void backward(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_attn CPU kernels: fused attention forward and backward (see csrc/cpu/*_kernel.h)";
   m.def("forward", &fused_attn::cpu::forward, "attention forward: (out, lse)");
-  m.def("backward", &fused_attn::cpu::backward, "attention backward into (dq, dk, dv)");
+  m.def("backward", &fused_attn::cpu::backward, "attention backward: (dq, dk, dv, dmask or None)");
+  m.def("differentiable_forward", &fused_attn::cpu::differentiable_forward,
+        "attention forward recorded for autograd (backward in C++): (out, lse)");
+  m.def("set_double_backward_message", [](const std::string& m) { fused_attn::cpu::double_backward_message() = m; },
+        "the error raised when gradients of this backend's gradients are asked for");
   fused_attn::cpu::def_path_functions(m);
   fused_attn::cpu::def_test_hooks(m);
 }

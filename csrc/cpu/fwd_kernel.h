@@ -423,11 +423,13 @@ void attention_forward(AttnFwdParams p) {
   constexpr bool LOW_PRECISION = !std::is_same_v<scalar_t, acc_t>;
   constexpr bool FP32 = std::is_same_v<scalar_t, float>;
   // Packed K^T / V: for 16-bit inputs through oneDNN's brgemm (AMX), for fp32 through our
-  // AVX-512 micro-kernel (gemm_avx512.h); elsewhere (fp64, no AVX-512 / oneDNN) BLAS
-  // on K and V in place.
+  // AVX-512 micro-kernel (gemm_avx512.h); elsewhere (fp64, no AVX-512 / oneDNN, few query
+  // rows per kv head) BLAS on K and V in place.
+  // Packing a kv head pays off only when enough query rows read it (FWD_PACK_MIN_ROWS; decoding does not).
+  const bool pack_pays = d.len_q * (d.heads_q / d.heads_kv) >= FWD_PACK_MIN_ROWS;
   bool use_brgemm = false;
-  if constexpr (LOW_PRECISION) use_brgemm = brgemm_available<scalar_t>() && !portable_only();
-  const bool use_micro = FP32 && avx512_enabled();
+  if constexpr (LOW_PRECISION) use_brgemm = pack_pays && brgemm_available<scalar_t>() && !portable_only();
+  const bool use_micro = pack_pays && FP32 && avx512_enabled();
   const bool use_packed = use_brgemm || use_micro;
   const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
   const int64_t BQ = std::min<int64_t>(tile.block_q, d.len_q);

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -12,10 +12,29 @@ from ..spec import OP_ARGS_SCHEMA, AttnSpec
 
 POISON_ENV = "FUSED_ATTN_POISON"
 
+# CPython's store behind os.environ (a dict; its keys encoded by os.environ.encodekey): os.environ.get of an
+# unset variable raises and catches two KeyErrors, a couple of microseconds that every small call paid twice.
+_ENV_STORE = getattr(os.environ, "_data", None)
+if not (isinstance(_ENV_STORE, dict) and hasattr(os.environ, "encodekey") and hasattr(os.environ, "decodevalue")):
+    _ENV_STORE = None
+_ENV_KEYS: dict = {}
+
+
+def getenv(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, read at each call (what os.environ holds now), without its cost for an unset
+    variable. Not for code torch.compile traces (it reads os.environ's private store): use os.environ.get there."""
+    if _ENV_STORE is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    raw = _ENV_STORE.get(key)
+    return None if raw is None else os.environ.decodevalue(raw)
+
 
 def poisoned() -> bool:
     """Whether outputs are NaN-filled before the kernels write them (FUSED_ATTN_POISON=1: the tests)."""
-    return os.environ.get(POISON_ENV) == "1"
+    return getenv(POISON_ENV) == "1"
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:

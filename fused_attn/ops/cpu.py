@@ -11,7 +11,8 @@ through oneDNN's AMX micro-kernels (``at::native::cpublas::brgemm``); MKL (throu
 PyTorch) for the rest. On AVX-512 the fp32 softmax (and the backward's P and dS) runs in
 the micro-kernel's epilogues and the 16-bit softmax is one hand-vectorised pass, both with a
 lazily moved max; compiler-vectorised clones elsewhere. Each thread packs the kv head of its
-task for the forward's GEMMs.
+task for the forward's GEMMs where enough query rows read it (``FWD_PACK_MIN_ROWS`` in config.h; a
+decoding step reads K and V in place).
 
 Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit stride
 on the last dim and rows that do not overlap (others are copied once); out (B, Hq, L, Ev);
@@ -56,8 +57,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..autograd import double_backward_message
 from ..spec import AttnSpec, Capabilities
-from ._common import define_ops, lse_dtype, new_output, poisoned, saved_lse_dtype
+from ._common import define_ops, poisoned, saved_lse_dtype
 
 try:
     from .. import _C_cpu as _C
@@ -121,20 +123,23 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor)
 def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               spec: AttnSpec, mask_grad: bool = False, **tensors: Tensor) -> Tuple[Tensor, ...]:
     """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, Hq, L, S) in its dtype too. The
-    extension copies q, k, v, dout only where it cannot read them in place (as the forward)."""
-    if dlse is not None:
-        dlse = dlse.to(lse.dtype).contiguous()
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
-    mask = tensors.get("mask")
-    # the tiles write dS where they visit; the rest (skipped tiles) is zero
-    dmask = torch.zeros(mask.shape, dtype=lse_dtype(q.dtype), device=q.device) if mask_grad else None
-    _C.backward(dout, dlse, q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, dmask, *spec.op_args(**tensors))
-    return (dq, dk, dv) if dmask is None else (dq, dk, dv, dmask.to(mask.dtype))
+    extension allocates them (poisoned as new_output's) and copies q, k, v, dout only where it cannot read
+    them in place (as the forward)."""
+    dq, dk, dv, dmask = _C.backward(dout, dlse, q, k, v, out, lse, poisoned(), mask_grad, *spec.op_args(**tensors))
+    return (dq, dk, dv) if dmask is None else (dq, dk, dv, dmask)
+
+
+def _differentiable(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, **tensors: Tensor) -> Tuple[Tensor, Tensor]:
+    """(out, lse) as _forward, recorded for autograd by the extension itself: the autograd formula of
+    ``fused_attn.autograd`` (the same kernels as the ops' backward; a float mask's gradient where it requires
+    grad; double backward refused with autograd's message), in C++ (csrc/cpu/attention.cpp, ``Attention``):
+    eager training calls skip a Python autograd.Function's per-call cost, forward and backward."""
+    return _C.differentiable_forward(q, k, v, poisoned(), *spec.op_args(**tensors))
 
 
 forward, backward = define_ops("cpu", __name__, ("cpu",), saved_lse_dtype)
+if _C is not None:
+    _C.set_double_backward_message(double_backward_message("cpu"))
 
 
 # A float mask or ALiBi bias enters the raw scores as bias / scale (csrc/cpu/mask_ops.h): |scale|
