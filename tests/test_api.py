@@ -266,10 +266,10 @@ def test_automatic_order_by_device(monkeypatch):
 @pytest.mark.parametrize("grad", [False, True])
 def test_common_call_fast_path_builds_the_general_problem(shapes, kwargs, grad):
     """make_problem's fast path for plain 4-D calls gives the Problem the general path builds."""
-    from fused_attn.problem import _common_call, make_problem
+    from fused_attn.problem import common_call, make_problem
 
     q, k, v = (rand(*s).requires_grad_(grad) for s in shapes)
-    fast = _common_call(q, k, v, kwargs.get("is_causal", False), None, kwargs.get("enable_gqa", False))
+    fast = common_call(q, k, v, kwargs.get("is_causal", False), None, kwargs.get("enable_gqa", False))
     general = make_problem(q, k, v, scale=shapes[0][-1] ** -0.5, **kwargs)  # a scale: the general path
     assert fast is not None
     for field in ("out_shape", "mask"):
@@ -278,7 +278,7 @@ def test_common_call_fast_path_builds_the_general_problem(shapes, kwargs, grad):
     assert fast.spec.scale == pytest.approx(general.spec.scale, rel=1e-15)
     for a, b in ((fast.q, general.q), (fast.k, general.k), (fast.v, general.v)):
         assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
-    assert _common_call(q, k[:1] if k.shape[0] > 1 else k[:, :, :1], v, False, None, False) is None
+    assert common_call(q, k[:1] if k.shape[0] > 1 else k[:, :, :1], v, False, None, False) is None
 
 
 def test_use_backend_is_per_thread(monkeypatch):
