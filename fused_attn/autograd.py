@@ -19,6 +19,12 @@ saved one.
 
 Double backward (gradients of gradients) is not implemented by the kernels: the backward op's
 own autograd formula raises, naming the reference backend, which supports it.
+
+Eager calls that nothing traces skip the ops' dispatcher layers (``dispatch._eager``): the CPU
+backend's extension carries this formula compiled (``csrc/cpu/attention.cpp``, ``Attention``: its
+backward runs without Python), the other backends run it as :class:`EagerAttention`.
+``tests/test_ops.py`` checks both against the ops' formula bit for bit, the float mask's gradient, an
+lse gradient and the double-backward message included.
 """
 from __future__ import annotations
 

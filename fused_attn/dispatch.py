@@ -160,7 +160,8 @@ class KernelBackend:
 
     def capability_refusal(self, p: Problem) -> Optional[str]:
         """Why this backend cannot run calls like ``p`` (None: it can): the import and its CAPABILITIES, what
-        depends only on the call's configuration (``_configuration``), not on its sizes or the GPU."""
+        depends only on the call's configuration (device, dtype, features, head dims), not on its sizes or
+        the GPU."""
         try:
             ops = self.ops()
         except ImportError as e:

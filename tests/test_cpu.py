@@ -79,6 +79,28 @@ def test_few_rows_per_kv_head(Hq, Hk, L, dtype):
     check(*make_inputs(2, Hq, Hk, L, 1100, 64, 64, dtype), CausalMode.LOWER_RIGHT)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["window_padding_softcap", "alibi", "q_heads_broadcast", "mqa_one_kv_head"])
+def test_decoding_step_with_gqa(case, dtype):
+    """A decoding step with GQA (L = 1, 4 query heads per kv head): the forward stacks a kv head's query
+    heads as one task's rows where nothing differs per head (a window, key padding, softcap) and keeps a task
+    per query head where something does (ALiBi), where the heads' rows overlap (q broadcast over heads) or
+    where stacking would leave a thread idle (one kv head); each against the fp64 reference."""
+    torch.manual_seed(11)
+    B, Hq, Hk, S = (1, 8, 1, 700) if case == "mqa_one_kv_head" else (3, 8, 2, 700)
+    q, k, v = make_inputs(B, Hq, Hk, 1, S, 64, 64, dtype)
+    kw = {}
+    if case == "window_padding_softcap":
+        pad = torch.tensor([0, 50, 650])
+        kw = dict(window=(100, 0), attn_mask=(torch.arange(S) >= pad[:, None])[:, None, None, :], softcap=5.0)
+    elif case == "alibi":
+        kw = dict(alibi_slopes=torch.rand(Hq))
+    elif case == "q_heads_broadcast":
+        q = q[:, :1].expand(B, Hq, 1, 64)
+    check_backend("cpu", q, k, v, CausalMode.NONE if kw else CausalMode.LOWER_RIGHT,
+                  backward=case != "q_heads_broadcast", **kw)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)

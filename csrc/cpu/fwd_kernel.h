@@ -2,7 +2,9 @@
 //
 // One task per (batch, q head, block of block_q query rows); threads take tasks from a
 // shared counter (worker_count in params.h), each head's query blocks last to first so
-// the heaviest causal blocks go first. A task walks the keys block_k at a time:
+// the heaviest causal blocks go first. Decoding with GQA (one query row per head, K and V
+// read in place) stacks a kv head's query heads as the rows of one task instead, so K and V
+// are read once per kv head (stack_heads). A task walks the keys block_k at a time:
 //   S = Q K^T                                  (tile GEMM)
 //   online softmax: T = sign(scale) S, m = max(T), P = exp2((T - m) |scale| log2 e)
 //   acc = acc * exp2((m_old - m) |scale| log2 e) + P V          (tile GEMM)
@@ -23,8 +25,8 @@
 //   bf16 / fp16 where oneDNN's AMX / AVX-512 micro-kernels exist: at::native::cpublas::
 //     brgemm, with P rounded to 16 bits as tensor-core kernels do, the softmax one
 //     AVX-512 pass over the score tile (online_softmax_avx512, tile_ops.h);
-//   otherwise (fp64, CPUs without them) BLAS (MKL) on K and V in place, the softmax in
-//     compiler-vectorised clones.
+//   otherwise (fp64, CPUs without them, or fewer than FWD_PACK_MIN_ROWS query rows per kv
+//     head: decoding) BLAS (MKL) on K and V in place, the softmax in compiler-vectorised clones.
 // On the AVX-512 paths m is a lazily moved reference (within LAZY_MAX_SLACK below the
 // running max), not the max itself: most rows keep it from block to block (corr = 1).
 // Dtypes: fp32, bf16, fp16 accumulate in fp32; fp64 in fp64. Head dims up to 256, E (q/k)
@@ -432,7 +434,18 @@ void attention_forward(AttnFwdParams p) {
   const bool use_micro = pack_pays && FP32 && avx512_enabled();
   const bool use_packed = use_brgemm || use_micro;
   const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
-  const int64_t BQ = std::min<int64_t>(tile.block_q, d.len_q);
+  const int64_t group = d.heads_q / d.heads_kv;
+  // Decoding with GQA (one query row per head, on the path that reads K and V in place): the query
+  // heads of a kv head are stacked as the rows of one task, so K and V are read once per kv head
+  // rather than once per query head (FlashAttention's GQA packing for decoding). The stacked rows all
+  // sit at query position 0 and share its keys. Not with inputs that differ per head (a mask tensor,
+  // ALiBi, dropout), not for varlen, and only with a task per thread at least (tasks are per kv head).
+  const bool stack_heads = !use_packed && d.len_q == 1 && group > 1 && p.mask.kind == kMaskNone &&
+                           p.alibi == nullptr && !p.dropout.on && p.vis.cu_q == nullptr &&
+                           p.q_stride.head >= d.head_dim &&  // (the heads' rows apart: a BLAS operand)
+                           d.batch * d.heads_kv >= at::get_num_threads();
+  const int64_t heads_per_task = stack_heads ? group : 1;
+  const int64_t BQ = stack_heads ? group : std::min<int64_t>(tile.block_q, d.len_q);
   // With packing the key block is a whole number of packing panels.
   const int64_t BK = std::min<int64_t>(tile.block_k, (d.len_k + 63) / 64 * 64);
   // Query blocks [start, start + rows): BQ rows on one grid, or, for varlen sequences, per
@@ -444,7 +457,6 @@ void attention_forward(AttnFwdParams p) {
     for (int64_t i = first; i < end; i += BQ) qblocks.push_back({i, std::min(end, i + BQ)});
   }
   const int64_t n_qblocks = static_cast<int64_t>(qblocks.size());
-  const int64_t group = d.heads_q / d.heads_kv;
   const int64_t tile_align = PackedKV<scalar_t>::PANEL;  // key tiles start on a packing panel
   // t = sgn * s, P = exp2((t - m) * asc): the scale's sign and magnitude apart (tile_ops.h).
   const acc_t score_sgn = p.scale < 0 ? acc_t(-1) : acc_t(1);
@@ -463,8 +475,8 @@ void attention_forward(AttnFwdParams p) {
   const auto in_dtype = c10::CppTypeToScalarType<scalar_t>::value;
   const int64_t Ep = use_packed ? PackedKV<scalar_t>::padded_E(d.head_dim) : d.head_dim;
 
-  // Tasks: per (batch, head), query blocks last to first (causal: heaviest first).
-  const int64_t n_tasks = d.batch * d.heads_q * n_qblocks;
+  // Tasks: per (batch, head) (stacked: per (batch, kv head)), query blocks last to first (causal: heaviest first).
+  const int64_t n_tasks = d.batch * (d.heads_q / heads_per_task) * n_qblocks;
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
@@ -490,20 +502,22 @@ void attention_forward(AttnFwdParams p) {
     }
 
     for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
-      const int64_t bh = idx / n_qblocks;
+      const int64_t bh = idx / n_qblocks * heads_per_task;  // (the first stacked head's)
       const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group, bhk = b * d.heads_kv + hk;
       const KeyInterval qblock = qblocks[n_qblocks - 1 - idx % n_qblocks];
-      const int64_t i0 = qblock.begin, rows = qblock.end - qblock.begin;
+      const int64_t i0 = qblock.begin, rows = stack_heads ? heads_per_task : qblock.end - qblock.begin;
+      const int64_t pos_rows = stack_heads ? 1 : rows;  // query positions of the rows (stacked: all at i0)
+      const int64_t ldq = stack_heads ? p.q_stride.head : p.q_stride.row;  // from one row of Q to the next
       const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
       const scalar_t* k_bh = k + b * p.k_stride.batch + hk * p.k_stride.head;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
       // The packed GEMMs' A operand: Q in place for fp32; for brgemm rows x Ep, contiguous,
       // zero-padded.
       const scalar_t* q_a = q_blk;
-      int64_t ld_qa = p.q_stride.row;
+      int64_t ld_qa = ldq;
       if (use_brgemm) {
         for (int64_t r = 0; r < rows; ++r) {
-          std::copy(q_blk + r * p.q_stride.row, q_blk + r * p.q_stride.row + d.head_dim, q_pad + r * Ep);
+          std::copy(q_blk + r * ldq, q_blk + r * ldq + d.head_dim, q_pad + r * Ep);
           std::fill(q_pad + r * Ep + d.head_dim, q_pad + (r + 1) * Ep, scalar_t(0));
         }
         q_a = q_pad;
@@ -518,14 +532,15 @@ void attention_forward(AttnFwdParams p) {
       // panel (64 keys), the last one cut at the range's end; keys before a row's begin are masked. Tiles no row sees are
       // skipped; tiles every row sees wholly take the unmasked path (tile_iv nullptr).
       const Visibility vis = p.visibility(b);
-      const KeyInterval keys = block_keys(vis, d.len_k, i0, rows);
+      const KeyInterval keys = block_keys(vis, d.len_k, i0, pos_rows);
       if constexpr (LOW_PRECISION || FP32) {
         if (packed) packed->pack(bhk, keys.end);
       }
       for (int64_t j0 = keys.begin / tile_align * tile_align; j0 < keys.end; j0 += BK) {
         const int64_t cols = std::min(BK, keys.end - j0);
-        const TileMask seen = tile_intervals(vis, d.len_k, i0, rows, j0, cols, iv);
+        const TileMask seen = tile_intervals(vis, d.len_k, i0, pos_rows, j0, cols, iv);
         if (seen == TileMask::NONE) continue;
+        if (stack_heads) std::fill(iv + 1, iv + rows, iv[0]);
         const KeyInterval* tile_iv = seen == TileMask::FULL ? nullptr : iv;
         // A mask tensor: tiles where it hides every visible score are skipped, tiles where it
         // changes none take the path without it, the others get their scores rewritten.
@@ -547,7 +562,7 @@ void attention_forward(AttnFwdParams p) {
 #ifdef FA_CPU_HAVE_AVX512_PATH
         if constexpr (FP32) {
           if (use_micro && rewrite) {  // scores, the mask / ALiBi, then the softmax pass (AVX-512 clone)
-            packed->scores_raw(j0, q_blk, p.q_stride.row, rows, cols, s, BK);
+            packed->scores_raw(j0, q_blk, ldq, rows, cols, s, BK);
             rewrite_scores();
             online_softmax(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr);
             drop(s, BK);
@@ -558,7 +573,7 @@ void attention_forward(AttnFwdParams p) {
           if (use_micro) {  // softmax in the score GEMM's epilogue; V in place, corr in the PV epilogue
             std::copy(m, m + rows, corr);
             std::fill(sum16, sum16 + rows * 16, 0.0f);
-            packed->scores_softmax(j0, q_blk, p.q_stride.row, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
+            packed->scores_softmax(j0, q_blk, ldq, rows, cols, tile_iv, score_sgn, score_asc, s, BK, m,
                                    sum16);
             fold_softmax_block(rows, m, l, corr, sum16, score_asc);
             drop(s, BK);
@@ -572,7 +587,7 @@ void attention_forward(AttnFwdParams p) {
           if (use_brgemm) packed->scores(j0, q_a, ld_qa, rows, cols, s, BK);
         }
         if (!use_packed)
-          gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, p.q_stride.row, k_bh + j0 * p.k_stride.row,
+          gemm(false, true, rows, cols, d.head_dim, acc_t(1), q_blk, ldq, k_bh + j0 * p.k_stride.row,
                p.k_stride.row, acc_t(0), s, BK);
         if (rewrite) rewrite_scores();
         softmax_step<scalar_t>(s, BK, rows, cols, tile_iv, score_sgn, score_asc, m, l, corr, p16, BK);
