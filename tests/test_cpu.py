@@ -73,10 +73,23 @@ def test_many_key_blocks(mode, E, Ev, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Hq,Hk,L", [(8, 2, 1), (10, 2, 3), (8, 2, 4)], ids=["decode_4rows", "15rows", "16rows"])
 def test_few_rows_per_kv_head(Hq, Hk, L, dtype):
-    """The forward packs a kv head only where FWD_PACK_MIN_ROWS (16) query rows read it (csrc/cpu/config.h):
-    a decoding step (L = 1, 4 query heads per kv head) and 15 rows read K and V in place, 16 rows pack them;
-    each against the reference over several key blocks (S = 1100), lower-right causal."""
+    """The forward packs a kv head only where FWD_PACK_MIN_ROWS (16) query rows read it or the keys are fewer
+    than FWD_IN_PLACE_MIN_KEYS (512) (csrc/cpu/config.h): a decoding step (L = 1, 4 query heads per kv head) and
+    15 rows read K and V in place at S = 1100, 16 rows pack them, and every case packs at S = 300; each against
+    the reference, lower-right causal."""
     check(*make_inputs(2, Hq, Hk, L, 1100, 64, 64, dtype), CausalMode.LOWER_RIGHT)
+    check(*make_inputs(2, Hq, Hk, L, 300, 64, 64, dtype), CausalMode.LOWER_RIGHT)  # packed below 512 keys
+
+
+@pytest.mark.parametrize("L,Hk", [(1, 2), (3, 2), (2, 1)], ids=["decode", "3rows", "gqa_stacked"])
+def test_few_rows_at_large_scores_fp32(L, Hk):
+    """fp32 with fewer than FWD_PACK_MIN_ROWS rows per kv head and 512 keys or more: the forward's scores come from BLAS, the
+    backward's from the micro-kernel (AVX-512), so the backward forms every row's max and sum again from its
+    own scores. At scores ~1e3 the forward's lse missed them by their rounding: a fuzz case (q, k ~ N(0, 4^2),
+    scale -9.4) gave dv 830x plain PyTorch's error."""
+    torch.manual_seed(20261341)
+    q, k, v = make_inputs(1, 2, Hk, L, 700, 111, 111, torch.float32)  # (>= 512 keys: the forward reads them in place)
+    check_backend("cpu", (q * 4).detach(), (k * 4).detach(), v, CausalMode.NONE, scale=-9.405883514843914)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

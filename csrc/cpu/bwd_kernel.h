@@ -247,6 +247,10 @@ void attention_backward(AttnBwdParams p) {
   //    (lse saved in fp64): hi = lse log2 e / a rounded to fp32, a score value (g s - hi exact
   //    near the row's max), lo the remainder, |lo| <= |lse log2 e| 2^-24.
   const int64_t n_rows = d.batch * d.heads_q * d.len_q;
+  // The forward's scores came from BLAS, not from the micro-kernel this backward uses (config.h,
+  // FWD_PACK_MIN_ROWS): its lse may miss these scores by their rounding (large at large scores), so every
+  // row's max and sum are formed again from this backward's own scores (step 1b; few rows, cheap).
+  const bool own_stats = FP32 && use_micro && !fwd_packs_kv(d.len_q, d.heads_q, d.heads_kv, d.len_k);
   at::Tensor rowstats = at::empty({4, n_rows}, at::TensorOptions().dtype(acc_dtype));
   acc_t* delta = rowstats.data_ptr<acc_t>();
   acc_t* dl = delta + n_rows;
@@ -281,7 +285,7 @@ void attention_backward(AttnBwdParams p) {
         constexpr double MAX = std::numeric_limits<float>::max();
         hi[row] = static_cast<float>(std::clamp(t / double(a), -MAX, MAX));
         lo[row] = static_cast<float>(t - double(hi[row]) * double(a));
-        exact[row] = std::abs(t) > LSE2_RECOMPUTE_ABOVE_FP64_LSE;
+        exact[row] = std::abs(t) > LSE2_RECOMPUTE_ABOVE_FP64_LSE || own_stats;
       } else {
         hi[row] = static_cast<acc_t>(t);
         lo[row] = static_cast<acc_t>(t - static_cast<double>(hi[row]));

@@ -41,10 +41,19 @@ constexpr TileConfig FWD_TILE_FP32{120, 512};
 // Backward, every path.
 constexpr TileConfig BWD_TILE{128, 128};
 
-// Forward: packing K^T and V for the micro-kernel / brgemm is one more pass over a kv head, which the
-// query rows that read the packed head (L x the GQA group) must repay; with fewer rows than this
-// (decoding: one row per query head) the forward reads K and V in place through BLAS. Measured on
-// (1, 8, 1, 1024, 64) fp32 decoding: the packed path took ~15% longer than torch SDPA.
+// Forward: packing K^T (and V) for the micro-kernel / brgemm is one more pass over a kv head, which
+// the query rows that read the packed head (L x the GQA group) must repay; with fewer rows than this
+// (decoding: one row per query head, GQA heads stacked) and at least FWD_IN_PLACE_MIN_KEYS keys (where
+// the pass costs more than the call's fixed costs) the forward reads K and V in place through BLAS
+// (fwd_packs_kv). The fp32 backward then forms P from its own row max and sum (bwd_kernel.h step 1b),
+// as its micro-kernel does not reproduce BLAS's scores to the last bit. Measured on (1, 8, 1, 1024, 64)
+// fp32 decoding: the packed forward took ~25% longer.
 constexpr int64_t FWD_PACK_MIN_ROWS = 16;
+constexpr int64_t FWD_IN_PLACE_MIN_KEYS = 512;
+
+// Whether the forward packs each kv head (see FWD_PACK_MIN_ROWS): heads_q / heads_kv query heads share it.
+inline bool fwd_packs_kv(int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k) {
+  return len_q * (heads_q / heads_kv) >= FWD_PACK_MIN_ROWS || len_k < FWD_IN_PLACE_MIN_KEYS;
+}
 
 }  // namespace fused_attn::cpu

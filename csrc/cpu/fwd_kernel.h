@@ -2,9 +2,9 @@
 //
 // One task per (batch, q head, block of block_q query rows); threads take tasks from a
 // shared counter (worker_count in params.h), each head's query blocks last to first so
-// the heaviest causal blocks go first. Decoding with GQA (one query row per head, K and V
-// read in place) stacks a kv head's query heads as the rows of one task instead, so K and V
-// are read once per kv head (stack_heads). A task walks the keys block_k at a time:
+// the heaviest causal blocks go first. Decoding with GQA (one query row per head) stacks a
+// kv head's query heads as the rows of one task instead, so K and V are read once per kv
+// head (stack_heads). A task walks the keys block_k at a time:
 //   S = Q K^T                                  (tile GEMM)
 //   online softmax: T = sign(scale) S, m = max(T), P = exp2((T - m) |scale| log2 e)
 //   acc = acc * exp2((m_old - m) |scale| log2 e) + P V          (tile GEMM)
@@ -25,8 +25,8 @@
 //   bf16 / fp16 where oneDNN's AMX / AVX-512 micro-kernels exist: at::native::cpublas::
 //     brgemm, with P rounded to 16 bits as tensor-core kernels do, the softmax one
 //     AVX-512 pass over the score tile (online_softmax_avx512, tile_ops.h);
-//   otherwise (fp64, CPUs without them, or fewer than FWD_PACK_MIN_ROWS query rows per kv
-//     head: decoding) BLAS (MKL) on K and V in place, the softmax in compiler-vectorised clones.
+//   otherwise (fp64, CPUs without them, fewer than FWD_PACK_MIN_ROWS query rows per kv head:
+//     decoding) BLAS (MKL) on K and V in place, the softmax in compiler-vectorised clones.
 // On the AVX-512 paths m is a lazily moved reference (within LAZY_MAX_SLACK below the
 // running max), not the max itself: most rows keep it from block to block (corr = 1).
 // Dtypes: fp32, bf16, fp16 accumulate in fp32; fp64 in fp64. Head dims up to 256, E (q/k)
@@ -428,19 +428,19 @@ void attention_forward(AttnFwdParams p) {
   // AVX-512 micro-kernel (gemm_avx512.h); elsewhere (fp64, no AVX-512 / oneDNN, few query
   // rows per kv head) BLAS on K and V in place.
   // Packing a kv head pays off only when enough query rows read it (FWD_PACK_MIN_ROWS; decoding does not).
-  const bool pack_pays = d.len_q * (d.heads_q / d.heads_kv) >= FWD_PACK_MIN_ROWS;
+  const bool pack_pays = fwd_packs_kv(d.len_q, d.heads_q, d.heads_kv, d.len_k);
   bool use_brgemm = false;
   if constexpr (LOW_PRECISION) use_brgemm = pack_pays && brgemm_available<scalar_t>() && !portable_only();
   const bool use_micro = pack_pays && FP32 && avx512_enabled();
   const bool use_packed = use_brgemm || use_micro;
   const TileConfig tile = use_micro ? FWD_TILE_FP32 : FWD_TILE;
   const int64_t group = d.heads_q / d.heads_kv;
-  // Decoding with GQA (one query row per head, on the path that reads K and V in place): the query
-  // heads of a kv head are stacked as the rows of one task, so K and V are read once per kv head
-  // rather than once per query head (FlashAttention's GQA packing for decoding). The stacked rows all
-  // sit at query position 0 and share its keys. Not with inputs that differ per head (a mask tensor,
-  // ALiBi, dropout), not for varlen, and only with a task per thread at least (tasks are per kv head).
-  const bool stack_heads = !use_packed && d.len_q == 1 && group > 1 && p.mask.kind == kMaskNone &&
+  // Decoding with GQA (one query row per head): the query heads of a kv head are stacked as the rows
+  // of one task, so K and V are read (and packed) once per kv head rather than once per query head
+  // (FlashAttention's GQA packing for decoding). The stacked rows all sit at query position 0 and share
+  // its keys. Not with inputs that differ per head (a mask tensor, ALiBi, dropout), not for varlen, and
+  // only with a task per thread at least (tasks are per kv head).
+  const bool stack_heads = d.len_q == 1 && group > 1 && group <= tile.block_q && p.mask.kind == kMaskNone &&
                            p.alibi == nullptr && !p.dropout.on && p.vis.cu_q == nullptr &&
                            p.q_stride.head >= d.head_dim &&  // (the heads' rows apart: a BLAS operand)
                            d.batch * d.heads_kv >= at::get_num_threads();
