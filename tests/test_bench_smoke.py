@@ -47,13 +47,15 @@ def test_bench_cli_cpu_isa_avx2(tmp_path):
 
 
 def test_per_call_cli(tmp_path):
-    """benchmarks/per_call.py runs its three rows (few calls) and writes its markdown table."""
+    """benchmarks/per_call.py runs its three rows and the GQA decoding rows (few calls) and writes its markdown
+    table."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "per_call.py"), "--calls", "5", "--rounds", "2",
-           "--threads", "1", "--out", str(tmp_path)]
+           "--threads", "1", "--gqa-decode", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "per_call.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["tiny fwd", "decode", "tiny fwd+bwd"]
+    assert [line.split("|")[1].strip() for line in table[2:5]] == ["tiny fwd", "decode", "tiny fwd+bwd"]
+    assert len(table) == 2 + 3 + 8 and "bfloat16 (8, 32/8, 1, 1024, 128)" in table[-2]
     for line in table[2:]:
         fused, torch_us, ratio = (float(c.split()[0]) for c in line.split("|")[2:5])
         assert fused > 0 and torch_us > 0 and abs(ratio - fused / torch_us) < 0.02 * ratio
