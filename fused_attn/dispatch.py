@@ -285,10 +285,15 @@ def run(p: Problem, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` of attention problem ``p`` on the backend :func:`choose` picks, in canonical
     shapes; lse may be more precise than the public dtype (``Problem.restore`` casts it)."""
     chosen = choose(p, backend)
-    B, H, L, _ = p.q.shape
-    if p.k.shape[2] == 0 or B * H * L == 0:
+    if _empty(p.q, p.k):
         return _attend_to_nothing(p)
     return chosen.run(p)
+
+
+def _empty(q: Tensor, k: Tensor) -> bool:
+    """Whether canonical q (B, Hq, L, E) and k (B, Hk, S, E) leave no work: no key (S = 0) or no query row."""
+    B, H, L, _ = q.shape
+    return k.shape[2] == 0 or B * H * L == 0
 
 
 def _attend_to_nothing(p: Problem) -> Tuple[Tensor, Tensor]:
@@ -334,8 +339,7 @@ def run_common(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, enable_gqa: boo
     if p is None:
         return None
     b = _lanes.get(_lane(p))
-    B, H, L, _ = q.shape
-    if b is None or k.shape[2] == 0 or B * H * L == 0:
+    if b is None or _empty(q, k):  # (an empty call: the general path's _attend_to_nothing)
         return None
     return _eager(b._ops, p, b.name)[0]
 

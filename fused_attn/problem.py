@@ -65,8 +65,6 @@ class Problem:
     def features(self) -> FrozenSet[str]:
         """The optional features (``spec.FEATURES``) this call uses."""
         used = self.spec.features()
-        if self.mask is None and self.key_bounds is None and self.cu_seqlens_q is None and self.alibi_slopes is None:
-            return used
         if self.mask is not None:
             used = used | {"bool_mask" if self.mask.dtype == torch.bool else "float_mask"}
             if self.mask.requires_grad and torch.is_grad_enabled():

@@ -303,7 +303,8 @@ struct RefusedGradients : public torch::autograd::Function<RefusedGradients> {
 
 // Arguments as forward()'s; backward gives dq, dk, dv and (a float mask that requires grad) dmask.
 struct Attention : public torch::autograd::Function<Attention> {
-  static constexpr int kMaskArg = 11;  // the mask's place among forward's arguments after ctx
+  static constexpr int kArgs = 16;     // forward's arguments after ctx: backward returns one gradient each
+  static constexpr int kMaskArg = 11;  // the mask's place among them
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                bool poison, int64_t causal, double scale, int64_t window_left, int64_t window_right,
@@ -332,7 +333,7 @@ struct Attention : public torch::autograd::Function<Attention> {
     const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
     const std::optional<at::Tensor> dlse = grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;
     const bool mask_grad = mask.defined() && mask.requires_grad();
-    variable_list result(16);
+    variable_list result(kArgs);
     {
       at::NoGradGuard no_grad;
       auto [dq, dk, dv, dmask] = fused_attn::cpu::backward(
