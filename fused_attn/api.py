@@ -5,8 +5,8 @@ from typing import Dict, Optional, Tuple, Union
 
 from torch import Tensor
 
-from . import dispatch
-from .problem import NO_WINDOW, make_problem, make_varlen_problem
+from . import dispatch, kvcache
+from .problem import NO_WINDOW, make_kvcache_problem, make_problem, make_varlen_problem
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -125,3 +125,45 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     out, lse = p.restore(*dispatch.run(p, backend))  # (1, Hq, total_q, Ev), (1, Hq, total_q)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0]) if return_lse else out
+
+
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                           v: Optional[Tensor] = None, *, cache_seqlens: Union[None, int, Tensor] = None,
+                           block_table: Optional[Tensor] = None, causal: bool = True, scale: Optional[float] = None,
+                           window: Tuple[int, int] = NO_WINDOW, alibi_slopes: Optional[Tensor] = None,
+                           softcap: float = 0.0, return_lse: bool = False,
+                           backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention against a KV cache, FlashAttention-2's ``flash_attn_with_kvcache``: decoding steps and chunked
+    prefill without concatenating caches. Computes no gradients (call it under ``torch.no_grad()``).
+
+    ``q`` (B, Hq, L, E). A contiguous cache: ``k_cache`` (B, Hk, S_max, E), ``v_cache`` (B, Hk, S_max, Ev).
+    A paged cache: ``k_cache`` (num_blocks, Hk, block_size, E), ``v_cache`` (num_blocks, Hk, block_size, Ev)
+    and ``block_table`` int32 / int64 (B, max_blocks): batch b's key j is row j % block_size of block
+    ``block_table[b, j // block_size]``. Hk divides Hq (GQA, MQA). Any strides with a unit last stride:
+    FlashAttention's (B, S, H, E) tensors pass as ``.transpose(1, 2)`` views, no copy (and appends land in
+    them).
+
+    ``cache_seqlens`` int32 / int64 (B,) or an int: how many keys each batch's cache holds (None: full, S_max
+    or max_blocks * block_size). New keys ``k`` (B, Hk, L_new, E) and values ``v`` (B, Hk, L_new, Ev), if
+    given, are first written into the caches in place at positions cache_seqlens[b] .. cache_seqlens[b] +
+    L_new - 1; ``cache_seqlens`` itself is not changed (add L_new to it for the next step). Batch b then
+    attends to its first cache_seqlens[b] + L_new keys; the cache's other slots are never read, so
+    they may hold anything (NaN included). Appending past a cache's capacity raises ValueError naming the
+    batch; so do lengths outside [0, capacity] and block_table entries outside the cache that a batch uses.
+
+    ``causal`` (default True) aligns bottom-right to each batch's key count n: query i sees keys j <= i + n - L,
+    as do ``window=(left, right)`` and ALiBi's ``-slope * |i + n - L - j|`` (``alibi_slopes`` fp32 (Hq,) or
+    (B, Hq)); ``softcap`` and ``scale`` as in :func:`scaled_dot_product_attention`. A row that sees no key
+    (cache_seqlens 0 and nothing appended) outputs zeros and lse -inf. Returns out (B, Hq, L, Ev), and with
+    ``return_lse`` also the log-sum-exp (B, Hq, L), fp32 (fp64 for fp64 inputs).
+
+    Which backends run it: the CPU and Triton kernels read the contiguous cache in place, each batch's keys
+    up to its count only; a paged cache is gathered into a contiguous copy of the blocks in use first
+    (O(B * n) copy per call; reading the blocks in place is not built yet). The CUDA kernels refuse
+    (automatic choice falls back); ``backend`` as in :func:`scaled_dot_product_attention`.
+    """
+    p = make_kvcache_problem(q, k_cache, v_cache, block_table is not None, causal, scale, window, alibi_slopes,
+                             softcap)
+    p.k, p.v, p.seqlens_k = kvcache.prepare(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    out, lse = p.restore(*dispatch.run(p, backend))
+    return (out, lse) if return_lse else out

@@ -209,6 +209,10 @@ class ReferenceBackend:
                                                   p.spec.causal, p.spec.scale, window=window,
                                                   alibi_slopes=p.alibi_slopes, softcap=p.spec.softcap,
                                                   dropout_seed=p.dropout_seed, compute_dtype=dt)
+        elif p.seqlens_k is not None:  # (make_kvcache_problem: no mask, key bounds or dropout)
+            out, lse = reference.cached_attention(p.q, p.k, p.v, p.seqlens_k, p.spec.causal, p.spec.scale,
+                                                  window=window, alibi_slopes=p.alibi_slopes, softcap=p.spec.softcap,
+                                                  compute_dtype=dt)
         else:
             out, lse = reference.attention(p.q, p.k, p.v, p.mask, p.spec.dropout_p, p.spec.causal, p.spec.scale,
                                            window=window, key_bounds=p.key_bounds, alibi_slopes=p.alibi_slopes,

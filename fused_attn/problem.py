@@ -51,6 +51,11 @@ class Problem:
     alibi_slopes: Optional[Tensor] = None
     # dropout_p > 0: the call's Philox seed, int64 (1,) on the CPU (fused_attn.dropout). None: no dropout.
     dropout_seed: Optional[Tensor] = None
+    # attention_with_kvcache: int64 (B,) on q's device, 0 <= seqlens_k[b] <= S: batch b has seqlens_k[b]
+    # keys, [0, seqlens_k[b]); the keys after them are never read (an unwritten cache's slots). Causal
+    # (lower-right), the window and ALiBi align to each batch's own count (S - L becomes seqlens_k[b] - L),
+    # as FlashAttention-2's seqused_k / cache_seqlens. None: every batch has S keys.
+    seqlens_k: Optional[Tensor] = None
     # Built by common_call: 4-D inputs of one batch size, no mask or other tensor, the default scale,
     # causal upper-left or none (what dispatch.run_common takes).
     common: bool = False
@@ -58,7 +63,7 @@ class Problem:
     def tensor_args(self) -> Dict[str, Tensor]:
         """The call's tensors the kernel ops take (``spec.TENSOR_ARGS``), those given, by name."""
         if self.mask is None and self.key_bounds is None and self.cu_seqlens_q is None and \
-                self.alibi_slopes is None and self.dropout_seed is None:
+                self.alibi_slopes is None and self.dropout_seed is None and self.seqlens_k is None:
             return {}  # the common call: per-call cost
         return {name: t for name in TENSOR_ARGS if (t := getattr(self, name)) is not None}
 
@@ -75,6 +80,8 @@ class Problem:
             used = used | {"varlen"}
         if self.alibi_slopes is not None:
             used = used | {"alibi"}
+        if self.seqlens_k is not None:
+            used = used | {"seqlens_k"}
         return used
 
     @property
@@ -394,6 +401,55 @@ def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) ->
     return cu.to(torch.int64).contiguous(), len(lengths)
 
 
+def _bottom_right_spec(E: int, scale, causal: bool, window, softcap, dropout_p=0.0) -> AttnSpec:
+    """The spec of a call whose causal diagonal and window align bottom-right per sequence (varlen_attention,
+    attention_with_kvcache), its arguments checked: ``scale`` None (1/sqrt(E)) or finite, ``window`` as
+    :func:`_window` ((-1, 0) is lower-right causal), ``softcap`` as :func:`_softcap`, ``dropout_p`` in [0, 1]."""
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    window = (-1, -1) if window is None else _window(window)
+    mode = CausalMode.LOWER_RIGHT if causal or window == (-1, 0) else CausalMode.NONE
+    if window == (-1, 0):
+        window = (-1, -1)
+    return AttnSpec(scale=float(scale), causal=mode, dropout_p=float(dropout_p), window_left=window[0],
+                    window_right=window[1], softcap=_softcap(softcap))
+
+
+def make_kvcache_problem(q, k_cache, v_cache, paged: bool, causal=True, scale=None, window=None,
+                         alibi_slopes=None, softcap=0.0) -> Problem:
+    """The attention part of ``attention_with_kvcache``, its arguments checked: q (B, Hq, L, E) against a
+    cache k (B, Hk, S, E), v (B, Hk, S, Ev) (``paged``: (num_blocks, Hk, block_size, E / Ev), any dim 0), any
+    strides. Causal and window align bottom-right to each batch's key count. The caller then sets the
+    Problem's k, v (a paged cache's blocks in order) and ``seqlens_k`` (the counts) once ``fused_attn.kvcache``
+    has checked the cache's own arguments and appended the new keys: nothing is written before every
+    argument is checked."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, length, head dim), got "
+                             + (_shape(t) if isinstance(t, Tensor) else type(t).__name__))
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q, k_cache and v_cache must have one dtype of {', '.join(str(d) for d in SUPPORTED_DTYPES)}, "
+                        f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"q, k_cache and v_cache must be on one device, got {q.device}, {k_cache.device}, "
+                         f"{v_cache.device}")
+    (B, Hq, L, E), (Bk, Hk, S, Ek), (Bv, Hv, Sv, Ev) = q.shape, k_cache.shape, v_cache.shape
+    if not ((paged or Bk == B) and Bv == Bk and Ek == E and Hv == Hk and Sv == S):
+        want = "(num_blocks, Hk, block_size, E)" if paged else "(B, Hk, S_max, E)"
+        raise ValueError(f"k_cache must be {want} and v_cache the same with Ev, with q's "
+                         f"{'E' if paged else 'B and E'}, got q {_shape(q)}, k_cache {_shape(k_cache)}, v_cache "
+                         f"{_shape(v_cache)}")
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"the query heads must be a multiple of the key/value heads, got {Hq} and {Hk}")
+    spec = _bottom_right_spec(E, scale, causal, window, softcap)
+    alibi = None if alibi_slopes is None else _alibi(alibi_slopes, (B,), B, Hq, q.device)
+    return Problem(q, k_cache, v_cache, None, spec, (B, Hq, L, Ev), alibi_slopes=alibi)
+
+
 def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                         scale=None, causal=False, window=None, alibi_slopes=None, softcap=0.0) -> Problem:
     """Check the arguments of ``varlen_attention`` and pack them as one problem of batch 1: q
@@ -418,18 +474,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     cu_k, n_seq_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, St, max_seqlen_k, "max_seqlen_k", q.device)
     if n_seq != n_seq_k:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe as many sequences, got {n_seq} and {n_seq_k}")
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    elif not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
-    window = (-1, -1) if window is None else _window(window)
-    mode = CausalMode.LOWER_RIGHT if causal or window == (-1, 0) else CausalMode.NONE
-    if window == (-1, 0):
-        window = (-1, -1)
-    spec = AttnSpec(scale=float(scale), causal=mode, dropout_p=float(dropout_p), window_left=window[0],
-                    window_right=window[1], softcap=_softcap(softcap))
+    spec = _bottom_right_spec(E, scale, causal, window, softcap, dropout_p)
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     alibi = None if alibi_slopes is None else _alibi(alibi_slopes, (n_seq,), n_seq, Hq, q.device)
     return Problem(q4, k4, v4, None, spec, (1, Hq, Lt, Ev), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,

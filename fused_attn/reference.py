@@ -2,7 +2,7 @@
 
 This is the project's single oracle: tests, benchmarks, the ``"reference"``
 backend and the models' fallback all call :func:`attention` (:func:`varlen_attention`
-calls it once per packed sequence); nobody rewrites it.
+calls it once per packed sequence, :func:`cached_attention` once per batch entry); nobody rewrites it.
 
 It materialises the full ``(B, H, L, S)`` score matrix on purpose. Numerics:
 
@@ -142,3 +142,26 @@ def varlen_attention(
     if not outs:
         return q.new_zeros(q.shape[:3] + v.shape[3:], dtype=dt), q.new_zeros(q.shape[:3], dtype=dt)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Tensor, causal: CausalMode = CausalMode.NONE,
+                     scale: Optional[float] = None, *, window: Tuple[int, int] = (-1, -1),
+                     alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                     compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Batch entry b attends to its first ``seqlens_k[b]`` keys only (a KV cache's filled slots; the others
+    are never read), each computed by :func:`attention` on its own: causal, window and ALiBi aligned to
+    that entry's key count. q (B, Hq, L, E), k, v (B, Hk, S, E / Ev); ``alibi_slopes`` (B, Hq). Returns
+    ``(out (B, Hq, L, Ev), lse (B, Hq, L))``."""
+    dt = compute_dtype or q.dtype
+    outs, lses = [], []
+    for b, n in enumerate(seqlens_k.tolist()):
+        if n == 0:  # no key: zeros, lse -inf
+            outs.append(q.new_zeros((1, q.shape[1], q.shape[2], v.shape[3]), dtype=dt))
+            lses.append(q.new_full((1, q.shape[1], q.shape[2]), float("-inf"), dtype=dt))
+            continue
+        o, l_ = attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, 0.0, causal, scale, window=window,
+                          alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1], softcap=softcap,
+                          compute_dtype=compute_dtype)
+        outs.append(o)
+        lses.append(l_)
+    return torch.cat(outs), torch.cat(lses)

@@ -12,7 +12,7 @@ spec; the ops take them as their last arguments (:data:`TENSOR_ARGS`, None where
 ``key_bounds`` (a key-padding mask normalised by ``make_problem``), ``mask``,
 ``cu_seqlens_q`` / ``cu_seqlens_k`` (variable-length sequences packed into one problem) and
 ``alibi_slopes``, ``dropout_seed`` (``fused_attn.dropout``: how every backend drops the same
-elements). :meth:`Problem.features` names what a call uses beyond plain attention;
+elements), ``seqlens_k`` (per-batch key counts: ``attention_with_kvcache``'s cache lengths). :meth:`Problem.features` names what a call uses beyond plain attention;
 each backend declares in :class:`Capabilities` which of those it runs, and the dispatcher
 derives its refusal messages from that data.
 
@@ -88,12 +88,14 @@ FEATURES = {
     "varlen": "varlen_attention (packed variable-length sequences)",
     "alibi": "ALiBi (alibi_slopes)",
     "softcap": "logit soft-capping (softcap > 0)",
+    "seqlens_k": "per-sequence key counts (attention_with_kvcache's cache_seqlens)",
 }
 
 # The call's tensors the kernel ops take after the spec's fields (Problem's fields of these names;
 # None where unused): per-batch key bounds, the mask tensor, the varlen sequences' offsets, the ALiBi
-# slopes, the dropout seed (``fused_attn.dropout``: an int64 CPU tensor of shape (1,)).
-TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "dropout_seed")
+# slopes, the dropout seed (``fused_attn.dropout``: an int64 CPU tensor of shape (1,)), the per-batch key counts
+# (Problem.seqlens_k).
+TENSOR_ARGS = ("key_bounds", "mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "dropout_seed", "seqlens_k")
 # The spec's fields as the kernel ops take them (torch.library schema), in op_args' order, then the
 # tensors of TENSOR_ARGS.
 OP_ARGS_SCHEMA = ("int causal, float scale, int window_left=-1, int window_right=-1, float softcap=0.0, "

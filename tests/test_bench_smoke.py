@@ -59,3 +59,19 @@ def test_per_call_cli(tmp_path):
     for line in table[2:]:
         fused, torch_us, ratio = (float(c.split()[0]) for c in line.split("|")[2:5])
         assert fused > 0 and torch_us > 0 and abs(ratio - fused / torch_us) < 0.02 * ratio
+
+
+def test_decode_cli(tmp_path):
+    """benchmarks/decode.py runs its three sides on a short cache (both dtypes, both batch sizes) and writes its
+    markdown table, speedups consistent with the times."""
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"), "--lengths", "256", "--rounds", "1",
+           "--threads", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "decode.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and [line.split("|")[1:4] for line in table[2:]] == [
+        [f" {dtype} ", f" {B} ", " 256 "] for dtype in ("float32", "bfloat16") for B in (1, 8)]
+    for line in table[2:]:
+        fused, concat, slice_, vs_concat, vs_slice = (float(c) for c in line.split("|")[4:9])
+        assert min(fused, concat, slice_) > 0
+        assert abs(vs_concat - concat / fused) < 0.02 * vs_concat and abs(vs_slice - slice_ / fused) < 0.02 * vs_slice

@@ -3,8 +3,8 @@
 The interpreter runs the kernels' Python source, so a line tracer sees which kernel
 statements ran. A handful of calls that cover the code paths (each causal mode, ragged
 tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, fp32's
-fp64 lse, the forward's tensor-descriptor path, windows, key bounds, mask tensors and varlen
-sequences)
+fp64 lse, the forward's tensor-descriptor path, windows, key bounds, mask tensors, varlen
+sequences and stored key counts)
 must together execute every statement inside every @triton.jit function.
 """
 import ast
@@ -99,6 +99,12 @@ def test_every_kernel_statement_runs(monkeypatch):
         out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 40, 70, causal=True, dropout_p=0.3, softcap=2.0,
                                                alibi_slopes=torch.rand(3, 4), return_lse=True, backend="triton")
         (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+        # stored key counts (SEQLENS: attention_with_kvcache, forward only; accuracy: tests/test_kvcache.py)
+        with torch.no_grad():
+            k_cache, v_cache = torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+            fused_attn.attention_with_kvcache(torch.randn(2, 4, 3, 16), k_cache, v_cache, torch.randn(2, 2, 3, 16),
+                                              torch.randn(2, 2, 3, 16), cache_seqlens=torch.tensor([5, 40]),
+                                              window=(20, 0), backend="triton")
     finally:
         sys.settrace(None)
     missing = sorted(f"{statements[line]}:{line}" for line in statements if line not in hit)

@@ -146,6 +146,15 @@ struct AttnFwdCommon {
   // i and key j gets -slope * |i + S - L - j| after the scale (mask_ops.h: apply_alibi_tile).
   const float* alibi = nullptr;
   Dropout dropout;  // of the probabilities (dropout.h); dropout.on false: none
+  // Per batch entry b, its first seqlens_k[b] keys only (a KV cache's filled slots; the keys after them are
+  // never read), its causal diagonal, window and ALiBi aligned to that count (S - L becomes
+  // seqlens_k[b] - L: FlashAttention-2's cache_seqlens); nullptr: every entry has len_k keys.
+  const int64_t* seqlens_k = nullptr;
+
+  // How many of batch entry b's keys exist (seqlens_k's count, else len_k).
+  FA_COMMON_FN int64_t stored_keys(int64_t b) const {
+    return seqlens_k != nullptr && seqlens_k[b] < dims.len_k ? seqlens_k[b] : dims.len_k;
+  }
 
   // What the rows of batch entry b see.
   FA_COMMON_FN Visibility visibility(int64_t b) const {
@@ -153,6 +162,12 @@ struct AttnFwdCommon {
     if (key_bounds != nullptr) {
       v.key_begin = key_bounds[2 * b];
       v.key_end = key_bounds[2 * b + 1];
+    }
+    if (seqlens_k != nullptr) {
+      const int64_t n = stored_keys(b), shift = n - dims.len_k;  // the diagonals move with the entry's count
+      if (n < v.key_end) v.key_end = n;
+      if (v.causal == kCausalLowerRight) v.causal_offset += shift;
+      v.window_offset += shift;
     }
     return v;
   }

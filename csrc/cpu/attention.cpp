@@ -71,6 +71,7 @@ struct SpecArgs {
   const std::optional<at::Tensor>& cu_seqlens_k;
   const std::optional<at::Tensor>& alibi_slopes;
   const std::optional<at::Tensor>& dropout_seed;
+  const std::optional<at::Tensor>& seqlens_k;
 };
 
 // One of varlen's cumulative sequence lengths: int64 (n_seq + 1,), 0 first, non-decreasing, total last.
@@ -165,6 +166,19 @@ AttnFwdCommon<int64_t> make_common(const at::Tensor& q, const at::Tensor& k, con
     c.vis.cu_k = cu_seqlens(*spec.cu_seqlens_k, "cu_seqlens_k", n_seq, d.len_k);
     c.vis.n_seq = n_seq;
   }
+  if (spec.seqlens_k.has_value()) {
+    const at::Tensor& n = *spec.seqlens_k;
+    TORCH_CHECK(n.device().is_cpu() && n.scalar_type() == at::kLong && n.is_contiguous() && n.dim() == 1 &&
+                    n.size(0) == d.batch,
+                "seqlens_k must be a contiguous int64 CPU tensor of shape (", d.batch, ",), got ", n.scalar_type(),
+                " ", n.sizes(), " on ", n.device());
+    TORCH_CHECK(!c.vis.cu_q, "seqlens_k does not combine with varlen sequences");
+    const int64_t* counts = n.data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.batch; ++b)
+      TORCH_CHECK(0 <= counts[b] && counts[b] <= d.len_k, "seqlens_k[", b, "] = ", counts[b], " is not in [0, ",
+                  d.len_k, "]");
+    c.seqlens_k = counts;
+  }
   if (spec.alibi_slopes.has_value()) {
     const at::Tensor& a = *spec.alibi_slopes;
     const int64_t rows = c.vis.cu_q ? c.vis.n_seq : d.batch;
@@ -191,13 +205,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
              bool poison, int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
              double dropout_p, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
              const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-             const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+             const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed,
+    const std::optional<at::Tensor>& seqlens_k) {
   const at::Tensor q = operand(q_in), k = operand(k_in), v = operand(v_in);
   AttnFwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
                                                                           softcap, dropout_p, key_bounds, mask,
                                                                           cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                                                                          dropout_seed});
+                                                                          dropout_seed, seqlens_k});
   const Dims& d = p.dims;
   at::Tensor out = new_output({d.batch, d.heads_q, d.len_q, d.head_dim_v}, q.scalar_type(), poison);
   at::Tensor lse = new_output({d.batch, d.heads_q, d.len_q}, lse_dtype(q.scalar_type()), poison);
@@ -223,13 +238,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     bool mask_grad, int64_t causal, double scale, int64_t window_left, int64_t window_right, double softcap,
     double dropout_p, const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed,
+    const std::optional<at::Tensor>& seqlens_k) {
   const at::Tensor q = operand(q_in), k = operand(k_in), v = operand(v_in), dout = operand(dout_in);
   AttnBwdParams p{};
   static_cast<AttnFwdCommon<int64_t>&>(p) = make_common(q, k, v, SpecArgs{causal, scale, window_left, window_right,
                                                                           softcap, dropout_p, key_bounds, mask,
                                                                           cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                                                                          dropout_seed});
+                                                                          dropout_seed, seqlens_k});
   const Dims& d = p.dims;
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   std::optional<at::Tensor> dlse;
@@ -303,7 +319,7 @@ struct RefusedGradients : public torch::autograd::Function<RefusedGradients> {
 
 // Arguments as forward()'s; backward gives dq, dk, dv and (a float mask that requires grad) dmask.
 struct Attention : public torch::autograd::Function<Attention> {
-  static constexpr int kArgs = 16;     // forward's arguments after ctx: backward returns one gradient each
+  static constexpr int kArgs = 17;     // forward's arguments after ctx: backward returns one gradient each
   static constexpr int kMaskArg = 11;  // the mask's place among them
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -312,15 +328,16 @@ struct Attention : public torch::autograd::Function<Attention> {
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens_q,
                                const std::optional<at::Tensor>& cu_seqlens_k,
                                const std::optional<at::Tensor>& alibi_slopes,
-                               const std::optional<at::Tensor>& dropout_seed) {
+                               const std::optional<at::Tensor>& dropout_seed,
+                               const std::optional<at::Tensor>& seqlens_k) {
     auto [out, lse] = fused_attn::cpu::forward(q, k, v, poison, causal, scale, window_left, window_right, softcap,
                                                dropout_p, key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
-                                               dropout_seed);
+                                               dropout_seed, seqlens_k);
     ctx->save_for_backward({q, k, v, out, lse, mask.has_value() ? *mask : at::Tensor()});
     // the other arguments, as one tuple (one entry of saved_data: per-call cost)
     ctx->saved_data["args"] = c10::ivalue::Tuple::create(
         {poison, causal, scale, window_left, window_right, softcap, dropout_p, key_bounds, cu_seqlens_q, cu_seqlens_k,
-         alibi_slopes, dropout_seed});
+         alibi_slopes, dropout_seed, seqlens_k});
     ctx->set_materialize_grads(false);  // an unused lse gives an undefined dlse, not a tensor of zeros
     return {out, lse};
   }
@@ -340,7 +357,7 @@ struct Attention : public torch::autograd::Function<Attention> {
           dout, dlse, q, k, v, out, lse, a[0].toBool(), mask_grad, a[1].toInt(), a[2].toDouble(), a[3].toInt(),
           a[4].toInt(), a[5].toDouble(), a[6].toDouble(), optional(7),
           mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt, optional(8), optional(9), optional(10),
-          optional(11));
+          optional(11), optional(12));
       result[0] = dq;
       result[1] = dk;
       result[2] = dv;
@@ -367,9 +384,10 @@ std::tuple<at::Tensor, at::Tensor> differentiable_forward(
     int64_t window_left, int64_t window_right, double softcap, double dropout_p,
     const std::optional<at::Tensor>& key_bounds, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed,
+    const std::optional<at::Tensor>& seqlens_k) {
   variable_list r = Attention::apply(q, k, v, poison, causal, scale, window_left, window_right, softcap, dropout_p,
-                                     key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed);
+                                     key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed, seqlens_k);
   return {r[0], r[1]};
 }
 

@@ -224,9 +224,12 @@ struct PackedKV {
     const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
     const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
     const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
+    // (a KV cache's slots past its count are never read: the block's rest is packed as zeros, which the
+    // 16-bit P V's pair of keys past an odd count then multiplies by P's zero column)
+    const int64_t stored = p.stored_keys(b);
     for (; n_packed * BK < key_end; ++n_packed) {
       const int64_t j0 = n_packed * BK;
-      pack_block(k + j0 * p.k_stride.row, v + j0 * p.v_stride.row, std::min(BK, d.len_k - j0),
+      pack_block(k + j0 * p.k_stride.row, v + j0 * p.v_stride.row, std::min(BK, stored - j0),
                  buf.data_ptr<scalar_t>() + n_packed * (k_elems + v_elems));
     }
   }
@@ -381,8 +384,9 @@ void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
     for (int64_t bhk = begin; bhk < end; ++bhk) {
       const int64_t b = bhk / d.heads_kv, hk = bhk % d.heads_kv;
       const scalar_t* v_bh = v + b * p.v_stride.batch + hk * p.v_stride.head;
+      const int64_t stored = p.stored_keys(b);  // (a KV cache's slots past its count are never read)
       float probe = 0.0f;
-      for (int64_t j = 0; j < d.len_k; ++j) {
+      for (int64_t j = 0; j < stored; ++j) {
         const scalar_t* row = v_bh + j * p.v_stride.row;
 #pragma omp simd reduction(+ : probe)
         for (int64_t e = 0; e < d.head_dim_v; ++e) probe += static_cast<float>(row[e]) * 0.0f;
@@ -391,7 +395,7 @@ void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
       std::fill(first_bad.begin(), first_bad.end(), d.len_k);
       std::fill(last_bad.begin(), last_bad.end(), int64_t(-1));
       std::vector<std::vector<int64_t>> bad_keys(has_mask ? d.head_dim_v : 0);  // per column
-      for (int64_t j = 0; j < d.len_k; ++j)
+      for (int64_t j = 0; j < stored; ++j)
         for (int64_t e = 0; e < d.head_dim_v; ++e)
           if (!std::isfinite(static_cast<double>(v_bh[j * p.v_stride.row + e]))) {
             first_bad[e] = std::min(first_bad[e], j);
@@ -628,7 +632,8 @@ void attention_forward(AttnFwdParams p) {
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
-  if (has_mask || p.key_bounds != nullptr || !p.vis.sees_every_key(d.len_k)) poison_unseen_nonfinite_v<scalar_t>(p);
+  if (has_mask || p.key_bounds != nullptr || p.seqlens_k != nullptr || !p.vis.sees_every_key(d.len_k))
+    poison_unseen_nonfinite_v<scalar_t>(p);
 }
 
 }  // namespace fused_attn::cpu

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import scaled_dot_product_attention
+from ..api import attention_with_kvcache, scaled_dot_product_attention
 from ..spec import CausalMode, causal_mask
 
 
@@ -54,36 +54,76 @@ class TransformerConfig:
     tie_weights: bool = True  # output projection shares the (target) token embedding matrix
     bias: bool = True
     backend: Optional[str] = None  # fused_attn backend, "reference", or None for automatic
+    # decoding's self-attention cache: "preallocated" (max_len positions per layer, appended in place, steps
+    # through fused_attn.attention_with_kvcache) or "concatenated" (grown by torch.cat each step)
+    cache: str = "preallocated"
+
+    def __post_init__(self):
+        if self.cache not in ("preallocated", "concatenated"):
+            raise ValueError(f"cache must be 'preallocated' or 'concatenated', got {self.cache!r}")
+
+    def cache_capacity(self) -> Optional[int]:
+        """The positions a decoding cache preallocates per layer (KVCache.capacity): max_len, or None."""
+        return self.max_len if self.cache == "preallocated" else None
 
 
 @dataclass
 class KV:
-    """Keys and values of one attention layer kept between decoding steps."""
+    """Keys and values of one attention layer kept between decoding steps: grown by concatenation
+    (``capacity`` None), or in storage preallocated for ``capacity`` positions on the first step, of which
+    the first ``length`` hold keys (the rest are never read)."""
 
-    k: Optional[Tensor] = None  # (B, H, S, D)
+    k: Optional[Tensor] = None  # (B, H, S, D): the keys so far (preallocated: (B, H, capacity, D), S = length)
     v: Optional[Tensor] = None  # (B, H, S, D)
+    capacity: Optional[int] = None
+    length: int = 0
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Add this step's keys and values (B, H, L, D) after the others."""
+        n, L = self.length, k.shape[2]
+        if self.capacity is None:
+            self.k, self.v = (new if old is None else torch.cat([old, new], dim=2)
+                              for old, new in ((self.k, k), (self.v, v)))
+        else:
+            if n + L > self.capacity:
+                raise ValueError(f"the KV cache holds {self.capacity} positions; {n} are used and {L} more do not fit")
+            if self.k is None:
+                self.k = k.new_empty(k.shape[:2] + (self.capacity, k.shape[3]))
+                self.v = v.new_empty(v.shape[:2] + (self.capacity, v.shape[3]))
+            self.k[:, :, n:n + L] = k
+            self.v[:, :, n:n + L] = v
+        self.length = n + L
+
+    def keys(self) -> Tuple[Tensor, Tensor]:
+        """The keys and values so far, (B, H, length, D) (preallocated: views of the storage)."""
+        if self.capacity is None:
+            return self.k, self.v
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
 @dataclass
 class KVCache:
     """Everything incremental decoding keeps: per decoder layer the self-attention keys/values
-    of the tokens decoded so far and the cross-attention keys/values of the encoder output."""
+    of the tokens decoded so far and the cross-attention keys/values of the encoder output.
+    ``capacity``: the self-attention keys live in storage preallocated for that many positions (the
+    models pass ``max_len``), appended in place, and decoding steps attend through
+    ``fused_attn.attention_with_kvcache``; None: they grow by concatenation."""
 
     n_layers: int
     memory: Optional[Tensor] = None  # (B, S, C) encoder output, for encoder-decoder models
     memory_padding_mask: Optional[Tensor] = None  # (B, S), True = padding
+    capacity: Optional[int] = None
     self_kv: List[KV] = field(init=False)  # one per decoder layer
     cross_kv: List[KV] = field(init=False)
 
     def __post_init__(self):
-        self.self_kv = [KV() for _ in range(self.n_layers)]
+        self.self_kv = [KV(capacity=self.capacity) for _ in range(self.n_layers)]
         self.cross_kv = [KV() for _ in range(self.n_layers)]
 
     @property
     def length(self) -> int:
         """Number of target positions decoded so far."""
-        k = self.self_kv[0].k
-        return 0 if k is None else k.shape[2]
+        return self.self_kv[0].length
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search: each beam continues some earlier beam)."""
@@ -129,15 +169,24 @@ class Attention(nn.Module):
         """
         B, L, C = x.shape
         q = self._heads(self.q_proj(x))  # (B, H, L, D)
+        dropout_p = self.attn_dropout if self.training else 0.0
         if self.cross and kv is not None and kv.k is not None:
             k, v = kv.k, kv.v  # (B, H, S, D), the encoder output's, from the first step
         else:
             k, v = self.kv_proj(x if context is None else context).split(C, dim=2)
             k, v = self._heads(k), self._heads(v)  # (B, H, S, D)
-            if kv is not None:
-                if not self.cross and kv.k is not None:
-                    k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)
+            if kv is not None and self.cross:
                 kv.k, kv.v = k, v
+            elif kv is not None:
+                if kv.capacity is not None and self._cached_step(key_padding_mask, dropout_p):
+                    if kv.k is None:  # the storage (kv.append allocates it)
+                        kv.append(k[:, :, :0], v[:, :, :0])
+                    y = attention_with_kvcache(q, kv.k, kv.v, k, v, cache_seqlens=kv.length, causal=causal,
+                                               backend=self.backend)  # appends in place
+                    kv.length += L
+                    return self.out_proj(y.transpose(1, 2).reshape(B, L, C))
+                kv.append(k, v)
+                k, v = kv.keys()
         S = k.shape[2]
 
         # New queries are the last L of S positions: lower-right causal alignment, which
@@ -153,13 +202,19 @@ class Attention(nn.Module):
             is_causal = True
         elif causal and L > 1:  # (one new query, the last position, sees every key: no mask at all)
             window = (-1, 0)
-        dropout_p = self.attn_dropout if self.training else 0.0
         y = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                          window=window, backend=self.backend)  # (B, H, L, D)
         if self.save_weights:
             self.weights = self._probabilities(q, k, mask, causal).detach()
         y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
         return self.out_proj(y)
+
+    def _cached_step(self, key_padding_mask: Optional[Tensor], dropout_p: float) -> bool:
+        """Whether a self-attention step with a preallocated cache goes through attention_with_kvcache (no
+        gradients, no padding mask, no attention dropout, no saved weights, not traced by torch.compile); other
+        steps append to the same storage and attend to its filled part through scaled_dot_product_attention."""
+        return (not torch.is_grad_enabled() and key_padding_mask is None and dropout_p == 0.0
+                and not self.save_weights and not torch.compiler.is_compiling())
 
     @staticmethod
     def _probabilities(q: Tensor, k: Tensor, mask, is_causal: bool) -> Tensor:
@@ -305,7 +360,8 @@ class EncoderDecoder(nn.Module):
 
     def init_cache(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> KVCache:
         """Encode ``src`` once; the cache then serves :meth:`decode_step`."""
-        return KVCache(self.cfg.n_decoder_layers, self.encode(src, src_padding_mask), src_padding_mask)
+        return KVCache(self.cfg.n_decoder_layers, self.encode(src, src_padding_mask), src_padding_mask,
+                       capacity=self.cfg.cache_capacity())
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The next target tokens (B, L) -> their logits (B, L, V); appends them to ``cache``."""
@@ -331,7 +387,7 @@ class GPT(nn.Module):
     def init_cache(self, src: Optional[Tensor] = None) -> KVCache:
         if src is not None:
             raise ValueError("GPT has no encoder: pass the prompt to decode_step, not src")
-        return KVCache(self.cfg.n_decoder_layers)
+        return KVCache(self.cfg.n_decoder_layers, capacity=self.cfg.cache_capacity())
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         return self(tokens, cache)

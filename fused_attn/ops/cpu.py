@@ -72,7 +72,7 @@ except ImportError as e:  # built without the C++ extension, or a broken build
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                             features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask", "varlen",
                                                       "alibi", "softcap", "dropout",
-                                                      "mask_grad"}))
+                                                      "mask_grad", "seqlens_k"}))
 ISA_ENV = "FUSED_ATTN_CPU_ISA"
 ISAS = ("native", "avx2", "portable")
 

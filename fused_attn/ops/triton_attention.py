@@ -48,7 +48,13 @@ Visibility: query i sees key j < S iff all of
   prune does not yet know (it budgets the aligned forward for TMA there). Varlen with softcap, ALiBi and
   dropout at head dim 256 (compile table, tolerated as varlen rows are): bf16 forward 24 bytes on sm_90;
   fp32 forward 56 / 120 bytes (sm_80 / sm_90), dQ 8 / 32 (ptxas held it to 128 registers), dK/dV 0 / 8.
-Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN; SOFTCAP, ALIBI,
+- stored keys (SEQLENS, forward only: attention_with_kvcache's cache lengths): an int64 (B,) tensor
+  seqlens_k, batch b has keys [0, seqlens_k[b]) and the rest of its S are never read (a cache's
+  unwritten slots); the causal diagonal (lower-right), the window and ALiBi align to that count. Each
+  program loads its batch's count (_stored_keys) and runs on it as S, with the offsets passed relative
+  to the bottom-right diagonal as varlen's; the pointer path only (a descriptor would load the slots
+  past the count, whose NaN would reach P V as 0 * NaN); no mask tensor, key bounds or varlen with it.
+Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN; SEQLENS; SOFTCAP, ALIBI,
 DROPOUT, below): a call without it compiles none of its work. A row that sees no key gets out = 0
 and lse = -inf; its gradients are 0, and a key no row sees gets dk = dv = 0.
 
@@ -253,6 +259,15 @@ def _sequence(CU_Q, CU_K, seq, causal_offset, window_lo, window_hi):
     S = (tl.load(CU_K + seq + 1) - k0).to(tl.int32)
     diagonal = S - L
     return q0, k0, L, S, causal_offset + diagonal, window_lo + diagonal, window_hi + diagonal
+
+
+@triton.jit
+def _stored_keys(SL, b, L, S, causal_offset, window_lo, window_hi):
+    """SEQLENS: batch b's key count (its S from here on, at most the tensor's) and its rows' (causal_offset,
+    window_lo, window_hi), passed relative to the bottom-right diagonal as with VARLEN."""
+    n = tl.minimum(tl.load(SL + b), S).to(tl.int32)
+    diagonal = n - L
+    return n, causal_offset + diagonal, window_lo + diagonal, window_hi + diagonal
 
 
 @triton.jit
@@ -553,7 +568,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32,
 
 
 @triton.jit(do_not_specialize=DROPOUT_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL,
+def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL, SL,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
@@ -564,7 +579,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL,
                 KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
                 ALIBI: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                 PRECISION: tl.constexpr, TMA: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
-                ALIGNED: tl.constexpr):
+                ALIGNED: tl.constexpr, SEQLENS: tl.constexpr = False):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
     rows_per_head = L  # of lse: the packed rows with VARLEN
     alibi_log2 = 0.0
@@ -584,6 +599,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL,
         if DROPOUT:
             drop_row0 = q0
             drop_key0 = k0
+    if SEQLENS:  # a KV cache's count: this batch's keys, and the diagonals aligned to it
+        S, causal_offset, window_lo, window_hi = _stored_keys(SL, b, L, S, causal_offset, window_lo, window_hi)
     drop_bh = b * H + h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
@@ -1171,7 +1188,7 @@ INTERPRETER_TMA = False
 MIN_ARCH = 80
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16, torch.float32),
                             features=frozenset({"causal", "window", "key_padding", "bool_mask", "float_mask",
-                                                "varlen", "softcap", "alibi", "dropout", "mask_grad"}),
+                                                "varlen", "softcap", "alibi", "dropout", "mask_grad", "seqlens_k"}),
                             device_note=": cpu under the Triton interpreter")
 # Shared memory per block, in bytes, for each compute capability (10 * major + minor) from
 # MIN_ARCH on; one missing here gets the smallest of them, SMEM_LIMIT_DEFAULT.
@@ -1277,11 +1294,17 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
                      "WINDOW", "KEY_BOUNDS", "MASK", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "PRECISION", "GROUP"]
-              + (["TMA"] if kind == "fwd" else []) + (["MASK_GRAD"] if kind == "dkdv" else [])
+              + (["TMA", "SEQLENS"] if kind == "fwd" else []) + (["MASK_GRAD"] if kind == "dkdv" else [])
               for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def _pointer_forward(constexprs: dict) -> bool:
+    """Whether a launch's forward takes the pointer path where aligned inputs would take descriptors (VARLEN,
+    SEQLENS): the prune's ``varlen`` budget (VARLEN_FWD_REGISTER_SHARE)."""
+    return bool(constexprs.get("VARLEN") or constexprs.get("SEQLENS"))
 
 
 def prune_hook(kind: str):
@@ -1290,7 +1313,7 @@ def prune_hook(kind: str):
     def prune(configs, named_args, **kwargs):
         return prune_configs(kind, kwargs["HEAD_DIM"], kwargs["HEAD_DIM_V"], ELEM_BYTES[kwargs["DTYPE"]],
                              kwargs["ARCH"], named_args[TUNED_LENGTH[kind]], kwargs["ALIGNED"],
-                             bool(kwargs.get("VARLEN")), bool(kwargs.get("DROPOUT")), bool(kwargs.get("MASK_GRAD")))
+                             _pointer_forward(kwargs), bool(kwargs.get("DROPOUT")), bool(kwargs.get("MASK_GRAD")))
     return prune
 
 
@@ -1395,7 +1418,7 @@ def _config(kind: str, meta: dict, arch: Optional[int], length: int, determinist
         return triton.Config(dict(INTERPRETER_BLOCKS), pre_hook=_tma_block_shapes)
     if deterministic:
         return fixed_config(kind, meta["HEAD_DIM"], meta["HEAD_DIM_V"], meta["DTYPE"], arch, length, meta["ALIGNED"],
-                            bool(meta.get("VARLEN")), bool(meta.get("DROPOUT")), bool(meta.get("MASK_GRAD")))
+                            _pointer_forward(meta), bool(meta.get("DROPOUT")), bool(meta.get("MASK_GRAD")))
     return None
 
 
@@ -1411,17 +1434,19 @@ def window_offsets(spec: AttnSpec, L: int, S: int) -> Optional[Tuple[int, int]]:
     return (S - L - left if left >= 0 else -L), (S - L + right if right >= 0 else S)
 
 
-def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor], B: int,
-                     unused: Tensor, varlen: bool = False) -> Tuple[Tensor, Tuple[int, int, int], dict]:
+def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor], B: int, unused: Tensor,
+                     varlen: bool = False, seqlens: bool = False) -> Tuple[Tensor, Tuple[int, int, int], dict]:
     """The kernels' view of which keys a query sees: the key-bounds pointer (``unused``, any tensor, without
     key bounds), (causal_offset, window_lo, window_hi) and the constexprs CAUSAL, WINDOW, KEY_BOUNDS.
     With ``varlen`` (L, S the longest sequences' lengths) the offsets are relative to a sequence's
     bottom-right diagonal, S_s - L_s, which each program adds for its own (_sequence): the window's
     sides as window_offsets gives them for the longest lengths, minus S - L (an unbounded side then
     reaches no key of any sequence: -S - L_s + S_s <= -L_s, L + S_s - L_s >= S_s), and 0 for causal
-    (lower-right, what make_varlen_problem builds)."""
-    if varlen and (spec.causal is CausalMode.UPPER_LEFT or key_bounds is not None):
-        raise ValueError("fused_attn triton: varlen sequences take lower-right causal and no key bounds, got "
+    (lower-right, what make_varlen_problem builds). ``seqlens`` (stored keys, SEQLENS): the same, each
+    batch's count for S_s (_stored_keys)."""
+    if (varlen or seqlens) and (spec.causal is CausalMode.UPPER_LEFT or key_bounds is not None):
+        what = "varlen sequences" if varlen else "stored key counts (seqlens_k)"
+        raise ValueError(f"fused_attn triton: {what} take lower-right causal and no key bounds, got "
                          f"{spec.causal.name} causal{' and key bounds' if key_bounds is not None else ''}")
     window = window_offsets(spec, L, S)
     if key_bounds is not None and not (key_bounds.shape == (B, 2) and key_bounds.dtype == torch.int64
@@ -1432,7 +1457,7 @@ def _visibility_args(spec: AttnSpec, L: int, S: int, key_bounds: Optional[Tensor
                  KEY_BOUNDS=key_bounds is not None)
     kb = key_bounds.contiguous() if key_bounds is not None else unused
     offsets = (spec.causal.offset(L, S), *(window or (-L, S)))
-    if varlen:
+    if varlen or seqlens:
         offsets = tuple(offset - (S - L) for offset in offsets)
     return kb, offsets, flags
 
@@ -1454,6 +1479,19 @@ def _varlen_args(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                          f"{None if cu_seqlens_k is None else (cu_seqlens_k.dtype, tuple(cu_seqlens_k.shape))}")
     longest = [int(cu.diff().max()) if n_seq else 0 for cu in (cu_seqlens_q, cu_seqlens_k)]
     return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), n_seq, *longest
+
+
+def _seqlens_args(seqlens_k: Optional[Tensor], B: int, varlen: bool, mask: Optional[Tensor],
+                  unused: Tensor) -> Tensor:
+    """The forward's view of stored key counts: their pointer (``unused``, any tensor, without them), checked."""
+    if seqlens_k is None:
+        return unused
+    if not (seqlens_k.shape == (B,) and seqlens_k.dtype == torch.int64 and seqlens_k.device == unused.device
+            and not varlen and mask is None):
+        raise ValueError(f"fused_attn triton: seqlens_k must be an int64 ({B},) tensor on {unused.device}, with no "
+                         f"varlen sequences or mask tensor, got {seqlens_k.dtype} {tuple(seqlens_k.shape)} on "
+                         f"{seqlens_k.device}{', varlen' if varlen else ''}{', a mask' if mask is not None else ''}")
+    return seqlens_k.contiguous()
 
 
 def mask_summary(mask: Tensor) -> Tensor:
@@ -1533,26 +1571,30 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec
                  arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None,
                  mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
                  cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-                 dropout_seed: Optional[Tensor] = None) -> Launch:
+                 dropout_seed: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
     (None: the interpreter); ``key_bounds`` int64 (B, 2) or None; ``mask`` a bool or float (B, H, L, S)
     tensor (any strides) or None; ``cu_seqlens_q``, ``cu_seqlens_k`` int64 (n_seq + 1) offsets of
     packed sequences (B = 1) or None; ``alibi_slopes`` fp32 (B or n_seq, H) or None; ``dropout_seed``
-    int64 (1,) on the CPU with spec.dropout_p > 0. The grid tiles L (with varlen, the longest sequence's rows)."""
+    int64 (1,) on the CPU with spec.dropout_p > 0; ``seqlens_k`` int64 (B,), each batch's stored keys (SEQLENS),
+    or None. The grid tiles L (with varlen, the longest sequence's rows)."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
     tensors = (q, k, v, out)
     cu_q, cu_k, grid_b, grid_l, grid_s = _varlen_args(cu_seqlens_q, cu_seqlens_k, B, L, S, mask, lse)
     varlen = cu_seqlens_q is not None
-    kb, offsets, flags = _visibility_args(spec, grid_l, grid_s, key_bounds, B, lse, varlen)
+    stored = _seqlens_args(seqlens_k, B, varlen, mask, lse)
+    kb, offsets, flags = _visibility_args(spec, grid_l, grid_s, key_bounds, B, lse, varlen, seqlens_k is not None)
     mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, lse)
     flags["VARLEN"] = varlen
+    flags["SEQLENS"] = seqlens_k is not None
     slopes, scalars, feature_flags = _feature_args(spec, alibi_slopes, dropout_seed, grid_b, H, lse)
     meta = _common_meta(q, v, {**flags, **feature_flags}, arch, tensors)
-    meta["TMA"] = not varlen and use_tma(tensors, arch)  # varlen: see the module docstring
+    # varlen and stored keys: see the module docstring
+    meta["TMA"] = not varlen and seqlens_k is None and use_tma(tensors, arch)
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
-    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, slopes, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, slopes, stored, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *mask_args[2:], H, H // HK, grid_b * H, L, S, *offsets, spec.scale * LOG2E, *scalars,
             _bucket(grid_l), _bucket(grid_s))
     return Launch("fwd", args, meta, _grid(grid_l, grid_b * H, "BLOCK_M"),
@@ -1694,14 +1736,14 @@ def _run(launch: Launch, device: torch.device) -> None:
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
              mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
              cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-             dropout_seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+             dropout_seed: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
     out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
     launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
                           torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
-                          alibi_slopes, dropout_seed)
+                          alibi_slopes, dropout_seed, seqlens_k)
     _run(launch, q.device)
     return out, lse
 
@@ -1710,8 +1752,11 @@ def _backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
               spec: AttnSpec, mask_grad: bool = False, key_bounds: Optional[Tensor] = None,
               mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
               cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-              dropout_seed: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, H, L, S) in its dtype too."""
+              dropout_seed: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """(dq, dk, dv), and with ``mask_grad`` the float mask's gradient (B, H, L, S) in its dtype too. Stored key
+    counts (seqlens_k: attention_with_kvcache, which computes no gradients) have no backward here."""
+    if seqlens_k is not None:
+        raise ValueError("fused_attn triton: seqlens_k (stored key counts) has no backward")
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, H, L, _ = q.shape
     delta = new_output((B, H, L), torch.float32, q.device)

@@ -229,11 +229,28 @@ def varlen_call(arch, n_seq, H, HK, L, S, E, dtype, causal=True, window=(-1, -1)
     return cap
 
 
+def kvcache_call(arch, B, H, HK, S, E, dtype, window=(-1, -1), features=None):
+    """A forward through fused_attn.attention_with_kvcache on a fake sm_<arch> (SEQLENS: each batch's key
+    count, the pointer path): 16 new rows and keys appended to caches of ragged lengths up to S. Returns
+    the Capture."""
+    q = torch.randn(B, H, 16, E).to(dtype)
+    k_cache, v_cache = (torch.randn(B, HK, S, E).to(dtype) for _ in range(2))
+    new = [torch.randn(B, HK, 16, E).to(dtype) for _ in range(2)]
+    lengths = torch.tensor([max(0, S - 16 - 37 * b) for b in range(B)])
+    extras = _extras(features or {}, B, H)
+    extras.pop("dropout_p", None)  # (no dropout in decoding)
+    with fake_gpu(arch) as cap, torch.no_grad():
+        fused_attn.attention_with_kvcache(q, k_cache, v_cache, *new, cache_seqlens=lengths, window=window,
+                                          backend="triton", **extras)
+    return cap
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiling a record
 # ---------------------------------------------------------------------------------------------
 
-FEATURE_LETTERS = {"SOFTCAP": "s", "ALIBI": "a", "DROPOUT": "d", "MASK_GRAD": "g"}  # the table's features column
+# the table's features column (k: stored key counts, attention_with_kvcache)
+FEATURE_LETTERS = {"SOFTCAP": "s", "ALIBI": "a", "DROPOUT": "d", "MASK_GRAD": "g", "SEQLENS": "k"}
 
 
 def compile_record(record: dict) -> dict:
@@ -255,6 +272,7 @@ def compile_record(record: dict) -> dict:
     return dict(kind=record["kind"], arch=record["arch"], head_dim=c.get("HEAD_DIM", c.get("HEAD_DIM_V")),
                 dtype=c.get("DTYPE", "-"), causal=c.get("CAUSAL", "-"), window=c.get("WINDOW", "-"),
                 key_bounds=c.get("KEY_BOUNDS", "-"), mask=c.get("MASK", "-"), varlen=c.get("VARLEN", "-"),
+                seqlens=bool(c.get("SEQLENS")),
                 features="".join(letter for name, letter in FEATURE_LETTERS.items() if c.get(name)) or "-",
                 tma=bool(c.get("TMA")),
                 aligned=c.get("ALIGNED", "-"),
@@ -269,8 +287,10 @@ SPILL_TOLERANCE = 128  # bytes of spills tolerated elsewhere (see problems)
 
 def calibrated(row: dict) -> bool:
     """Whether the register estimates were calibrated for the row: sm_80 / sm_90, aligned inputs, not
-    varlen (whose pointer-path forward and per-sequence offsets the estimates only approximate)."""
-    return row["arch"] in CALIBRATED_ARCHS and row["aligned"] is not False and row.get("varlen") is not True
+    varlen or stored key counts (whose pointer-path forward and per-sequence offsets the estimates only
+    approximate)."""
+    return (row["arch"] in CALIBRATED_ARCHS and row["aligned"] is not False and row.get("varlen") is not True
+            and not row.get("seqlens"))
 
 
 def problems(row: dict, fp32_ieee: bool = True) -> list:
@@ -356,7 +376,8 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
     every config (triton_attention.MISALIGNED_REGISTER_SHARE). Each shape of ``visibility`` once more
     with a sliding window and key bounds, once with a mask tensor (MASK_KIND), and once as varlen
     sequences with the window; then both again with softcap, ALiBi and dropout (FEATURES), the first also
-    without dropout (NO_DROPOUT) and at the head dims of FEATURE_SHAPES."""
+    without dropout (NO_DROPOUT) and at the head dims of FEATURE_SHAPES; and the attention_with_kvcache forward
+    (stored key counts) with the window, softcap and ALiBi."""
     records = []
     for arch in archs:
         for head_dim, dtype, causal, (H, HK) in visibility:
@@ -368,6 +389,7 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
             caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW))
             caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW,
                                     FEATURES))
+            caps.append(kvcache_call(arch, 3, H, HK, LENGTH, head_dim, dtype, VISIBILITY_WINDOW, NO_DROPOUT))
             for cap in caps:  # every config benchmarked, and the launch of a kernel whose prune keeps one
                 records += [r for r in cap.records if r["kind"] != "pre"]
         for head_dim, dtype, causal, (H, HK) in FEATURE_SHAPES if visibility else ():
