@@ -14,6 +14,12 @@ float32 and bfloat16. Three sides, each doing the whole step (append, then atten
 - ``torch slice``: the new key and value copied into the same preallocated cache, then SDPA on the
   slice ``[:, :, :S]`` (torch's best without a fused cache call).
 
+``--gpt`` adds end-to-end generation: tokens/s of ``fused_attn.models.GPT`` (4 layers, d_model 256, 4 heads of
+64, fp32) generating ``--gpt-tokens`` (256) tokens greedily after a ``--gpt-prompt`` (1024) token prompt, batch
+1: the model as built (automatic backend, preallocated cache, steps through attention_with_kvcache), the same
+with a cache grown by concatenation, on the reference backend, and with torch SDPA in place of fused_attn's
+(concatenated cache). Best of ``--gpt-rounds`` (3) runs each.
+
 Speedups are torch's time over fused_attn's (best round of each; timing as benchmarks/per_call.py);
 targets (issue 15): 1.5 over concat, 1.2 over slice. ``--lengths`` picks the cache lengths (the smoke
 test runs a short one). The table goes to the screen and, as markdown, to --out/decode.md.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Callable, Dict, List
 
 import torch
@@ -77,6 +84,55 @@ def run(lengths=(1024, 8192, 32768), batches=(1, 8), dtypes=(torch.float32, torc
     return rows
 
 
+GPT_CONFIG = dict(vocab_size=256, d_model=256, n_heads=4, n_encoder_layers=0, n_decoder_layers=4, d_ff=1024,
+                  dropout=0.0)
+
+
+def _torch_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+                window=(-1, -1), backend=None, **_):
+    """torch's SDPA with the models' arguments: their lower-right window (-1, 0) as causal_lower_right."""
+    if window == (-1, 0):
+        attn_mask = torch.nn.attention.bias.causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+def run_gpt(prompt: int = 1024, tokens: int = 256, rounds: int = 3) -> List[dict]:
+    """One row per side: seconds per generation (best round) and tokens/s, GPT_CONFIG in fp32, batch 1."""
+    from fused_attn.models import GPT, TransformerConfig, greedy_search
+    from fused_attn.models import model as model_module
+    torch.manual_seed(0)
+    idx = torch.randint(0, GPT_CONFIG["vocab_size"], (1, prompt))
+    rows = []
+    for side, cache, backend, sdpa in (("fused_attn (preallocated cache)", "preallocated", None, None),
+                                       ("fused_attn (concatenated cache)", "concatenated", None, None),
+                                       ("reference backend", "preallocated", "reference", None),
+                                       ("torch SDPA (concatenated cache)", "concatenated", None, _torch_sdpa)):
+        torch.manual_seed(1)
+        model = GPT(TransformerConfig(**GPT_CONFIG, max_len=prompt + tokens, cache=cache, backend=backend)).eval()
+        real = model_module.scaled_dot_product_attention
+        if sdpa is not None:
+            model_module.scaled_dot_product_attention = sdpa
+        try:
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                out = greedy_search(model, None, idx, tokens)
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            model_module.scaled_dot_product_attention = real
+        rows.append(dict(side=side, seconds=best, tokens_per_s=out.shape[1] / best, tokens=out[0, :8].tolist()))
+    return rows
+
+
+def gpt_markdown(rows: List[dict], prompt: int, tokens: int) -> str:
+    lines = [f"| GPT, {prompt}-token prompt, {tokens} new tokens | seconds | tokens/s | vs torch SDPA |", "|---|---|---|---|"]
+    torch_s = rows[-1]["seconds"]
+    for r in rows:
+        lines.append(f"| {r['side']} | {r['seconds']:.4f} | {r['tokens_per_s']:.1f} | {torch_s / r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: List[dict]) -> str:
     lines = ["| dtype | B | S | fused us | torch concat us | torch slice us | speedup vs concat (target 1.5) "
              "| speedup vs slice (target 1.2) |", "|---|---|---|---|---|---|---|---|"]
@@ -93,6 +149,10 @@ def main(argv=None) -> List[dict]:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument("--gpt", action="store_true", help="add end-to-end GPT generation (see the header)")
+    ap.add_argument("--gpt-prompt", type=int, default=1024)
+    ap.add_argument("--gpt-tokens", type=int, default=256)
+    ap.add_argument("--gpt-rounds", type=int, default=3)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +160,13 @@ def main(argv=None) -> List[dict]:
     table = markdown(rows)
     print(f"# decoding step against a KV cache, {torch.get_num_threads()} threads, best of {args.rounds} rounds")
     print(table)
+    if args.gpt:
+        gpt_rows = run_gpt(args.gpt_prompt, args.gpt_tokens, args.gpt_rounds)
+        firsts = {tuple(r["tokens"]) for r in gpt_rows}
+        if len(firsts) != 1:  # the sides run one model: they must generate the same tokens
+            raise SystemExit(f"the GPT sides generated different tokens: {[r['tokens'] for r in gpt_rows]}")
+        table += "\n\n" + gpt_markdown(gpt_rows, args.gpt_prompt, args.gpt_tokens)
+        print(gpt_markdown(gpt_rows, args.gpt_prompt, args.gpt_tokens))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "decode.md")
     with open(path, "w") as f:

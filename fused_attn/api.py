@@ -165,5 +165,5 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     p = make_kvcache_problem(q, k_cache, v_cache, block_table is not None, causal, scale, window, alibi_slopes,
                              softcap)
     p.k, p.v, p.seqlens_k = kvcache.prepare(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
-    out, lse = p.restore(*dispatch.run(p, backend))
-    return (out, lse) if return_lse else out
+    out, lse = dispatch.run(p, backend)
+    return p.restore(out, lse) if return_lse else out

@@ -9,7 +9,7 @@ place; FlashAttention's ``(B, S, H, E)`` tensors pass as ``.transpose(1, 2)`` vi
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,26 +19,27 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def cache_lengths(cache_seqlens, B: int, capacity: int, device) -> Tensor:
+def cache_lengths(cache_seqlens, B: int, capacity: int, device) -> List[int]:
     """``cache_seqlens`` (None: every batch's cache full, ``capacity`` keys; an int: the same for every
-    batch; an int32 / int64 tensor of shape (B,)) as int64 (B,) on ``device``, each in [0, capacity]."""
+    batch; an int32 / int64 tensor of shape (B,) on ``device``) as B ints, each checked in [0, capacity]. A
+    tensor is read once (one device sync on a GPU, as FlashAttention's Python checks do not; the checks need
+    it)."""
     if cache_seqlens is None:
-        return torch.full((B,), capacity, dtype=torch.int64, device=device)
+        return [capacity] * B
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        lengths = torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
+        lengths = [cache_seqlens] * B
     elif isinstance(cache_seqlens, Tensor) and cache_seqlens.dtype in (torch.int32, torch.int64) \
             and cache_seqlens.shape == (B,):
         if cache_seqlens.device != device:
             raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
-        lengths = cache_seqlens.to(torch.int64)
+        lengths = cache_seqlens.tolist()
     else:
         raise TypeError(f"cache_seqlens must be None, an int or an int32 / int64 tensor of shape ({B},), got "
                         + (f"{cache_seqlens.dtype} {_shape(cache_seqlens)}" if isinstance(cache_seqlens, Tensor)
                            else repr(cache_seqlens)))
-    bad = (lengths < 0) | (lengths > capacity)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"cache_seqlens[{b}] = {int(lengths[b])} is not in [0, {capacity}] (the cache's capacity)")
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is not in [0, {capacity}] (the cache's capacity)")
     return lengths
 
 
@@ -55,12 +56,13 @@ def check_block_table(block_table: Tensor, B: int, num_blocks: int, device) -> N
         raise ValueError("a paged cache needs at least one block, got k_cache with 0 blocks")
 
 
-def _used_blocks(block_table: Tensor, counts: Tensor, block_size: int, num_blocks: int) -> Tensor:
+def _used_blocks(block_table: Tensor, counts: List[int], block_size: int, num_blocks: int) -> Tensor:
     """The table's first ceil(max count / block_size) columns (int64), checked where a batch uses them (entry
     in [0, num_blocks)); the entries a batch does not use become block 0 (read, never attended to)."""
-    n_cols = -(-int(counts.max()) // block_size) if counts.numel() else 0
+    n_cols = -(-max(counts, default=0) // block_size)
     table = block_table[:, :n_cols].to(torch.int64)
-    used = torch.arange(n_cols, device=table.device)[None, :] * block_size < counts[:, None]
+    need = torch.tensor([-(-n // block_size) for n in counts], device=table.device)
+    used = torch.arange(n_cols, device=table.device)[None, :] < need[:, None]
     bad = used & ((table < 0) | (table >= num_blocks))
     if bool(bad.any()):
         b, j = (int(x) for x in bad.nonzero()[0])
@@ -69,22 +71,33 @@ def _used_blocks(block_table: Tensor, counts: Tensor, block_size: int, num_block
     return torch.where(used, table, 0)
 
 
-def append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lengths: Tensor,
-           block_table: Optional[Tensor]) -> None:
+def append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lengths: List[int],
+           table: Optional[Tensor]) -> None:
     """Write new keys k (B, Hk, L_new, E) and values v (B, Hk, L_new, Ev) into the caches in place at each
-    batch's positions lengths[b] .. lengths[b] + L_new - 1 (the caller checked they fit)."""
-    B, L_new = k.shape[0], k.shape[2]
-    pos = lengths[:, None] + torch.arange(L_new, device=lengths.device)[None, :]  # (B, L_new)
-    if block_table is None:
-        rows = torch.arange(B, device=pos.device)[:, None].expand(B, L_new)
-        k_cache[rows, :, pos] = k.transpose(1, 2).to(k_cache.dtype)  # (B, L_new, Hk, E): advanced dims first
-        v_cache[rows, :, pos] = v.transpose(1, 2).to(v_cache.dtype)
-    else:
-        size = k_cache.shape[2]
-        table = block_table.to(torch.int64)
-        blocks, rows = table.gather(1, pos // size), pos % size
-        k_cache[blocks, :, rows] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[blocks, :, rows] = v.transpose(1, 2).to(v_cache.dtype)
+    batch's positions lengths[b] .. lengths[b] + L_new - 1 (the caller checked they fit): a slice copy per
+    batch entry (per block a run of them crosses, paged: ``table`` its blocks, int64 (B, n_cols))."""
+    L_new = k.shape[2]
+    if table is None and k_cache.is_cpu:
+        from .ops import cpu
+        if cpu._C is not None:  # one call for both caches (per-call cost)
+            cpu._C.append_kv(k_cache, v_cache, k, v, lengths)
+            return
+    if table is None:
+        for b, n in enumerate(lengths):
+            k_cache[b, :, n:n + L_new].copy_(k[b])
+            v_cache[b, :, n:n + L_new].copy_(v[b])
+        return
+    size = k_cache.shape[2]
+    blocks = table.tolist()
+    for b, n in enumerate(lengths):
+        j = 0
+        while j < L_new:  # the run's part in block (n + j) // size
+            row = (n + j) % size
+            run = min(L_new - j, size - row)
+            blk = blocks[b][(n + j) // size]
+            k_cache[blk, :, row:row + run].copy_(k[b, :, j:j + run])
+            v_cache[blk, :, row:row + run].copy_(v[b, :, j:j + run])
+            j += run
 
 
 def check_new(k: Optional[Tensor], v: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, B: int, paged: bool) -> int:
@@ -121,10 +134,10 @@ def gathered(cache: Tensor, table: Tensor) -> Tensor:
 
 def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor], cache_seqlens,
             block_table: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """The caches as the kernels read them (B, Hk, S, E / Ev) and each batch's key count (int64 (B,)), after
-    appending k and v in place (fused_attn.attention_with_kvcache's steps before attention; q and the caches'
-    shapes, dtypes and devices already checked by problem.make_kvcache_problem). Every check comes before the
-    append: a refused call leaves the caches as they were."""
+    """The caches as the kernels read them (B, Hk, S, E / Ev) and each batch's key count (int64 (B,) on q's
+    device), after appending k and v in place (fused_attn.attention_with_kvcache's steps before attention; q
+    and the caches' shapes, dtypes and devices already checked by problem.make_kvcache_problem). Every check
+    comes before the append: a refused call leaves the caches as they were."""
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                        for t in (q, k_cache, v_cache, k, v)):
         raise RuntimeError("attention_with_kvcache computes no gradients (as FlashAttention's flash_attn_with_kvcache); "
@@ -138,18 +151,20 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v:
         capacity = k_cache.shape[2]
     L_new = check_new(k, v, k_cache, v_cache, B, paged)
     lengths = cache_lengths(cache_seqlens, B, capacity, q.device)
-    counts = lengths + L_new
-    if L_new:
-        over = counts > capacity
-        if bool(over.any()):
-            b = int(over.nonzero()[0, 0])
-            raise ValueError(f"appending {L_new} tokens to batch {b}'s cache of {int(lengths[b])} overflows its "
-                             f"capacity of {capacity} ({'block_table columns x block_size' if paged else 'S_max'})")
+    counts = [n + L_new for n in lengths]
+    for b, n in enumerate(lengths):
+        if n + L_new > capacity:
+            raise ValueError(f"appending {L_new} tokens to batch {b}'s cache of {n} overflows its capacity of "
+                             f"{capacity} ({'block_table columns x block_size' if paged else 'S_max'})")
+    if isinstance(cache_seqlens, Tensor):  # (cheaper than building a tensor from the list)
+        counts_t = cache_seqlens.to(torch.int64) + L_new if L_new else cache_seqlens.to(torch.int64)
+    else:
+        counts_t = torch.tensor(counts, dtype=torch.int64, device=q.device)
     if not paged:
         if L_new:
             append(k_cache, v_cache, k, v, lengths, None)
-        return k_cache, v_cache, counts
+        return k_cache, v_cache, counts_t
     table = _used_blocks(block_table, counts, k_cache.shape[2], k_cache.shape[0])
     if L_new:
         append(k_cache, v_cache, k, v, lengths, table)
-    return gathered(k_cache, table), gathered(v_cache, table), counts
+    return gathered(k_cache, table), gathered(v_cache, table), counts_t

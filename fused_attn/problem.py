@@ -404,7 +404,22 @@ def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) ->
 def _bottom_right_spec(E: int, scale, causal: bool, window, softcap, dropout_p=0.0) -> AttnSpec:
     """The spec of a call whose causal diagonal and window align bottom-right per sequence (varlen_attention,
     attention_with_kvcache), its arguments checked: ``scale`` None (1/sqrt(E)) or finite, ``window`` as
-    :func:`_window` ((-1, 0) is lower-right causal), ``softcap`` as :func:`_softcap`, ``dropout_p`` in [0, 1]."""
+    :func:`_window` ((-1, 0) is lower-right causal), ``softcap`` as :func:`_softcap`, ``dropout_p`` in [0, 1].
+    The default options' specs are kept per (E, causal): decoding steps ask for the same one each step."""
+    plain = scale is None and (window is None or window is NO_WINDOW) and softcap == 0.0 and dropout_p == 0.0 \
+        and not torch.compiler.is_compiling()
+    if plain and (spec := _BOTTOM_RIGHT_SPECS.get((E, bool(causal)))) is not None:
+        return spec
+    spec = _checked_bottom_right_spec(E, scale, causal, window, softcap, dropout_p)
+    if plain and len(_BOTTOM_RIGHT_SPECS) < 1024:
+        _BOTTOM_RIGHT_SPECS[E, bool(causal)] = spec
+    return spec
+
+
+_BOTTOM_RIGHT_SPECS: Dict[Tuple[int, bool], AttnSpec] = {}
+
+
+def _checked_bottom_right_spec(E: int, scale, causal: bool, window, softcap, dropout_p) -> AttnSpec:
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if scale is None:

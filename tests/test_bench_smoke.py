@@ -65,12 +65,20 @@ def test_decode_cli(tmp_path):
     """benchmarks/decode.py runs its three sides on a short cache (both dtypes, both batch sizes) and writes its
     markdown table, speedups consistent with the times."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"), "--lengths", "256", "--rounds", "1",
-           "--threads", "1", "--out", str(tmp_path)]
+           "--threads", "1", "--gpt", "--gpt-prompt", "12", "--gpt-tokens", "5", "--gpt-rounds", "1",
+           "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = (tmp_path / "decode.md").read_text().splitlines()
+    table, gpt = (tmp_path / "decode.md").read_text().split("\n\n")
+    table, gpt = table.splitlines(), gpt.splitlines()
     assert len(table) == 2 + 4 and [line.split("|")[1:4] for line in table[2:]] == [
         [f" {dtype} ", f" {B} ", " 256 "] for dtype in ("float32", "bfloat16") for B in (1, 8)]
+    assert [line.split("|")[1].strip() for line in gpt[2:]] == [
+        "fused_attn (preallocated cache)", "fused_attn (concatenated cache)", "reference backend",
+        "torch SDPA (concatenated cache)"]
+    for line in gpt[2:]:
+        seconds, tokens_per_s = (float(c) for c in line.split("|")[2:4])
+        assert seconds > 0 and abs(tokens_per_s * seconds - 5) < 0.25  # 5 tokens (rounded figures)
     for line in table[2:]:
         fused, concat, slice_, vs_concat, vs_slice = (float(c) for c in line.split("|")[4:9])
         assert min(fused, concat, slice_) > 0

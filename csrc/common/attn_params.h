@@ -101,12 +101,6 @@ struct Visibility {
     if (e < b) e = b;
     return {static_cast<Index>(b + first), static_cast<Index>(e + first)};
   }
-
-  // Every row sees every key of [0, len_k): nothing to mask.
-  FA_COMMON_FN bool sees_every_key(int64_t len_k) const {
-    return causal == kCausalNone && window_left < 0 && window_right < 0 && key_begin <= 0 && key_end >= len_k &&
-           cu_q == nullptr;
-  }
 };
 
 FA_COMMON_FN Visibility make_visibility(int64_t mode, int64_t len_q, int64_t len_k, int64_t window_left = -1,

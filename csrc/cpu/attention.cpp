@@ -4,8 +4,11 @@
 // hooks (test_hooks.cpp) add their functions to the same module.
 #include <torch/extension.h>
 
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "bindings.h"
 #include "bwd_kernel.h"
@@ -291,6 +294,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   return {dq, dk, dv, dmask};
 }
 
+// attention_with_kvcache's append to a contiguous cache (fused_attn/kvcache.py): new keys k (B, Hk, n, E) and
+// values v (B, Hk, n, Ev) copied into k_cache (B, Hk, S, E) / v_cache at rows lengths[b] .. lengths[b] + n - 1
+// of each batch entry (the caller checked the ranges, shapes and dtypes); row copies, one call for both caches
+// (per-call cost: a decoding step's append was four tensor ops per batch entry from Python).
+void append_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_in, const at::Tensor& v_in,
+               const std::vector<int64_t>& lengths) {
+  for (auto [cache, rows_in] : {std::pair<at::Tensor*, const at::Tensor*>{&k_cache, &k_in}, {&v_cache, &v_in}}) {
+    const at::Tensor rows = rows_in->contiguous();
+    TORCH_CHECK(cache->device().is_cpu() && cache->dim() == 4 && rows.dim() == 4 &&
+                    cache->scalar_type() == rows.scalar_type() && cache->size(0) == rows.size(0) &&
+                    cache->size(1) == rows.size(1) && cache->size(3) == rows.size(3) &&
+                    static_cast<int64_t>(lengths.size()) == rows.size(0),
+                "append_kv: caches (B, H, S, D) and rows (B, H, n, D) of one dtype, a length per batch entry");
+    const int64_t B = rows.size(0), H = rows.size(1), n = rows.size(2), D = rows.size(3);
+    if (cache->stride(3) != 1 && D > 1) {  // (any layout: through ATen)
+      for (int64_t b = 0; b < B; ++b) cache->select(0, b).narrow(1, lengths[b], n).copy_(rows.select(0, b));
+      continue;
+    }
+    const int64_t elem = cache->element_size(), bytes = D * elem;
+    auto* dst = static_cast<char*>(cache->data_ptr());
+    const auto* src = static_cast<const char*>(rows.data_ptr());
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(lengths[b] >= 0 && lengths[b] + n <= cache->size(2), "append_kv: rows ", lengths[b], " .. ",
+                  lengths[b] + n - 1, " of batch entry ", b, " are outside the cache's ", cache->size(2));
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < n; ++i)
+          std::memcpy(dst + (b * cache->stride(0) + h * cache->stride(1) + (lengths[b] + i) * cache->stride(2)) * elem,
+                      src + ((b * H + h) * n + i) * bytes, bytes);
+    }
+  }
+}
+
 // The autograd formula of fused_attn/autograd.py, for eager CPU calls that record gradients
 // (fused_attn.ops.cpu._differentiable): the same forward and backward as the torch.library ops run, with
 // autograd's bookkeeping in C++ rather than in a Python autograd.Function (per-call cost: a small training
@@ -400,6 +435,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fused_attn::cpu::backward, "attention backward: (dq, dk, dv, dmask or None)");
   m.def("differentiable_forward", &fused_attn::cpu::differentiable_forward,
         "attention forward recorded for autograd (backward in C++): (out, lse)");
+  m.def("append_kv", &fused_attn::cpu::append_kv,
+        "attention_with_kvcache's append: new rows into contiguous KV caches at each batch entry's length");
   m.def("set_double_backward_message", [](const std::string& m) { fused_attn::cpu::double_backward_message() = m; },
         "the error raised when gradients of this backend's gradients are asked for");
   fused_attn::cpu::def_path_functions(m);

@@ -372,6 +372,22 @@ void softmax_step(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const KeyInt
 // columns only where it finds one: row i gets NaN at e where column e holds a non-finite
 // value outside the row's keys [begin, end), before begin or from end on, or (a mask tensor)
 // at a key inside them that the mask hides from the row.
+// Whether some query row does not see some stored key of its batch entry (keys the pass below must
+// consider): each row sees one interval whose ends do not decrease with the row, so every row sees all
+// stored keys iff the first row's interval ends at the count and the last row's begins at 0. Decoding
+// (one row, lower-right causal, a KV cache's count) hides none, and skips the pass's read of V.
+inline bool hides_stored_keys(const AttnFwdParams& p) {
+  const Dims& d = p.dims;
+  if (p.vis.cu_q != nullptr) return true;  // (varlen: not examined)
+  for (int64_t b = 0; b < d.batch; ++b) {
+    const Visibility vis = p.visibility(b);
+    const int64_t stored = p.stored_keys(b);
+    const KeyInterval first = vis.keys<int64_t>(0, d.len_k), last = vis.keys<int64_t>(d.len_q - 1, d.len_k);
+    if (first.begin > 0 || first.end < stored || last.begin > 0 || last.end < stored) return true;
+  }
+  return false;
+}
+
 template <typename scalar_t>
 void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
   const Dims& d = p.dims;
@@ -632,8 +648,7 @@ void attention_forward(AttnFwdParams p) {
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
-  if (has_mask || p.key_bounds != nullptr || p.seqlens_k != nullptr || !p.vis.sees_every_key(d.len_k))
-    poison_unseen_nonfinite_v<scalar_t>(p);
+  if (has_mask || hides_stored_keys(p)) poison_unseen_nonfinite_v<scalar_t>(p);
 }
 
 }  // namespace fused_attn::cpu

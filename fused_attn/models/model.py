@@ -19,8 +19,16 @@ cache: the window (-1, 0)), never as a mask tensor; a padding mask (B, 1, 1, S) 
 each sequence at one end runs in the CPU and Triton kernels as per-sequence key bounds;
 attention dropout only the reference backend runs.
 
+Decoding (``init_cache`` / ``decode_step``, and ``fused_attn.models.generation``) keeps each decoder layer's
+self-attention keys and values in storage preallocated for ``max_len`` positions and appended in place
+(``TransformerConfig.cache = "preallocated"``, the default); a step without gradients, padding mask,
+attention dropout or saved weights attends through :func:`fused_attn.attention_with_kvcache`, the others
+through the filled part of the same storage. ``cache="concatenated"`` grows the keys by ``torch.cat``
+instead (what the models did before; the tests check both give the same tokens).
+
 Under ``torch.compile`` the models' forward (and backward) trace with no graph break, and so
-do decoding steps of one token or several. (A padding mask under compile stays a mask tensor:
+do decoding steps of one token or several (through the storage's filled part: attention_with_kvcache reads
+the cache lengths on the host, which would break the graph). (A padding mask under compile stays a mask tensor:
 the test that turns it into key bounds reads its values.)
 """
 from __future__ import annotations
