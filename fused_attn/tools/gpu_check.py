@@ -66,7 +66,7 @@ BUDGETS = {"env": 30, "build": 200, "test-cuda": 75, "memcheck": 60, "racecheck"
            "bench": 120}
 PER_TEST_TIMEOUT_S = 60  # pytest-timeout's limit per test, when the plugin is there
 CUDA_TESTS = ("tests/test_cuda_emu_forward.py", "tests/test_cuda_emu_backward.py", "tests/test_cuda_arch.py")
-TRITON_TESTS = ("tests/test_triton.py",)
+TRITON_TESTS = ("tests/test_triton.py", "tests/test_kvcache.py")  # (test_kvcache: the SEQLENS forward, compiled)
 BENCH_PROVIDERS = ("fused_attn-cuda", "fused_attn-triton", "sdpa-flash_attention", "sdpa-cudnn_attention", "flash-attn")
 BENCH_HEADS = 16
 BENCH_BATCH_L2 = 16384 ** 2  # batch * L^2 of every shape: batch 256 at L = 1k, 16 at 4k, 1 at 16k (16 heads)
