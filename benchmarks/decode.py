@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fused_attn  # noqa: E402
-from per_call import time_rounds  # noqa: E402
+from per_call import time_rounds, write_table  # noqa: E402
 
 HQ, HK, E = 32, 8, 128
 SPARE = 128  # preallocated slots past the step's keys
@@ -167,11 +167,7 @@ def main(argv=None) -> List[dict]:
             raise SystemExit(f"the GPT sides generated different tokens: {[r['tokens'] for r in gpt_rows]}")
         table += "\n\n" + gpt_markdown(gpt_rows, args.gpt_prompt, args.gpt_tokens)
         print(gpt_markdown(gpt_rows, args.gpt_prompt, args.gpt_tokens))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "decode.md")
-    with open(path, "w") as f:
-        f.write(table + "\n")
-    print(f"# wrote {path}")
+    write_table(table, args.out, "decode.md")
     return rows
 
 

@@ -126,12 +126,17 @@ def main(argv=None) -> List[dict]:
     table = markdown(rows)
     print(f"# per-call cost, {torch.get_num_threads()} threads, best of {args.rounds} rounds")
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "per_call.md")
+    write_table(table, args.out, "per_call.md")
+    return rows
+
+
+def write_table(table: str, out: str, name: str) -> None:
+    """The markdown ``table`` to ``out``/``name`` (the folder made if needed), and where it went to the screen."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
     with open(path, "w") as f:
         f.write(table + "\n")
     print(f"# wrote {path}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -401,6 +401,22 @@ def _cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device) ->
     return cu.to(torch.int64).contiguous(), len(lengths)
 
 
+def _check_operands(named: Tuple[Tuple[str, object], ...], rank: int, dims: str) -> None:
+    """The (name, tensor) pairs ``named`` (q, k, v of varlen_attention or attention_with_kvcache) checked:
+    each a ``rank``-D tensor (``dims`` names its dims), one dtype of SUPPORTED_DTYPES, one device."""
+    for name, t in named:
+        if not isinstance(t, Tensor) or t.dim() != rank:
+            raise ValueError(f"{name} must be a {rank}-D tensor ({dims}), got "
+                             + (_shape(t) if isinstance(t, Tensor) else type(t).__name__))
+    names = ", ".join(name for name, _ in named[:-1]) + " and " + named[-1][0]
+    tensors = [t for _, t in named]
+    if len({t.dtype for t in tensors}) != 1 or tensors[0].dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{names} must have one dtype of {', '.join(str(d) for d in SUPPORTED_DTYPES)}, got "
+                        + ", ".join(str(t.dtype) for t in tensors))
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{names} must be on one device, got " + ", ".join(str(t.device) for t in tensors))
+
+
 def _bottom_right_spec(E: int, scale, causal: bool, window, softcap, dropout_p=0.0) -> AttnSpec:
     """The spec of a call whose causal diagonal and window align bottom-right per sequence (varlen_attention,
     attention_with_kvcache), its arguments checked: ``scale`` None (1/sqrt(E)) or finite, ``window`` as
@@ -442,16 +458,7 @@ def make_kvcache_problem(q, k_cache, v_cache, paged: bool, causal=True, scale=No
     Problem's k, v (a paged cache's blocks in order) and ``seqlens_k`` (the counts) once ``fused_attn.kvcache``
     has checked the cache's own arguments and appended the new keys: nothing is written before every
     argument is checked."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, length, head dim), got "
-                             + (_shape(t) if isinstance(t, Tensor) else type(t).__name__))
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q, k_cache and v_cache must have one dtype of {', '.join(str(d) for d in SUPPORTED_DTYPES)}, "
-                        f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if not (q.device == k_cache.device == v_cache.device):
-        raise ValueError(f"q, k_cache and v_cache must be on one device, got {q.device}, {k_cache.device}, "
-                         f"{v_cache.device}")
+    _check_operands((("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, "batch, heads, length, head dim")
     (B, Hq, L, E), (Bk, Hk, S, Ek), (Bv, Hv, Sv, Ev) = q.shape, k_cache.shape, v_cache.shape
     if not ((paged or Bk == B) and Bv == Bk and Ek == E and Hv == Hk and Sv == S):
         want = "(num_blocks, Hk, block_size, E)" if paged else "(B, Hk, S_max, E)"
@@ -470,15 +477,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     """Check the arguments of ``varlen_attention`` and pack them as one problem of batch 1: q
     (1, Hq, total_q, E), k and v (1, Hk, total_k, E / Ev) views of the packed (total, H, E) inputs,
     with the sequences' offsets (``Problem.cu_seqlens_q`` / ``_k``); causal is lower-right per sequence."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D tensor (total, heads, head dim), got "
-                             + (_shape(t) if isinstance(t, Tensor) else type(t).__name__))
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q, k and v must have one dtype of {', '.join(str(d) for d in SUPPORTED_DTYPES)}, got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_operands((("q", q), ("k", k), ("v", v)), 3, "total, heads, head dim")
     (Lt, Hq, E), (St, Hk, Ek), (Sv, Hv, Ev) = q.shape, k.shape, v.shape
     if Ek != E or Sv != St or Hv != Hk:
         raise ValueError(f"k must be (total_k, Hk, E) and v (total_k, Hk, Ev) with q's E, got q {_shape(q)}, "
