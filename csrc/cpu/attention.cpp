@@ -422,7 +422,8 @@ std::tuple<at::Tensor, at::Tensor> differentiable_forward(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& dropout_seed,
     const std::optional<at::Tensor>& seqlens_k) {
   variable_list r = Attention::apply(q, k, v, poison, causal, scale, window_left, window_right, softcap, dropout_p,
-                                     key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed, seqlens_k);
+                                     key_bounds, mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed,
+                                     seqlens_k);
   return {r[0], r[1]};
 }
 
