@@ -114,6 +114,49 @@ def test_decoding_step_with_gqa(case, dtype):
                   backward=case != "q_heads_broadcast", **kw)
 
 
+SPLIT_MIN_KEYS = 512  # csrc/cpu/config.h's FWD_SPLIT_MIN_KEYS
+_PADDED = torch.arange(2600) < torch.tensor([[900], [2500]])  # two sequences' keys, (B, S)
+SPLIT_CASES = {  # (B, Hq, Hk, L, S, extra arguments), tasks fewer than the threads, keys read in place
+    "decode_one_head": (1, 1, 1, 1, 3000, {}),
+    "decode_window_alibi_softcap": (1, 1, 1, 1, 3000, dict(window=(700, 0), alibi_slopes=torch.tensor([0.05]),
+                                                           softcap=4.0)),  # (the first chunks see no key)
+    "prefill_chunk_gqa": (1, 2, 1, 7, 2900, {}),
+    "key_padding_two_batches": (2, 1, 1, 1, 2600, dict(attn_mask=_PADDED[:, None, None, :])),
+}
+
+
+@pytest.mark.parametrize("threads", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_kv(case, dtype, threads):
+    """Fewer tasks than threads (else no split), each over many keys read in place (a decoding step of one head,
+    a small chunk of queries): the forward cuts each task's keys into chunks computed by separate threads and
+    combines them through their row maxima and sums (split-KV, csrc/cpu/fwd_kernel.h). Against the fp64
+    reference, forward and backward; the chunks the forward made are read back (last_forward_splits), and a
+    NaN key in one chunk makes the rows that see it NaN, as without the split."""
+    B, Hq, Hk, L, S, extra = SPLIT_CASES[case]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(21)
+        q, k, v = make_inputs(B, Hq, Hk, L, S, 64, 48, dtype)
+        mode = CausalMode.NONE if "attn_mask" in extra else CausalMode.LOWER_RIGHT
+        check_backend("cpu", q, k, v, mode, **extra)
+        splits, tasks = cpu._C.last_forward_splits(), B * Hq  # (one query block per head)
+        if tasks < threads:
+            assert 1 < splits <= -(-threads // tasks) and splits * SPLIT_MIN_KEYS <= S, splits
+        else:
+            assert splits == 1, splits
+        k = k.detach().clone()
+        k[B - 1, 0, 2400] = float("nan")  # (a later chunk's key, which the last batch entry's rows see)
+        kwargs = dict(enable_gqa=Hq != Hk, **sdpa_causal_args(mode, L, S), **extra)
+        got = fused_attn.scaled_dot_product_attention(q.detach(), k, v.detach(), backend="cpu", **kwargs)
+        want = fused_attn.scaled_dot_product_attention(q.detach(), k, v.detach(), backend="reference", **kwargs)
+        assert bool(want[B - 1].isnan().all()) and torch.equal(got.isnan(), want.isnan())
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", CAUSAL_MODES, ids=mode_id)

@@ -438,6 +438,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention forward recorded for autograd (backward in C++): (out, lse)");
   m.def("append_kv", &fused_attn::cpu::append_kv,
         "attention_with_kvcache's append: new rows into contiguous KV caches at each batch entry's length");
+  m.def("last_forward_splits", [] { return fused_attn::cpu::last_forward_splits().load(); },
+        "how many key chunks the last forward cut its tasks' keys into (split-KV; 1: none)");
   m.def("set_double_backward_message", [](const std::string& m) { fused_attn::cpu::double_backward_message() = m; },
         "the error raised when gradients of this backend's gradients are asked for");
   fused_attn::cpu::def_path_functions(m);

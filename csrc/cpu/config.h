@@ -50,6 +50,9 @@ constexpr TileConfig BWD_TILE{128, 128};
 // fp32 decoding: the packed forward took ~25% longer.
 constexpr int64_t FWD_PACK_MIN_ROWS = 16;
 constexpr int64_t FWD_IN_PLACE_MIN_KEYS = 512;
+// Split-KV (fwd_kernel.h): a forward with fewer tasks than threads cuts each task's keys into chunks of at
+// least this many keys (and only with twice as many), computed by separate threads and combined.
+constexpr int64_t FWD_SPLIT_MIN_KEYS = 512;
 
 // Whether the forward packs each kv head (see FWD_PACK_MIN_ROWS): heads_q / heads_kv query heads share it.
 inline bool fwd_packs_kv(int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k) {

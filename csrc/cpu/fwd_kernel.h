@@ -439,6 +439,12 @@ void poison_unseen_nonfinite_v(const AttnFwdParams& p) {
   });
 }
 
+// How many key chunks the last forward cut its tasks' keys into (split-KV; 1: none): for the tests.
+inline std::atomic<int64_t>& last_forward_splits() {
+  static std::atomic<int64_t> n{1};
+  return n;
+}
+
 template <typename scalar_t, typename acc_t>
 void attention_forward(AttnFwdParams p) {
   const Dims& d = p.dims;
@@ -497,8 +503,49 @@ void attention_forward(AttnFwdParams p) {
 
   // Tasks: per (batch, head) (stacked: per (batch, kv head)), query blocks last to first (causal: heaviest first).
   const int64_t n_tasks = d.batch * (d.heads_q / heads_per_task) * n_qblocks;
+  // Split-KV (flash-decoding): where there are fewer tasks than threads and each reads its keys in place
+  // (decoding; not with dropout), each task's keys are cut into n_split chunks of whole key tiles, computed
+  // as tasks of their own into `partial` (each chunk's rows: acc, then m and l) and combined after through
+  // their row maxima and sums (the epilogue below, once per row). The chunks depend on the thread count
+  // only: results are deterministic for a given thread count, as the rest of the kernels'.
+  int64_t n_split = 1, chunk = d.len_k;
+  const int64_t threads = at::get_num_threads();
+  if (!use_packed && !has_dropout && n_tasks < threads && d.len_k >= 2 * FWD_SPLIT_MIN_KEYS) {
+    n_split = std::min((threads + n_tasks - 1) / n_tasks, d.len_k / FWD_SPLIT_MIN_KEYS);
+    chunk = ((d.len_k + n_split - 1) / n_split + BK - 1) / BK * BK;  // whole tiles (and packing panels)
+    n_split = (d.len_k + chunk - 1) / chunk;
+  }
+  last_forward_splits().store(n_split, std::memory_order_relaxed);
+  const int64_t part_row = d.head_dim_v + 2;  // a partial row: acc, m, l
+  at::Tensor partial;
+  if (n_split > 1) partial = at::empty({n_tasks * n_split * BQ * part_row}, at::TensorOptions().dtype(acc_dtype));
+  // The rows [i0, i0 + rows) of task t and its first head bh (stacked: rows are heads bh.. at position i0).
+  const auto task_rows = [&](int64_t t, int64_t& bh, int64_t& i0, int64_t& rows) {
+    bh = t / n_qblocks * heads_per_task;
+    const KeyInterval qblock = qblocks[n_qblocks - 1 - t % n_qblocks];
+    i0 = qblock.begin;
+    rows = stack_heads ? heads_per_task : qblock.end - qblock.begin;
+  };
+  // out and lse of a block's rows from their m, l and acc. l = 0: the row saw no key (or only -inf scores):
+  // out 0, lse -inf. l NaN (a NaN score) makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf
+  // (out NaN: inf - inf).
+  const acc_t keep_scale = has_dropout ? static_cast<acc_t>(p.dropout.keep_scale) : acc_t(1);
+  const auto finish = [&](int64_t bh, int64_t i0, int64_t rows, const acc_t* m, const acc_t* l, const acc_t* acc) {
+    scalar_t* out_blk = out + (bh * d.len_q + i0) * d.head_dim_v;
+    auto* lse_blk = lse + bh * d.len_q + i0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool seen = l[r] != acc_t(0);
+      const acc_t inv = seen ? keep_scale / l[r] : acc_t(0);
+      for (int64_t c = 0; c < d.head_dim_v; ++c)
+        out_blk[r * d.head_dim_v + c] = static_cast<scalar_t>(acc[r * d.head_dim_v + c] * inv);
+      const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()
+          ? double(m[r])
+          : double(m[r]) * double(score_asc) + std::log2(double(l[r]));
+      lse_blk[r] = seen ? static_cast<lse_type>(lse2 * LN2) : -std::numeric_limits<lse_type>::infinity();
+    }
+  };
   std::atomic<int64_t> next_task{0};
-  at::parallel_for(0, worker_count(n_tasks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, worker_count(n_tasks * n_split), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, through PyTorch's allocator (so memory profilers see it).
     const int64_t n_acc = BQ * BK + BQ * d.head_dim_v + 3 * BQ + (use_micro ? 16 * BQ : 0);
     at::Tensor scratch = at::empty({n_acc}, at::TensorOptions().dtype(acc_dtype));
@@ -521,11 +568,11 @@ void attention_forward(AttnFwdParams p) {
       if (use_packed) packed.emplace(p, BK);
     }
 
-    for (int64_t idx = next_task.fetch_add(1); idx < n_tasks; idx = next_task.fetch_add(1)) {
-      const int64_t bh = idx / n_qblocks * heads_per_task;  // (the first stacked head's)
+    for (int64_t idx = next_task.fetch_add(1); idx < n_tasks * n_split; idx = next_task.fetch_add(1)) {
+      const int64_t task = idx / n_split, split = idx % n_split;
+      int64_t bh, i0, rows;  // (bh: the first stacked head's)
+      task_rows(task, bh, i0, rows);
       const int64_t b = bh / d.heads_q, h = bh % d.heads_q, hk = h / group, bhk = b * d.heads_kv + hk;
-      const KeyInterval qblock = qblocks[n_qblocks - 1 - idx % n_qblocks];
-      const int64_t i0 = qblock.begin, rows = stack_heads ? heads_per_task : qblock.end - qblock.begin;
       const int64_t pos_rows = stack_heads ? 1 : rows;  // query positions of the rows (stacked: all at i0)
       const int64_t ldq = stack_heads ? p.q_stride.head : p.q_stride.row;  // from one row of Q to the next
       const scalar_t* q_blk = q + b * p.q_stride.batch + h * p.q_stride.head + i0 * p.q_stride.row;
@@ -552,7 +599,11 @@ void attention_forward(AttnFwdParams p) {
       // panel (64 keys), the last one cut at the range's end; keys before a row's begin are masked. Tiles no row sees are
       // skipped; tiles every row sees wholly take the unmasked path (tile_iv nullptr).
       const Visibility vis = p.visibility(b);
-      const KeyInterval keys = block_keys(vis, d.len_k, i0, pos_rows);
+      KeyInterval keys = block_keys(vis, d.len_k, i0, pos_rows);
+      if (n_split > 1) {  // this chunk's part of them
+        keys.begin = std::max(keys.begin, split * chunk);
+        keys.end = std::min(keys.end, (split + 1) * chunk);
+      }
       if constexpr (LOW_PRECISION || FP32) {
         if (packed) packed->pack(bhk, keys.end);
       }
@@ -630,24 +681,47 @@ void attention_forward(AttnFwdParams p) {
                d.head_dim_v);
         }
       }
-      scalar_t* out_blk = out + (bh * d.len_q + i0) * d.head_dim_v;
-      auto* lse_blk = lse + bh * d.len_q + i0;
-      // l = 0: the row saw no key (or only -inf scores): out 0, lse -inf. l NaN (a NaN score)
-      // makes out and lse NaN; m = +inf (a +inf score) gives lse = +inf (out NaN: inf - inf).
-      const acc_t keep_scale = has_dropout ? static_cast<acc_t>(p.dropout.keep_scale) : acc_t(1);
+      if (n_split == 1) {
+        finish(bh, i0, rows, m, l, acc);
+        continue;
+      }
+      acc_t* part = partial.data_ptr<acc_t>() + idx * BQ * part_row;
       for (int64_t r = 0; r < rows; ++r) {
-        const bool seen = l[r] != acc_t(0);
-        const acc_t inv = seen ? keep_scale / l[r] : acc_t(0);
-        for (int64_t c = 0; c < d.head_dim_v; ++c)
-          out_blk[r * d.head_dim_v + c] = static_cast<scalar_t>(acc[r * d.head_dim_v + c] * inv);
-        const double lse2 = m[r] == std::numeric_limits<acc_t>::infinity()
-            ? double(m[r])
-            : double(m[r]) * double(score_asc) + std::log2(double(l[r]));
-        lse_blk[r] = seen ? static_cast<lse_type>(lse2 * LN2) : -std::numeric_limits<lse_type>::infinity();
+        std::copy(acc + r * d.head_dim_v, acc + (r + 1) * d.head_dim_v, part + r * part_row);
+        part[r * part_row + d.head_dim_v] = m[r];
+        part[r * part_row + d.head_dim_v + 1] = l[r];
       }
     }
     if (use_brgemm) at::native::cpublas::brgemm_release(PackedKV<scalar_t>::VNNI);
   });
+  if (n_split > 1) {  // each row's chunks combined, in chunk order: acc and l rescaled to the largest m
+    at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> m(BQ), l(BQ), acc(BQ * d.head_dim_v);
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t bh, i0, rows;
+        task_rows(t, bh, i0, rows);
+        const acc_t* parts = partial.data_ptr<acc_t>() + t * n_split * BQ * part_row;
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t top = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t c = 0; c < n_split; ++c) {  // chunks that saw a key (l != 0; NaN counts)
+            const acc_t* row = parts + (c * BQ + r) * part_row;
+            if (row[d.head_dim_v + 1] != acc_t(0)) top = std::max(top, row[d.head_dim_v]);
+          }
+          m[r] = top;
+          l[r] = acc_t(0);
+          std::fill(acc.begin() + r * d.head_dim_v, acc.begin() + (r + 1) * d.head_dim_v, acc_t(0));
+          for (int64_t c = 0; c < n_split; ++c) {
+            const acc_t* row = parts + (c * BQ + r) * part_row;
+            if (row[d.head_dim_v + 1] == acc_t(0)) continue;
+            const acc_t w = std::exp2((row[d.head_dim_v] - top) * score_asc);
+            l[r] += row[d.head_dim_v + 1] * w;
+            for (int64_t e = 0; e < d.head_dim_v; ++e) acc[r * d.head_dim_v + e] += row[e] * w;
+          }
+        }
+        finish(bh, i0, rows, m.data(), l.data(), acc.data());
+      }
+    });
+  }
   if (has_mask || hides_stored_keys(p)) poison_unseen_nonfinite_v<scalar_t>(p);
 }
 

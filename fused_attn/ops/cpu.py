@@ -12,7 +12,9 @@ PyTorch) for the rest. On AVX-512 the fp32 softmax (and the backward's P and dS)
 the micro-kernel's epilogues and the 16-bit softmax is one hand-vectorised pass, both with a
 lazily moved max; compiler-vectorised clones elsewhere. Each thread packs the kv head of its
 task for the forward's GEMMs where enough query rows read it (``FWD_PACK_MIN_ROWS`` in config.h; a
-decoding step reads K and V in place).
+decoding step reads K and V in place). Split-KV (flash-decoding): a forward with fewer tasks than threads
+that reads its keys in place (a decoding step of few heads) cuts each task's keys into chunks of whole key
+tiles on separate threads and combines their rows through their maxima and sums.
 
 Layout: q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), any strides with a unit stride
 on the last dim and rows that do not overlap (others are copied once); out (B, Hq, L, Ev);
