@@ -21,7 +21,8 @@ with a cache grown by concatenation, on the reference backend, and with torch SD
 (concatenated cache). Best of ``--gpt-rounds`` (3) runs each.
 
 Speedups are torch's time over fused_attn's (best round of each; timing as benchmarks/per_call.py);
-targets (issue 15): 1.5 over concat, 1.2 over slice. ``--lengths`` picks the cache lengths (the smoke
+targets (issue 15): 1.5 over concat, 1.2 over slice. ``--heads 32/8 1/1`` adds rows with one head (one task per
+sequence: the CPU splits its keys across threads, split-KV). ``--lengths`` picks the cache lengths (the smoke
 test runs a short one). The table goes to the screen and, as markdown, to --out/decode.md.
 """
 from __future__ import annotations
@@ -44,11 +45,11 @@ SPARE = 128  # preallocated slots past the step's keys
 TARGETS = {"concat": 1.5, "slice": 1.2}
 
 
-def sides(B: int, S: int, dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
+def sides(B: int, S: int, dtype: torch.dtype, Hq: int = HQ, Hk: int = HK) -> Dict[str, Callable[[], None]]:
     """One decoding step of each side on fresh random inputs (drawn once; caches filled with random keys)."""
-    q = torch.randn(B, HQ, 1, E, dtype=dtype)
-    k_new, v_new = (torch.randn(B, HK, 1, E, dtype=dtype) for _ in range(2))
-    k_cache, v_cache = (torch.randn(B, HK, S + SPARE, E, dtype=dtype) for _ in range(2))
+    q = torch.randn(B, Hq, 1, E, dtype=dtype)
+    k_new, v_new = (torch.randn(B, Hk, 1, E, dtype=dtype) for _ in range(2))
+    k_cache, v_cache = (torch.randn(B, Hk, S + SPARE, E, dtype=dtype) for _ in range(2))
     k_past, v_past = (c[:, :, :S - 1].clone() for c in (k_cache, v_cache))
     lengths = torch.full((B,), S - 1, dtype=torch.int32)
 
@@ -57,30 +58,32 @@ def sides(B: int, S: int, dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
 
     def concat():
         k, v = torch.cat((k_past, k_new), 2), torch.cat((v_past, v_new), 2)
-        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hk)
 
     def slice_():
         k_cache[:, :, S - 1:S].copy_(k_new)
         v_cache[:, :, S - 1:S].copy_(v_new)
-        F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], enable_gqa=True)
+        F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], enable_gqa=Hq != Hk)
     return {"fused": fused, "concat": concat, "slice": slice_}
 
 
 def run(lengths=(1024, 8192, 32768), batches=(1, 8), dtypes=(torch.float32, torch.bfloat16),
-        rounds: int = 5) -> List[dict]:
-    """One row per (dtype, B, S): each side's best time per step (us) and torch's over fused_attn's."""
+        rounds: int = 5, heads=((HQ, HK),)) -> List[dict]:
+    """One row per (heads, dtype, B, S): each side's best time per step (us) and torch's over fused_attn's."""
     torch.manual_seed(0)
     rows = []
     with torch.no_grad():
-        for dtype in dtypes:
-            for B in batches:
-                for S in lengths:
-                    n = max(1, 200_000 // (B * S))  # calls per round: about the same time for every shape
-                    times = time_rounds(sides(B, S, dtype), n, rounds)
-                    best = {side: min(ts) * 1e6 for side, ts in times.items()}
-                    rows.append(dict(dtype=str(dtype).replace("torch.", ""), B=B, S=S, **{f"{k}_us": v for k, v in
-                                                                                             best.items()},
-                                     vs_concat=best["concat"] / best["fused"], vs_slice=best["slice"] / best["fused"]))
+        for Hq, Hk in heads:
+            for dtype in dtypes:
+                for B in batches:
+                    for S in lengths:
+                        n = max(1, 200_000 * HK // (B * S * Hk))  # calls per round: about the same time each
+                        times = time_rounds(sides(B, S, dtype, Hq, Hk), n, rounds)
+                        best = {side: min(ts) * 1e6 for side, ts in times.items()}
+                        rows.append(dict(dtype=str(dtype).replace("torch.", ""), B=B, S=S, heads=f"{Hq}/{Hk}",
+                                         **{f"{k}_us": v for k, v in best.items()},
+                                         vs_concat=best["concat"] / best["fused"],
+                                         vs_slice=best["slice"] / best["fused"]))
     return rows
 
 
@@ -135,10 +138,10 @@ def gpt_markdown(rows: List[dict], prompt: int, tokens: int) -> str:
 
 def markdown(rows: List[dict]) -> str:
     lines = ["| dtype | B | S | fused us | torch concat us | torch slice us | speedup vs concat (target 1.5) "
-             "| speedup vs slice (target 1.2) |", "|---|---|---|---|---|---|---|---|"]
+             "| speedup vs slice (target 1.2) | Hq/Hk |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['B']} | {r['S']} | {r['fused_us']:.1f} | {r['concat_us']:.1f} | "
-                     f"{r['slice_us']:.1f} | {r['vs_concat']:.2f} | {r['vs_slice']:.2f} |")
+                     f"{r['slice_us']:.1f} | {r['vs_concat']:.2f} | {r['vs_slice']:.2f} | {r['heads']} |")
     return "\n".join(lines)
 
 
@@ -146,6 +149,8 @@ def main(argv=None) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768], help="cache lengths S")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--heads", nargs="+", default=[f"{HQ}/{HK}"],
+                    help="query / kv heads per row set (1/1: one head, where the CPU splits the keys across threads)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
@@ -156,7 +161,8 @@ def main(argv=None) -> List[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(tuple(args.lengths), tuple(args.batches), rounds=args.rounds)
+    heads = tuple(tuple(int(n) for n in pair.split("/")) for pair in args.heads)
+    rows = run(tuple(args.lengths), tuple(args.batches), rounds=args.rounds, heads=heads)
     table = markdown(rows)
     print(f"# decoding step against a KV cache, {torch.get_num_threads()} threads, best of {args.rounds} rounds")
     print(table)

@@ -147,11 +147,13 @@ def test_split_kv(case, dtype, threads):
             assert 1 < splits <= -(-threads // tasks) and splits * SPLIT_MIN_KEYS <= S, splits
         else:
             assert splits == 1, splits
-        k = k.detach().clone()
-        k[B - 1, 0, 2400] = float("nan")  # (a later chunk's key, which the last batch entry's rows see)
         kwargs = dict(enable_gqa=Hq != Hk, **sdpa_causal_args(mode, L, S), **extra)
-        got = fused_attn.scaled_dot_product_attention(q.detach(), k, v.detach(), backend="cpu", **kwargs)
-        want = fused_attn.scaled_dot_product_attention(q.detach(), k, v.detach(), backend="reference", **kwargs)
+        q, k, v = q.detach(), k.detach().clone(), v.detach()
+        runs = [fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs) for _ in range(2)]
+        assert torch.equal(*runs)  # bitwise, for a given thread count
+        k[B - 1, 0, 2400] = float("nan")  # (a later chunk's key, which the last batch entry's rows see)
+        got = fused_attn.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs)
+        want = fused_attn.scaled_dot_product_attention(q, k, v, backend="reference", **kwargs)
         assert bool(want[B - 1].isnan().all()) and torch.equal(got.isnan(), want.isnan())
     finally:
         torch.set_num_threads(saved)

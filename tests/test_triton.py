@@ -304,3 +304,51 @@ def test_grid_limits():
         assert y * z >= heads > y * z - z and y <= T.MAX_GRID_YZ
     with pytest.raises(ValueError, match="exceed CUDA's grid"):
         T._grid(10, 65535 ** 2 + 1, "BLOCK_M")({"BLOCK_M": 16})
+
+
+SPLIT_CASES = {  # (B, Hq, Hk, L, S, extra arguments, tensor descriptors): fewer programs than SMs
+    "decode_one_head": (1, 1, 1, 1, 300, {}, False),
+    "decode_gqa_key_padding_tma": (1, 2, 1, 1, 300, dict(attn_mask=(torch.arange(300) < 230)[None, None, None, :]),
+                                   True),
+    "chunk_causal_window": (1, 2, 2, 5, 270, dict(window=(150, 0)), False),  # (the first chunk sees no key)
+    "decode_softcap_alibi": (1, 1, 1, 1, 260, dict(softcap=3.0, alibi_slopes=torch.tensor([0.05])), False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_kv(device, monkeypatch, case, dtype):
+    """Split-KV (SPLIT, see the module docstring): a forward with fewer programs than SMs over many keys runs
+    each row block's key chunks as programs of their own and combines them (combine_splits); forward and
+    backward against the fp64 reference. Chunks of 64 keys here (SPLIT_MIN_KEYS; the interpreter counts 4
+    SMs), so short inputs split into several."""
+    B, Hq, Hk, L, S, extra, tma = SPLIT_CASES[case]
+    if tma and dtype == torch.float32:
+        pytest.skip("tensor descriptors carry 16-bit inputs only")
+    monkeypatch.setattr(T, "SPLIT_MIN_KEYS", 64)
+    monkeypatch.setattr(T, "INTERPRETER_TMA", tma)
+    splits = []
+    combine = T.combine_splits
+    monkeypatch.setattr(T, "combine_splits", lambda po, *a: splits.append(po.shape[0]) or combine(po, *a))
+    q, k, v = make_inputs(B, Hq, Hk, L, S, 32, 24, dtype, device)
+    extra = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in extra.items()}
+    mode = CausalMode.NONE if "attn_mask" in extra else CausalMode.LOWER_RIGHT
+    check_backend("triton", q, k, v, mode, with_lse_grad=True, **extra)
+    sms = T.device_sms(q.device)
+    want = T.split_plan(B, Hq, L, S, sms, False, False)[0]
+    assert want > 1 and splits == [want], (splits, want)
+
+
+def test_split_plan():
+    """Chunks of whole tiles (SPLIT_CHUNK_ALIGN), at least SPLIT_MIN_KEYS, enough to fill the SMs, at most
+    MAX_SPLITS; none where the programs fill the GPU, with varlen or dropout, or for few keys."""
+    assert T.split_plan(1, 32, 1, 32768, 132, False, False) == (5, 6656)  # 32 programs: 5 chunks fill 132 SMs
+    assert T.split_plan(1, 1, 1, 32768, 132, False, False) == (16, 2048)  # MAX_SPLITS
+    assert T.split_plan(1, 8, 1, 2000, 132, False, False) == (3, 768)  # at least 512 keys: 3 chunks
+    assert T.split_plan(5, 32, 1, 32768, 132, False, False) == (1, 32768)  # 160 programs: enough
+    assert T.split_plan(1, 1, 1, 1000, 132, False, False) == (1, 1000)  # fewer than 2 x 512 keys
+    assert T.split_plan(1, 1, 1, 8192, 132, True, False)[0] == 1  # varlen
+    assert T.split_plan(1, 1, 1, 8192, 132, False, True)[0] == 1  # dropout
+    for B, H, L, S in [(1, 3, 1, 5000), (2, 1, 70, 9999), (1, 1, 1, 1024)]:
+        n, chunk = T.split_plan(B, H, L, S, 132, False, False)
+        assert chunk % T.SPLIT_CHUNK_ALIGN == 0 and chunk >= T.SPLIT_MIN_KEYS and (n - 1) * chunk < S <= n * chunk

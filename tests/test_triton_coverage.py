@@ -4,7 +4,7 @@ The interpreter runs the kernels' Python source, so a line tracer sees which ker
 statements ran. A handful of calls that cover the code paths (each causal mode, ragged
 tails, GQA, Ev != E, the lse gradient, bf16's interpreter upcast, fp16's plain dot, fp32's
 fp64 lse, the forward's tensor-descriptor path, windows, key bounds, mask tensors, varlen
-sequences and stored key counts)
+sequences, stored key counts and split-KV)
 must together execute every statement inside every @triton.jit function.
 """
 import ast
@@ -99,6 +99,11 @@ def test_every_kernel_statement_runs(monkeypatch):
         out, lse = fused_attn.varlen_attention(q, k, v, cu_q, cu_k, 40, 70, causal=True, dropout_p=0.3, softcap=2.0,
                                                alibi_slopes=torch.rand(3, 4), return_lse=True, backend="triton")
         (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+        # split-KV (SPLIT: a decoding step's key chunks; accuracy: tests/test_triton.py::test_split_kv)
+        monkeypatch.setattr(T, "SPLIT_MIN_KEYS", 64)
+        q, k, v = (t.requires_grad_() for t in make_inputs(1, 1, 1, 1, 200, 16, 16, torch.float32))
+        out, lse = fused_attn.attention_with_lse(q, k, v, window=(90, 0), backend="triton")
+        (out.sum() + lse.sum()).backward()
         # stored key counts (SEQLENS: attention_with_kvcache, forward only; accuracy: tests/test_kvcache.py)
         with torch.no_grad():
             k_cache, v_cache = torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)

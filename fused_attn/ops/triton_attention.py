@@ -54,8 +54,14 @@ Visibility: query i sees key j < S iff all of
   program loads its batch's count (_stored_keys) and runs on it as S, with the offsets passed relative
   to the bottom-right diagonal as varlen's; the pointer path only (a descriptor would load the slots
   past the count, whose NaN would reach P V as 0 * NaN); no mask tensor, key bounds or varlen with it.
-Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN; SEQLENS; SOFTCAP, ALIBI,
-DROPOUT, below): a call without it compiles none of its work. A row that sees no key gets out = 0
+- split-KV (SPLIT, forward only; flash-decoding): where a forward's programs would be fewer than the GPU's
+  SMs over many keys (a decoding step, split_plan), axis 0 runs each row block n_split times, each on a
+  chunk of whole key tiles (its key range clipped to [split * chunk, (split + 1) * chunk)), and stores its
+  unnormalised acc and its rows' m and l (fp32) instead of out and lse; the launcher combines the chunks
+  through their maxima (combine_splits, torch ops: exactly the epilogue's out and lse, in chunk order, so
+  results stay deterministic for a given GPU). Not with varlen or dropout.
+Each is a constexpr (CAUSAL, WINDOW, KEY_BOUNDS, MASK: 0 none, 1 bool, 2 float; VARLEN; SEQLENS; SPLIT; SOFTCAP,
+ALIBI, DROPOUT, below): a call without it compiles none of its work. A row that sees no key gets out = 0
 and lse = -inf; its gradients are 0, and a key no row sees gets dk = dv = 0.
 
 Scores (_scores, the same code in all three kernels, so the backward recomputes the forward's scores
@@ -568,19 +574,23 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, b32, hk32,
 
 
 @triton.jit(do_not_specialize=DROPOUT_SCALARS)
-def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL, SL,
+def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL, SL, PO, PM, PL,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 stride_mb, stride_mh, stride_mm, stride_mn, stride_tb, stride_th, stride_tm, stride_tn,
                 H, GROUP, HEADS, L, S, causal_offset, window_lo, window_hi, qk_scale, softcap_scale, softcap_log2,
-                seed, drop_thr, keep_scale, L_BUCKET, S_BUCKET,
+                seed, drop_thr, keep_scale, L_BUCKET, S_BUCKET, n_split, chunk,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                 KEY_BOUNDS: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
                 ALIBI: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                 PRECISION: tl.constexpr, TMA: tl.constexpr, ARCH: tl.constexpr, DTYPE: tl.constexpr,
-                ALIGNED: tl.constexpr, SEQLENS: tl.constexpr = False):
+                ALIGNED: tl.constexpr, SEQLENS: tl.constexpr = False, SPLIT: tl.constexpr = False):
     start_m, b, h, hk = _query_block(H, GROUP, HEADS, BLOCK_M)
+    split = 0
+    if SPLIT:  # axis 0 runs each row block's n_split key chunks (split-KV)
+        split = (start_m // BLOCK_M) % n_split
+        start_m = (start_m // BLOCK_M) // n_split * BLOCK_M
     rows_per_head = L  # of lse: the packed rows with VARLEN
     alibi_log2 = 0.0
     if ALIBI:  # this batch's (VARLEN: sequence's) slope of head h
@@ -624,6 +634,13 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL, SL,
     key_lo, key_hi = _key_bounds(KB, b, S, KEY_BOUNDS)
     start, mid_lo, mid_hi, hi = _key_range(start_m, L, S, causal_offset, window_lo, window_hi, key_lo, key_hi,
                                            BLOCK_M, BLOCK_N, CAUSAL, WINDOW, KEY_BOUNDS)
+    if SPLIT:  # this program's chunk of the keys, [split * chunk, (split + 1) * chunk): whole tiles
+        c0 = split * chunk
+        c1 = c0 + chunk
+        start = tl.maximum(start, c0)
+        mid_lo = tl.minimum(tl.maximum(mid_lo, c0), c1)
+        mid_hi = tl.minimum(tl.maximum(mid_hi, c0), c1)
+        hi = tl.minimum(hi, c1)
     mask_base = M + b * stride_mb + h * stride_mh
     summary = MSUM + b * stride_tb + h * stride_th
     if WINDOW or KEY_BOUNDS:  # masked tiles before the unmasked run
@@ -645,6 +662,13 @@ def _fwd_kernel(Q, K, V, O, LSE, KB, M, MSUM, CU_Q, CU_K, AL, SL,
                                softcap_log2, alibi_log2, seed, drop_thr, drop_bh, drop_row0, drop_key0, HEAD_DIM,
                                HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, KEY_BOUNDS, MASK,
                                SOFTCAP, ALIBI, DROPOUT, VARLEN, DOT_FP32, PRECISION, TMA)
+    if SPLIT:  # the chunk's unnormalised acc and its rows' m (log2 units) and l, for combine_splits
+        at = (split.to(tl.int64) * HEADS + b * H + h) * L + offs_m
+        tl.store(PM + at, m_i, mask=offs_m < L)
+        tl.store(PL + at, l_i, mask=offs_m < L)
+        tl.store(PO + at[:, None] * HEAD_DIM_V + offs_dv[None, :], acc,
+                 mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DIM_V))
+        return
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     if DROPOUT:  # acc holds the kept probabilities' P V, l all of them
@@ -1294,7 +1318,7 @@ def fixed_config(kind: str, head_dim: int, head_dim_v: int, dtype: str, arch: in
 # prune read (no extra compiles: the compiled code already depends on all three).
 TUNING_KEY = {kind: ["ARCH", "DTYPE", "ALIGNED", "L_BUCKET", "S_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL",
                      "WINDOW", "KEY_BOUNDS", "MASK", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "PRECISION", "GROUP"]
-              + (["TMA", "SEQLENS"] if kind == "fwd" else []) + (["MASK_GRAD"] if kind == "dkdv" else [])
+              + (["TMA", "SEQLENS", "SPLIT"] if kind == "fwd" else []) + (["MASK_GRAD"] if kind == "dkdv" else [])
               for kind in CONFIGS}
 TUNED_LENGTH = {"fwd": "L_BUCKET", "dkdv": "S_BUCKET", "dq": "L_BUCKET"}  # the bucket of the tiled length
 DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -1363,15 +1387,15 @@ class Launch:
         return dict(zip(KERNELS[self.kind].arg_names, self.args))
 
 
-def _grid(length: int, heads: int, block: str) -> Callable[[dict], Tuple[int, int, int]]:
-    """(row blocks, Y, Z): cdiv(length, meta[block]) row blocks on axis 0, and the ``heads`` (batch *
-    head) slices as y + z * Y with Y, Z <= 65535 (Z = 1 up to 65535 heads; past that fewer than Z
-    extra programs repeat the last head, see _program_block)."""
+def _grid(length: int, heads: int, block: str, repeat: int = 1) -> Callable[[dict], Tuple[int, int, int]]:
+    """(row blocks, Y, Z): cdiv(length, meta[block]) row blocks on axis 0 (each ``repeat`` times: split-KV's
+    chunks), and the ``heads`` (batch * head) slices as y + z * Y with Y, Z <= 65535 (Z = 1 up to 65535 heads;
+    past that fewer than Z extra programs repeat the last head, see _program_block)."""
     z = triton.cdiv(heads, MAX_GRID_YZ)
     y = triton.cdiv(heads, z)
 
     def grid(meta):
-        blocks = triton.cdiv(length, meta[block])
+        blocks = triton.cdiv(length, meta[block]) * repeat
         if blocks > MAX_GRID_X or z > MAX_GRID_YZ or heads > MAX_GRID_X:  # bh is an int32 in the kernels
             raise ValueError(f"fused_attn triton: {blocks} blocks of {meta[block]} rows x {heads} batch*heads "
                              f"exceed CUDA's grid ({MAX_GRID_X} x {MAX_GRID_YZ} x {MAX_GRID_YZ})")
@@ -1571,13 +1595,16 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec
                  arch: Optional[int], deterministic: bool = False, key_bounds: Optional[Tensor] = None,
                  mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
                  cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-                 dropout_seed: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None) -> Launch:
+                 dropout_seed: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+                 split: Optional[Tuple[Tensor, Tensor, Tensor, int, int]] = None) -> Launch:
     """The forward's launch for unit-last-stride q, k, v and the outputs out, lse, on GPU ``arch``
     (None: the interpreter); ``key_bounds`` int64 (B, 2) or None; ``mask`` a bool or float (B, H, L, S)
     tensor (any strides) or None; ``cu_seqlens_q``, ``cu_seqlens_k`` int64 (n_seq + 1) offsets of
     packed sequences (B = 1) or None; ``alibi_slopes`` fp32 (B or n_seq, H) or None; ``dropout_seed``
     int64 (1,) on the CPU with spec.dropout_p > 0; ``seqlens_k`` int64 (B,), each batch's stored keys (SEQLENS),
-    or None. The grid tiles L (with varlen, the longest sequence's rows)."""
+    or None; ``split`` (split_plan): the chunks' partial acc, m and l (fp32 (n_split, B * H, L, Ev), (n_split,
+    B * H, L) twice), n_split and chunk, or None. The grid tiles L (with varlen, the longest sequence's rows),
+    n_split times with a split."""
     B, H, L, _ = q.shape
     HK, S = k.shape[1], k.shape[2]
     tensors = (q, k, v, out)
@@ -1588,16 +1615,20 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, spec
     mask_args, flags["MASK"] = _mask_args(mask, B, H, L, S, lse)
     flags["VARLEN"] = varlen
     flags["SEQLENS"] = seqlens_k is not None
+    flags["SPLIT"] = split is not None
+    po, pm, pl, n_split, chunk = split if split is not None else (lse, lse, lse, 1, S)
+    if split is not None and (varlen or spec.dropout_p > 0.0):
+        raise ValueError("fused_attn triton: split-KV takes no varlen sequences or dropout")
     slopes, scalars, feature_flags = _feature_args(spec, alibi_slopes, dropout_seed, grid_b, H, lse)
     meta = _common_meta(q, v, {**flags, **feature_flags}, arch, tensors)
     # varlen and stored keys: see the module docstring
     meta["TMA"] = not varlen and seqlens_k is None and use_tma(tensors, arch)
     if meta["TMA"]:
         tensors = tuple(_descriptor(t) for t in tensors)
-    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, slopes, stored, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    args = (*tensors, lse, kb, *mask_args[:2], cu_q, cu_k, slopes, stored, po, pm, pl, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *mask_args[2:], H, H // HK, grid_b * H, L, S, *offsets, spec.scale * LOG2E, *scalars,
-            _bucket(grid_l), _bucket(grid_s))
-    return Launch("fwd", args, meta, _grid(grid_l, grid_b * H, "BLOCK_M"),
+            _bucket(grid_l), _bucket(grid_s), n_split, chunk)
+    return Launch("fwd", args, meta, _grid(grid_l, grid_b * H, "BLOCK_M", n_split),
                   _config("fwd", meta, arch, _bucket(grid_l), deterministic))
 
 
@@ -1733,18 +1764,74 @@ def _run(launch: Launch, device: torch.device) -> None:
                                           num_stages=cfg.num_stages, **options)
 
 
+# Split-KV (SPLIT): a forward whose programs (row blocks of SPLIT_ROWS x batch x heads) are fewer than the
+# GPU's SMs cuts its keys into chunks of at least SPLIT_MIN_KEYS, a multiple of SPLIT_CHUNK_ALIGN (every
+# forward config's BLOCK_N divides it), up to MAX_SPLITS of them. The interpreter takes INTERPRETER_SMS.
+SPLIT_MIN_KEYS = 512
+SPLIT_CHUNK_ALIGN = 128
+SPLIT_ROWS = 64
+MAX_SPLITS = 16
+INTERPRETER_SMS = 4
+
+
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; INTERPRETER_SMS off CUDA (the interpreter, faked GPUs)."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_plan(B: int, H: int, L: int, S: int, sms: int, varlen: bool, dropout: bool) -> Tuple[int, int]:
+    """(n_split, chunk): how many key chunks of ``chunk`` keys each row block's keys are cut into (1, S: none)."""
+    programs = B * H * triton.cdiv(L, SPLIT_ROWS)
+    if varlen or dropout or programs >= sms or S < 2 * SPLIT_MIN_KEYS:
+        return 1, S
+    n = min(triton.cdiv(sms, programs), S // SPLIT_MIN_KEYS, MAX_SPLITS)
+    chunk = triton.cdiv(triton.cdiv(S, n), SPLIT_CHUNK_ALIGN) * SPLIT_CHUNK_ALIGN
+    return triton.cdiv(S, chunk), chunk
+
+
+def combine_splits(po: Tensor, pm: Tensor, pl: Tensor, out: Tensor, lse: Tensor) -> None:
+    """The forward's epilogue over split-KV's chunks: each row's chunks (fp32 acc (n, B * H, L, Ev), m in log2
+    units and l (n, B * H, L)) rescaled to their largest m (chunks with l = 0 saw no key), in chunk order, into
+    out (B, H, L, Ev) and lse (B, H, L): l = 0, out 0 and lse -inf; l NaN, NaN; m = +inf, lse +inf."""
+    used = pl != 0.0  # (NaN counts)
+    top = torch.where(used, pm, float("-inf")).amax(0)
+    w = torch.where(used, torch.exp2(pm - top), 0.0)
+    l = (pl * w).sum(0)
+    acc = (po * w[..., None]).sum(0)
+    seen = l > 0.0
+    l_safe = torch.where(seen, l, 1.0)
+    out.copy_((acc / l_safe[..., None]).reshape(out.shape))
+    unseen = torch.where(l == 0.0, float("-inf"), torch.where(top == float("inf"), float("inf"), float("nan")))
+    if lse.dtype == torch.float64:  # (fp32 inputs: as the kernel's, m and ln l joined in fp64)
+        joined = top.double() * LN2 + torch.log(l_safe.double())
+    else:
+        joined = (top + torch.log2(l_safe)) * LN2
+    lse.copy_(torch.where(seen, joined, unseen.to(joined.dtype)).reshape(lse.shape))
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, key_bounds: Optional[Tensor] = None,
              mask: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
              cu_seqlens_k: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
              dropout_seed: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, L, _ = q.shape
-    out = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
+    Ev = v.shape[3]
+    out = new_output((B, H, L, Ev), q.dtype, q.device)
     lse = new_output((B, H, L), saved_lse_dtype(q.dtype), q.device)
+    n_split, chunk = split_plan(B, H, L, k.shape[2], device_sms(q.device), cu_seqlens_q is not None,
+                                spec.dropout_p > 0.0)
+    split = None
+    if n_split > 1:
+        split = (new_output((n_split, B * H, L, Ev), torch.float32, q.device),
+                 *(new_output((n_split, B * H, L), torch.float32, q.device) for _ in range(2)), n_split, chunk)
     launch = forward_plan(q, k, v, out, lse, spec, device_arch(q.device),
                           torch.are_deterministic_algorithms_enabled(), key_bounds, mask, cu_seqlens_q, cu_seqlens_k,
-                          alibi_slopes, dropout_seed, seqlens_k)
+                          alibi_slopes, dropout_seed, seqlens_k, split)
     _run(launch, q.device)
+    if split is not None:
+        combine_splits(*split[:3], out, lse)
     return out, lse
 
 

@@ -245,12 +245,23 @@ def kvcache_call(arch, B, H, HK, S, E, dtype, window=(-1, -1), features=None):
     return cap
 
 
+def split_call(arch, H, HK, E, dtype, causal=True):
+    """A decoding step's forward (one query row per head, batch 1, 2048 keys) on a fake sm_<arch>: fewer
+    programs than the faked GPU's SMs (device_sms off CUDA), so split-KV (SPLIT) cuts the keys into chunks.
+    Inputs 16-byte aligned (the TMA path where the arch has it). Returns the Capture."""
+    q = make_tensor((1, H, 1, E), dtype, "aligned")
+    k, v = (make_tensor((1, HK, 2048, E), dtype, "aligned") for _ in range(2))
+    with fake_gpu(arch) as cap, torch.no_grad():
+        fused_attn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != HK, backend="triton")
+    return cap
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiling a record
 # ---------------------------------------------------------------------------------------------
 
-# the table's features column (k: stored key counts, attention_with_kvcache)
-FEATURE_LETTERS = {"SOFTCAP": "s", "ALIBI": "a", "DROPOUT": "d", "MASK_GRAD": "g", "SEQLENS": "k"}
+# the table's features column (k: stored key counts, attention_with_kvcache; p: split-KV)
+FEATURE_LETTERS = {"SOFTCAP": "s", "ALIBI": "a", "DROPOUT": "d", "MASK_GRAD": "g", "SEQLENS": "k", "SPLIT": "p"}
 
 
 def compile_record(record: dict) -> dict:
@@ -376,8 +387,8 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
     every config (triton_attention.MISALIGNED_REGISTER_SHARE). Each shape of ``visibility`` once more
     with a sliding window and key bounds, once with a mask tensor (MASK_KIND), and once as varlen
     sequences with the window; then both again with softcap, ALiBi and dropout (FEATURES), the first also
-    without dropout (NO_DROPOUT) and at the head dims of FEATURE_SHAPES; and the attention_with_kvcache forward
-    (stored key counts) with the window, softcap and ALiBi."""
+    without dropout (NO_DROPOUT) and at the head dims of FEATURE_SHAPES; the attention_with_kvcache forward
+    (stored key counts) with the window, softcap and ALiBi; and a decoding step's split-KV forward."""
     records = []
     for arch in archs:
         for head_dim, dtype, causal, (H, HK) in visibility:
@@ -390,6 +401,7 @@ def table_records(reps, archs=ARCHS, visibility=()) -> list:
             caps.append(varlen_call(arch, 3, H, HK, LENGTH, LENGTH, head_dim, dtype, causal, VISIBILITY_WINDOW,
                                     FEATURES))
             caps.append(kvcache_call(arch, 3, H, HK, LENGTH, head_dim, dtype, VISIBILITY_WINDOW, NO_DROPOUT))
+            caps.append(split_call(arch, 2, 1, head_dim, dtype, causal))
             for cap in caps:  # every config benchmarked, and the launch of a kernel whose prune keeps one
                 records += [r for r in cap.records if r["kind"] != "pre"]
         for head_dim, dtype, causal, (H, HK) in FEATURE_SHAPES if visibility else ():
