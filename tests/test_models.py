@@ -7,7 +7,7 @@ import torch
 
 from fused_attn.models import BERT, GPT, EncoderDecoder, TransformerConfig, beam_search, greedy_search, sample
 from fused_attn.models import model as model_module
-from fused_attn.models.model import KV
+from fused_attn.models.model import KV, KVCache
 from fused_attn.models.generation import filter_logits
 from fused_attn.testing import assert_close
 
@@ -104,12 +104,13 @@ def test_triton_backend_matches_reference(kind):
     _check_backend(_randomize(_build(kind, cfg)), kind, "triton", B=1, S=5, T=4)
 
 
-@pytest.mark.parametrize("cache_kind", ["preallocated", "concatenated"])
+@pytest.mark.parametrize("cache_kind", ["preallocated", "paged", "concatenated"])
 @pytest.mark.parametrize("kind", ["encdec", "gpt"])
 def test_kv_cache_decoding_equals_full_forward(kind, cache_kind, monkeypatch):
     """Prefix, single tokens and a 2-token chunk (lower-right causal, L < S) through the cache: a
-    preallocated one (every self-attention step through attention_with_kvcache) or a concatenated one."""
-    model = _randomize(_build(kind, _config(cache=cache_kind)))
+    preallocated one or a paged one in blocks of 4 (every self-attention step through attention_with_kvcache,
+    the paged one with its block table) or a concatenated one."""
+    model = _randomize(_build(kind, _config(cache=cache_kind, cache_block_size=4)))
     calls = []
     real = model_module.attention_with_kvcache
     monkeypatch.setattr(model_module, "attention_with_kvcache", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -126,18 +127,19 @@ def test_kv_cache_decoding_equals_full_forward(kind, cache_kind, monkeypatch):
         chunks = [(0, 3), (3, 4), (4, 5), (5, 7), (7, 8), (8, 9)]
         steps = [model.decode_step(tgt[:, a:b], cache) for a, b in chunks]
     assert cache.length == 9
-    assert len(calls) == (6 * 2 if cache_kind == "preallocated" else 0)  # 6 steps x 2 decoder layers
+    assert len(calls) == (0 if cache_kind == "concatenated" else 6 * 2)  # 6 steps x 2 decoder layers
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_generation_same_through_either_cache():
+def test_generation_same_through_every_cache():
     """greedy_search, beam_search (which reorders the cache) and sample give the same tokens with a preallocated
-    cache as with a concatenated one, for the encoder-decoder and GPT."""
+    cache, a paged one (blocks of 4: beams share blocks and copy a partly filled one) and a concatenated one,
+    for the encoder-decoder and GPT."""
     for kind in ("encdec", "gpt"):
         results = []
-        for cache in ("preallocated", "concatenated"):
+        for cache in ("preallocated", "paged", "concatenated"):
             torch.manual_seed(1)
-            model = _randomize(_build(kind, _config(cache=cache, tie_weights=False)), scale=0.1)
+            model = _randomize(_build(kind, _config(cache=cache, cache_block_size=4, tie_weights=False)), scale=0.1)
             src, start = _src()
             if kind == "gpt":
                 src, start = None, torch.randint(3, V, (6, 4), generator=torch.Generator().manual_seed(2))
@@ -146,8 +148,9 @@ def test_generation_same_through_either_cache():
             sampled = sample(model, src, start, 12, eos_id=EOS, pad_id=PAD, top_k=5,
                              generator=torch.Generator().manual_seed(4))
             results.append((greedy, *beam, sampled))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_preallocated_cache_capacity():
@@ -158,8 +161,32 @@ def test_preallocated_cache_capacity():
     with pytest.raises(ValueError, match="the KV cache holds 4 positions; 3 are used and 2 more do not fit"):
         kv.append(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))
     assert kv.length == 3 and kv.keys()[0].shape == (1, 2, 3, 8)
-    with pytest.raises(ValueError, match="cache must be 'preallocated' or 'concatenated'"):
-        _config(cache="paged")
+    with pytest.raises(ValueError, match="cache must be 'preallocated', 'paged' or 'concatenated'"):
+        _config(cache="blocks")
+    with pytest.raises(ValueError, match="cache_block_size must be an int >= 1"):
+        _config(cache="paged", cache_block_size=0)
+
+
+def test_paged_cache_reorder_shares_full_blocks():
+    """Beam search's reorder of a paged cache: rows continuing one earlier row share its full blocks (same block
+    ids, nothing copied), a shared partly filled block is copied once per extra row, later blocks are each row's
+    own; the keys each row sees are the earlier row's (as a copying reorder gives)."""
+    cache = KVCache(1, capacity=12, block_size=4)
+    kv = cache.self_kv[0]
+    k, v = torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    kv.append(k, v)  # 6 positions: one full block and a partly filled one per row
+    table = cache.self_kv[0].pages[0]
+    before = [list(row) for row in table.rows]
+    cache.reorder(torch.tensor([2, 2, 0]))
+    rows = table.rows
+    assert rows[0][0] == rows[1][0] == before[2][0] and rows[2][0] == before[0][0]  # full blocks shared
+    assert rows[0][1] == before[2][1] and rows[1][1] not in (before[2][1],) and rows[2][1] == before[0][1]
+    assert len({blk for row in rows for blk in row[1:]}) == 3 * 2  # partial and later blocks: each row's own
+    keys, values = kv.keys()
+    torch.testing.assert_close(keys, k[[2, 2, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(values, v[[2, 2, 0]], rtol=0, atol=0)
+    kv.append(torch.ones(3, 2, 1, 8), torch.ones(3, 2, 1, 8))  # rows 0 and 1 write their own partial blocks
+    assert bool((kv.keys()[0][:, :, 6] == 1).all()) and torch.equal(kv.keys()[0][:, :, :6], k[[2, 2, 0]])
 
 
 def _decoding_model():

@@ -23,8 +23,10 @@ Decoding (``init_cache`` / ``decode_step``, and ``fused_attn.models.generation``
 self-attention keys and values in storage preallocated for ``max_len`` positions and appended in place
 (``TransformerConfig.cache = "preallocated"``, the default); a step without gradients, padding mask,
 attention dropout or saved weights attends through :func:`fused_attn.attention_with_kvcache`, the others
-through the filled part of the same storage. ``cache="concatenated"`` grows the keys by ``torch.cat``
-instead (what the models did before; the tests check both give the same tokens).
+through the filled part of the same storage. ``cache="paged"`` keeps the same storage in blocks listed by a
+:class:`BlockTable` (beam search's reorder shares the beams' full blocks rather than copying every layer's
+cache); ``cache="concatenated"`` grows the keys by ``torch.cat`` instead (what the models did before). The
+tests check all three give the same tokens.
 
 Under ``torch.compile`` the models' forward (and backward) trace with no graph break, and so
 do decoding steps of one token or several (through the storage's filled part: attention_with_kvcache reads
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kvcache
 from ..api import attention_with_kvcache, scaled_dot_product_attention
 from ..spec import CausalMode, causal_mask
 
@@ -63,16 +66,64 @@ class TransformerConfig:
     bias: bool = True
     backend: Optional[str] = None  # fused_attn backend, "reference", or None for automatic
     # decoding's self-attention cache: "preallocated" (max_len positions per layer, appended in place, steps
-    # through fused_attn.attention_with_kvcache) or "concatenated" (grown by torch.cat each step)
+    # through fused_attn.attention_with_kvcache), "paged" (the same in blocks of cache_block_size positions
+    # listed by a block table: beam search's reorder shares the beams' common blocks) or "concatenated" (grown
+    # by torch.cat each step)
     cache: str = "preallocated"
+    cache_block_size: int = 16
 
     def __post_init__(self):
-        if self.cache not in ("preallocated", "concatenated"):
-            raise ValueError(f"cache must be 'preallocated' or 'concatenated', got {self.cache!r}")
+        if self.cache not in ("preallocated", "paged", "concatenated"):
+            raise ValueError(f"cache must be 'preallocated', 'paged' or 'concatenated', got {self.cache!r}")
+        if not (isinstance(self.cache_block_size, int) and self.cache_block_size >= 1):
+            raise ValueError(f"cache_block_size must be an int >= 1, got {self.cache_block_size!r}")
 
     def cache_capacity(self) -> Optional[int]:
         """The positions a decoding cache preallocates per layer (KVCache.capacity): max_len, or None."""
-        return self.max_len if self.cache == "preallocated" else None
+        return self.max_len if self.cache != "concatenated" else None
+
+    def new_cache(self, memory: Optional[Tensor] = None, memory_padding_mask: Optional[Tensor] = None) -> "KVCache":
+        """An empty decoding cache for the decoder's layers, of this config's kind."""
+        return KVCache(self.n_decoder_layers, memory, memory_padding_mask, capacity=self.cache_capacity(),
+                       block_size=self.cache_block_size if self.cache == "paged" else None)
+
+
+class BlockTable:
+    """A paged cache's block table, shared by the decoder's layers: row b lists the blocks (of ``block_size``
+    positions) that hold batch row b's keys in order, ``max_blocks`` of them. Blocks that rows hold in full are
+    never written again, so beam search's reorder lets rows share them and copies only a shared partly filled
+    block (one per row at most); the blocks no row holds are free for the rows' later positions. The layers'
+    pools have ``B * max_blocks`` blocks: enough, as no row holds more than max_blocks."""
+
+    def __init__(self, B: int, max_blocks: int, block_size: int, device):
+        self.block_size, self.max_blocks = block_size, max_blocks
+        self.rows = [list(range(b * max_blocks, (b + 1) * max_blocks)) for b in range(B)]
+        self.table = torch.tensor(self.rows, dtype=torch.int32, device=device)
+
+    def reorder(self, index: List[int], length: int, pools: List[Tensor]) -> None:
+        """Rows ``index`` of the table become its rows (each continues an earlier row's first ``length``
+        positions): full blocks shared, a partly filled block copied (in every pool) for each row after the
+        first that holds it, the blocks past ``length`` taken from the free ones, one row's own each."""
+        full, partial = divmod(length, self.block_size)
+        rows = [list(self.rows[i][:full]) for i in index]
+        held = {blk for row in rows for blk in row}
+        firsts = {}  # partial block -> the first new row holding it
+        if partial:
+            for r, i in enumerate(index):
+                firsts.setdefault(self.rows[i][full], r)
+        free = [blk for blk in range(len(self.rows) * self.max_blocks) if blk not in held and blk not in firsts]
+        for r, i in enumerate(index):
+            if partial:
+                blk = self.rows[i][full]
+                if firsts[blk] != r:  # shared with an earlier row: this row writes a copy
+                    own = free.pop()
+                    for pool in pools:
+                        pool[own] = pool[blk]
+                    blk = own
+                rows[r].append(blk)
+            rows[r] += [free.pop() for _ in range(self.max_blocks - len(rows[r]))]
+        self.rows = rows
+        self.table = torch.tensor(rows, dtype=torch.int32, device=self.table.device)
 
 
 @dataclass
@@ -81,10 +132,12 @@ class KV:
     (``capacity`` None), or in storage preallocated for ``capacity`` positions on the first step, of which
     the first ``length`` hold keys (the rest are never read)."""
 
-    k: Optional[Tensor] = None  # (B, H, S, D): the keys so far (preallocated: (B, H, capacity, D), S = length)
-    v: Optional[Tensor] = None  # (B, H, S, D)
+    k: Optional[Tensor] = None  # (B, H, S, D): the keys so far (preallocated: (B, H, capacity, D), S = length;
+    v: Optional[Tensor] = None  # paged: (B * max_blocks, H, block_size, D) blocks listed by pages.table)
     capacity: Optional[int] = None
     length: int = 0
+    pages: Optional[List[BlockTable]] = None  # paged: a one-element list, the table the layers share
+    block_size: Optional[int] = None  # paged: positions per block
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Add this step's keys and values (B, H, L, D) after the others."""
@@ -92,21 +145,44 @@ class KV:
         if self.capacity is None:
             self.k, self.v = (new if old is None else torch.cat([old, new], dim=2)
                               for old, new in ((self.k, k), (self.v, v)))
-        else:
-            if n + L > self.capacity:
-                raise ValueError(f"the KV cache holds {self.capacity} positions; {n} are used and {L} more do not fit")
-            if self.k is None:
-                self.k = k.new_empty(k.shape[:2] + (self.capacity, k.shape[3]))
-                self.v = v.new_empty(v.shape[:2] + (self.capacity, v.shape[3]))
+            self.length = n + L
+            return
+        if n + L > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} positions; {n} are used and {L} more do not fit")
+        self.allocate(k, v)
+        if self.pages is None:
             self.k[:, :, n:n + L] = k
             self.v[:, :, n:n + L] = v
+        else:
+            for j in range(L):  # (position by position: each lies in one block)
+                blocks = self.pages[0].table[:, (n + j) // self.block_size].long()
+                self.k[blocks, :, (n + j) % self.block_size] = k[:, :, j]
+                self.v[blocks, :, (n + j) % self.block_size] = v[:, :, j]
         self.length = n + L
 
+    def allocate(self, k: Tensor, v: Tensor) -> None:
+        """The storage, on the first step (k, v: its keys and values (B, H, L, D), for their shapes)."""
+        if self.k is not None:
+            return
+        B, H, _, D = k.shape
+        if self.pages is None:
+            self.k, self.v = k.new_empty(B, H, self.capacity, D), v.new_empty(B, H, self.capacity, v.shape[3])
+            return
+        if self.pages[0] is None:  # (the first layer's first step)
+            self.pages[0] = BlockTable(B, -(-self.capacity // self.block_size), self.block_size, k.device)
+        blocks = B * self.pages[0].max_blocks
+        self.k = k.new_empty(blocks, H, self.block_size, D)
+        self.v = v.new_empty(blocks, H, self.block_size, v.shape[3])
+
     def keys(self) -> Tuple[Tensor, Tensor]:
-        """The keys and values so far, (B, H, length, D) (preallocated: views of the storage)."""
+        """The keys and values so far, (B, H, length, D) (preallocated: views of the storage; paged: the blocks
+        gathered in order)."""
         if self.capacity is None:
             return self.k, self.v
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        if self.pages is None:
+            return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        table = self.pages[0].table.long()
+        return tuple(kvcache.gathered(t, table)[:, :, :self.length] for t in (self.k, self.v))
 
 
 @dataclass
@@ -121,11 +197,14 @@ class KVCache:
     memory: Optional[Tensor] = None  # (B, S, C) encoder output, for encoder-decoder models
     memory_padding_mask: Optional[Tensor] = None  # (B, S), True = padding
     capacity: Optional[int] = None
+    block_size: Optional[int] = None  # with capacity: a paged cache (BlockTable) of blocks this long
     self_kv: List[KV] = field(init=False)  # one per decoder layer
     cross_kv: List[KV] = field(init=False)
 
     def __post_init__(self):
-        self.self_kv = [KV(capacity=self.capacity) for _ in range(self.n_layers)]
+        pages = None if self.block_size is None or self.capacity is None else [None]  # (made on the first step)
+        self.self_kv = [KV(capacity=self.capacity, pages=pages, block_size=self.block_size)
+                        for _ in range(self.n_layers)]
         self.cross_kv = [KV() for _ in range(self.n_layers)]
 
     @property
@@ -134,9 +213,13 @@ class KVCache:
         return self.self_kv[0].length
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (beam search: each beam continues some earlier beam)."""
+        """Keep batch rows ``index`` (beam search: each beam continues some earlier beam). A paged cache
+        reorders its block table (BlockTable.reorder); the others copy the rows of every layer's keys."""
+        pages = self.self_kv[0].pages
+        if pages is not None and pages[0] is not None:
+            pages[0].reorder(index.tolist(), self.length, [t for kv in self.self_kv for t in (kv.k, kv.v)])
         for kv in self.self_kv + self.cross_kv:
-            if kv.k is not None:
+            if kv.k is not None and kv.pages is None:
                 kv.k, kv.v = kv.k.index_select(0, index), kv.v.index_select(0, index)
         if self.memory is not None:
             self.memory = self.memory.index_select(0, index)
@@ -187,10 +270,10 @@ class Attention(nn.Module):
                 kv.k, kv.v = k, v
             elif kv is not None:
                 if kv.capacity is not None and self._cached_step(key_padding_mask, dropout_p):
-                    if kv.k is None:  # the storage (kv.append allocates it)
-                        kv.append(k[:, :, :0], v[:, :, :0])
-                    y = attention_with_kvcache(q, kv.k, kv.v, k, v, cache_seqlens=kv.length, causal=causal,
-                                               backend=self.backend)  # appends in place
+                    kv.allocate(k, v)
+                    table = None if kv.pages is None else kv.pages[0].table
+                    y = attention_with_kvcache(q, kv.k, kv.v, k, v, cache_seqlens=kv.length, block_table=table,
+                                               causal=causal, backend=self.backend)  # appends in place
                     kv.length += L
                     return self.out_proj(y.transpose(1, 2).reshape(B, L, C))
                 kv.append(k, v)
@@ -368,8 +451,7 @@ class EncoderDecoder(nn.Module):
 
     def init_cache(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> KVCache:
         """Encode ``src`` once; the cache then serves :meth:`decode_step`."""
-        return KVCache(self.cfg.n_decoder_layers, self.encode(src, src_padding_mask), src_padding_mask,
-                       capacity=self.cfg.cache_capacity())
+        return self.cfg.new_cache(self.encode(src, src_padding_mask), src_padding_mask)
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """The next target tokens (B, L) -> their logits (B, L, V); appends them to ``cache``."""
@@ -395,7 +477,7 @@ class GPT(nn.Module):
     def init_cache(self, src: Optional[Tensor] = None) -> KVCache:
         if src is not None:
             raise ValueError("GPT has no encoder: pass the prompt to decode_step, not src")
-        return KVCache(self.cfg.n_decoder_layers, capacity=self.cfg.cache_capacity())
+        return self.cfg.new_cache()
 
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         return self(tokens, cache)
