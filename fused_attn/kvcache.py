@@ -14,9 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+from .problem import _shape
 
 
 def cache_lengths(cache_seqlens, B: int, capacity: int, device) -> List[int]:
@@ -75,7 +73,8 @@ def append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lengths: List
            table: Optional[Tensor]) -> None:
     """Write new keys k (B, Hk, L_new, E) and values v (B, Hk, L_new, Ev) into the caches in place at each
     batch's positions lengths[b] .. lengths[b] + L_new - 1 (the caller checked they fit): a slice copy per
-    batch entry (per block a run of them crosses, paged: ``table`` its blocks, int64 (B, n_cols))."""
+    batch entry; paged (``table``: each row's blocks, int64 (B, n_cols)), one indexed write of every position
+    at its block and row (the models' paged cache appends through it too)."""
     L_new = k.shape[2]
     if table is None and k_cache.is_cpu:
         from .ops import cpu
@@ -88,16 +87,10 @@ def append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, lengths: List
             v_cache[b, :, n:n + L_new].copy_(v[b])
         return
     size = k_cache.shape[2]
-    blocks = table.tolist()
-    for b, n in enumerate(lengths):
-        j = 0
-        while j < L_new:  # the run's part in block (n + j) // size
-            row = (n + j) % size
-            run = min(L_new - j, size - row)
-            blk = blocks[b][(n + j) // size]
-            k_cache[blk, :, row:row + run].copy_(k[b, :, j:j + run])
-            v_cache[blk, :, row:row + run].copy_(v[b, :, j:j + run])
-            j += run
+    pos = torch.tensor(lengths, device=table.device)[:, None] + torch.arange(L_new, device=table.device)  # (B, L_new)
+    blocks, rows = table.gather(1, pos // size), pos % size
+    k_cache[blocks, :, rows] = k.transpose(1, 2)  # (B, L_new, Hk, E): the indexed dims first
+    v_cache[blocks, :, rows] = v.transpose(1, 2)
 
 
 def check_new(k: Optional[Tensor], v: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, B: int, paged: bool) -> int:
@@ -140,8 +133,9 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v:
     comes before the append: a refused call leaves the caches as they were."""
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                        for t in (q, k_cache, v_cache, k, v)):
-        raise RuntimeError("attention_with_kvcache computes no gradients (as FlashAttention's flash_attn_with_kvcache); "
-                           "call it under torch.no_grad(), or train with scaled_dot_product_attention / varlen_attention")
+        raise RuntimeError("attention_with_kvcache computes no gradients (as FlashAttention's "
+                           "flash_attn_with_kvcache); call it under torch.no_grad(), or train with "
+                           "scaled_dot_product_attention / varlen_attention")
     B = q.shape[0]
     paged = block_table is not None
     if paged:

@@ -154,10 +154,7 @@ class KV:
             self.k[:, :, n:n + L] = k
             self.v[:, :, n:n + L] = v
         else:
-            for j in range(L):  # (position by position: each lies in one block)
-                blocks = self.pages[0].table[:, (n + j) // self.block_size].long()
-                self.k[blocks, :, (n + j) % self.block_size] = k[:, :, j]
-                self.v[blocks, :, (n + j) % self.block_size] = v[:, :, j]
+            kvcache.append(self.k, self.v, k, v, [n] * k.shape[0], self.pages[0].table.long())
         self.length = n + L
 
     def allocate(self, k: Tensor, v: Tensor) -> None:
